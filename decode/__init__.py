@@ -1,0 +1,7 @@
+"""BiLD decoding for any pair of Hugging Face models that share a vocabulary."""
+
+from decode.baselines import AssistedGeneration, Greedy, HFGenerate
+from decode.bild import BiLD, BiLDConfig, load_model
+from decode.generation import DecodeStats, GenerateOutput
+
+__all__ = ["BiLD", "BiLDConfig", "Greedy", "HFGenerate", "AssistedGeneration", "DecodeStats", "GenerateOutput", "load_model"]

@@ -1,0 +1,109 @@
+"""Baselines behind BiLD's calling convention: `generate(input_ids, attention_mask, max_new_tokens)`.
+
+- `Greedy(model)`: one model alone, greedy, through the same cache machinery as BiLD (the fair
+  reference for speedup: same loop, same caches, same precision).
+- `HFGenerate(model)`: `model.generate` greedy, row by row: speed against transformers itself.
+- `AssistedGeneration(large, small)`: transformers assisted generation, `large.generate(...,
+  assistant_model=small)`, row by row (it supports batch size 1 only). Lossless draft-and-verify
+  with exact-match verification.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from decode.bild import check_pair
+from decode.cache import ModelRunner
+from decode.generation import DecodeStats, RowDecoder
+
+
+class Greedy(RowDecoder):
+    """A single model decoding greedily with the same runner BiLD uses."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__(model)
+        self.model = model.eval()
+        self._runner = ModelRunner(self.model)
+
+    def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
+        runner = self._runner
+        runner.start(torch.tensor([prompt]))
+        seq = self._decoder_prefix(prompt)
+        prefix_len = len(seq)
+        while not self._finished(seq, prefix_len, max_new_tokens):
+            logits = runner.forward(seq[runner.length :], logits_to_keep=1)[-1]
+            seq.append(logits.argmax().item())  # note: sync point
+            stats.large_calls += 1
+            stats.large_tokens += 1
+        return seq[prefix_len:]
+
+
+def _greedy_generation_config(model: PreTrainedModel, max_new_tokens: int, **extra) -> GenerationConfig:
+    """Plain greedy on the model's own special tokens, with no logits processors."""
+    gen = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=model.generation_config.pad_token_id
+        if model.generation_config.pad_token_id is not None
+        else model.config.pad_token_id,
+        decoder_start_token_id=getattr(model.generation_config, "decoder_start_token_id", None),
+        bos_token_id=model.generation_config.bos_token_id,
+        **extra,
+    )
+    return gen
+
+
+class HFGenerate(RowDecoder):
+    """`model.generate` greedy, one row at a time."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__(model)
+        self.model = model.eval()
+
+    def _generate_kwargs(self) -> dict:
+        return {}
+
+    def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=_greedy_generation_config(self.model, max_new_tokens, **self._generation_extra()),
+            **self._generate_kwargs(),
+        )
+        seq = out[0].tolist()
+        new = seq[1:] if self.is_encoder_decoder else seq[len(prompt) :]
+        # generate pads nothing for a single row, but trims defensively at the first EOS
+        for i, tok in enumerate(new):
+            if tok in self.eos_token_ids:
+                new = new[: i + 1]
+                break
+        stats.large_tokens += len(new)
+        return new
+
+    def _generation_extra(self) -> dict:
+        return {}
+
+
+class AssistedGeneration(HFGenerate):
+    """transformers assisted generation with `small` as the assistant; exact-match verification."""
+
+    def __init__(self, large: PreTrainedModel, small: PreTrainedModel, num_assistant_tokens: int = 20,
+                 assistant_confidence_threshold: float = 0.4):
+        check_pair(large, small)
+        super().__init__(large)
+        self.small = small.eval()
+        self.num_assistant_tokens = num_assistant_tokens
+        self.assistant_confidence_threshold = assistant_confidence_threshold
+
+    def _generate_kwargs(self) -> dict:
+        return {"assistant_model": self.small}
+
+    def _generation_extra(self) -> dict:
+        return {
+            "num_assistant_tokens": self.num_assistant_tokens,
+            "assistant_confidence_threshold": self.assistant_confidence_threshold,
+        }

@@ -1,0 +1,243 @@
+"""Big Little Decoder (Kim et al., NeurIPS 2023): a small model writes, a large model steps in and corrects.
+
+    from decode import BiLD, BiLDConfig
+    bild = BiLD.from_pretrained("t5-large", "t5-small", BiLDConfig(fallback_threshold=0.5, rollback_threshold=3.0))
+    out = bild.generate(input_ids, attention_mask, max_new_tokens=128)
+    out.sequences, out.stats
+
+One step of the loop:
+1. The small model predicts the next token. If its confidence max_v p_S(v) is at or under
+   `fallback_threshold`, or `max_small_steps` of its tokens are already pending, it falls back: its
+   token is discarded and the large model runs once, non-autoregressively, over every position since
+   it last ran.
+2. In that pass each pending small token y_i is checked in order. `rollback="ce"`: the first i with
+   -log p_L(y_i | y<i) > `rollback_threshold` is cut; `rollback="exact"`: the first i where y_i differs
+   from the large model's argmax is cut (the output is then the large model's greedy output). A cut
+   drops y_i and everything after it and writes the large model's argmax at i; with no cut every
+   pending token stays and the large model's prediction for the next position is appended.
+3. Before the sequence ends (EOS or max_new_tokens) pending tokens are always checked once more, so
+   the large model has the last word.
+
+Every position is checked: the original code's shortcut, which skipped the check when the first
+over-threshold token equalled the large model's argmax, is not reproduced.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+
+from decode.cache import ModelRunner, decoder_start_token_id, is_encoder_decoder, vocab_size
+from decode.generation import DecodeStats, RowDecoder
+
+ROLLBACK_MODES = ("ce", "exact")
+
+# generation_config settings that change greedy decoding; BiLD decodes plain greedy and says so.
+_PROCESSOR_SETTINGS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+}
+
+
+@dataclass
+class BiLDConfig:
+    """The BiLD policies. Names follow the paper: alpha_FB is fallback_threshold, alpha_RB rollback_threshold."""
+
+    fallback_threshold: float = 0.5
+    """Fall back when the small model's top probability is at or under this (0: never, 1: always)."""
+    rollback_threshold: float = 5.0
+    """rollback="ce": cut at the first pending token with -log p_L(token) above this (nats; inf: never)."""
+    rollback: str = "ce"
+    """"ce" (the paper's lossy rollback) or "exact" (cut at the first disagreement: lossless)."""
+    max_small_steps: int | None = 10
+    """Fall back after this many consecutive small-model tokens (the official code's N = 10); None: no cap."""
+
+    def __post_init__(self):
+        if self.fallback_threshold is None or not 0.0 <= float(self.fallback_threshold) <= 1.0:
+            raise ValueError(f"fallback_threshold must be in [0, 1], got {self.fallback_threshold}")
+        if self.rollback not in ROLLBACK_MODES:
+            raise ValueError(f"rollback must be one of {ROLLBACK_MODES}, got {self.rollback!r}")
+        if self.rollback_threshold is None or math.isnan(float(self.rollback_threshold)) or float(self.rollback_threshold) < 0:
+            raise ValueError(f"rollback_threshold must be >= 0 (nats), got {self.rollback_threshold}")
+        if self.max_small_steps is not None and int(self.max_small_steps) < 1:
+            raise ValueError(f"max_small_steps must be at least 1 or None, got {self.max_small_steps}")
+        self.fallback_threshold = float(self.fallback_threshold)
+        self.rollback_threshold = float(self.rollback_threshold)
+
+
+def check_pair(large: PreTrainedModel, small: PreTrainedModel) -> None:
+    """Raises ValueError when the two models cannot decode together."""
+    if is_encoder_decoder(large) != is_encoder_decoder(small):
+        kind = {True: "encoder-decoder", False: "decoder-only"}
+        raise ValueError(
+            f"the large model is {kind[is_encoder_decoder(large)]} ({type(large).__name__}) but the small model is "
+            f"{kind[is_encoder_decoder(small)]} ({type(small).__name__}); BiLD needs two models of the same kind"
+        )
+    v_large, v_small = vocab_size(large), vocab_size(small)
+    if v_large != v_small:
+        raise ValueError(
+            f"the models do not share a vocabulary: the large model has {v_large} tokens, the small model {v_small}"
+        )
+    if is_encoder_decoder(large) and decoder_start_token_id(large) != decoder_start_token_id(small):
+        raise ValueError(
+            f"decoder start tokens differ: large {decoder_start_token_id(large)}, small {decoder_start_token_id(small)}"
+        )
+    if next(large.parameters()).device != next(small.parameters()).device:
+        raise ValueError("the large and small models must be on the same device")
+
+
+def warn_on_processors(model: PreTrainedModel) -> None:
+    gen = model.generation_config
+    active = [k for k, neutral in _PROCESSOR_SETTINGS.items() if getattr(gen, k, neutral) not in (neutral, None, [])]
+    if active:
+        warnings.warn(
+            f"{type(model).__name__}.generation_config sets {', '.join(active)}; BiLD decodes plain greedy and ignores "
+            "them. Compare against generate() with the same settings cleared.",
+            stacklevel=3,
+        )
+
+
+class BiLD(RowDecoder):
+    """BiLD greedy decoding over a large and a small model that share a vocabulary.
+
+    Batches are decoded row after row (batch size 1 per row, as in the paper); the result is correct for any
+    batch, laid out as `large.generate` lays it out.
+    """
+
+    def __init__(self, large: PreTrainedModel, small: PreTrainedModel, config: BiLDConfig | None = None):
+        check_pair(large, small)
+        super().__init__(large)
+        warn_on_processors(large)
+        self.large, self.small = large.eval(), small.eval()
+        self.config = config if config is not None else BiLDConfig()
+        self._large = ModelRunner(self.large)
+        self._small = ModelRunner(self.small)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        large: str,
+        small: str,
+        config: BiLDConfig | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+        check_tokenizers: bool = True,
+        **load_kwargs,
+    ) -> "BiLD":
+        """Loads both models from Hub names or local folders. The large model's tokenizer is kept as `.tokenizer`."""
+        large_model = load_model(large, dtype=dtype, device=device, **load_kwargs)
+        small_model = load_model(small, dtype=dtype, device=device, **load_kwargs)
+        bild = cls(large_model, small_model, config)
+        bild.tokenizer = None
+        try:
+            bild.tokenizer = AutoTokenizer.from_pretrained(large)
+            if check_tokenizers:
+                small_tok = AutoTokenizer.from_pretrained(small)
+                if bild.tokenizer.get_vocab() != small_tok.get_vocab():
+                    raise ValueError(f"the tokenizers of {large} and {small} map tokens to different ids")
+        except (OSError, TypeError, KeyError):
+            pass  # a folder with weights only: the caller tokenizes
+        return bild
+
+    def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
+        cfg = self.config
+        large, small = self._large, self._small
+        large.start(torch.tensor([prompt]))
+        small.start(torch.tensor([prompt]))
+        seq = self._decoder_prefix(prompt)
+        prefix_len = len(seq)
+        pending_start = prefix_len  # first position the large model has not checked yet
+
+        while True:
+            n_pending = len(seq) - pending_start
+            if self._finished(seq, prefix_len, max_new_tokens):
+                if n_pending == 0:
+                    break
+                pending_start = self._large_step(seq, pending_start, stats, final=True)
+                continue
+            if cfg.max_small_steps is not None and n_pending >= cfg.max_small_steps:
+                stats.step_cap_fallbacks += 1
+                pending_start = self._large_step(seq, pending_start, stats, final=False)
+                continue
+
+            logits = small.forward(seq[small.length :], logits_to_keep=1)[-1]  # [V]
+            stats.small_steps += 1
+            confidence, token = torch.softmax(logits, dim=-1).max(dim=-1)
+            # note: a CPU-GPU sync point; the loop's control flow lives on the host
+            if confidence.item() <= cfg.fallback_threshold:
+                stats.fallbacks += 1
+                pending_start = self._large_step(seq, pending_start, stats, final=False)
+                continue
+            seq.append(token.item())
+        return seq[prefix_len:]
+
+    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
+        """One large-model pass over every position it has not seen; checks and edits `seq` in place.
+
+        Returns the new pending_start. With final=True and nothing cut, no token is appended.
+        """
+        large, small = self._large, self._small
+        n_pending = len(seq) - pending_start
+        # Row r of `logits` predicts position pending_start + r; the large model has seen everything
+        # before pending_start - 1, so the prompt prefill is the only pass with rows nobody reads.
+        logits = large.forward(seq[large.length :], logits_to_keep=n_pending + 1)[-(n_pending + 1) :]  # [k+1, V]
+        stats.large_calls += 1
+        argmax = logits.argmax(dim=-1)  # [k+1]
+        if n_pending:
+            pending = torch.tensor(seq[pending_start:], device=logits.device)  # [k]
+            if self.config.rollback == "exact":
+                cut_mask = argmax[:-1] != pending
+            else:
+                nll = -torch.log_softmax(logits[:-1], dim=-1).gather(-1, pending[:, None]).squeeze(-1)  # [k]
+                cut_mask = nll > self.config.rollback_threshold
+            # first cut position, or k when nothing is cut
+            cut = torch.where(cut_mask.any(), cut_mask.int().argmax(), torch.tensor(n_pending, device=logits.device))
+            values = torch.cat([cut.view(1), argmax]).tolist()  # note: sync point
+            cut, argmax = values[0], values[1:]
+        else:
+            cut, argmax = 0, argmax.tolist()
+
+        if cut < n_pending:
+            stats.rollbacks += 1
+            stats.rolled_back_tokens += n_pending - cut
+            stats.small_tokens += cut
+            stats.large_tokens += 1
+            del seq[pending_start + cut :]
+            seq.append(argmax[cut])
+        else:
+            stats.small_tokens += n_pending
+            if final:
+                return len(seq)
+            seq.append(argmax[n_pending])
+            stats.large_tokens += 1
+        # Both caches keep only positions whose token survived; the last token is fed on the next pass.
+        large.rewind(len(seq) - 1)
+        small.rewind(len(seq) - 1)
+        return len(seq)
+
+    def describe(self) -> dict:
+        return {"large": self.large.name_or_path, "small": self.small.name_or_path, **asdict(self.config)}
+
+
+def load_model(name_or_path: str, dtype=None, device=None, **kwargs) -> PreTrainedModel:
+    """Loads a causal or seq2seq LM by Hub name or local folder, picking the auto class from its config."""
+    config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = auto.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
