@@ -1,0 +1,563 @@
+"""Prediction alignment: fine-tune the small model on the large model's outputs (or train any model on references).
+
+    accelerate launch align/train.py --config configs/multi30k_align.yaml [--resume] [key=value ...]
+    accelerate launch --config_file configs/accelerate/zero2.yaml align/train.py --config ... (DeepSpeed ZeRO-2)
+
+Objectives (`objective`):
+- seq_kd: cross-entropy on the large model's greedy outputs (the paper's prediction alignment);
+- token_kd: a divergence between the large model's and the small model's next-token distributions on
+  those outputs (`divergence`: forward_kl, reverse_kl, jsd, tvd; DistillSpec);
+- seq_kd+token_kd: (1 - kd_weight) * seq_kd + kd_weight * token_kd;
+- references: cross-entropy on the dataset's own targets, which also trains a model from a config
+  (`model_config`) from scratch.
+
+An explicit loop: the loss is summed over target tokens and divided by the number of target tokens in
+the whole accumulation window, gathered across processes. Evaluation on held-out pairs reports loss and
+top-1 agreement (how often the small model's argmax is the large model's token, what BiLD's speed
+depends on). Checkpoints every `save_every` updates; `--resume` continues from the latest. The final
+model is a standard Hugging Face folder (`<output_dir>/final`), with the resolved config and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: `accelerate launch align/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch.utils.data import DataLoader
+
+from align.losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    cross_entropy_sum,
+    divergence_sum,
+    shift_for_causal_lm,
+    top1_agreement,
+)
+from data.config import load_config, save_config, to_dict
+from data.sources import format_prompt, load_examples
+
+OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references")
+
+
+@dataclass
+class TrainConfig:
+    # --- models
+    model: str | None = None
+    """Small model to fine-tune: Hub name or local folder. Leave empty and set model_config to train from scratch."""
+    model_config: dict | None = None
+    """A transformers config as a mapping with `model_type` (e.g. bart), for training from scratch."""
+    tokenizer: str | None = None
+    """Tokenizer folder or name; defaults to `model`."""
+    teacher: str | None = None
+    """The large model; needed for token_kd and seq_kd+token_kd."""
+    # --- data
+    objective: str = "seq_kd"
+    calibration: str | None = None
+    """Calibration JSONL from align.calibrate (targets for seq_kd / token_kd)."""
+    eval_calibration: str | None = None
+    """Held-out calibration JSONL for evaluation; without it every 50th calibration pair is held out."""
+    dataset: str | None = None
+    """Dataset for `references` (see data/sources.py)."""
+    split: str = "train"
+    eval_split: str | None = "valid"
+    limit: int | None = None
+    eval_limit: int | None = 1000
+    source_field: str = "source"
+    target_field: str = "target"
+    source_prefix: str = ""
+    prompt_template: str | None = None
+    chat_template: bool = False
+    max_source_length: int = 256
+    max_target_length: int = 256
+    # --- loss
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    kd_weight: float = 0.5
+    """Weight of the token-level term in seq_kd+token_kd."""
+    label_smoothing: float = 0.0
+    # --- optimisation
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.98
+    scheduler: str = "linear"
+    """Any transformers scheduler name: linear, cosine, inverse_sqrt, constant_with_warmup."""
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    """Examples per process per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer updates; overrides epochs when set."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 (an accelerate config file's setting wins when launched with one)."""
+    seed: int = 0
+    num_workers: int = 0
+    # --- LoRA (peft), merged into the saved checkpoint
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list | str | None = "all-linear"
+    # --- outputs
+    output_dir: str = "runs/align"
+    log_every: int = 50
+    eval_every: int = 500
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    hub_private: bool = False
+    recommended_thresholds: dict | None = None
+    """Recommended BiLD thresholds for the model card, e.g. {fallback_threshold: 0.5, rollback_threshold: 3}."""
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if (self.model is None) == (self.model_config is None):
+            raise ValueError("set exactly one of `model` (fine-tune) and `model_config` (train from scratch)")
+        if self.model_config is not None and "model_type" not in self.model_config:
+            raise ValueError("model_config needs a `model_type`, e.g. bart or t5")
+        if self.model is None and self.tokenizer is None:
+            raise ValueError("training from a config needs `tokenizer`")
+        if self.objective == "references" and not self.dataset:
+            raise ValueError("objective references needs `dataset`")
+        if self.objective != "references" and not self.calibration:
+            raise ValueError(f"objective {self.objective} needs `calibration` (from align.calibrate)")
+        if "token_kd" in self.objective and not self.teacher:
+            raise ValueError(f"objective {self.objective} needs `teacher` (the large model)")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if self.lr <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("lr must be positive; batch_size and gradient_accumulation_steps at least 1")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("set epochs > 0 or max_steps")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs hub_repo_id")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _encode_source(tokenizer, cfg: TrainConfig, text: str) -> list[int]:
+    prompt = format_prompt(text, cfg.source_prefix, cfg.prompt_template, tokenizer, cfg.chat_template)
+    return tokenizer(prompt, truncation=True, max_length=cfg.max_source_length, add_special_tokens=not cfg.chat_template)["input_ids"]
+
+
+def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None) -> list[int]:
+    """Target ids end with EOS: the model must learn where to stop."""
+    if ids is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids[: cfg.max_target_length - 1]) + [tokenizer.eos_token_id]
+
+
+def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) for training (`which="train"`) or evaluation (`"eval"`)."""
+    if cfg.objective == "references":
+        split = cfg.split if which == "train" else cfg.eval_split
+        if split is None:
+            return []
+        examples = load_examples(cfg.dataset, split, cfg.limit if which == "train" else cfg.eval_limit,
+                                 cfg.source_field, cfg.target_field)
+        return [(_encode_source(tokenizer, cfg, ex.source), _encode_target(tokenizer, cfg, ex.target)) for ex in examples]
+
+    from align.calibrate import read_records
+
+    if which == "eval" and cfg.eval_calibration:
+        records = list(read_records(Path(cfg.eval_calibration)).values())[: cfg.eval_limit]
+    else:
+        path = Path(cfg.calibration)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path} (run align.calibrate first)")
+        records = [r for i, r in sorted(read_records(path).items())]
+        if cfg.limit is not None and which == "train":
+            records = records[: cfg.limit]
+        if not cfg.eval_calibration:
+            held_out = [r for r in records if r["index"] % 50 == 0]
+            records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
+    return [(_encode_source(tokenizer, cfg, r["source"]), _encode_target(tokenizer, cfg, ids=r["output_ids"])) for r in records]
+
+
+class Collator:
+    """Pads a batch. Seq2seq: input_ids / labels. Decoder-only: prompt + target in one row, prompt labels -100."""
+
+    def __init__(self, pad_id: int, is_seq2seq: bool):
+        self.pad_id, self.is_seq2seq = pad_id, is_seq2seq
+
+    def __call__(self, pairs):
+        if self.is_seq2seq:
+            sources = [s for s, _ in pairs]
+            targets = [t for _, t in pairs]
+        else:
+            sources = [s + t for s, t in pairs]
+            targets = [[IGNORE_INDEX] * len(s) + t for s, t in pairs]
+        s_len, t_len = max(map(len, sources)), max(map(len, targets))
+        input_ids = torch.full((len(pairs), s_len), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), s_len), dtype=torch.long)
+        labels = torch.full((len(pairs), t_len), IGNORE_INDEX, dtype=torch.long)
+        for i, (s, t) in enumerate(zip(sources, targets)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention_mask[i, : len(s)] = 1
+            labels[i, : len(t)] = torch.tensor(t)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def _neutral_generation_config(model, tokenizer) -> None:
+    """Plain greedy defaults with the tokenizer's special tokens (BART configs force EOS by default)."""
+    gen = model.generation_config
+    gen.forced_eos_token_id = gen.forced_bos_token_id = None
+    gen.no_repeat_ngram_size, gen.num_beams, gen.min_length = 0, 1, 0
+    gen.early_stopping = False
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    if model.config.is_encoder_decoder:
+        gen.decoder_start_token_id = model.config.decoder_start_token_id
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if cfg.model is not None:
+        from decode.bild import load_model
+
+        return load_model(cfg.model).train()
+    spec = dict(cfg.model_config)
+    model_type = spec.pop("model_type")
+    start = tokenizer.pad_token_id if model_type == "t5" else tokenizer.eos_token_id
+    spec.setdefault("vocab_size", len(tokenizer))
+    spec.setdefault("pad_token_id", tokenizer.pad_token_id)
+    spec.setdefault("eos_token_id", tokenizer.eos_token_id)
+    spec.setdefault("bos_token_id", tokenizer.bos_token_id)
+    spec.setdefault("decoder_start_token_id", start)
+    spec.setdefault("forced_eos_token_id", None)
+    config = AutoConfig.for_model(model_type, **spec)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config)
+    _neutral_generation_config(model, tokenizer)
+    return model
+
+
+def _lora_config(cfg: TrainConfig, model):
+    from peft import LoraConfig, TaskType
+
+    task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+    return LoraConfig(task_type=task, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+
+
+def compute_loss(model, batch, cfg: TrainConfig, teacher=None):
+    """Returns (summed loss over target tokens, summed CE, agreement matches, target count).
+
+    Without a teacher (evaluation, or seq_kd / references) the loss is the cross-entropy on the targets.
+    """
+    labels = batch["labels"]
+    if model_is_seq2seq(model):
+        decoder_input_ids = _shift_right(model, labels)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits  # [B, T, V]
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         decoder_input_ids=decoder_input_ids).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # logits at t predict t + 1
+        if teacher_logits is not None:
+            logits, labels, teacher_logits = shift_for_causal_lm(logits, labels, teacher_logits)
+        else:
+            logits, labels = shift_for_causal_lm(logits, labels)
+
+    ce = cross_entropy_sum(logits, labels, cfg.label_smoothing)
+    if teacher_logits is None or cfg.objective in ("seq_kd", "references"):
+        loss = ce
+    else:
+        kd = divergence_sum(logits, teacher_logits, labels, cfg.divergence, cfg.jsd_beta)
+        loss = kd if cfg.objective == "token_kd" else (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
+    matches, count = top1_agreement(logits, labels)
+    return loss, ce.detach(), matches, count
+
+
+def model_is_seq2seq(model) -> bool:
+    base = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    return bool(getattr(base.config, "is_encoder_decoder", False))
+
+
+def _shift_right(model, labels: torch.Tensor) -> torch.Tensor:
+    """decoder_input_ids: the decoder start token, then the labels shifted right; -100 becomes padding."""
+    base = getattr(model, "module", model)
+    cfg = base.config
+    start = cfg.decoder_start_token_id
+    shifted = labels.new_full(labels.shape, cfg.pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted == IGNORE_INDEX, cfg.pad_token_id)
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, cfg, accelerator) -> dict:
+    model.eval()
+    totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # ce, matches, tokens
+    for batch in dataloader:
+        _, ce, matches, count = compute_loss(model, batch, cfg)
+        totals += torch.stack([ce.double(), matches.double(), count.double()])
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    ce, matches, tokens = totals.tolist()
+    return {"eval_loss": ce / max(tokens, 1), "eval_top1_agreement": matches / max(tokens, 1), "eval_tokens": int(tokens)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> None:
+    path = output_dir / "checkpoints" / f"step_{state['step']}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        # written last: a checkpoint without it is incomplete and ignored by --resume
+        (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for old in _checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def save_final(accelerator, model, tokenizer, cfg: TrainConfig, metrics: dict, base_model_fn) -> Path:
+    """A standard Hugging Face folder: weights, config, generation config, tokenizer, resolved config, metrics."""
+    final = Path(cfg.output_dir) / "final"
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        final.mkdir(parents=True, exist_ok=True)
+        if cfg.lora:
+            # Rebuild the base model and the adapter on the CPU, load the trained weights, merge, save plain.
+            from peft import get_peft_model
+
+            base = base_model_fn()
+            peft_model = get_peft_model(base, _lora_config(cfg, base))
+            peft_model.load_state_dict({k: v.cpu() for k, v in state_dict.items()}, strict=False)
+            merged = peft_model.merge_and_unload()
+            merged.generation_config = unwrapped.generation_config
+            merged.save_pretrained(final)
+        else:
+            unwrapped.save_pretrained(final, state_dict=state_dict, is_main_process=True, save_function=accelerator.save)
+        tokenizer.save_pretrained(final)
+        save_config(cfg, final / "train_config.yaml")
+        (final / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if cfg.calibration:
+            prov = Path(cfg.calibration + ".provenance.json")
+            if prov.is_file():
+                shutil.copy(prov, final / "calibration.provenance.json")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, get_scheduler
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
+        # Windows are always complete (see below), so the sync point is every N micro-batches.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.seed)  # before the model is built: from-scratch weights are reproducible
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "train_config.yaml")
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = build_model(cfg, tokenizer)
+    is_seq2seq = model.config.is_encoder_decoder
+
+    def base_model_fn():
+        set_seed(cfg.seed)
+        return build_model(cfg, tokenizer)
+
+    if cfg.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(cfg, model))
+    teacher = None
+    if "token_kd" in cfg.objective:
+        from decode.bild import load_model
+
+        teacher = load_model(cfg.teacher, device=accelerator.device).eval()
+        teacher.requires_grad_(False)
+
+    with accelerator.main_process_first():
+        train_pairs = build_pairs(cfg, tokenizer, "train")
+        eval_pairs = build_pairs(cfg, tokenizer, "eval")
+    if not train_pairs:
+        raise ValueError("no training pairs")
+    collate = Collator(tokenizer.pad_token_id, is_seq2seq)
+    # Its own generator: starting an iterator then leaves the global RNG (dropout) alone, so a resumed run
+    # draws the same dropout masks as an uninterrupted one.
+    train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                          num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    eval_dl = DataLoader(eval_pairs or train_pairs[:1], batch_size=cfg.batch_size * 2, shuffle=False, collate_fn=collate)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)  # biases and norms: no weight decay
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+    )
+    windows_per_epoch = len(train_dl) // max(accelerator.num_processes, 1) // cfg.gradient_accumulation_steps
+    windows_per_epoch = max(windows_per_epoch, 1)
+    total_updates = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+    # The prepared scheduler steps once per process per update.
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
+                              num_training_steps=total_updates * accelerator.num_processes)
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+
+    state = {"step": 0, "epoch": 0, "windows_in_epoch": 0, "tokens": 0}
+    metrics: dict = {"history": []}
+    if resume:
+        found = _checkpoints(output_dir)
+        if found:
+            accelerator.load_state(str(found[-1]))
+            state = json.loads((found[-1] / "trainer_state.json").read_text())
+            metrics = state.pop("metrics", metrics)
+            accelerator.print(f"resumed from {found[-1]} (update {state['step']})")
+        else:
+            accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting fresh")
+    if "before" not in metrics:
+        metrics["before"] = evaluate(model, eval_dl, cfg, accelerator)
+        accelerator.print(f"before training: {json.dumps(metrics['before'])}")
+
+    def log(row: dict):
+        metrics["history"].append(row)
+        if accelerator.is_main_process:
+            with (output_dir / "log.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    progress = tqdm(total=total_updates, initial=state["step"], desc="align", disable=not accelerator.is_main_process)
+    accum = cfg.gradient_accumulation_steps
+    model.train()
+    running = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens
+    t0 = time.perf_counter()
+    try:
+        while state["step"] < total_updates:
+            train_dl.set_epoch(state["epoch"])
+            skip = state["windows_in_epoch"] * accum
+            batches = iter(accelerator.skip_first_batches(train_dl, skip) if skip else train_dl)
+            while state["step"] < total_updates:
+                window = list(islice(batches, accum))
+                if len(window) < accum:
+                    break  # a partial window at the end of an epoch is dropped: every update sees `accum` batches
+                # normalize by the global number of target tokens in the whole window
+                n_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in window)
+                n_tokens = accelerator.gather(n_tokens.reshape(1)).sum().item()  # note: sync point
+                for batch in window:
+                    with accelerator.accumulate(model):
+                        loss_sum, _, _, count = compute_loss(model, batch, cfg, teacher)
+                        # accelerate divides by `accum` in backward and DDP averages over processes: undo both
+                        loss = loss_sum * accum * accelerator.num_processes / max(n_tokens, 1)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    running += torch.stack([loss_sum.detach().double(), count.double()])
+                state["step"] += 1
+                state["windows_in_epoch"] += 1
+                state["tokens"] += int(n_tokens)
+                progress.update(1)
+                step = state["step"]
+                if step % cfg.log_every == 0 or step == total_updates:
+                    totals = accelerator.reduce(running, reduction="sum").tolist()
+                    row = {"step": step, "epoch": state["epoch"], "loss": totals[0] / max(totals[1], 1),
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": state["tokens"] / (time.perf_counter() - t0)}
+                    progress.set_postfix(loss=f"{row['loss']:.3f}")
+                    log(row)
+                    running.zero_()
+                if step % cfg.eval_every == 0 and step != total_updates:
+                    row = {"step": step, **evaluate(model, eval_dl, cfg, accelerator)}
+                    accelerator.print(json.dumps(row))
+                    log(row)
+                if step % cfg.save_every == 0 and step != total_updates:
+                    save_checkpoint(accelerator, output_dir, {**state, "metrics": metrics}, cfg.keep_checkpoints)
+            state["epoch"] += 1
+            state["windows_in_epoch"] = 0
+    except KeyboardInterrupt:
+        accelerator.print("interrupted: saving a checkpoint, continue with --resume")
+        save_checkpoint(accelerator, output_dir, {**state, "metrics": metrics}, cfg.keep_checkpoints)
+        raise
+    progress.close()
+
+    metrics["after"] = evaluate(model, eval_dl, cfg, accelerator)
+    metrics["updates"] = state["step"]
+    metrics["train_seconds"] = time.perf_counter() - t0
+    accelerator.print(f"after training: {json.dumps(metrics['after'])}")
+    final = save_final(accelerator, model, tokenizer, cfg, metrics, base_model_fn)
+    accelerator.print(f"saved {final}")
+    if cfg.push_to_hub and accelerator.is_main_process:
+        from align.publish import push
+
+        push(final, cfg.hub_repo_id, private=cfg.hub_private)
+    accelerator.end_training()
+    return final
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Align a small model to a large one (or train on references).")
+    parser.add_argument("--config", help="YAML file of TrainConfig fields")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys reach into mappings)")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    return train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
