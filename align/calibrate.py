@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from data.config import load_config, to_dict
-from data.sources import format_prompt, load_examples
+from data.sources import encode_prompt, load_examples
 
 
 @dataclass
@@ -179,10 +179,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         done.update(read_records(part))
     todo = [ex for ex in examples if ex.index not in done]
 
-    prompts = {ex.index: format_prompt(ex.source, cfg.source_prefix, cfg.prompt_template, tokenizer, cfg.chat_template)
-               for ex in todo}
-    encoded = {i: tokenizer(p, truncation=True, max_length=cfg.max_source_length, add_special_tokens=not cfg.chat_template)["input_ids"]
-               for i, p in prompts.items()}
+    encoded = {ex.index: encode_prompt(tokenizer, ex.source, cfg.source_prefix, cfg.prompt_template, cfg.chat_template,
+                                       cfg.max_source_length)[0] for ex in todo}
     batches = bucket({i: len(ids) for i, ids in encoded.items()}, cfg.batch_size)
     mine = batches[accelerator.process_index :: accelerator.num_processes]
     by_index = {ex.index: ex for ex in todo}

@@ -46,7 +46,7 @@ from align.losses import (
     top1_agreement,
 )
 from data.config import load_config, save_config, to_dict
-from data.sources import format_prompt, load_examples
+from data.sources import encode_prompt, load_examples
 
 OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references")
 
@@ -157,8 +157,7 @@ class TrainConfig:
 
 
 def _encode_source(tokenizer, cfg: TrainConfig, text: str) -> list[int]:
-    prompt = format_prompt(text, cfg.source_prefix, cfg.prompt_template, tokenizer, cfg.chat_template)
-    return tokenizer(prompt, truncation=True, max_length=cfg.max_source_length, add_special_tokens=not cfg.chat_template)["input_ids"]
+    return encode_prompt(tokenizer, text, cfg.source_prefix, cfg.prompt_template, cfg.chat_template, cfg.max_source_length)[0]
 
 
 def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None) -> list[int]:

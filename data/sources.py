@@ -124,3 +124,18 @@ def format_prompt(source: str, prefix: str = "", template: str | None = None, to
             raise ValueError("chat prompts need a tokenizer with a chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     return text
+
+
+def encode_prompt(tokenizer, source: str, prefix: str = "", template: str | None = None, chat: bool = False,
+                  max_length: int | None = None) -> tuple[list[int], bool]:
+    """Token ids of the prompt for `source`, and whether truncation to `max_length` cut it.
+
+    Calibration, training and evaluation all encode sources here, so the small model is aligned on exactly
+    the inputs it is evaluated on."""
+    text = format_prompt(source, prefix, template, tokenizer, chat)
+    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
+    if max_length is not None and len(ids) > max_length:
+        # keep the tokenizer's closing special token (EOS for seq2seq tokenizers) when it adds one
+        closing = ids[-1:] if (not chat and ids[-1] in tokenizer.all_special_ids) else []
+        return ids[: max_length - len(closing)] + closing, True
+    return ids, False

@@ -1,0 +1,513 @@
+"""The paper's comparison on your own pair and data: quality, latency and speedup, with and without alignment.
+
+    python -m decode.eval --config configs/multi30k_eval.yaml --aligned [PATH] [--sweep] [--limit N] [--out DIR] [key=value ...]
+
+Systems, every one on the same examples at batch size 1, greedy, same precision, one process:
+- large: the large model alone, through the same cache machinery as BiLD (the speedup reference);
+- large (transformers generate): the same model through `model.generate`, to compare machinery;
+- small, and with --aligned the aligned small model alone;
+- BiLD (unaligned) at the configured thresholds, its lossless variant (rollback="exact"), and with
+  --aligned both again with the aligned small model;
+- transformers assisted generation with each small model (the outside baseline).
+Each system decodes `warmup` examples first, untimed; every latency is read with the device synchronised.
+--sweep adds a grid over fallback x rollback thresholds, the speed-quality frontier, and the paper's
+operating points (the fastest setting within 0.1 and within 1 point of the large model's score).
+
+Writes to --out: results.json (every row, resolved config, device, library versions, git commit),
+report.md (paper-style tables) and frontier.png (with --sweep). Nothing is written if the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.config import ConfigError, load_config, to_dict
+from data.sources import encode_prompt, load_examples
+from decode.metrics import TASKS, continuation_perplexity, score
+
+SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted")
+
+
+@dataclass
+class EvalConfig:
+    task: str = "translation"
+    """translation (BLEU, chrF), summarization (ROUGE) or lm (perplexity of continuations)."""
+    large: str = ""
+    small: str = ""
+    aligned: str | None = None
+    """The aligned small model, used with --aligned."""
+    tokenizer: str | None = None
+    dataset: str = ""
+    split: str = "test"
+    limit: int | None = None
+    source_field: str = "source"
+    target_field: str = "target"
+    source_prefix: str = ""
+    prompt_template: str | None = None
+    chat_template: bool = False
+    max_source_length: int = 512
+    lm_prompt_tokens: int = 32
+    """lm task: tokens of each line given as the prompt."""
+    max_new_tokens: int = 128
+    fallback_threshold: float = 0.5
+    rollback_threshold: float = 3.0
+    max_small_steps: int | None = 10
+    aligned_fallback_threshold: float | None = None
+    """Thresholds for BiLD with the aligned model; default: the same as unaligned."""
+    aligned_rollback_threshold: float | None = None
+    systems: list = field(default_factory=lambda: list(SYSTEMS))
+    sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
+    sweep_limit: int | None = None
+    """Examples for each sweep point (default: all)."""
+    dtype: str = "auto"
+    device: str = "auto"
+    warmup: int = 3
+    out: str = "runs/eval"
+
+    def __post_init__(self):
+        from decode.bild import BiLDConfig
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
+        if not self.large or not self.small:
+            raise ValueError("the config must name `large` and `small` models")
+        if not self.dataset:
+            raise ValueError("the config must name a `dataset`")
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"unknown system(s) {unknown}; systems: {', '.join(SYSTEMS)}")
+        if "large" not in self.systems:
+            self.systems = ["large", *self.systems]  # every speedup is measured against it
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        for fb in [self.fallback_threshold, self.aligned_fallback_threshold, *self.sweep_fallback]:
+            for rb in [self.rollback_threshold, self.aligned_rollback_threshold, *self.sweep_rollback]:
+                if fb is not None and rb is not None:
+                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps)
+        if self.warmup < 0:
+            raise ValueError("warmup must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Frontier and operating points (pure functions over result rows)
+
+
+def pareto_frontier(rows: list[dict], metric: str, higher_is_better: bool = True) -> list[dict]:
+    """Rows no other row beats on both speed and quality, fastest first."""
+    sign = 1 if higher_is_better else -1
+    frontier, best = [], -float("inf")
+    for row in sorted(rows, key=lambda r: (-r["speedup_vs_large"], -sign * r[metric])):
+        if sign * row[metric] > best:
+            frontier.append(row)
+            best = sign * row[metric]
+    return frontier
+
+
+def operating_points(rows: list[dict], metric: str, reference: float, tolerances=(0.1, 1.0), higher_is_better=True) -> dict:
+    """For each tolerance, the fastest row whose score is within it of the reference (None if no row is)."""
+    points = {}
+    for tol in tolerances:
+        ok = [r for r in rows if (r[metric] >= reference - tol if higher_is_better else r[metric] <= reference + tol)]
+        points[f"within_{tol:g}"] = max(ok, key=lambda r: r["speedup_vs_large"]) if ok else None
+    return points
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+def _environment() -> dict:
+    import accelerate
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__}
+    for name in ("sacrebleu", "rouge_score", "peft", "datasets"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": device, "versions": versions, "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+class Evaluation:
+    def __init__(self, cfg: EvalConfig, aligned: str | None):
+        from transformers import AutoTokenizer
+
+        from decode.bild import load_model
+
+        self.cfg = cfg
+        self.higher_is_better = TASKS[cfg.task][1]
+        self.metric = TASKS[cfg.task][0]
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        self.device, self.dtype = device, dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.large)
+        self.examples, self.inputs, self.truncated, self.references = self._load_inputs()
+        self.models = {"large": load_model(cfg.large, dtype=dtype, device=device),
+                       "small": load_model(cfg.small, dtype=dtype, device=device)}
+        if aligned:
+            self.models["aligned"] = load_model(aligned, dtype=dtype, device=device)
+        if cfg.task == "lm" and self.models["large"].config.is_encoder_decoder:
+            raise ValueError("task lm needs decoder-only models")
+        self.outputs: dict[str, list[list[int]]] = {}
+        self.latencies: dict[str, list[float]] = {}
+
+    def _load_inputs(self):
+        cfg, tok = self.cfg, self.tokenizer
+        examples = load_examples(cfg.dataset, cfg.split, None, cfg.source_field, cfg.target_field)
+        inputs, truncated, references, kept = [], 0, [], []
+        for ex in examples:
+            if cfg.task == "lm":
+                ids = tok(ex.source, add_special_tokens=False)["input_ids"]
+                if len(ids) < cfg.lm_prompt_tokens + 8:
+                    continue  # too short to continue
+                inputs.append(ids[: cfg.lm_prompt_tokens])
+                references.append(tok.decode(ids[cfg.lm_prompt_tokens :]))
+            else:
+                if ex.target is None:
+                    raise ValueError(f"{cfg.dataset} split {cfg.split} has no references (targets) to score against")
+                ids, cut = encode_prompt(tok, ex.source, cfg.source_prefix, cfg.prompt_template, cfg.chat_template,
+                                         cfg.max_source_length)
+                inputs.append(ids)
+                truncated += int(cut)
+                references.append(ex.target)
+            kept.append(ex)
+            if cfg.limit is not None and len(kept) >= cfg.limit:
+                break
+        if not kept:
+            raise ValueError(f"split {cfg.split!r} of {cfg.dataset!r} gave no usable examples")
+        return kept, inputs, truncated, references
+
+    def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None):
+        from decode import AssistedGeneration, BiLD, BiLDConfig, Greedy, HFGenerate
+
+        large, small = self.models["large"], self.models[small_key]
+        cfg = self.cfg
+        if system == "large":
+            return Greedy(large)
+        if system == "hf_generate":
+            return HFGenerate(large)
+        if system == "small":
+            return Greedy(small)
+        if system == "assisted":
+            return AssistedGeneration(large, small)
+        if system in ("bild", "bild_exact"):
+            return BiLD(large, small, BiLDConfig(
+                fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
+                rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
+                rollback="exact" if system == "bild_exact" else "ce",
+                max_small_steps=cfg.max_small_steps))
+        raise ValueError(system)
+
+    def run(self, name: str, decoder, indices: list[int], progress) -> dict:
+        """Decodes the examples one by one; returns the row (quality filled in later)."""
+        from decode.generation import DecodeStats
+
+        stats, outputs, latencies = DecodeStats(), [], []
+        for i in indices[: self.cfg.warmup]:  # untimed: kernels, allocator and caches warm up
+            decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens)
+        for i in indices:
+            out = decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens)
+            new = out.sequences[0, (1 if decoder.is_encoder_decoder else len(self.inputs[i])) :].tolist()
+            outputs.append(new)
+            latencies.append(out.stats.seconds)
+            stats.add(out.stats)
+            progress.update(1)
+        self.outputs[name] = outputs
+        self.latencies[name] = latencies
+        total = sum(latencies)
+        row = {"system": name, "examples": len(indices), "new_tokens": stats.new_tokens, "total_seconds": total,
+               "latency_median_ms": 1000 * statistics.median(latencies), "latency_mean_ms": 1000 * total / len(latencies),
+               "tokens_per_s": stats.new_tokens / total if total else float("nan")}
+        if stats.small_steps:
+            row.update(fallback_rate=stats.fallback_rate, rollback_rate=stats.rollback_rate,
+                       tokens_per_large_call=stats.tokens_per_large_call,
+                       small_share=stats.small_tokens / max(stats.new_tokens, 1), stats=stats.as_dict())
+        return row
+
+    def quality(self, outputs: list[list[int]], indices: list[int]) -> dict:
+        if self.cfg.task == "lm":
+            return continuation_perplexity(self.models["large"], [self.inputs[i] for i in indices], outputs)
+        eos = set(self.tokenizer.all_special_ids)
+        hyps = [self.tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True).strip() for o in outputs]
+        return score(self.cfg.task, hyps, [self.references[i] for i in indices])
+
+    def finish_row(self, row: dict, indices: list[int], ref_name: str = "large") -> dict:
+        outputs = self.outputs[row["system"]]
+        row.update(self.quality(outputs, indices))
+        ref_outputs = self.outputs[ref_name]
+        pos = {i: k for k, i in enumerate(self.subset_indices[ref_name])}
+        row["identical_to_large"] = sum(o == ref_outputs[pos[i]] for o, i in zip(outputs, indices)) / len(indices)
+        ref_time = sum(self.latencies[ref_name][pos[i]] for i in indices)
+        row["speedup_vs_large"] = ref_time / row["total_seconds"] if row["total_seconds"] else float("nan")
+        return row
+
+
+def _names(systems: list[str], aligned: bool) -> list[tuple[str, str, str]]:
+    """(row name, system, small model key) for every row of the main table."""
+    label = {"large": "large", "hf_generate": "large (transformers generate)", "small": "small",
+             "bild": "BiLD", "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation"}
+    rows = []
+    for system in systems:
+        rows.append((label[system] + (" (unaligned)" if aligned and system in ("bild", "bild_exact", "assisted") else ""),
+                     system, "small"))
+        if aligned and system in ("small", "bild", "bild_exact", "assisted"):
+            rows.append((label[system] + " (aligned)", system, "aligned"))
+    return rows
+
+
+def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    ev = Evaluation(cfg, aligned)
+    n = len(ev.examples)
+    all_idx = list(range(n))
+    ev.subset_indices = {}
+    plan = _names(cfg.systems, aligned is not None)
+    sweep_idx = all_idx[: cfg.sweep_limit] if cfg.sweep_limit else all_idx
+    variants = ["small"] + (["aligned"] if aligned else [])
+    sweep_points = len(cfg.sweep_fallback) * len(cfg.sweep_rollback) * len(variants) if sweep else 0
+    progress = tqdm(total=n * len(plan) + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
+
+    rows = []
+    for name, system, small_key in plan:
+        fb = rb = None
+        if small_key == "aligned" and system == "bild":
+            fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
+        start = progress.n
+        try:
+            decoder = ev.decoder(system, small_key, fb, rb)
+            row = ev.run(name, decoder, all_idx, progress)
+        except Exception as exc:  # a baseline that crashes is reported as such, never dropped
+            if system == "large":
+                raise
+            rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
+            progress.update(n - (progress.n - start))
+            continue
+        ev.subset_indices[name] = all_idx
+        if system in ("bild", "bild_exact"):
+            row["fallback_threshold"] = decoder.config.fallback_threshold
+            row["rollback_threshold"] = decoder.config.rollback_threshold if system == "bild" else None
+        rows.append(row)
+    for row in rows:
+        if "error" not in row:
+            ev.finish_row(row, all_idx)
+    assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
+    for row in rows:
+        if "error" in row:
+            continue
+        match = [a for a in assisted.values() if ("(aligned)" in a["system"]) == ("(aligned)" in row["system"])]
+        if match:
+            row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
+
+    sweep_rows, frontier, points = [], {}, {}
+    if sweep:
+        large_subset = ev.quality([ev.outputs["large"][i] for i in sweep_idx], sweep_idx)[ev.metric]
+        for variant in variants:
+            for fb in cfg.sweep_fallback:
+                for rb in cfg.sweep_rollback:
+                    name = f"sweep {variant} fb={fb:g} rb={rb:g}"
+                    row = ev.run(name, ev.decoder("bild", variant, fb, rb), sweep_idx, progress)
+                    ev.subset_indices[name] = sweep_idx
+                    row.update(model=variant, fallback_threshold=fb, rollback_threshold=rb)
+                    sweep_rows.append(ev.finish_row(row, sweep_idx))
+            mine = [r for r in sweep_rows if r["model"] == variant]
+            frontier[variant] = [r["system"] for r in pareto_frontier(mine, ev.metric, ev.higher_is_better)]
+            points[variant] = {k: (v["system"] if v else None) for k, v in
+                               operating_points(mine, ev.metric, large_subset, higher_is_better=ev.higher_is_better).items()}
+        points["large_score_on_sweep_examples"] = large_subset
+    progress.close()
+    for name in list(ev.outputs):
+        if name.startswith("sweep"):
+            del ev.outputs[name]
+
+    env = _environment()
+    return {
+        "config": to_dict(cfg), "aligned": aligned, "metric": ev.metric, "higher_is_better": ev.higher_is_better,
+        "examples": n, "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
+        "rows": rows, "sweep": sweep_rows, "frontier": frontier, "operating_points": points,
+        "hypotheses": {name: [ev.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+                       for name, outs in ev.outputs.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _f(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(results: dict) -> str:
+    m = results["metric"]
+    extra = "chrf" if results["config"]["task"] == "translation" else ("rouge2" if results["config"]["task"] == "summarization" else None)
+    head = ["system", m] + ([extra] if extra else []) + ["identical to large", "median ms/example", "tokens/s",
+                                                          "speedup vs large", "speedup vs assisted", "fallback rate",
+                                                          "rollback rate", "tokens/large call"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | failed: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + [
+            _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
+            _f(r.get("speedup_vs_large")) + "x", (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
+            _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> str:
+    m = results["metric"]
+    points = results["operating_points"]
+    lines = [f"Large model on the sweep examples: {m} {_f(points.get('large_score_on_sweep_examples'))}", "",
+             f"| model | operating point | fallback | rollback | {m} | speedup vs large | fallback rate | rollback rate | tokens/large call |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_name = {r["system"]: r for r in results["sweep"]}
+    for variant in ("small", "aligned"):
+        for key, name in (points.get(variant) or {}).items():
+            r = by_name.get(name)
+            if r is None:
+                lines.append(f"| {variant} | {key} | none | | | | | | |")
+                continue
+            lines.append(f"| {'unaligned' if variant == 'small' else 'aligned'} | {key.replace('_', ' ')} | {r['fallback_threshold']:g} | "
+                         f"{r['rollback_threshold']:g} | {_f(r[m])} | {_f(r['speedup_vs_large'])}x | {_f(r['fallback_rate'], 3)} | "
+                         f"{_f(r['rollback_rate'], 3)} | {_f(r['tokens_per_large_call'])} |")
+    return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    cfg = results["config"]
+    parts = [
+        f"# BiLD evaluation: {cfg['dataset']} ({cfg['split']}, {results['examples']} examples)",
+        "",
+        f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
+        f"- device: {results['device']}; dtype {results['dtype']}; batch size 1, greedy, warm-up {cfg['warmup']} examples per system",
+        f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps {cfg['max_small_steps']}",
+        f"- inputs truncated to {cfg['max_source_length']} tokens: {results['truncated_inputs']}",
+        f"- {results['date']}; git {results['git_commit']}; " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v),
+        "",
+        table(results),
+    ]
+    if results["sweep"]:
+        parts += ["", "## Threshold sweep: the paper's operating points", "", sweep_table(results), "",
+                  "![speed-quality frontier](frontier.png)"]
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = results["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, color in (("small", "tab:blue"), ("aligned", "tab:orange")):
+        rows = [r for r in results["sweep"] if r["model"] == variant]
+        if not rows:
+            continue
+        ax.scatter([r["speedup_vs_large"] for r in rows], [r[m] for r in rows], s=12, color=color, alpha=0.5)
+        front = [r for r in rows if r["system"] in results["frontier"][variant]]
+        ax.plot([r["speedup_vs_large"] for r in front], [r[m] for r in front], "-o", color=color, ms=4,
+                label=f"BiLD {'unaligned' if variant == 'small' else 'aligned'}")
+    ref = results["operating_points"].get("large_score_on_sweep_examples")
+    if ref is not None:
+        ax.axhline(ref, color="gray", ls="--", lw=1, label="large model")
+    ax.set_xlabel("speedup over the large model")
+    ax.set_ylabel(m)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    """All files are made in a temporary folder and moved in at the end: a failed run leaves nothing half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=out.parent))
+    try:
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (tmp / "report.md").write_text(report(results))
+        if results["sweep"]:
+            plot(results, tmp / "frontier.png")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="BiLD against the large model, the small model and assisted generation.")
+    parser.add_argument("--config", required=True, help="YAML file of EvalConfig fields")
+    parser.add_argument("--aligned", nargs="?", const="", default=None,
+                        help="also evaluate the aligned small model (PATH, or the config's `aligned`)")
+    parser.add_argument("--sweep", action="store_true", help="grid over fallback x rollback thresholds")
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--out", help="output folder (default: the config's `out`)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        if args.limit is not None:
+            overrides.append(f"limit={args.limit}")
+        if args.out:
+            overrides.append(f"out={args.out}")
+        cfg = load_config(EvalConfig, args.config, overrides)
+        aligned = None
+        if args.aligned is not None:
+            aligned = args.aligned or cfg.aligned
+            if not aligned:
+                raise ValueError("--aligned needs a path, or `aligned` in the config")
+            if not (Path(aligned) / "config.json").is_file() and (Path(aligned).exists() or aligned.startswith((".", "/"))):
+                raise FileNotFoundError(f"aligned checkpoint not found: {aligned} (no config.json); run align/train.py first")
+        if cfg.limit is not None and cfg.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {cfg.limit}")
+        results = evaluate(cfg, aligned, args.sweep)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out)
+    write_outputs(results, out)
+    print()
+    print(table(results))
+    if results["sweep"]:
+        print()
+        print(sweep_table(results))
+    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}" + (f", {out / 'frontier.png'}" if results["sweep"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

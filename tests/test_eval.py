@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import sacrebleu
+import yaml
+from rouge_score import rouge_scorer
+
+from decode.eval import main, operating_points, pareto_frontier
+from decode.metrics import summarization_scores, translation_scores
+
+
+@pytest.fixture
+def eval_config(toy_data, toy_models, tmp_path):
+    cfg = {"task": "translation", "large": toy_models["large"], "small": toy_models["small"],
+           "aligned": toy_models["small"], "dataset": str(toy_data), "split": "test", "max_new_tokens": 16,
+           "warmup": 1, "sweep_fallback": [0.2, 0.6], "sweep_rollback": [1.0, 4.0], "sweep_limit": 4}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_end_to_end_writes_every_output(eval_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--config", str(eval_config), "--aligned", "--sweep", "--limit", "6", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [r["system"] for r in results["rows"]]
+    for expected in ("large", "large (transformers generate)", "small", "small (aligned)", "BiLD (unaligned)",
+                     "BiLD (aligned)", "BiLD lossless (exact rollback) (unaligned)", "BiLD lossless (exact rollback) (aligned)",
+                     "assisted generation (unaligned)", "assisted generation (aligned)"):
+        assert expected in names
+    rows = {r["system"]: r for r in results["rows"]}
+    assert rows["large"]["identical_to_large"] == 1.0 and rows["large"]["speedup_vs_large"] == pytest.approx(1.0)
+    # lossless BiLD and assisted generation reproduce the large model exactly
+    assert rows["BiLD lossless (exact rollback) (unaligned)"]["identical_to_large"] == 1.0
+    assert rows["assisted generation (unaligned)"]["identical_to_large"] == 1.0
+    assert rows["large (transformers generate)"]["identical_to_large"] == 1.0
+    assert all("bleu" in r and "chrf" in r for r in results["rows"])
+    assert len(results["sweep"]) == 2 * 2 * 2
+    assert set(results["operating_points"]) >= {"small", "aligned", "large_score_on_sweep_examples"}
+    assert results["device"] and results["versions"]["torch"] and results["examples"] == 6
+    report = (out / "report.md").read_text()
+    assert "BiLD (aligned)" in report and "operating point" in report
+    assert (out / "frontier.png").stat().st_size > 1000
+    assert "speedup vs large" in capsys.readouterr().out
+
+
+def test_bleu_and_rouge_wrappers_agree_with_the_libraries():
+    hyps = ["A man rides a horse.", "Two dogs play in the snow", "the cat"]
+    refs = ["A man is riding a horse.", "Two dogs are playing in snow.", "A cat sleeps."]
+    s = translation_scores(hyps, refs)
+    assert s["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert s["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    r = summarization_scores(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    expected = 100 * sum(scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hyps, refs)) / 3
+    assert r["rougeL"] == pytest.approx(expected)
+
+
+def test_frontier_and_operating_points_on_hand_made_rows():
+    rows = [
+        {"system": "a", "speedup_vs_large": 2.0, "bleu": 30.0},
+        {"system": "b", "speedup_vs_large": 1.8, "bleu": 34.95},
+        {"system": "c", "speedup_vs_large": 1.5, "bleu": 35.0},
+        {"system": "d", "speedup_vs_large": 1.4, "bleu": 34.0},  # dominated by b and c
+        {"system": "e", "speedup_vs_large": 1.9, "bleu": 34.1},
+    ]
+    assert [r["system"] for r in pareto_frontier(rows, "bleu")] == ["a", "e", "b", "c"]
+    points = operating_points(rows, "bleu", reference=35.02)
+    assert points["within_0.1"]["system"] == "b"
+    assert points["within_1"]["system"] == "e"
+    assert operating_points(rows, "bleu", reference=40.0)["within_1"] is None
+    # perplexity: lower is better
+    ppl = [{"system": "x", "speedup_vs_large": 2.0, "perplexity": 12.0}, {"system": "y", "speedup_vs_large": 1.2, "perplexity": 10.05}]
+    assert operating_points(ppl, "perplexity", 10.0, higher_is_better=False)["within_0.1"]["system"] == "y"
+    assert [r["system"] for r in pareto_frontier(ppl, "perplexity", higher_is_better=False)] == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "args,overrides,match",
+    [
+        (["--aligned", "/nonexistent/aligned"], [], "aligned checkpoint not found"),
+        ([], ["task=poetry"], "unknown task"),
+        ([], ["no_such_key=1"], "unknown config key"),
+        ([], ["split=missing"], "no split"),
+        ([], ["systems=[large, magic]"], "unknown system"),
+        ([], ["fallback_threshold=2"], "fallback_threshold"),
+    ],
+)
+def test_bad_input_fails_cleanly(eval_config, tmp_path, capsys, args, overrides, match):
+    out = tmp_path / "bad"
+    assert main(["--config", str(eval_config), "--out", str(out), *args, *overrides]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_split_fails_cleanly(eval_config, toy_data, tmp_path, capsys):
+    (toy_data / "empty.src").write_text("")
+    (toy_data / "empty.tgt").write_text("")
+    out = tmp_path / "bad"
+    assert main(["--config", str(eval_config), "--out", str(out), "split=empty"]) == 2
+    assert "empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_truncated_inputs_are_counted(eval_config, tmp_path):
+    out = tmp_path / "t"
+    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "max_source_length=4",
+                 "systems=[large]", "warmup=0"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["truncated_inputs"] == 3
