@@ -241,7 +241,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate calibration outputs with the large model.")
     parser.add_argument("--config", help="YAML file of CalibrateConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(CalibrateConfig, args.config, args.overrides)
     calibrate(cfg)
     return to_dict(cfg)

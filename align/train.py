@@ -553,7 +553,7 @@ def main(argv=None):
     parser.add_argument("--config", help="YAML file of TrainConfig fields")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys reach into mappings)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
     return train(cfg, resume=args.resume)
 

@@ -52,6 +52,8 @@ def _coerce(value, annotation):
             except (TypeError, ValueError):
                 continue
         return value
+    if annotation is str and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads the word `no` (mixed_precision: no) as false
     if annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, str):

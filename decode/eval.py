@@ -477,9 +477,12 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--out", help="output folder (default: the config's `out`)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         overrides = list(args.overrides)
+        if args.aligned and "=" in args.aligned and not Path(args.aligned).exists():
+            overrides.insert(0, args.aligned)  # `--aligned key=value`: the flag without a path, then an override
+            args.aligned = ""
         if args.limit is not None:
             overrides.append(f"limit={args.limit}")
         if args.out:

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded default (Multi30k De-En, a large and a small model trained here):
+# shared tokenizer -> train large -> train small -> calibration outputs -> alignment -> evaluation.
+#
+#   ./launch.sh            full profile with a GPU, the reduced CPU profile without one
+#   ./launch.sh cpu        the reduced profile (about 20 minutes on 2 cores)
+#   ./launch.sh smoke      miniature settings, every stage, a few minutes on a CPU (the test suite runs it)
+#   ./launch.sh full       the full profile (one GPU)
+#
+# Every stage is skipped when its output exists; interrupted training resumes from its last checkpoint.
+# Outputs go to runs/<profile>/; the last stage prints the report (runs/<profile>/eval/report.md).
+# Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
+# RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PROFILE=${1:-auto}
+if [[ "$PROFILE" == auto ]]; then
+  if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then PROFILE=full; else PROFILE=cpu; fi
+fi
+DATA_DIR=${DATA_DIR:-../shared/data}
+R=${RUNS:-runs}/$PROFILE
+M30K=$DATA_DIR/multi30k
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+[[ -d "$M30K" ]] || { echo "error: no Multi30k data at $M30K (set DATA_DIR)" >&2; exit 2; }
+
+case "$PROFILE" in
+  full)
+    VOCAB=8000
+    LARGE=(); SMALL=(); ALIGN=(); CALIB=()
+    EVAL=(--sweep sweep_limit=null)
+    OOD=1
+    ;;
+  cpu)
+    VOCAB=4000
+    SHAPE_L=(model_config.d_model=256 model_config.encoder_layers=3 model_config.decoder_layers=3
+             model_config.encoder_attention_heads=4 model_config.decoder_attention_heads=4
+             model_config.encoder_ffn_dim=1024 model_config.decoder_ffn_dim=1024)
+    SHAPE_S=(model_config.d_model=128 model_config.encoder_layers=2 model_config.decoder_layers=1
+             model_config.encoder_ffn_dim=512 model_config.decoder_ffn_dim=512)
+    LARGE=("${SHAPE_L[@]}" limit=12000 epochs=4 batch_size=64 warmup_steps=200 mixed_precision=no eval_limit=200)
+    SMALL=("${SHAPE_S[@]}" limit=12000 epochs=4 batch_size=64 warmup_steps=200 mixed_precision=no eval_limit=200)
+    CALIB=(limit=6000 batch_size=64)
+    ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=6000)
+    EVAL=(--sweep --limit 150 sweep_limit=60 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2)
+    OOD=0
+    ;;
+  smoke)
+    VOCAB=400
+    SHAPE_L=(model_config.d_model=64 model_config.encoder_layers=2 model_config.decoder_layers=2
+             model_config.encoder_attention_heads=2 model_config.decoder_attention_heads=2
+             model_config.encoder_ffn_dim=128 model_config.decoder_ffn_dim=128)
+    SHAPE_S=(model_config.d_model=32 model_config.encoder_layers=1 model_config.decoder_layers=1
+             model_config.encoder_attention_heads=2 model_config.decoder_attention_heads=2
+             model_config.encoder_ffn_dim=64 model_config.decoder_ffn_dim=64)
+    LARGE=("${SHAPE_L[@]}" limit=600 max_steps=30 batch_size=32 warmup_steps=5 mixed_precision=no eval_limit=40 save_every=20)
+    SMALL=("${SHAPE_S[@]}" limit=600 max_steps=20 batch_size=32 warmup_steps=5 mixed_precision=no eval_limit=40 save_every=20)
+    CALIB=(limit=300 batch_size=64 max_new_tokens=24)
+    ALIGN=(max_steps=15 batch_size=32 warmup_steps=2 mixed_precision=no eval_limit=40 save_every=10)
+    EVAL=(--sweep --limit 12 sweep_limit=6 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]" warmup=1 max_new_tokens=24)
+    OOD=0
+    ;;
+  *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
+esac
+
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  TRAIN=(accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py)
+  CALIBRATE=(accelerate launch --config_file configs/accelerate/single_gpu.yaml -m align.calibrate)
+else
+  TRAIN=(python3 align/train.py); CALIBRATE=(python3 -m align.calibrate)
+fi
+stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
+mkdir -p "$R"
+
+stage "1/6 shared tokenizer"
+if [[ -f $R/tokenizer/tokenizer.json ]]; then echo "done: $R/tokenizer"
+else python3 -m data.tokenizer --dataset "$M30K" --split train --vocab-size $VOCAB --out "$R/tokenizer"; fi
+
+train_model() {  # name config overrides...
+  local name=$1 config=$2; shift 2
+  if [[ -f $R/$name/final/config.json ]]; then echo "done: $R/$name/final"; return; fi
+  "${TRAIN[@]}" --config "$config" --resume tokenizer="$R/tokenizer" dataset="$M30K" output_dir="$R/$name" "$@"
+}
+stage "2/6 train the large model and 3/6 the small model (from scratch, references)"
+if [[ ${PARALLEL_TRAIN:-0} == 1 ]]; then
+  train_model large configs/multi30k_large.yaml "${LARGE[@]}" > "$R/train_large.log" 2>&1 &
+  pid=$!
+  train_model small configs/multi30k_small.yaml "${SMALL[@]}" > "$R/train_small.log" 2>&1 || { tail -20 "$R/train_small.log"; exit 1; }
+  wait $pid || { tail -20 "$R/train_large.log"; exit 1; }
+  grep -h "after training\|done:" "$R/train_large.log" "$R/train_small.log" || true
+else
+  train_model large configs/multi30k_large.yaml "${LARGE[@]}"
+  train_model small configs/multi30k_small.yaml "${SMALL[@]}"
+fi
+
+stage "4/6 calibration outputs of the large model (train inputs, and valid for held-out evaluation)"
+for split in train valid; do
+  out=$R/calibration.$split.jsonl
+  if [[ -f $out && ! -e $out.part0 ]]; then echo "done: $out"; continue; fi
+  extra=("${CALIB[@]}"); [[ $split == valid ]] && extra=(batch_size=256 $( [[ $PROFILE == smoke ]] && echo limit=40 max_new_tokens=24 ))
+  "${CALIBRATE[@]}" --config configs/multi30k_calibrate.yaml model="$R/large/final" dataset="$M30K" split=$split output="$out" "${extra[@]}"
+done
+
+stage "5/6 prediction alignment of the small model (seq_kd)"
+if [[ -f $R/small_aligned/final/config.json ]]; then echo "done: $R/small_aligned/final"
+else
+  "${TRAIN[@]}" --config configs/multi30k_align.yaml --resume model="$R/small/final" teacher="$R/large/final" \
+    calibration="$R/calibration.train.jsonl" eval_calibration="$R/calibration.valid.jsonl" output_dir="$R/small_aligned" "${ALIGN[@]}"
+fi
+
+stage "6/6 evaluation: large, small, BiLD unaligned and aligned, assisted generation"
+MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
+if [[ -f $R/eval/report.md ]]; then echo "done: $R/eval"
+else python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned --out "$R/eval" dataset="$M30K" "${MODELS[@]}" "${EVAL[@]}"; fi
+if [[ $OOD == 1 && -d $DATA_DIR/iwslt17_deen ]]; then
+  if [[ -f $R/eval_iwslt17/report.md ]]; then echo "done: $R/eval_iwslt17"
+  else python3 -m decode.eval --config configs/iwslt17_eval.yaml --aligned --out "$R/eval_iwslt17" dataset="$DATA_DIR/iwslt17_deen" "${MODELS[@]}"; fi
+fi
+
+echo; cat "$R/eval/report.md"
