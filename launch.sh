@@ -28,8 +28,9 @@ case "$PROFILE" in
   full)
     VOCAB=8000
     LARGE=(); SMALL=(); ALIGN=(); CALIB=()
-    EVAL=(--sweep sweep_limit=null)
-    OOD=1
+    EVAL=()
+    SWEEP=(sweep_limit=500)
+    OOD=(--limit 500)
     ;;
   cpu)
     VOCAB=4000
@@ -42,8 +43,9 @@ case "$PROFILE" in
     SMALL=("${SHAPE_S[@]}" limit=12000 epochs=4 batch_size=64 warmup_steps=200 mixed_precision=no eval_limit=200)
     CALIB=(limit=6000 batch_size=64)
     ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=6000)
-    EVAL=(--sweep --limit 150 sweep_limit=60 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2)
-    OOD=0
+    EVAL=(--limit 150 warmup=2)
+    SWEEP=(--limit 150 sweep_limit=60 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2)
+    OOD=()
     ;;
   smoke)
     VOCAB=400
@@ -57,8 +59,9 @@ case "$PROFILE" in
     SMALL=("${SHAPE_S[@]}" limit=600 max_steps=20 batch_size=32 warmup_steps=5 mixed_precision=no eval_limit=40 save_every=20)
     CALIB=(limit=300 batch_size=64 max_new_tokens=24)
     ALIGN=(max_steps=15 batch_size=32 warmup_steps=2 mixed_precision=no eval_limit=40 save_every=10)
-    EVAL=(--sweep --limit 12 sweep_limit=6 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]" warmup=1 max_new_tokens=24)
-    OOD=0
+    EVAL=(--limit 12 warmup=1 max_new_tokens=24)
+    SWEEP=(--limit 12 sweep_limit=6 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]" warmup=1 max_new_tokens=24)
+    OOD=()
     ;;
   *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
@@ -108,13 +111,19 @@ else
     calibration="$R/calibration.train.jsonl" eval_calibration="$R/calibration.valid.jsonl" output_dir="$R/small_aligned" "${ALIGN[@]}"
 fi
 
-stage "6/6 evaluation: large, small, BiLD unaligned and aligned, assisted generation"
 MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
-if [[ -f $R/eval/report.md ]]; then echo "done: $R/eval"
-else python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned --out "$R/eval" dataset="$M30K" "${MODELS[@]}" "${EVAL[@]}"; fi
-if [[ $OOD == 1 && -d $DATA_DIR/iwslt17_deen ]]; then
-  if [[ -f $R/eval_iwslt17/report.md ]]; then echo "done: $R/eval_iwslt17"
-  else python3 -m decode.eval --config configs/iwslt17_eval.yaml --aligned --out "$R/eval_iwslt17" dataset="$DATA_DIR/iwslt17_deen" "${MODELS[@]}"; fi
+evaluate() {  # out config args...
+  local out=$1 config=$2; shift 2
+  if [[ -f $out/report.md ]]; then echo "done: $out"; return; fi
+  python3 -m decode.eval --config "$config" --aligned --out "$out" "${MODELS[@]}" "$@"
+}
+stage "6/6 evaluation on Multi30k test: large, small, BiLD unaligned and aligned, assisted generation"
+evaluate "$R/eval" configs/multi30k_eval.yaml dataset="$M30K" "${EVAL[@]}"
+stage "6/6 threshold sweep: speed-quality frontier and the paper's operating points"
+evaluate "$R/sweep" configs/multi30k_eval.yaml --sweep "systems=[large]" dataset="$M30K" "${SWEEP[@]}"
+if [[ $PROFILE == full && -d $DATA_DIR/iwslt17_deen ]]; then
+  stage "6/6 out of domain: IWSLT2017 tst2010"
+  evaluate "$R/eval_iwslt17" configs/iwslt17_eval.yaml dataset="$DATA_DIR/iwslt17_deen" "${OOD[@]}"
 fi
 
-echo; cat "$R/eval/report.md"
+echo; cat "$R/eval/report.md"; echo; sed -n '/## Threshold sweep/,$p' "$R/sweep/report.md"

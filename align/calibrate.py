@@ -133,8 +133,11 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
     from decode.bild import load_model
 
+    from decode.cache import prefer_fast_attention
+
     accelerator = Accelerator()
     set_seed(cfg.seed)
+    prefer_fast_attention()
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     provenance_path = output.with_name(output.name + ".provenance.json")

@@ -105,6 +105,8 @@ class TrainConfig:
     """no, bf16 or fp16 (an accelerate config file's setting wins when launched with one)."""
     seed: int = 0
     num_workers: int = 0
+    pad_to_multiple_of: int = 16
+    """Batch lengths are rounded up to this, bounding the distinct shapes kernels see."""
     # --- LoRA (peft), merged into the saved checkpoint
     lora: bool = False
     lora_r: int = 16
@@ -197,8 +199,8 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
 class Collator:
     """Pads a batch. Seq2seq: input_ids / labels. Decoder-only: prompt + target in one row, prompt labels -100."""
 
-    def __init__(self, pad_id: int, is_seq2seq: bool):
-        self.pad_id, self.is_seq2seq = pad_id, is_seq2seq
+    def __init__(self, pad_id: int, is_seq2seq: bool, pad_to_multiple_of: int = 1):
+        self.pad_id, self.is_seq2seq, self.multiple = pad_id, is_seq2seq, pad_to_multiple_of
 
     def __call__(self, pairs):
         if self.is_seq2seq:
@@ -207,7 +209,8 @@ class Collator:
         else:
             sources = [s + t for s, t in pairs]
             targets = [[IGNORE_INDEX] * len(s) + t for s, t in pairs]
-        s_len, t_len = max(map(len, sources)), max(map(len, targets))
+        # Rounding lengths up bounds the number of distinct shapes the device kernels see.
+        s_len, t_len = (-(-max(map(len, seqs)) // self.multiple) * self.multiple for seqs in (sources, targets))
         input_ids = torch.full((len(pairs), s_len), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(pairs), s_len), dtype=torch.long)
         labels = torch.full((len(pairs), t_len), IGNORE_INDEX, dtype=torch.long)
@@ -403,6 +406,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    from decode.cache import prefer_fast_attention
+
+    prefer_fast_attention()
     set_seed(cfg.seed)  # before the model is built: from-scratch weights are reproducible
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -435,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         eval_pairs = build_pairs(cfg, tokenizer, "eval")
     if not train_pairs:
         raise ValueError("no training pairs")
-    collate = Collator(tokenizer.pad_token_id, is_seq2seq)
+    collate = Collator(tokenizer.pad_token_id, is_seq2seq, cfg.pad_to_multiple_of)
     # Its own generator: starting an iterator then leaves the global RNG (dropout) alone, so a resumed run
     # draws the same dropout masks as an uninterrupted one.
     train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
@@ -446,10 +452,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)  # biases and norms: no weight decay
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-    )
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None and ds.zero_stage == 3:
+        # ZeRO-3 regroups parameters, and the scheduler then sees fewer groups than it was built for
+        # (a zip() error in its first step, seen with DeepSpeed 0.19.8): one group, decayed throughout.
+        groups = [{"params": decay + no_decay, "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     windows_per_epoch = len(train_dl) // max(accelerator.num_processes, 1) // cfg.gradient_accumulation_steps
     windows_per_epoch = max(windows_per_epoch, 1)
     total_updates = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
