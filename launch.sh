@@ -29,8 +29,8 @@ case "$PROFILE" in
     VOCAB=8000
     LARGE=(); SMALL=(); ALIGN=(); CALIB=()
     EVAL=()
-    SWEEP=(sweep_limit=500)
-    OOD=(--limit 500)
+    SWEEP=(sweep_limit=300)
+    OOD=(--limit 200)
     ;;
   cpu)
     VOCAB=4000
@@ -100,7 +100,9 @@ stage "4/6 calibration outputs of the large model (train inputs, and valid for h
 for split in train valid; do
   out=$R/calibration.$split.jsonl
   if [[ -f $out && ! -e $out.part0 ]]; then echo "done: $out"; continue; fi
-  extra=("${CALIB[@]}"); [[ $split == valid ]] && extra=(batch_size=256 $( [[ $PROFILE == smoke ]] && echo limit=40 max_new_tokens=24 ))
+  extra=("${CALIB[@]}")
+  if [[ $split == valid ]]; then extra=(batch_size=256); fi
+  if [[ $split == valid && $PROFILE == smoke ]]; then extra+=(limit=40 max_new_tokens=24); fi
   "${CALIBRATE[@]}" --config configs/multi30k_calibrate.yaml model="$R/large/final" dataset="$M30K" split=$split output="$out" "${extra[@]}"
 done
 
