@@ -34,17 +34,17 @@ case "$PROFILE" in
     ;;
   cpu)
     VOCAB=4000
-    SHAPE_L=(model_config.d_model=256 model_config.encoder_layers=3 model_config.decoder_layers=3
+    SHAPE_L=(model_config.d_model=256 model_config.encoder_layers=2 model_config.decoder_layers=3
              model_config.encoder_attention_heads=4 model_config.decoder_attention_heads=4
-             model_config.encoder_ffn_dim=1024 model_config.decoder_ffn_dim=1024)
-    SHAPE_S=(model_config.d_model=128 model_config.encoder_layers=2 model_config.decoder_layers=1
              model_config.encoder_ffn_dim=512 model_config.decoder_ffn_dim=512)
-    LARGE=("${SHAPE_L[@]}" limit=12000 epochs=4 batch_size=64 warmup_steps=200 mixed_precision=no eval_limit=200)
-    SMALL=("${SHAPE_S[@]}" limit=12000 epochs=4 batch_size=64 warmup_steps=200 mixed_precision=no eval_limit=200)
-    CALIB=(limit=6000 batch_size=64)
-    ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=6000)
-    EVAL=(--limit 150 warmup=2)
-    SWEEP=(--limit 150 sweep_limit=60 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2)
+    SHAPE_S=(model_config.d_model=128 model_config.encoder_layers=2 model_config.decoder_layers=1
+             model_config.encoder_ffn_dim=256 model_config.decoder_ffn_dim=256)
+    LARGE=("${SHAPE_L[@]}" limit=8000 epochs=3 batch_size=64 warmup_steps=100 lr=1e-3 mixed_precision=no eval_limit=200)
+    SMALL=("${SHAPE_S[@]}" limit=8000 epochs=3 batch_size=64 warmup_steps=100 lr=2e-3 mixed_precision=no eval_limit=200)
+    CALIB=(limit=4000 batch_size=64 max_new_tokens=48)
+    ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=4000)
+    EVAL=(--limit 100 warmup=2 max_new_tokens=48)
+    SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48)
     OOD=()
     ;;
   smoke)

@@ -17,18 +17,18 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from data.config import load_config, to_dict
-from data.sources import encode_prompt, load_examples
+from data.sources import PromptConfig, load_examples
 
 
 @dataclass
-class CalibrateConfig:
+class CalibrateConfig(PromptConfig):
     model: str = ""
     """The large model: Hub name or local folder."""
     tokenizer: str | None = None
@@ -38,14 +38,6 @@ class CalibrateConfig:
     """Local data folder, JSONL file or Hub dataset name (see data/sources.py)."""
     split: str = "train"
     limit: int | None = None
-    source_field: str = "source"
-    target_field: str = "target"
-    source_prefix: str = ""
-    """Prepended to every source, e.g. "translate German to English: " for T5."""
-    prompt_template: str | None = None
-    """Template with {source} for decoder-only models."""
-    chat_template: bool = False
-    max_source_length: int = 512
     max_new_tokens: int = 128
     batch_size: int = 64
     do_sample: bool = False
@@ -182,8 +174,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         done.update(read_records(part))
     todo = [ex for ex in examples if ex.index not in done]
 
-    encoded = {ex.index: encode_prompt(tokenizer, ex.source, cfg.source_prefix, cfg.prompt_template, cfg.chat_template,
-                                       cfg.max_source_length)[0] for ex in todo}
+    encoded = {ex.index: cfg.encode(tokenizer, ex.source)[0] for ex in todo}
     batches = bucket({i: len(ids) for i, ids in encoded.items()}, cfg.batch_size)
     mine = batches[accelerator.process_index :: accelerator.num_processes]
     by_index = {ex.index: ex for ex in todo}

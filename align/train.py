@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -45,14 +45,14 @@ from align.losses import (
     shift_for_causal_lm,
     top1_agreement,
 )
-from data.config import load_config, save_config, to_dict
-from data.sources import encode_prompt, load_examples
+from data.config import load_config, save_config
+from data.sources import PromptConfig, load_examples
 
 OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PromptConfig):
     # --- models
     model: str | None = None
     """Small model to fine-tune: Hub name or local folder. Leave empty and set model_config to train from scratch."""
@@ -74,11 +74,6 @@ class TrainConfig:
     eval_split: str | None = "valid"
     limit: int | None = None
     eval_limit: int | None = 1000
-    source_field: str = "source"
-    target_field: str = "target"
-    source_prefix: str = ""
-    prompt_template: str | None = None
-    chat_template: bool = False
     max_source_length: int = 256
     max_target_length: int = 256
     # --- loss
@@ -158,10 +153,6 @@ class TrainConfig:
 # Data
 
 
-def _encode_source(tokenizer, cfg: TrainConfig, text: str) -> list[int]:
-    return encode_prompt(tokenizer, text, cfg.source_prefix, cfg.prompt_template, cfg.chat_template, cfg.max_source_length)[0]
-
-
 def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None) -> list[int]:
     """Target ids end with EOS: the model must learn where to stop."""
     if ids is None:
@@ -177,7 +168,7 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
             return []
         examples = load_examples(cfg.dataset, split, cfg.limit if which == "train" else cfg.eval_limit,
                                  cfg.source_field, cfg.target_field)
-        return [(_encode_source(tokenizer, cfg, ex.source), _encode_target(tokenizer, cfg, ex.target)) for ex in examples]
+        return [(cfg.encode(tokenizer, ex.source)[0], _encode_target(tokenizer, cfg, ex.target)) for ex in examples]
 
     from align.calibrate import read_records
 
@@ -193,7 +184,7 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
         if not cfg.eval_calibration:
             held_out = [r for r in records if r["index"] % 50 == 0]
             records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
-    return [(_encode_source(tokenizer, cfg, r["source"]), _encode_target(tokenizer, cfg, ids=r["output_ids"])) for r in records]
+    return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"])) for r in records]
 
 
 class Collator:
@@ -327,6 +318,9 @@ def _shift_right(model, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, dataloader, cfg, accelerator) -> dict:
+    """Loss and top-1 agreement on the held-out pairs; empty when there are none (eval_split: null)."""
+    if dataloader is None:
+        return {}
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # ce, matches, tokens
     for batch in dataloader:
@@ -446,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # draws the same dropout masks as an uninterrupted one.
     train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    eval_dl = DataLoader(eval_pairs or train_pairs[:1], batch_size=cfg.batch_size * 2, shuffle=False, collate_fn=collate)
+    eval_dl = DataLoader(eval_pairs, batch_size=cfg.batch_size * 2, shuffle=False, collate_fn=collate) if eval_pairs else None
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -465,7 +459,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # The prepared scheduler steps once per process per update.
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
                               num_training_steps=total_updates * accelerator.num_processes)
-    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
 
     state = {"step": 0, "epoch": 0, "windows_in_epoch": 0, "tokens": 0}
     metrics: dict = {"history": []}

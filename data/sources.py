@@ -139,3 +139,26 @@ def encode_prompt(tokenizer, source: str, prefix: str = "", template: str | None
         closing = ids[-1:] if (not chat and ids[-1] in tokenizer.all_special_ids) else []
         return ids[: max_length - len(closing)] + closing, True
     return ids, False
+
+
+@dataclass
+class PromptConfig:
+    """How examples are read and a source becomes a prompt. Calibration, training and evaluation configs all
+    derive from it, so the small model is aligned on exactly the prompts it is evaluated on."""
+
+    source_field: str = "source"
+    """JSONL field (dotted for nested records) holding the source."""
+    target_field: str = "target"
+    """JSONL field holding the reference."""
+    source_prefix: str = ""
+    """Prepended to every source, e.g. "translate German to English: " for T5."""
+    prompt_template: str | None = None
+    """Template with {source}, for decoder-only models."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template."""
+    max_source_length: int = 512
+    """Prompts longer than this many tokens are truncated (and counted by the evaluation)."""
+
+    def encode(self, tokenizer, source: str) -> tuple[list[int], bool]:
+        return encode_prompt(tokenizer, source, self.source_prefix, self.prompt_template, self.chat_template,
+                             self.max_source_length)

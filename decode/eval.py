@@ -35,14 +35,14 @@ from pathlib import Path
 import torch
 
 from data.config import ConfigError, load_config, to_dict
-from data.sources import encode_prompt, load_examples
+from data.sources import PromptConfig, load_examples
 from decode.metrics import TASKS, continuation_perplexity, score
 
 SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(PromptConfig):
     task: str = "translation"
     """translation (BLEU, chrF), summarization (ROUGE) or lm (perplexity of continuations)."""
     large: str = ""
@@ -53,12 +53,6 @@ class EvalConfig:
     dataset: str = ""
     split: str = "test"
     limit: int | None = None
-    source_field: str = "source"
-    target_field: str = "target"
-    source_prefix: str = ""
-    prompt_template: str | None = None
-    chat_template: bool = False
-    max_source_length: int = 512
     lm_prompt_tokens: int = 32
     """lm task: tokens of each line given as the prompt."""
     max_new_tokens: int = 128
@@ -142,8 +136,9 @@ def _environment() -> dict:
         except (ImportError, AttributeError):
             versions[name] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        commit = commit if len(commit) == 40 else None  # a copy without git history has none
     except (OSError, subprocess.SubprocessError):
         commit = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -190,8 +185,7 @@ class Evaluation:
             else:
                 if ex.target is None:
                     raise ValueError(f"{cfg.dataset} split {cfg.split} has no references (targets) to score against")
-                ids, cut = encode_prompt(tok, ex.source, cfg.source_prefix, cfg.prompt_template, cfg.chat_template,
-                                         cfg.max_source_length)
+                ids, cut = cfg.encode(tok, ex.source)
                 inputs.append(ids)
                 truncated += int(cut)
                 references.append(ex.target)

@@ -297,3 +297,28 @@ def test_bad_generate_arguments():
         dec.generate(torch.zeros((1, 0), dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         dec.generate(PROMPT, torch.zeros_like(PROMPT))
+
+
+# --- loading by name or folder ----------------------------------------------------------------------
+
+
+def test_from_pretrained_local_folders(toy_models):
+    dec = BiLD.from_pretrained(toy_models["large"], toy_models["small"], BiLDConfig(rollback="exact"))
+    enc = dec.tokenizer(["red dog runs under the tree"], return_tensors="pt")
+    out = dec.generate(enc.input_ids, enc.attention_mask, max_new_tokens=10)
+    ref = Greedy(dec.large).generate(enc.input_ids, max_new_tokens=10)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_from_pretrained_refuses_tokenizers_that_differ(toy_models, tmp_path):
+    import shutil
+
+    from data.tokenizer import train_tokenizer
+
+    other = tmp_path / "small_other_tokenizer"
+    shutil.copytree(toy_models["small"], other)
+    text = ["zebra quartz violin " * 3, "the quick brown fox jumps over the lazy dog"] * 20
+    tok = train_tokenizer(text, 320, tmp_path / "tok")
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizers"):
+        BiLD.from_pretrained(toy_models["large"], str(other))

@@ -1,0 +1,37 @@
+"""`./launch.sh smoke` runs every stage on miniature settings, and a second run skips them all."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DATA / "multi30k").is_dir(), reason="needs ../shared/data/multi30k beside the checkout")
+def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
+    env = {**os.environ, "RUNS": str(tmp_path), "DATA_DIR": str(DATA), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    runs = tmp_path / "smoke"
+    for path in ("tokenizer/tokenizer.json", "large/final/config.json", "small/final/config.json",
+                 "calibration.train.jsonl", "calibration.valid.jsonl", "small_aligned/final/config.json",
+                 "eval/report.md", "sweep/report.md", "sweep/frontier.png"):
+        assert (runs / path).exists(), path
+    results = json.loads((runs / "eval" / "results.json").read_text())
+    names = {r["system"] for r in results["rows"]}
+    assert {"large", "small (aligned)", "BiLD (aligned)", "assisted generation (unaligned)"} <= names
+    assert "| large |" in first.stdout  # the report is printed last
+
+    second = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("done:") >= 8
+
+
+def test_launch_rejects_unknown_profile():
+    out = subprocess.run(["bash", "launch.sh", "huge"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DATA_DIR": str(DATA)})
+    assert out.returncode == 2 and "usage" in out.stderr
