@@ -16,14 +16,13 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from data.config import load_config, to_dict
+from data.config import config_from_cli
 from data.sources import PromptConfig, load_examples
 
 
@@ -231,15 +230,11 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     return output
 
 
-def main(argv=None):
+def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description="Generate calibration outputs with the large model.")
-    parser.add_argument("--config", help="YAML file of CalibrateConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(CalibrateConfig, args.config, args.overrides)
-    calibrate(cfg)
-    return to_dict(cfg)
+    _, cfg = config_from_cli(CalibrateConfig, parser, argv)
+    return calibrate(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

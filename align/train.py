@@ -45,7 +45,7 @@ from align.losses import (
     shift_for_causal_lm,
     top1_agreement,
 )
-from data.config import load_config, save_config
+from data.config import config_from_cli, save_config
 from data.sources import PromptConfig, load_examples
 
 OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references")
@@ -555,11 +555,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Align a small model to a large one (or train on references).")
-    parser.add_argument("--config", help="YAML file of TrainConfig fields")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys reach into mappings)")
-    args = parser.parse_intermixed_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    args, cfg = config_from_cli(TrainConfig, parser, argv)
     return train(cfg, resume=args.resume)
 
 

@@ -107,3 +107,16 @@ def save_config(cfg, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_cli(cls, parser, argv=None):
+    """Adds `--config` and `key=value` overrides to `parser`, parses `argv`, and builds `cls`.
+
+    Returns (args, config). A bad config file, key or value exits with status 2 and a one-line message."""
+    parser.add_argument("--config", help=f"YAML file of {cls.__name__} fields")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys reach into mappings)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return args, load_config(cls, args.config, args.overrides)
+    except (ConfigError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")

@@ -39,7 +39,7 @@ class Greedy(RowDecoder):
         return seq[prefix_len:]
 
 
-def _greedy_generation_config(model: PreTrainedModel, max_new_tokens: int, **extra) -> GenerationConfig:
+def _greedy_generation_config(model: PreTrainedModel, max_new_tokens: int) -> GenerationConfig:
     """Plain greedy on the model's own special tokens, with no logits processors."""
     gen = GenerationConfig(
         do_sample=False,
@@ -51,7 +51,6 @@ def _greedy_generation_config(model: PreTrainedModel, max_new_tokens: int, **ext
         else model.config.pad_token_id,
         decoder_start_token_id=getattr(model.generation_config, "decoder_start_token_id", None),
         bos_token_id=model.generation_config.bos_token_id,
-        **extra,
     )
     return gen
 
@@ -64,6 +63,7 @@ class HFGenerate(RowDecoder):
         self.model = model.eval()
 
     def _generate_kwargs(self) -> dict:
+        """Extra `generate` arguments (assisted generation adds its assistant)."""
         return {}
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
@@ -71,7 +71,7 @@ class HFGenerate(RowDecoder):
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            generation_config=_greedy_generation_config(self.model, max_new_tokens, **self._generation_extra()),
+            generation_config=_greedy_generation_config(self.model, max_new_tokens),
             **self._generate_kwargs(),
         )
         seq = out[0].tolist()
@@ -83,9 +83,6 @@ class HFGenerate(RowDecoder):
                 break
         stats.large_tokens += len(new)
         return new
-
-    def _generation_extra(self) -> dict:
-        return {}
 
 
 class AssistedGeneration(HFGenerate):
@@ -100,10 +97,8 @@ class AssistedGeneration(HFGenerate):
         self.assistant_confidence_threshold = assistant_confidence_threshold
 
     def _generate_kwargs(self) -> dict:
-        return {"assistant_model": self.small}
-
-    def _generation_extra(self) -> dict:
         return {
+            "assistant_model": self.small,
             "num_assistant_tokens": self.num_assistant_tokens,
             "assistant_confidence_threshold": self.assistant_confidence_threshold,
         }

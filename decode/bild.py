@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
@@ -226,9 +226,6 @@ class BiLD(RowDecoder):
         large.rewind(len(seq) - 1)
         small.rewind(len(seq) - 1)
         return len(seq)
-
-    def describe(self) -> dict:
-        return {"large": self.large.name_or_path, "small": self.small.name_or_path, **asdict(self.config)}
 
 
 def load_model(name_or_path: str, dtype=None, device=None, **kwargs) -> PreTrainedModel:

@@ -200,3 +200,14 @@ def test_config_file_overrides_and_unknown_keys(tmp_path):
         load_config(TrainConfig, path, ["learning_rate=1"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(TrainConfig, tmp_path / "missing.yaml")
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
+    from align.train import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ncalibration: c.jsonl\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "learning_rate=1"])
+    assert exit_info.value.code == 2
+    assert "unknown config key" in capsys.readouterr().err
