@@ -187,6 +187,23 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
     return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"])) for r in records]
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """One permutation per (seed, epoch), the same whatever the number of processes: a run on two GPUs sees
+    the global batches that one GPU with two accumulation steps sees, and a resumed run the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class Collator:
     """Pads a batch. Seq2seq: input_ids / labels. Decoder-only: prompt + target in one row, prompt labels -100."""
 
@@ -388,7 +405,7 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, metrics: dict, b
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_scheduler
 
@@ -398,7 +415,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     from decode.cache import prefer_fast_attention
 
@@ -409,6 +425,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "train_config.yaml")
 
+    accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+                      f"mixed precision {accelerator.mixed_precision}")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -436,9 +454,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if not train_pairs:
         raise ValueError("no training pairs")
     collate = Collator(tokenizer.pad_token_id, is_seq2seq, cfg.pad_to_multiple_of)
+    sampler = EpochShuffle(len(train_pairs), cfg.seed)
     # Its own generator: starting an iterator then leaves the global RNG (dropout) alone, so a resumed run
     # draws the same dropout masks as an uninterrupted one.
-    train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+    train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     eval_dl = DataLoader(eval_pairs, batch_size=cfg.batch_size * 2, shuffle=False, collate_fn=collate) if eval_pairs else None
 
@@ -491,7 +510,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     t0 = time.perf_counter()
     try:
         while state["step"] < total_updates:
-            train_dl.set_epoch(state["epoch"])
+            sampler.set_epoch(state["epoch"])
             skip = state["windows_in_epoch"] * accum
             batches = iter(accelerator.skip_first_batches(train_dl, skip) if skip else train_dl)
             while state["step"] < total_updates:
