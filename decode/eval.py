@@ -250,14 +250,15 @@ class Evaluation:
         hyps = [self.tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True).strip() for o in outputs]
         return score(self.cfg.task, hyps, [self.references[i] for i in indices])
 
-    def finish_row(self, row: dict, indices: list[int], ref_name: str = "large") -> dict:
+    def finish_row(self, row: dict, indices: list[int]) -> dict:
+        """Quality, and agreement and speed against the large model on the same examples.
+        The large model always decodes every example, in order, so example i is its row i."""
         outputs = self.outputs[row["system"]]
         row.update(self.quality(outputs, indices))
-        ref_outputs = self.outputs[ref_name]
-        pos = {i: k for k, i in enumerate(self.subset_indices[ref_name])}
-        row["identical_to_large"] = sum(o == ref_outputs[pos[i]] for o, i in zip(outputs, indices)) / len(indices)
-        ref_time = sum(self.latencies[ref_name][pos[i]] for i in indices)
-        row["speedup_vs_large"] = ref_time / row["total_seconds"] if row["total_seconds"] else float("nan")
+        large_outputs, large_latencies = self.outputs["large"], self.latencies["large"]
+        row["identical_to_large"] = sum(o == large_outputs[i] for o, i in zip(outputs, indices)) / len(indices)
+        large_time = sum(large_latencies[i] for i in indices)
+        row["speedup_vs_large"] = large_time / row["total_seconds"] if row["total_seconds"] else float("nan")
         return row
 
 
@@ -280,7 +281,6 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
     ev = Evaluation(cfg, aligned)
     n = len(ev.examples)
     all_idx = list(range(n))
-    ev.subset_indices = {}
     plan = _names(cfg.systems, aligned is not None)
     sweep_idx = all_idx[: cfg.sweep_limit] if cfg.sweep_limit else all_idx
     variants = ["small"] + (["aligned"] if aligned else [])
@@ -302,7 +302,6 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
             progress.update(n - (progress.n - start))
             continue
-        ev.subset_indices[name] = all_idx
         if system in ("bild", "bild_exact"):
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if system == "bild" else None
@@ -326,7 +325,6 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
                 for rb in cfg.sweep_rollback:
                     name = f"sweep {variant} fb={fb:g} rb={rb:g}"
                     row = ev.run(name, ev.decoder("bild", variant, fb, rb), sweep_idx, progress)
-                    ev.subset_indices[name] = sweep_idx
                     row.update(model=variant, fallback_threshold=fb, rollback_threshold=rb)
                     sweep_rows.append(ev.finish_row(row, sweep_idx))
             mine = [r for r in sweep_rows if r["model"] == variant]
