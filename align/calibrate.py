@@ -65,14 +65,6 @@ class CalibrateConfig(PromptConfig):
         return d
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
-
-
 def model_fingerprint(model_name: str, revision: str | None, model) -> str:
     """A content hash of local weights, or the Hub commit the weights came from."""
     path = Path(model_name)
@@ -122,7 +114,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from decode.bild import load_model
+    from decode.bild import load_model, resolve_dtype
 
     from decode.cache import prefer_fast_attention
 

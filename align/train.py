@@ -235,10 +235,10 @@ class Collator:
 
 def _neutral_generation_config(model, tokenizer) -> None:
     """Plain greedy defaults with the tokenizer's special tokens (BART configs force EOS by default)."""
+    from decode.bild import make_plain_greedy
+
     gen = model.generation_config
-    gen.forced_eos_token_id = gen.forced_bos_token_id = None
-    gen.no_repeat_ngram_size, gen.num_beams, gen.min_length = 0, 1, 0
-    gen.early_stopping = False
+    make_plain_greedy(gen)
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
     if model.config.is_encoder_decoder:

@@ -97,6 +97,13 @@ def check_pair(large: PreTrainedModel, small: PreTrainedModel) -> None:
         raise ValueError("the large and small models must be on the same device")
 
 
+def make_plain_greedy(generation_config) -> None:
+    """Sets every generation_config setting that would change greedy decoding to its neutral value."""
+    for key, neutral in _PROCESSOR_SETTINGS.items():
+        setattr(generation_config, key, neutral)
+    generation_config.num_beams, generation_config.do_sample, generation_config.early_stopping = 1, False, False
+
+
 def warn_on_processors(model: PreTrainedModel) -> None:
     gen = model.generation_config
     active = [k for k, neutral in _PROCESSOR_SETTINGS.items() if getattr(gen, k, neutral) not in (neutral, None, [])]
@@ -226,6 +233,13 @@ class BiLD(RowDecoder):
         large.rewind(len(seq) - 1)
         small.rewind(len(seq) - 1)
         return len(seq)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
 
 
 def load_model(name_or_path: str, dtype=None, device=None, **kwargs) -> PreTrainedModel:

@@ -149,17 +149,15 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig, aligned: str | None):
         from transformers import AutoTokenizer
 
-        from decode.bild import load_model
+        from decode.bild import load_model, resolve_dtype
 
         self.cfg = cfg
         self.higher_is_better = TASKS[cfg.task][1]
         self.metric = TASKS[cfg.task][0]
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if cfg.device == "auto" else cfg.device))
-        dtype = cfg.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-        self.device, self.dtype = device, dtype
+        dtype = resolve_dtype(cfg.dtype, device)
+        self.device, self.dtype = device, str(dtype).removeprefix("torch.")
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.large)
         self.examples, self.inputs, self.truncated, self.references = self._load_inputs()
         self.models = {"large": load_model(cfg.large, dtype=dtype, device=device),

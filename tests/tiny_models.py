@@ -24,6 +24,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from decode.bild import make_plain_greedy
+
 VOCAB = 96
 PAD, EOS, BOS = 0, 1, 2
 ENCODER_DECODER = ("t5", "bart", "marian")
@@ -60,9 +62,7 @@ _MODEL = {"t5": T5ForConditionalGeneration, "bart": BartForConditionalGeneration
 
 def _plain_greedy(model):
     gen = model.generation_config
-    gen.forced_eos_token_id = gen.forced_bos_token_id = None
-    gen.no_repeat_ngram_size, gen.num_beams, gen.min_length = 0, 1, 0
-    gen.bad_words_ids = None
+    make_plain_greedy(gen)
     gen.eos_token_id, gen.pad_token_id = EOS, PAD
     return model.eval()
 
