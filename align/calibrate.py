@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from data.config import config_from_cli
 from data.sources import PromptConfig, load_examples
+from decode.bild import greedy_generation_config
 
 
 @dataclass
@@ -150,6 +151,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     if accelerator.is_main_process:
         if provenance_path.is_file():
             old = json.loads(provenance_path.read_text())
+            old.pop("unfinished_outputs", None)  # written when a run completes
             if old != provenance:
                 changed = sorted(k for k in provenance if old.get(k) != provenance[k])
                 raise SystemExit(
@@ -172,12 +174,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
 
     part_path = output.with_name(f"{output.name}.part{accelerator.process_index}")
     _rewrite(part_path, read_records(part_path))  # drop a torn last line before appending
-    gen_config = GenerationConfig(
-        **cfg.decoding(),
-        eos_token_id=model.generation_config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        decoder_start_token_id=getattr(model.generation_config, "decoder_start_token_id", None),
-    )
+    # the model's own special tokens, with every setting that would change greedy decoding cleared
+    gen_config = greedy_generation_config(model, **cfg.decoding(), pad_token_id=tokenizer.pad_token_id)
     eos_ids = set(gen_config.eos_token_id if isinstance(gen_config.eos_token_id, list) else [gen_config.eos_token_id])
     progress = tqdm(total=sum(len(b) for b in mine), desc="calibration", disable=not accelerator.is_local_main_process,
                     initial=0, unit="ex")
@@ -192,13 +190,16 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                 )
             new = out[:, 1:] if is_seq2seq else out[:, features["input_ids"].shape[1] :]
             for row, i in zip(new.tolist(), batch):
-                ids = []
+                ids, finished = [], False
                 for tok in row:
                     if tok in eos_ids:
+                        finished = True
                         break
                     ids.append(tok)
+                # finished=False: cut at max_new_tokens. Training drops such outputs rather than teach the
+                # small model to stop where the large one did not.
                 record = {"index": i, "source": by_index[i].source, "output": tokenizer.decode(ids, skip_special_tokens=True),
-                          "output_ids": ids, "reference": by_index[i].target}
+                          "output_ids": ids, "finished": finished, "reference": by_index[i].target}
                 part.write(json.dumps(record, ensure_ascii=False) + "\n")
             part.flush()
             os.fsync(part.fileno())
@@ -217,7 +218,10 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         _rewrite(output, records)
         for p in parts:
             p.unlink()
-        accelerator.print(f"wrote {len(records)} calibration outputs to {output}")
+        unfinished = sum(not r.get("finished", True) for r in records.values())
+        provenance_path.write_text(json.dumps({**provenance, "unfinished_outputs": unfinished}, indent=2))
+        accelerator.print(f"wrote {len(records)} calibration outputs to {output} "
+                          f"({unfinished} cut at max_new_tokens={cfg.max_new_tokens} without EOS)")
     accelerator.wait_for_everyone()
     return output
 

@@ -153,10 +153,14 @@ class TrainConfig(PromptConfig):
 # Data
 
 
-def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None) -> list[int]:
-    """Target ids end with EOS: the model must learn where to stop."""
+def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None,
+                   finished: bool = True) -> list[int]:
+    """Target ids end with EOS, so the model learns where to stop; an output the large model never finished
+    (cut at max_new_tokens) gets no EOS, so the small model is not taught to stop where the large one did not."""
     if ids is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not finished:
+        return list(ids[: cfg.max_target_length])
     return list(ids[: cfg.max_target_length - 1]) + [tokenizer.eos_token_id]
 
 
@@ -184,7 +188,11 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
         if not cfg.eval_calibration:
             held_out = [r for r in records if r["index"] % 50 == 0]
             records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
-    return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"])) for r in records]
+    unfinished = sum(not r.get("finished", True) for r in records)
+    if unfinished:
+        print(f"{which}: {unfinished} of {len(records)} calibration outputs were cut at max_new_tokens; they get no EOS target")
+    return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"], finished=r.get("finished", True)))
+            for r in records]
 
 
 class EpochShuffle(torch.utils.data.Sampler):

@@ -11,52 +11,40 @@
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from decode.bild import check_pair
-from decode.cache import ModelRunner
+from decode.bild import check_pair, greedy_generation_config
+from decode.fast import make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 
 class Greedy(RowDecoder):
     """A single model decoding greedily with the same runner BiLD uses."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None):
         super().__init__(model)
         self.model = model.eval()
-        self._runner = ModelRunner(self.model)
+        self._runner = make_runner(self.model, fast_path)  # the same path BiLD takes, so speedups compare like with like
+        self._runner.plan([("step", 1)])
+        self.path = self._runner.path
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         runner = self._runner
-        runner.start(torch.tensor([prompt]))
+        runner.start(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         while not self._finished(seq, prefix_len, max_new_tokens):
-            logits = runner.forward(seq[runner.length :], logits_to_keep=1)[-1]
-            seq.append(logits.argmax().item())  # note: sync point
+            _, token = runner.step(seq[runner.length :])  # note: sync point
+            seq.append(token)
             stats.large_calls += 1
             stats.large_tokens += 1
         return seq[prefix_len:]
 
 
-def _greedy_generation_config(model: PreTrainedModel, max_new_tokens: int) -> GenerationConfig:
-    """Plain greedy on the model's own special tokens, with no logits processors."""
-    gen = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=model.generation_config.eos_token_id,
-        pad_token_id=model.generation_config.pad_token_id
-        if model.generation_config.pad_token_id is not None
-        else model.config.pad_token_id,
-        decoder_start_token_id=getattr(model.generation_config, "decoder_start_token_id", None),
-        bos_token_id=model.generation_config.bos_token_id,
-    )
-    return gen
-
-
 class HFGenerate(RowDecoder):
     """`model.generate` greedy, one row at a time."""
+
+    path = "transformers generate"
 
     def __init__(self, model: PreTrainedModel):
         super().__init__(model)
@@ -71,7 +59,7 @@ class HFGenerate(RowDecoder):
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            generation_config=_greedy_generation_config(self.model, max_new_tokens),
+            generation_config=greedy_generation_config(self.model, max_new_tokens=max_new_tokens),
             **self._generate_kwargs(),
         )
         seq = out[0].tolist()

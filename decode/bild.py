@@ -24,6 +24,7 @@ over-threshold token equalled the large model's argmax, is not reproduced.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from decode.cache import ModelRunner, decoder_start_token_id, is_encoder_decoder, vocab_size
+from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
+from decode.fast import make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 ROLLBACK_MODES = ("ce", "exact")
@@ -62,6 +64,9 @@ class BiLDConfig:
     """"ce" (the paper's lossy rollback) or "exact" (cut at the first disagreement: lossless)."""
     max_small_steps: int | None = 10
     """Fall back after this many consecutive small-model tokens (the official code's N = 10); None: no cap."""
+    fast_path: bool | None = None
+    """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
+    eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
 
     def __post_init__(self):
         if self.fallback_threshold is None or not 0.0 <= float(self.fallback_threshold) <= 1.0:
@@ -72,6 +77,8 @@ class BiLDConfig:
             raise ValueError(f"rollback_threshold must be >= 0 (nats), got {self.rollback_threshold}")
         if self.max_small_steps is not None and int(self.max_small_steps) < 1:
             raise ValueError(f"max_small_steps must be at least 1 or None, got {self.max_small_steps}")
+        if self.fast_path not in (None, True, False):
+            raise ValueError(f"fast_path must be None (auto), True or False, got {self.fast_path!r}")
         self.fallback_threshold = float(self.fallback_threshold)
         self.rollback_threshold = float(self.rollback_threshold)
 
@@ -104,6 +111,20 @@ def make_plain_greedy(generation_config) -> None:
     generation_config.num_beams, generation_config.do_sample, generation_config.early_stopping = 1, False, False
 
 
+def greedy_generation_config(model: PreTrainedModel, **settings):
+    """A copy of the model's own generation config made plain greedy, then `settings` on top.
+
+    transformers fills every field a partial GenerationConfig leaves unset from `model.generation_config`,
+    so a checkpoint's `no_repeat_ngram_size` or `repetition_penalty` would leak into "greedy" decoding;
+    starting from the model's own copy and clearing them is the one way that cannot miss a field.
+    """
+    gen = copy.deepcopy(model.generation_config)
+    make_plain_greedy(gen)
+    for key, value in settings.items():
+        setattr(gen, key, value)
+    return gen
+
+
 def warn_on_processors(model: PreTrainedModel) -> None:
     gen = model.generation_config
     active = [k for k, neutral in _PROCESSOR_SETTINGS.items() if getattr(gen, k, neutral) not in (neutral, None, [])]
@@ -128,8 +149,15 @@ class BiLD(RowDecoder):
         warn_on_processors(large)
         self.large, self.small = large.eval(), small.eval()
         self.config = config if config is not None else BiLDConfig()
-        self._large = ModelRunner(self.large)
-        self._small = ModelRunner(self.small)
+        self._large = make_runner(self.large, self.config.fast_path)
+        self._small = make_runner(self.small, self.config.fast_path)
+        # the pass shapes the loop uses: small steps of 1 token (2 after a step-cap fallback), and large
+        # checks of k pending tokens + 1
+        cap = self.config.max_small_steps
+        self._small.plan([("step", 1), ("step", 2)])
+        self._large.plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
+        self.path = self._large.path if self._large.path == self._small.path else \
+            f"large {self._large.path}, small {self._small.path}"
 
     @classmethod
     def from_pretrained(
@@ -161,8 +189,8 @@ class BiLD(RowDecoder):
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         cfg = self.config
         large, small = self._large, self._small
-        large.start(torch.tensor([prompt]))
-        small.start(torch.tensor([prompt]))
+        large.start(prompt, max_new_tokens)
+        small.start(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         pending_start = prefix_len  # first position the large model has not checked yet
@@ -179,15 +207,13 @@ class BiLD(RowDecoder):
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
 
-            logits = small.forward(seq[small.length :], logits_to_keep=1)[-1]  # [V]
+            confidence, token = small.step(seq[small.length :])  # the loop's control flow lives on the host
             stats.small_steps += 1
-            confidence, token = torch.softmax(logits, dim=-1).max(dim=-1)
-            # note: a CPU-GPU sync point; the loop's control flow lives on the host
-            if confidence.item() <= cfg.fallback_threshold:
+            if confidence <= cfg.fallback_threshold:
                 stats.fallbacks += 1
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
-            seq.append(token.item())
+            seq.append(token)
         return seq[prefix_len:]
 
     def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
@@ -197,24 +223,8 @@ class BiLD(RowDecoder):
         """
         large, small = self._large, self._small
         n_pending = len(seq) - pending_start
-        # Row r of `logits` predicts position pending_start + r; the large model has seen everything
-        # before pending_start - 1, so the prompt prefill is the only pass with rows nobody reads.
-        logits = large.forward(seq[large.length :], logits_to_keep=n_pending + 1)[-(n_pending + 1) :]  # [k+1, V]
+        cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
         stats.large_calls += 1
-        argmax = logits.argmax(dim=-1)  # [k+1]
-        if n_pending:
-            pending = torch.tensor(seq[pending_start:], device=logits.device)  # [k]
-            if self.config.rollback == "exact":
-                cut_mask = argmax[:-1] != pending
-            else:
-                nll = -torch.log_softmax(logits[:-1], dim=-1).gather(-1, pending[:, None]).squeeze(-1)  # [k]
-                cut_mask = nll > self.config.rollback_threshold
-            # first cut position, or k when nothing is cut
-            cut = torch.where(cut_mask.any(), cut_mask.int().argmax(), torch.tensor(n_pending, device=logits.device))
-            values = torch.cat([cut.view(1), argmax]).tolist()  # note: sync point
-            cut, argmax = values[0], values[1:]
-        else:
-            cut, argmax = 0, argmax.tolist()
 
         if cut < n_pending:
             stats.rollbacks += 1

@@ -64,8 +64,37 @@ def decoder_start_token_id(model: PreTrainedModel) -> int:
     raise ValueError(f"{type(model).__name__} is an encoder-decoder model but names no decoder_start_token_id")
 
 
+def step_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a small step decides from: logits [V] float32 -> (top probability, argmax), on the device."""
+    return torch.softmax(logits, dim=-1).max(dim=-1)
+
+
+def first_cut(logits: torch.Tensor, argmax: torch.Tensor, pending: torch.Tensor, rollback: str, threshold) -> torch.Tensor:
+    """The rollback rule, on the device. logits: [k, V] float32, row i the large model's distribution for
+    pending token i; argmax: [k]; pending: [k]. Returns the first position to cut (0-d long), k when none.
+
+    rollback "exact": the first disagreement with the large model's argmax (lossless);
+    "ce": the first token with -log p_L(token) > threshold (the paper's rule; every position checked).
+    """
+    k = pending.shape[0]
+    if k == 0:
+        return torch.zeros((), dtype=torch.long, device=logits.device)
+    if rollback == "exact":
+        cut_mask = argmax != pending
+    else:
+        nll = -torch.log_softmax(logits, dim=-1).gather(-1, pending[:, None]).squeeze(-1)  # [k]
+        cut_mask = nll > threshold
+    positions = torch.arange(k, device=logits.device)
+    return torch.where(cut_mask, positions, k).min()
+
+
 class ModelRunner:
-    """Feeds one sequence (batch size 1) through a model, keeping its KV cache across calls."""
+    """Feeds one sequence (batch size 1) through a model's own forward, keeping its KV cache across calls.
+
+    The eager path: any architecture, any device. decode.fast.FastRunner has the same verbs.
+    """
+
+    path = "eager (transformers forward, DynamicCache)"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -77,20 +106,27 @@ class ModelRunner:
         self.cache = None
         self.length = 0
 
+    def plan(self, keys) -> None:
+        """Nothing to prepare on the eager path (decode.fast.FastRunner captures graphs here)."""
+
     @torch.inference_mode()
-    def start(self, input_ids: torch.Tensor | None = None) -> None:
-        """Begins a new sequence. input_ids: [1, S], the encoder input for an encoder-decoder model."""
+    def start(self, prompt: list[int], max_new_tokens: int | None = None) -> None:
+        """Begins a new sequence. prompt: the encoder input for an encoder-decoder model, else unused here."""
         self.length = 0
         if self.is_encoder_decoder:
-            input_ids = input_ids.to(self.device)
-            self.encoder_mask = torch.ones_like(input_ids)
-            hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=self.encoder_mask)
+            input_ids = torch.tensor([prompt], device=self.device)
+            # No attention mask: the row has no padding, and an all-ones mask makes the attention code
+            # check it with a device sync on every decoder step.
+            hidden = self.model.get_encoder()(input_ids=input_ids)
             self.encoder_outputs = BaseModelOutput(last_hidden_state=hidden.last_hidden_state)
             # No config passed: layers are created lazily, so the cache always has the decoder's layer
             # count, also for T5 configs whose decoder depth differs from the encoder's.
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
-            self.cache = DynamicCache(config=self.model.config)
+            # No config passed: full-length layers also for sliding-window models (Mistral, some Qwen2).
+            # A sliding layer drops keys past the window and cannot be rewound there; a full layer keeps
+            # them, and the model's mask (built from its config) still hides what lies outside the window.
+            self.cache = DynamicCache()
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], logits_to_keep: int | None = None) -> torch.Tensor:
@@ -105,7 +141,6 @@ class ModelRunner:
         if self.is_encoder_decoder:
             out = self.model(
                 encoder_outputs=self.encoder_outputs,
-                attention_mask=self.encoder_mask,
                 decoder_input_ids=ids,
                 past_key_values=self.cache,
                 use_cache=True,
@@ -119,6 +154,24 @@ class ModelRunner:
         if logits_to_keep is not None:
             logits = logits[-logits_to_keep:]
         return logits.float()
+
+    def step(self, tokens: list[int]) -> tuple[float, int]:
+        """Feeds `tokens`; returns the top probability and the argmax for the next position."""
+        confidence, token = step_verdict(self.forward(tokens, logits_to_keep=1)[-1])
+        confidence, token = torch.stack([confidence, token.float()]).tolist()  # note: a CPU-GPU sync point
+        return confidence, int(token)
+
+    def check(self, tokens: list[int], n_pending: int, rollback: str, threshold: float) -> tuple[int, list[int]]:
+        """Feeds `tokens`, whose last n_pending are pending small-model tokens. Returns the first cut position
+        (n_pending when nothing is cut) and the large model's argmax at each of the n_pending + 1 positions."""
+        # Row r predicts pending token r (the last row: the position after them). The large model has seen
+        # everything before the first row, so only the prompt prefill has rows nobody reads.
+        logits = self.forward(tokens, logits_to_keep=n_pending + 1)  # [k+1, V]
+        argmax = logits.argmax(dim=-1)
+        pending = torch.tensor(tokens[len(tokens) - n_pending :], dtype=torch.long, device=logits.device)
+        cut = first_cut(logits[:-1], argmax[:-1], pending, rollback, threshold)
+        values = torch.cat([cut.view(1), argmax]).tolist()  # note: a CPU-GPU sync point
+        return values[0], values[1:]
 
     def rewind(self, length: int) -> None:
         """Forgets every position from `length` on; the next forward writes there."""

@@ -67,6 +67,8 @@ class EvalConfig(PromptConfig):
     sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
     sweep_limit: int | None = None
     """Examples for each sweep point (default: all)."""
+    fast_path: bool | None = None
+    """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 3
@@ -200,11 +202,11 @@ class Evaluation:
         large, small = self.models["large"], self.models[small_key]
         cfg = self.cfg
         if system == "large":
-            return Greedy(large)
+            return Greedy(large, cfg.fast_path)
         if system == "hf_generate":
             return HFGenerate(large)
         if system == "small":
-            return Greedy(small)
+            return Greedy(small, cfg.fast_path)
         if system == "assisted":
             return AssistedGeneration(large, small)
         if system in ("bild", "bild_exact"):
@@ -212,7 +214,7 @@ class Evaluation:
                 fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                 rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
                 rollback="exact" if system == "bild_exact" else "ce",
-                max_small_steps=cfg.max_small_steps))
+                max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path))
         raise ValueError(system)
 
     def run(self, name: str, decoder, indices: list[int], progress) -> dict:
@@ -288,18 +290,20 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
     rows = []
     for name, system, small_key in plan:
         fb = rb = None
-        if small_key == "aligned" and system == "bild":
+        if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
             fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
         start = progress.n
         try:
             decoder = ev.decoder(system, small_key, fb, rb)
             row = ev.run(name, decoder, all_idx, progress)
-        except Exception as exc:  # a baseline that crashes is reported as such, never dropped
+        except Exception as exc:  # a baseline that crashes is reported as such, never dropped; main() exits 1
             if system == "large":
                 raise
             rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"error: system {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             progress.update(n - (progress.n - start))
             continue
+        row["path"] = decoder.path
         if system in ("bild", "bild_exact"):
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if system == "bild" else None
@@ -362,7 +366,7 @@ def table(results: dict) -> str:
     extra = "chrf" if results["config"]["task"] == "translation" else ("rouge2" if results["config"]["task"] == "summarization" else None)
     head = ["system", m] + ([extra] if extra else []) + ["identical to large", "median ms/example", "tokens/s",
                                                           "speedup vs large", "speedup vs assisted", "fallback rate",
-                                                          "rollback rate", "tokens/large call"]
+                                                          "rollback rate", "tokens/large call", "path"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["rows"]:
         if "error" in r:
@@ -371,7 +375,8 @@ def table(results: dict) -> str:
         cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + [
             _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
             _f(r.get("speedup_vs_large")) + "x", (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
-            _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call"))]
+            _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call")),
+            r.get("path", "-")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -499,6 +504,10 @@ def main(argv=None) -> int:
         print()
         print(sweep_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}" + (f", {out / 'frontier.png'}" if results["sweep"] else ""))
+    failed = [r["system"] for r in results["rows"] if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} system(s) failed: {', '.join(failed)} (their rows say why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,11 +1,17 @@
-"""Per-step cost of the demo pair's model shapes on this device: the numbers BiLD's speedup is made of.
+"""Per-step cost of decoding, per model shape, against the bytes floor: the numbers BiLD's speedup is made of.
 
-    python scripts/bench_step.py [--dtype bfloat16] [--steps 64]
+    python scripts/bench_step.py [--shapes demo_large demo_small t5_small t5_large qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b]
+                                 [--dtype bfloat16] [--steps 64] [--repeats 5]
 
-Builds the large and small models of configs/multi30k_{large,small}.yaml (random weights, vocabulary 8000),
-then times, with the device synchronised and warm-up discarded: one decoding step through BiLD's runner
-(what the small model pays per token), a large-model pass over k tokens (what one BiLD check costs), and
-transformers `generate` per token. Prints a table.
+Each shape is built from a config with random weights (no download), in bf16 at batch 1, then timed with the
+device synchronised, warm-up discarded, the median of --repeats runs (the spread is min-max over them):
+- eager step: one token through decode.cache.ModelRunner (transformers forward, DynamicCache), host read each step;
+- fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
+- fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
+- generate/token: transformers `generate` greedy, per new token;
+- floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
+  input embedding table) over the copy bandwidth measured on this device.
+Prints one table last (markdown).
 """
 
 import argparse
@@ -18,21 +24,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from transformers import AutoConfig, AutoModelForSeq2SeqLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: E402
 
 from decode.cache import ModelRunner  # noqa: E402
+from decode.fast import FastRunner  # noqa: E402
 from decode.generation import device_sync  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+QWEN = dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu")
+SHAPES = {  # name: (config fields, vocabulary)
+    "demo_large": ("configs/multi30k_large.yaml", 8000),
+    "demo_small": ("configs/multi30k_small.yaml", 8000),
+    "t5_small": (dict(model_type="t5", d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6), 32128),
+    "t5_large": (dict(model_type="t5", d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24), 32128),
+    "qwen2.5_0.5b": (dict(QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                          num_key_value_heads=2, tie_word_embeddings=True), 151936),
+    "qwen2.5_1.5b": (dict(QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                          num_key_value_heads=2, tie_word_embeddings=True), 151936),
+    "qwen2.5_7b": (dict(QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False), 152064),
+}
 
-def build(config_path, vocab, device, dtype):
-    spec = dict(yaml.safe_load(Path(config_path).read_text())["model_config"])
+
+def build(name, device, dtype):
+    spec, vocab = SHAPES[name]
+    if isinstance(spec, str):
+        spec = dict(yaml.safe_load((ROOT / spec).read_text())["model_config"])
+    spec = dict(spec)
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                               decoder_start_token_id=1, forced_eos_token_id=None, **spec)
-    return AutoModelForSeq2SeqLM.from_config(cfg).to(device=device, dtype=dtype).eval()
+    special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if model_type in ("bart", "t5"):
+        special.update(decoder_start_token_id=0 if model_type == "t5" else 1)
+    if model_type == "bart":
+        special["forced_eos_token_id"] = None
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, **special, **spec)
+    auto = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the device: seconds, not minutes, for 7B
+        model = auto.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def step_bytes(model) -> int:
+    """Bytes of the weights one decoder step reads: every decoder parameter but the input embedding table,
+    plus the LM head (which is that table when the two are tied)."""
+    decoder = model.get_decoder() if model.config.is_encoder_decoder else model.model
+    embed = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else decoder.embed_tokens
+    skip = {id(embed.weight)}
+    total = sum(p.numel() * p.element_size() for p in decoder.parameters() if id(p) not in skip)
+    head = model.get_output_embeddings().weight
+    return total + head.numel() * head.element_size()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(2**29, device=device)  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * 2**31 / statistics.median(times[2:])
 
 
 def timed(fn, repeats, device):
+    fn()  # warm-up
     times = []
     for _ in range(repeats):
         device_sync(device)
@@ -40,54 +101,90 @@ def timed(fn, repeats, device):
         fn()
         device_sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), min(times), max(times)
+
+
+def measure(name, args, device, dtype, bandwidth):
+    model = build(name, device, dtype)
+    enc_dec = model.config.is_encoder_decoder
+    prompt = torch.randint(3, 1000, (20,)).tolist()
+    steps, k = args.steps, 10
+    row = {"shape": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "floor_ms": 1000 * step_bytes(model) / bandwidth}
+
+    def decode(runner):
+        def run():
+            runner.start(prompt, steps + k + 2)
+            token = 5
+            for _ in range(steps):
+                _, token = runner.step([token])  # host read per step, as in the decoding loop
+        return run
+
+    eager, fast = ModelRunner(model), FastRunner(model)
+    runners = [("eager", eager), ("fast", fast)]
+    if args.compile:
+        compiled = FastRunner(model, compile=True)
+        runners.append(("compiled", compiled))
+        t = time.perf_counter()
+        compiled.plan([("step", 1), ("check", k + 1, "exact")])
+        compiled.start(prompt, steps + k + 2)
+        row["compile_s"] = time.perf_counter() - t
+    fast.plan([("step", 1), ("check", k + 1, "exact")])
+    for label, runner in runners:
+        med, lo, hi = timed(decode(runner), args.repeats, device)
+        row[f"{label}_ms"], row[f"{label}_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+
+    def check():
+        for _ in range(steps):
+            fast.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
+            fast.rewind(fast.length - k - 1)
+
+    if args.compile:
+        fast = compiled
+    fast.start(prompt, steps + k + 2)
+    fast.step([5])
+    med, lo, hi = timed(check, args.repeats, device)
+    row["check_ms"], row["check_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+
+    ids = torch.tensor([prompt], device=device)
+    gen_kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=1, pad_token_id=0)
+    med, lo, hi = timed(lambda: model.generate(ids, **gen_kwargs), max(3, args.repeats // 2), device)
+    row["generate_ms"], row["generate_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+    del model, eager, fast
+    torch.cuda.empty_cache()
+    return row
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (its check then)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
-    src = torch.randint(3, args.vocab, (1, 20))
+    if not torch.cuda.is_available():
+        sys.exit("bench_step.py measures CUDA graphs: it needs a CUDA device")
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth(device)
     rows = []
-    for name, path in (("large", "configs/multi30k_large.yaml"), ("small", "configs/multi30k_small.yaml")):
-        torch.manual_seed(0)
-        model = build(path, args.vocab, device, dtype)
-        runner = ModelRunner(model)
-
-        def steps():
-            runner.start(src)
-            tok = 5
-            for _ in range(args.steps):
-                tok = runner.forward([tok])[-1].argmax().item()  # host sync per step, as in the decoding loop
-
-        def check(k):
-            def run():  # one pass over k new positions after a 4-token prefix, then rewound
-                runner.forward(list(range(5, 5 + k)))
-                runner.rewind(4)
-            return run
-
-        def generate():
-            model.generate(src.to(device), max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False,
-                           num_beams=1, eos_token_id=1, pad_token_id=0)
-
-        steps()
-        step_ms = 1000 * timed(steps, 5, device) / args.steps
-        runner.start(src)
-        runner.forward([1, 5, 6, 7])
-        check_ms = {k: 1000 * timed(check(k), 10, device) for k in (1, 4, 8, 11)}
-        generate()
-        gen_ms = 1000 * timed(generate, 3, device) / args.steps
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        rows.append((name, params, step_ms, check_ms, gen_ms))
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\ndevice: {dev}; dtype {dtype}; encoder input 20 tokens; median of repeats after warm-up")
-    print(f"{'model':6} {'params M':>9} {'runner ms/step':>15} {'check k=1':>10} {'k=4':>7} {'k=8':>7} {'k=11':>7} {'generate ms/token':>18}")
-    for name, params, step_ms, check_ms, gen_ms in rows:
-        print(f"{name:6} {params:9.1f} {step_ms:15.3f} {check_ms[1]:10.3f} {check_ms[4]:7.3f} {check_ms[8]:7.3f} {check_ms[11]:7.3f} {gen_ms:18.3f}")
+    for name in args.shapes:
+        rows.append(measure(name, args, device, dtype, bandwidth))
+        r = rows[-1]
+        print(f"{name}: eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} check {r['check_ms']:.3f} "
+              + (f"compiled {r['compiled_ms']:.3f} (compile {r['compile_s']:.0f} s) " if args.compile else "") +
+              f"generate {r['generate_ms']:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
+    spread = lambda r, key: f"{r[key + '_ms']:.3f} ({r[key + '_spread'][0]:.3f}-{r[key + '_spread'][1]:.3f})"  # noqa: E731
+    print(f"\ndevice: {torch.cuda.get_device_name()}; {args.dtype}; batch 1; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
+    best = "compiled" if args.compile else "fast"
+    print("| shape | params (M) | floor | eager step | fast step | " + ("compiled step | " if args.compile else "")
+          + f"{best} / floor | {best} check k=10 | generate / token |")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    for r in rows:
+        print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
+              + (f"{spread(r, 'compiled')} | " if args.compile else "")
+              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'generate')} |")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # The full profile on one GPU, driven through the device tool in one or more calls:
-#   bash scripts/gpu_full.sh start   # starts ./launch.sh full detached, waits up to WAIT seconds (default 560)
+#   bash scripts/gpu_full.sh start   # copies the repo to /tmp/bild, starts ./launch.sh full there detached,
+#                                    # waits up to WAIT seconds (default 560)
 #   bash scripts/gpu_full.sh wait    # a later call on the still-warm machine: waits again
-# Data comes from .gpu/data (a copy of ../shared/data/{multi30k,iwslt17_deen}); results are packed into $OUT
-# when the pipeline ends, and the report tables are printed last.
+# The job runs from a copy under /tmp: the device tool deletes ignored paths (runs/) of the working copy that
+# a later call does not carry, which would kill it. Data comes from .gpu/data (a copy of
+# ../shared/data/{multi30k,iwslt17_deen}); results are packed into $OUT as each call ends, and the report
+# tables are printed last.
 set -uo pipefail
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-R=runs/full; LOG=$R/pipeline.log; mkdir -p $R
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+W=/tmp/bild; R=runs/full; LOG=$W/$R/pipeline.log
 if [[ ${1:-wait} == start ]]; then
-  setsid nohup env PARALLEL_TRAIN=1 DATA_DIR=.gpu/data ./launch.sh full > $LOG 2>&1 < /dev/null &
+  mkdir -p $W && cp -r . $W/ && mkdir -p $W/$R
+  (cd $W && setsid nohup env PARALLEL_TRAIN=1 DATA_DIR=.gpu/data ./launch.sh full > $LOG 2>&1 < /dev/null &)
   sleep 5
 fi
+cd $W
 deadline=$((SECONDS + ${WAIT:-560}))
 while (( SECONDS < deadline )) && pgrep -f "launch.sh full" > /dev/null; do sleep 10; done
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|before training|wrote|done:|saved|Error|error" | tail -25
 for f in $R/train_large.log $R/train_small.log; do [[ -f $f ]] && grep -E "after training" $f | tail -1; done
-if pgrep -f "launch.sh full" > /dev/null; then echo "STILL RUNNING ($(date +%H:%M:%S))"; exit 0; fi
-echo "FINISHED"
 if [[ -n ${OUT:-} ]]; then
   tar czf $OUT/full_results.tgz $R/eval $R/sweep $R/eval_iwslt17 $R/*/final/metrics.json $R/*/final/train_config.yaml \
     $R/*/log.jsonl $R/*.log $R/calibration.*.provenance.json 2>/dev/null
   cp $R/sweep/frontier.png $OUT/ 2>/dev/null
 fi
+if pgrep -f "launch.sh full" > /dev/null; then echo "STILL RUNNING ($(date +%H:%M:%S))"; exit 0; fi
+echo "FINISHED"
 tail -45 $LOG

@@ -88,11 +88,11 @@ def test_cached_runner_equals_full_forward(arch):
     ids = random_prompt(5, length=12)
     runner = ModelRunner(model)
     if runner.is_encoder_decoder:
-        runner.start(ids)
+        runner.start(ids[0].tolist())
         dec = random_prompt(6, length=10)[0].tolist()
         full = model(input_ids=ids, decoder_input_ids=torch.tensor([dec])).logits[0]
     else:
-        runner.start()
+        runner.start(ids[0].tolist())
         dec = ids[0].tolist()
         full = model(input_ids=ids).logits[0]
     chunks = torch.cat([runner.forward(dec[:4]), runner.forward(dec[4:7]), runner.forward(dec[7:])])

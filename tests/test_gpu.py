@@ -1,23 +1,79 @@
-"""GPU checks (run with `pytest -m gpu` on a CUDA machine)."""
+"""GPU checks (run with `pytest -m gpu` on a CUDA machine): the fast path's CUDA graphs against the eager path
+and against greedy `generate`, in float32, on random tiny pairs of every covered architecture."""
 
 import pytest
 import torch
-from tiny_models import hf_greedy, random_prompt, tiny_pair
+from test_fast import FAST_ARCHS, compact_vs_transformers, decode_all
+from tiny_models import hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy
+from decode.fast import FastRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("arch", ("t5", "bart", "llama", "qwen2"))
-@pytest.mark.parametrize("seed", range(5))
+def cuda_pair(arch, seed):
+    return [m.cuda() for m in tiny_pair(arch, seed)]
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_compact_forward_equals_transformers_on_cuda(arch):
+    assert compact_vs_transformers(tiny_model(arch, 0).cuda(), "cuda") < 1e-3
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+@pytest.mark.parametrize("seed", range(4))
 def test_exact_rollback_equals_large_greedy_on_cuda_fp32(arch, seed):
-    large, small = tiny_pair(arch, seed)
-    large, small = large.cuda(), small.cuda()
-    ids = random_prompt(seed).cuda()
+    """The default path on CUDA (graphs) in exact mode is the large model's greedy generate."""
+    large, small = cuda_pair(arch, seed)
+    ids = random_prompt(seed, length=4 + 2 * seed).cuda()
     ref = hf_greedy(large, ids, max_new_tokens=24).cpu()
-    out = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5)).generate(ids, max_new_tokens=24)
-    assert torch.equal(out.sequences, ref)
+    for cap in (None, 10, 4):
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, max_small_steps=cap))
+        assert bild.path == "fast (static cache, CUDA graphs)"
+        assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences, ref), cap
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+@pytest.mark.parametrize("seed", range(3))
+def test_graphs_equal_eager_path_fp32(arch, seed):
+    """BiLD (both rollback modes, with and without a step cap) and Greedy: CUDA graphs == eager, token for token."""
+    large, small = cuda_pair(arch, seed)
+    ids = random_prompt(seed, length=4 + 3 * seed).cuda()
+    assert decode_all(large, small, ids, None) == decode_all(large, small, ids, False)
+
+
+def test_rollbacks_at_first_second_and_last_draft_position_on_cuda():
+    cuts, cap = set(), 4
+    for seed in range(16):
+        large, small = cuda_pair("llama", seed)
+        ids = random_prompt(seed).cuda()
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.0, max_small_steps=cap))
+        check = bild._large.check
+
+        def recording(tokens, n_pending, *args):
+            cut, argmax = check(tokens, n_pending, *args)
+            cuts.add(cut) if cut < n_pending else None
+            return cut, argmax
+
+        bild._large.check = recording
+        assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences, hf_greedy(large, ids, max_new_tokens=24).cpu())
+    assert {0, 1, cap - 1} <= cuts
+
+
+def test_inputs_of_any_length_reuse_the_graphs_and_a_longer_one_grows_the_cache():
+    large, small = cuda_pair("t5", 1)
+    bild = BiLD(large, small, BiLDConfig(rollback="exact"))
+    bild.generate(random_prompt(0, length=6).cuda(), max_new_tokens=16)  # captures
+    runner = bild._large
+    graphs = dict(runner._graphs)
+    for length in (3, 11, 17, 30):
+        ids = random_prompt(length, length=length).cuda()
+        assert torch.equal(bild.generate(ids, max_new_tokens=16).sequences, hf_greedy(large, ids, max_new_tokens=16).cpu())
+    assert runner._graphs == graphs  # the same graph objects: nothing recaptured
+    ids = random_prompt(9, length=200).cuda()  # past the source buffer, and 150 new tokens past the cache
+    assert torch.equal(bild.generate(ids, max_new_tokens=150).sequences, hf_greedy(large, ids, max_new_tokens=150).cpu())
+    assert runner.src_capacity >= 200 and runner.capacity >= 152
 
 
 @pytest.mark.parametrize("arch", ("bart", "qwen2"))
@@ -29,4 +85,4 @@ def test_bf16_runs_and_statistics_add_up(arch):
     s = out.stats
     assert s.rows == 4 and s.new_tokens == s.small_tokens + s.large_tokens and s.seconds > 0
     greedy = Greedy(large).generate(ids, max_new_tokens=20)
-    assert greedy.sequences.shape[0] == 4
+    assert greedy.sequences.shape[0] == 4 and isinstance(Greedy(large)._runner, FastRunner)

@@ -16,6 +16,8 @@ from transformers import (
     LlamaForCausalLM,
     MarianConfig,
     MarianMTModel,
+    MistralConfig,
+    MistralForCausalLM,
     PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -29,7 +31,8 @@ from decode.bild import make_plain_greedy
 VOCAB = 96
 PAD, EOS, BOS = 0, 1, 2
 ENCODER_DECODER = ("t5", "bart", "marian")
-DECODER_ONLY = ("gpt2", "llama", "qwen2")
+DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral")
+SLIDING_WINDOW = 8  # tiny Mistral: prompts plus new tokens run well past it
 
 
 def _config(arch: str, width: int, layers: int, enc_layers: int | None = None) -> PretrainedConfig:
@@ -48,16 +51,18 @@ def _config(arch: str, width: int, layers: int, enc_layers: int | None = None) -
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=2, n_positions=256,
                           initializer_range=0.3, **special)
-    if arch in ("llama", "qwen2"):
-        cls = LlamaConfig if arch == "llama" else Qwen2Config
-        return cls(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+        extra = {"sliding_window": SLIDING_WINDOW} if arch == "mistral" else {}
+        return cls(**extra, vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                    initializer_range=0.3, tie_word_embeddings=False, **special)
     raise ValueError(arch)
 
 
 _MODEL = {"t5": T5ForConditionalGeneration, "bart": BartForConditionalGeneration, "marian": MarianMTModel,
-          "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+          "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
+          "mistral": MistralForCausalLM}
 
 
 def _plain_greedy(model):

@@ -1,0 +1,541 @@
+"""The GPU fast path: compact decoder passes over the Hugging Face weights, static KV caches indexed by
+position, and one CUDA graph per input length.
+
+    runner = make_runner(model)                          # FastRunner on CUDA where supported, else ModelRunner
+    runner.start(prompt, max_new_tokens)                 # encoder once; cross-attention K/V into static buffers
+    confidence, token = runner.step(tokens)              # one graph replay, one host read of (confidence, token)
+    cut, argmax = runner.check(tokens, k, "ce", 3.0)     # the large model's pass over k pending tokens + 1
+    runner.rewind(length)                                # a rollback moves the position; nothing is copied
+
+Why: at batch size 1, eager PyTorch spends a decoding step launching kernels and running Python, so a
+model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.md). Here, as in gpt-fast:
+- The decoder pass is written out over the model's own modules (its linear layers, norms, MLPs,
+  embeddings): no transformers cache objects, no mask helpers, nothing that syncs or allocates by value.
+- Each layer's keys and values live in two preallocated buffers [1, H_kv, capacity, D]; `index_copy_`
+  writes the new positions, and a mask built from the positions hides every slot past them (and outside
+  a sliding window). Rolling back is moving the position.
+- The start position lives in a device scalar that each pass advances itself; the small step writes its
+  argmax into the input buffer, so the next step needs nothing from the host.
+- Each (verb, number of tokens) is captured once as a CUDA graph on the first `start` and replayed;
+  every tensor a graph reads is a static buffer of the runner. A longer input than the buffers hold
+  grows them and captures again (never a wrong answer). Passes of more than MAX_GRAPH_TOKENS tokens
+  (the prompt prefill, long drafts with no step cap) run the same code without a graph.
+- The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
+  functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
+
+Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama, Qwen2 and Mistral (decoder-only, sliding
+windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast_attention, step_verdict
+
+MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
+_ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
+
+_DECODER_ONLY = ("llama", "qwen2", "mistral")
+_ENC_DEC = ("bart", "marian", "t5", "mt5")
+
+
+def unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why the fast path cannot run this model, or None when it can."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", "")
+    if kind not in _DECODER_ONLY + _ENC_DEC:
+        return f"no compact decoder for model type {kind!r} (fast path: {', '.join(_DECODER_ONLY + _ENC_DEC)})"
+    if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
+        return "T5 in float16 needs transformers' activation clamping; use bfloat16 or float32"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r} changes with the sequence length"
+    return None
+
+
+_SAID: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Prints a one-line notice once per process (which decoding path runs)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"[bild] {message}", file=sys.stderr)
+
+
+def make_runner(model: PreTrainedModel, fast_path: bool | None = None):
+    """The runner a decoder uses for `model`. fast_path None: the fast path on CUDA where supported;
+    True: the fast path (without graphs off CUDA), an error where unsupported; False: the eager path."""
+    reason = unsupported_reason(model)
+    device = next(model.parameters()).device
+    if fast_path is None:
+        use = device.type == "cuda" and reason is None
+    elif fast_path:
+        if reason is not None:
+            raise ValueError(f"fast_path=True but {type(model).__name__} cannot use it: {reason}")
+        use = True
+    else:
+        use = False
+    runner = FastRunner.for_model(model) if use else ModelRunner(model)
+    why = "" if use or fast_path is False or device.type != "cuda" else f" ({reason})"
+    notice(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) decodes on the "
+           f"{runner.path} path{why}")
+    return runner
+
+
+# --------------------------------------------------------------------------------------------------
+# Static caches and attention
+
+
+class StaticKV:
+    """Keys and values of every layer: [layers, 1, H_kv, capacity, D] each, written by position."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device):
+        # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN would be NaN
+        self.k = torch.zeros(layers, 1, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """pos: [n]; k, v: [1, H_kv, n, D]. Returns the layer's whole buffers."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
+
+def attend(q, k, v, mask, scale, gqa: bool = False):
+    """q: [1, H, n, D]; k, v: [1, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, broadcastable to
+    [1, H, n, L]. Returns [1, n, H * D]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+
+
+def causal_mask(pos: torch.Tensor, capacity: int, window: int | None = None) -> torch.Tensor:
+    """[1, 1, n, capacity]: slot j is visible from position p when j <= p (and p - j < window)."""
+    slots = torch.arange(capacity, device=pos.device)[None, :]
+    visible = slots <= pos[:, None]
+    if window is not None:
+        visible &= slots > pos[:, None] - window  # transformers' sliding_window_overlay
+    return visible[None, None]
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[1, n, H * D] -> [1, H, n, D]"""
+    return x.view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compact decoder passes, one class per family; each reads the model's own modules
+
+
+class _Decoder:
+    is_encoder_decoder = False
+
+    def __init__(self, model: PreTrainedModel):
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+
+    def allocate(self, capacity: int, src_capacity: int) -> None:
+        self.kv = StaticKV(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+        self.capacity = capacity
+
+    def encode(self, input_ids: torch.Tensor) -> None:
+        pass
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """ids, pos: [n]. Writes the caches at pos; returns logits [n, V] (or [1, V] with last_only)."""
+        raise NotImplementedError
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class _LlamaFamily(_Decoder):
+    """Llama, Qwen2, Mistral: pre-norm, rotary positions, grouped-query attention, optional sliding window."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.inner, self.lm_head = model.model, model.lm_head
+        self.layers = list(self.inner.layers)
+        self.n_layers = len(self.layers)
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+        layer_types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        if layer_types is not None:
+            self.windows = [window if t == "sliding_attention" else None for t in layer_types]
+        else:  # Mistral: one window for every layer, or none
+            self.windows = [window] * self.n_layers
+
+    def allocate(self, capacity, src_capacity):
+        super().allocate(capacity, src_capacity)
+        # the model's own rotary module, once over every position: cos, sin [capacity, D]
+        pos = torch.arange(capacity, device=self.device)[None]
+        cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
+        self.cos, self.sin = cos[0], sin[0]
+
+    def forward(self, ids, pos, last_only=False):
+        h = self.inner.embed_tokens(ids)[None]  # [1, n, d]
+        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, n, D]
+        masks = {w: causal_mask(pos, self.capacity, w) for w in set(self.windows)}
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = self.kv.write(i, pos, k, v)
+            h = h + attn.o_proj(attend(q, keys, values, masks[self.windows[i]], attn.scaling, self.gqa))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.inner.norm(h))[0]
+
+
+class _EncoderDecoder(_Decoder):
+    """Shared by the encoder-decoder families: the encoder once, cross-attention K/V in static buffers."""
+
+    is_encoder_decoder = True
+
+    def allocate(self, capacity, src_capacity):
+        super().allocate(capacity, src_capacity)
+        self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device)
+        self.src_visible = torch.zeros(1, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
+        self.src_capacity = src_capacity
+
+    def encode(self, input_ids):
+        n = input_ids.shape[1]
+        # no attention mask: the row has no padding, and an all-ones mask costs a device sync per layer
+        hidden = self.encoder(input_ids=input_ids).last_hidden_state  # [1, S, d]
+        for i, (k_proj, v_proj) in enumerate(self.cross_projections()):
+            self.cross.k[i][:, :, :n] = _heads(k_proj(hidden), self.head_dim)
+            self.cross.v[i][:, :, :n] = _heads(v_proj(hidden), self.head_dim)
+        self.src_visible.copy_(torch.arange(self.src_capacity, device=self.device)[None, None, None] < n)
+
+
+class _BartFamily(_EncoderDecoder):
+    """BART and Marian: post-norm layers, learned (BART, offset 2) or sinusoidal (Marian) positions."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.encoder, dec = model.get_encoder(), model.get_decoder()
+        self.dec, self.lm_head, self.logits_bias = dec, model.lm_head, model.final_logits_bias
+        self.layers = list(dec.layers)
+        self.n_layers = len(self.layers)
+        attn = self.layers[0].self_attn
+        self.n_heads = self.n_kv_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.embed_scale = getattr(dec, "embed_scale", 1.0)  # Marian scales here, BART inside its embedding
+        self.pos_offset = getattr(dec.embed_positions, "offset", 0)
+        self.layernorm_embedding = getattr(dec, "layernorm_embedding", None)
+        self.final_norm = getattr(dec, "layer_norm", None)
+
+    def cross_projections(self):
+        return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.layers]
+
+    def forward(self, ids, pos, last_only=False):
+        dec = self.dec
+        h = dec.embed_tokens(ids)[None] * self.embed_scale + dec.embed_positions.weight[pos + self.pos_offset][None]
+        if self.layernorm_embedding is not None:
+            h = self.layernorm_embedding(h)
+        mask = causal_mask(pos, self.capacity)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            keys, values = self.kv.write(i, pos, k, v)
+            h = layer.self_attn_layer_norm(h + attn.out_proj(attend(q, keys, values, mask, attn.scaling)))
+            cross = layer.encoder_attn
+            q = _heads(cross.q_proj(h), self.head_dim)
+            out = attend(q, self.cross.k[i], self.cross.v[i], self.src_visible, cross.scaling)
+            h = layer.encoder_attn_layer_norm(h + cross.out_proj(out))
+            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if last_only:
+            h = h[:, -1:]
+        return (self.lm_head(h) + self.logits_bias)[0]
+
+
+class _T5Family(_EncoderDecoder):
+    """T5 and mT5: pre-norm (RMS) layers, a relative position bias shared by every layer, no attention scaling."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.encoder, dec = model.get_encoder(), model.get_decoder()
+        self.dec, self.lm_head = dec, model.lm_head
+        self.blocks = list(dec.block)  # the decoder's depth, which may differ from the encoder's
+        self.n_layers = len(self.blocks)
+        self.rel = self.blocks[0].layer[0].SelfAttention
+        self.n_heads = self.n_kv_heads = self.rel.n_heads
+        self.head_dim = self.rel.key_value_proj_dim
+        scale = getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings)
+        self.output_scale = model.config.d_model**-0.5 if scale else None
+
+    def cross_projections(self):
+        return [(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v) for b in self.blocks]
+
+    def self_bias(self, pos):
+        """Relative position bias plus the causal mask, additive: [1, H, n, capacity]."""
+        slots = torch.arange(self.capacity, device=pos.device)
+        bucket = self.rel._relative_position_bucket(
+            slots[None, :] - pos[:, None], bidirectional=False,
+            num_buckets=self.rel.relative_attention_num_buckets, max_distance=self.rel.relative_attention_max_distance)
+        bias = self.rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, n, L]
+        return bias.masked_fill(~causal_mask(pos, self.capacity), torch.finfo(bias.dtype).min)
+
+    def forward(self, ids, pos, last_only=False):
+        h = self.dec.embed_tokens(ids)[None]
+        bias = self.self_bias(pos)
+        cross_bias = torch.zeros((), dtype=h.dtype, device=h.device).masked_fill(~self.src_visible, torch.finfo(h.dtype).min)
+        for i, block in enumerate(self.blocks):
+            sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
+            attn = sa.SelfAttention
+            x = sa.layer_norm(h)
+            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q, attn.k, attn.v))
+            keys, values = self.kv.write(i, pos, k, v)
+            h = h + attn.o(attend(q, keys, values, bias, 1.0))
+            cross = ca.EncDecAttention
+            q = _heads(cross.q(ca.layer_norm(h)), self.head_dim)
+            h = h + cross.o(attend(q, self.cross.k[i], self.cross.v[i], cross_bias, 1.0))
+            h = h + ff.DenseReluDense(ff.layer_norm(h))
+        if last_only:
+            h = h[:, -1:]
+        h = self.dec.final_layer_norm(h)
+        if self.output_scale is not None:
+            h = h * self.output_scale
+        return self.lm_head(h)[0]
+
+
+def _family(model) -> type[_Decoder]:
+    kind = model.config.model_type
+    if kind in _DECODER_ONLY:
+        return _LlamaFamily
+    return _T5Family if kind in ("t5", "mt5") else _BartFamily
+
+
+# --------------------------------------------------------------------------------------------------
+# The runner: static buffers, capture, replay
+
+
+_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.WeakKeyDictionary()
+
+
+class FastRunner:
+    """One model on the fast path: `start`, `step`, `check`, `rewind`, as decode.cache.ModelRunner.
+
+    One runner per model (`for_model`), shared by every decoder over it: its buffers and graphs are
+    made once. Graphs are used on CUDA; elsewhere the same passes run without them.
+    """
+
+    def __init__(self, model: PreTrainedModel, compile: bool = False):
+        prefer_fast_attention()
+        self.decoder = _family(model)(model)
+        # torch.compile fuses the many small kernels of a layer (norms, rotary, residuals); the graphs then
+        # replay the fused kernels. Compiling costs time once per model and pass shape.
+        self.compiled = bool(compile)
+        self._forward = torch.compile(self.decoder.forward, fullgraph=True) if compile else self.decoder.forward
+        self.device, self.dtype = self.decoder.device, self.decoder.dtype
+        self.is_encoder_decoder = is_encoder_decoder(model)
+        self.use_graphs = self.device.type == "cuda"
+        self.path = ("fast (static cache, CUDA graphs" + (", compiled)" if compile else ")") if self.use_graphs
+                     else "fast (static cache, no graphs)")
+        self.capacity = self.src_capacity = 0
+        self.length = 0
+        # static inputs and outputs of every pass; the graphs read and write only these
+        self._ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, device=self.device)
+        self._pos0 = torch.zeros(1, dtype=torch.long, device=self.device)  # position of _ids[0]
+        self._arange = torch.arange(MAX_GRAPH_TOKENS, device=self.device)
+        self._threshold = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._step_out = torch.zeros(2, dtype=torch.float32, device=self.device)  # confidence, token
+        self._check_out = torch.zeros(MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax...
+        self._host_ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, pin_memory=self.use_graphs)
+        # what the device buffers hold, as far as the host knows (None: unknown)
+        self._pos_on_device: int | None = None
+        self._ids_on_device: tuple | None = None
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._wanted: set[tuple] = set()
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, compile: bool | None = None) -> "FastRunner":
+        """The model's runner, made on first use (or anew when the model moved or `compile` differs;
+        None: whichever exists)."""
+        runner = _RUNNERS.get(model)
+        param = next(model.parameters())
+        if (runner is None or (runner.device, runner.dtype) != (param.device, param.dtype)
+                or (compile is not None and runner.compiled != compile)):
+            runner = _RUNNERS[model] = cls(model, bool(compile))
+        return runner
+
+    def plan(self, keys) -> None:
+        """Graph keys a decoder will use, ("step", n) or ("check", n, rollback), captured at the next start."""
+        self._wanted.update(k for k in keys if k[1] <= MAX_GRAPH_TOKENS)
+
+    # -- the three verbs ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, prompt: list[int], max_new_tokens: int) -> None:
+        """Begins a sequence. prompt: the encoder input, or the decoder-only prompt."""
+        prefix = 1 if self.is_encoder_decoder else len(prompt)
+        self._ensure_capacity(prefix + max_new_tokens + 1, len(prompt) if self.is_encoder_decoder else 0)
+        self._capture_wanted()
+        self.length = 0
+        self._pos_on_device = self._ids_on_device = None
+        if self.is_encoder_decoder:
+            self.decoder.encode(torch.tensor([prompt], device=self.device))
+        elif len(prompt) > 1:  # prefill all but the last prompt token, which the first step or check feeds
+            ids = torch.tensor(prompt[:-1], device=self.device)
+            self.decoder.forward(ids, torch.arange(len(ids), device=self.device), last_only=True)
+            self.length = len(ids)
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int]) -> tuple[float, int]:
+        """Feeds `tokens` (the positions not yet seen); returns the top probability and argmax of the next."""
+        n = len(tokens)
+        if n > MAX_GRAPH_TOKENS:  # catch up without a graph, then step on the last token
+            self._eager_catch_up(tokens[:-1])
+            tokens, n = tokens[-1:], 1
+        self._load(tokens)
+        self._run(("step", n))
+        confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
+        token = int(token)
+        self.length += n
+        self._pos_on_device, self._ids_on_device = self.length, (token,)
+        return confidence, token
+
+    @torch.inference_mode()
+    def check(self, tokens: list[int], n_pending: int, rollback: str, threshold: float) -> tuple[int, list[int]]:
+        """Feeds `tokens`, whose last n_pending are the small model's; returns the first cut position (n_pending
+        when nothing is cut) and the argmax at each of the n_pending + 1 positions."""
+        if len(tokens) > n_pending + 1:  # only possible without a start prefill; keep the pass shape fixed
+            self._eager_catch_up(tokens[: len(tokens) - n_pending - 1])
+            tokens = tokens[len(tokens) - n_pending - 1 :]
+        n = len(tokens)
+        if n > MAX_GRAPH_TOKENS:
+            return self._eager_check(tokens, rollback, threshold)
+        self._load(tokens)
+        if rollback == "ce" and float(self._threshold_value) != float(threshold):
+            self._threshold.fill_(threshold)
+            self._threshold_value = float(threshold)
+        self._run(("check", n, rollback))
+        values = self._check_out[: n + 1].tolist()  # note: the one host-device sync per large call
+        self.length += n
+        self._pos_on_device = self.length
+        return values[0], values[1:]
+
+    def rewind(self, length: int) -> None:
+        """Forgets every position from `length` on: the next pass writes there, the mask hides the rest."""
+        self.length = min(self.length, length)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    _threshold_value = 0.0
+
+    def _load(self, tokens: list[int]) -> None:
+        """Brings the static input buffers to (tokens, self.length), writing only what differs."""
+        n = len(tokens)
+        if self._pos_on_device != self.length:
+            self._pos0.fill_(self.length)
+        if self._ids_on_device is None or tuple(tokens) != self._ids_on_device[:n] or len(self._ids_on_device) < n:
+            if n == 1:
+                self._ids[:1].fill_(tokens[0])  # a scalar kernel argument: no copy from the host
+            else:
+                self._host_ids[:n] = torch.tensor(tokens)
+                self._ids[:n].copy_(self._host_ids[:n], non_blocking=True)
+            self._ids_on_device = tuple(tokens)
+
+    def _pass(self, key: tuple):
+        """The function a graph captures: reads _ids, _pos0 (and _threshold), writes the outputs."""
+        n = key[1]
+
+        def step():
+            pos = self._pos0 + self._arange[:n]
+            logits = self._forward(self._ids[:n], pos, last_only=True)[-1].float()  # [V]
+            confidence, token = step_verdict(logits)
+            self._step_out[0] = confidence
+            self._step_out[1] = token
+            self._ids[0] = token  # the next step's input stays on the device
+            self._pos0 += n
+
+        def check():
+            pos = self._pos0 + self._arange[:n]
+            logits = self._forward(self._ids[:n], pos).float()  # [n, V]
+            argmax = logits.argmax(dim=-1)
+            cut = first_cut(logits[:-1], argmax[:-1], self._ids[1:n], key[2], self._threshold)
+            self._check_out[0] = cut
+            self._check_out[1 : n + 1] = argmax
+            self._pos0 += n
+
+        return step if key[0] == "step" else check
+
+    def _run(self, key: tuple) -> None:
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if self.use_graphs:  # a shape nobody planned for: capture it now (its state is reloaded below)
+            self._capture(key)
+            self._pos0.fill_(self.length)
+            self._ids[: len(self._ids_on_device)].copy_(torch.tensor(self._ids_on_device, device=self.device))
+            self._graphs[key].replay()
+            return
+        self._pass(key)()
+
+    def _capture(self, key: tuple) -> None:
+        """Captures one pass. Its warm-up runs write junk into the caches, so capture before real data."""
+        fn = self._pass(key)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # kernels chosen and workspaces allocated outside the capture
+                self._pos0.zero_()
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self._pos0.zero_()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        self._graphs[key] = graph
+        self._pos_on_device = self._ids_on_device = None
+
+    def _capture_wanted(self) -> None:
+        if self.use_graphs:
+            for key in sorted(self._wanted - self._graphs.keys()):
+                self._capture(key)
+
+    def _ensure_capacity(self, length: int, src_length: int) -> None:
+        """Grows the static buffers (at least doubling) when a sequence needs more; the graphs go with them."""
+        if length <= self.capacity and src_length <= self.src_capacity:
+            return
+        aligned = lambda n: -(-n // _ALIGN) * _ALIGN  # noqa: E731
+        if length > self.capacity:
+            self.capacity = aligned(max(length, 2 * self.capacity))
+        if src_length > self.src_capacity:
+            self.src_capacity = aligned(max(src_length, 2 * self.src_capacity))
+        self._graphs.clear()  # they read the old buffers
+        self.decoder.allocate(self.capacity, self.src_capacity)
+
+    def _eager_catch_up(self, tokens: list[int]) -> None:
+        ids = torch.tensor(tokens, device=self.device)
+        self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device), last_only=True)
+        self.length += len(tokens)
+        self._pos_on_device = self._ids_on_device = None
+
+    def _eager_check(self, tokens, rollback, threshold):
+        ids = torch.tensor(tokens, device=self.device)
+        logits = self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device)).float()
+        argmax = logits.argmax(dim=-1)
+        cut = first_cut(logits[:-1], argmax[:-1], ids[1:], rollback, threshold)
+        values = torch.cat([cut.view(1), argmax]).tolist()  # note: sync point
+        self.length += len(tokens)
+        self._pos_on_device = self._ids_on_device = None
+        return values[0], values[1:]

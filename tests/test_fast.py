@@ -1,0 +1,122 @@
+"""The fast path (decode/fast.py) against transformers and against the eager path, on the CPU (no graphs).
+
+tests/test_gpu.py runs the same checks on CUDA, where the passes are CUDA graphs.
+"""
+
+import pytest
+import torch
+from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_model, tiny_pair
+
+from decode import BiLD, BiLDConfig, Greedy
+from decode.fast import FastRunner, make_runner, unsupported_reason
+
+FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2")
+
+
+def to(device, *models):
+    return [m.to(device) for m in models]
+
+
+@torch.inference_mode()
+def compact_vs_transformers(model, device="cpu"):
+    """Largest |logit difference| between the compact pass (prefill, then 3 chunks) and the model's own forward."""
+    ids = random_prompt(1, length=12).to(device)
+    runner = FastRunner(model)
+    prompt = ids[0].tolist()
+    runner.start(prompt, 40)
+    if model.config.is_encoder_decoder:
+        dec = [model.config.decoder_start_token_id] + [5, 7, 9, 11] * 6
+        ref = model(input_ids=ids, decoder_input_ids=torch.tensor([dec], device=device)).logits[0]
+    else:
+        dec = prompt[-1:] + [5, 7, 9, 11] * 6
+        ref = model(input_ids=torch.tensor([prompt[:-1] + dec], device=device)).logits[0, -len(dec) :]
+    start, chunks = runner.length, []
+    for lo, hi in ((0, 4), (4, 5), (5, len(dec))):
+        pos = start + torch.arange(lo, hi, device=device)
+        chunks.append(runner.decoder.forward(torch.tensor(dec[lo:hi], device=device), pos))
+    return (torch.cat(chunks).float() - ref.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_compact_forward_equals_transformers(arch):
+    """Embeddings, positions (learned, sinusoidal, rotary, T5 buckets), sliding windows, caches written by position."""
+    assert unsupported_reason(tiny_model(arch, 0)) is None
+    assert compact_vs_transformers(tiny_model(arch, 0)) < 1e-4
+
+
+def test_compact_forward_asymmetric_t5():
+    assert compact_vs_transformers(tiny_model("t5", 7, layers=3, enc_layers=1)) < 1e-4
+
+
+def decode_all(large, small, ids, fast_path, max_new_tokens=24):
+    """Every decoder the fast path serves, on one input: sequences and statistics."""
+    results = {}
+    for name, cfg in {
+        "exact": dict(rollback="exact", fallback_threshold=0.4),
+        "exact_cap4": dict(rollback="exact", fallback_threshold=0.0, max_small_steps=4),
+        "ce": dict(fallback_threshold=0.4, rollback_threshold=1.5),
+        "ce_nocap": dict(fallback_threshold=0.2, rollback_threshold=3.0, max_small_steps=None),
+    }.items():
+        out = BiLD(large, small, BiLDConfig(fast_path=fast_path, **cfg)).generate(ids, max_new_tokens=max_new_tokens)
+        stats = out.stats.as_dict()
+        stats.pop("seconds")
+        results[name] = (out.sequences.tolist(), stats)
+    results["greedy"] = Greedy(large, fast_path=fast_path).generate(ids, max_new_tokens=max_new_tokens).sequences.tolist()
+    return results
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_path_equals_eager_path(arch, seed):
+    large, small = tiny_pair(arch, seed)
+    ids = random_prompt(seed, length=4 + 3 * seed)
+    fast, eager = decode_all(large, small, ids, True), decode_all(large, small, ids, False)
+    assert fast == eager
+    assert fast["exact"][0] == hf_greedy(large, ids, max_new_tokens=24).tolist()
+
+
+def test_rollbacks_at_first_second_and_last_draft_position():
+    """Exact mode on the fast path equals greedy generate where the cut falls at 0, 1 and the step cap."""
+    cuts, cap = set(), 4
+    for seed in range(8):
+        large, small = tiny_pair("llama", seed)
+        ids = random_prompt(seed)
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.0, max_small_steps=cap, fast_path=True))
+        check = bild._large.check
+
+        def recording(tokens, n_pending, *args):
+            cut, argmax = check(tokens, n_pending, *args)
+            if cut < n_pending:
+                cuts.add(cut)
+            return cut, argmax
+
+        bild._large.check = recording
+        out = bild.generate(ids, max_new_tokens=24)
+        assert torch.equal(out.sequences, hf_greedy(large, ids, max_new_tokens=24))
+    assert {0, 1, cap - 1} <= cuts
+
+
+def test_inputs_of_any_length_and_a_longer_one_than_the_cache():
+    """The buffers grow when an input needs more; the answer stays the eager path's."""
+    large, small = tiny_pair("bart", 1)
+    bild = BiLD(large, small, BiLDConfig(rollback="exact", fast_path=True))
+    runner = bild._large
+    for length, new in ((3, 8), (9, 20), (40, 10), (5, 100)):
+        ids = random_prompt(length, length=length)
+        ref = hf_greedy(large, ids, max_new_tokens=new)
+        assert torch.equal(bild.generate(ids, max_new_tokens=new).sequences, ref), (length, new)
+    assert runner.capacity >= 101 and runner.src_capacity >= 40
+
+
+def test_path_choice_and_errors():
+    gpt2 = tiny_model("gpt2", 0)
+    assert unsupported_reason(gpt2) is not None
+    assert make_runner(gpt2).path.startswith("eager")  # auto: eager where not covered
+    with pytest.raises(ValueError, match="cannot use it"):
+        make_runner(gpt2, fast_path=True)
+    llama = tiny_model("llama", 0)
+    assert make_runner(llama).path.startswith("eager")  # auto on a CPU: eager
+    assert make_runner(llama, fast_path=True).path.startswith("fast")
+    assert make_runner(llama, fast_path=True) is make_runner(llama, fast_path=True)  # one runner per model
+    with pytest.raises(ValueError, match="fast_path"):
+        BiLDConfig(fast_path="yes")
