@@ -40,6 +40,11 @@ from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
+_SRC_BUCKET = 16  # encoder inputs are padded to a multiple of this: one encoder graph per bucket
+
+
+def _src_bucket(n: int) -> int:
+    return -(-n // _SRC_BUCKET) * _SRC_BUCKET
 
 _DECODER_ONLY = ("llama", "qwen2", "mistral")
 _ENC_DEC = ("bart", "marian", "t5", "mt5")
@@ -212,14 +217,17 @@ class _EncoderDecoder(_Decoder):
         self.src_visible = torch.zeros(1, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
         self.src_capacity = src_capacity
 
-    def encode(self, input_ids):
-        n = input_ids.shape[1]
-        # no attention mask: the row has no padding, and an all-ones mask costs a device sync per layer
-        hidden = self.encoder(input_ids=input_ids).last_hidden_state  # [1, S, d]
+    def encode(self, src_ids: torch.Tensor, src_len: torch.Tensor) -> None:
+        """src_ids: [S_b], the input padded to a bucket length; src_len: 0-d, its real length (on the device).
+        Runs the encoder and writes every layer's cross-attention keys and values; positions past src_len
+        hold finite junk that `src_visible` hides."""
+        bucket = src_ids.shape[0]
+        key_visible = torch.arange(bucket, device=self.device) < src_len  # [S_b]
+        hidden = self.encoder_forward(src_ids[None], key_visible)  # [1, S_b, d]
         for i, (k_proj, v_proj) in enumerate(self.cross_projections()):
-            self.cross.k[i][:, :, :n] = _heads(k_proj(hidden), self.head_dim)
-            self.cross.v[i][:, :, :n] = _heads(v_proj(hidden), self.head_dim)
-        self.src_visible.copy_(torch.arange(self.src_capacity, device=self.device)[None, None, None] < n)
+            self.cross.k[i][:, :, :bucket] = _heads(k_proj(hidden), self.head_dim)
+            self.cross.v[i][:, :, :bucket] = _heads(v_proj(hidden), self.head_dim)
+        self.src_visible.copy_(torch.arange(self.src_capacity, device=self.device)[None, None, None] < src_len)
 
 
 class _BartFamily(_EncoderDecoder):
@@ -241,6 +249,23 @@ class _BartFamily(_EncoderDecoder):
 
     def cross_projections(self):
         return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.layers]
+
+    def encoder_forward(self, ids, key_visible):
+        """ids: [1, S]; key_visible: [S]. The encoder's layers written out (post-norm, as the decoder's)."""
+        enc = self.encoder
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = enc.embed_tokens(ids) * getattr(enc, "embed_scale", 1.0) + enc.embed_positions.weight[pos + self.pos_offset][None]
+        if getattr(enc, "layernorm_embedding", None) is not None:
+            h = enc.layernorm_embedding(h)
+        mask = key_visible[None, None, None, :]
+        for layer in enc.layers:
+            attn = layer.self_attn
+            q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            h = layer.self_attn_layer_norm(h + attn.out_proj(attend(q, k, v, mask, attn.scaling)))
+            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+        if getattr(enc, "layer_norm", None) is not None:
+            h = enc.layer_norm(h)
+        return h
 
     def forward(self, ids, pos, last_only=False):
         dec = self.dec
@@ -282,6 +307,26 @@ class _T5Family(_EncoderDecoder):
 
     def cross_projections(self):
         return [(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v) for b in self.blocks]
+
+    def encoder_forward(self, ids, key_visible):
+        """ids: [1, S]; key_visible: [S]. The encoder's blocks written out, with its bidirectional position bias."""
+        enc = self.encoder
+        rel = enc.block[0].layer[0].SelfAttention
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        bucket = rel._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=True,
+                                               num_buckets=rel.relative_attention_num_buckets,
+                                               max_distance=rel.relative_attention_max_distance)
+        bias = rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, S, S]
+        bias = bias.masked_fill(~key_visible[None, None, None, :], torch.finfo(bias.dtype).min)
+        h = enc.embed_tokens(ids)
+        for block in enc.block:
+            sa, ff = block.layer[0], block.layer[-1]
+            attn = sa.SelfAttention
+            x = sa.layer_norm(h)
+            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q, attn.k, attn.v))
+            h = h + attn.o(attend(q, k, v, bias, 1.0))
+            h = h + ff.DenseReluDense(ff.layer_norm(h))
+        return enc.final_layer_norm(h)
 
     def self_bias(self, pos):
         """Relative position bias plus the causal mask, additive: [1, H, n, capacity]."""
@@ -364,6 +409,8 @@ class FastRunner:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._wanted: set[tuple] = set()
+        self._src_ids = self._src_len = self._src_host = None  # encoder inputs, sized with the buffers
+        self.captures = 0  # graphs captured so far (a test checks that new inputs capture nothing)
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, compile: bool | None = None) -> "FastRunner":
@@ -391,7 +438,11 @@ class FastRunner:
         self.length = 0
         self._pos_on_device = self._ids_on_device = None
         if self.is_encoder_decoder:
-            self.decoder.encode(torch.tensor([prompt], device=self.device))
+            n = len(prompt)
+            self._src_host[:n] = torch.tensor(prompt)
+            self._src_ids[:n].copy_(self._src_host[:n], non_blocking=True)
+            self._src_len.fill_(n)
+            self._run(("encode", _src_bucket(n)))
         elif len(prompt) > 1:  # prefill all but the last prompt token, which the first step or check feeds
             ids = torch.tensor(prompt[:-1], device=self.device)
             self.decoder.forward(ids, torch.arange(len(ids), device=self.device), last_only=True)
@@ -466,6 +517,9 @@ class FastRunner:
             self._ids[0] = token  # the next step's input stays on the device
             self._pos0 += n
 
+        def encode():  # the encoder over the input padded to the bucket, then the cross-attention K/V
+            self.decoder.encode(self._src_ids[:n], self._src_len)
+
         def check():
             pos = self._pos0 + self._arange[:n]
             logits = self._forward(self._ids[:n], pos).float()  # [n, V]
@@ -475,24 +529,30 @@ class FastRunner:
             self._check_out[1 : n + 1] = argmax
             self._pos0 += n
 
-        return step if key[0] == "step" else check
+        return {"step": step, "check": check, "encode": encode}[key[0]]
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)
+        if graph is None and self.use_graphs:  # a shape nobody planned for: capture it now
+            ids = self._ids_on_device
+            self._capture(key)  # its warm-up runs moved _pos0 and wrote _ids[0]: load them again
+            self._pos0.fill_(self.length)
+            if ids is not None:
+                self._ids[: len(ids)].copy_(torch.tensor(ids, device=self.device))
+            graph = self._graphs[key]
         if graph is not None:
             graph.replay()
-            return
-        if self.use_graphs:  # a shape nobody planned for: capture it now (its state is reloaded below)
-            self._capture(key)
-            self._pos0.fill_(self.length)
-            self._ids[: len(self._ids_on_device)].copy_(torch.tensor(self._ids_on_device, device=self.device))
-            self._graphs[key].replay()
-            return
-        self._pass(key)()
+        else:
+            self._pass(key)()
 
     def _capture(self, key: tuple) -> None:
         """Captures one pass. Its warm-up runs write junk into the caches, so capture before real data."""
         fn = self._pass(key)
+        if self.is_encoder_decoder:
+            # Junk, but finite junk: a fully masked attention row would give NaN, and NaN keys or values
+            # poison even masked slots (0 * NaN). So every source position counts as real while capturing.
+            self._src_len.fill_(self.src_capacity)
+            self.decoder.src_visible.fill_(True)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -505,11 +565,15 @@ class FastRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
         self._graphs[key] = graph
+        self.captures += 1
         self._pos_on_device = self._ids_on_device = None
 
     def _capture_wanted(self) -> None:
         if self.use_graphs:
-            for key in sorted(self._wanted - self._graphs.keys()):
+            wanted = set(self._wanted)
+            if self.is_encoder_decoder:  # every source bucket the buffers hold
+                wanted |= {("encode", b) for b in range(_SRC_BUCKET, self.src_capacity + 1, _SRC_BUCKET)}
+            for key in sorted(wanted - self._graphs.keys(), key=str):
                 self._capture(key)
 
     def _ensure_capacity(self, length: int, src_length: int) -> None:
@@ -521,8 +585,15 @@ class FastRunner:
             self.capacity = aligned(max(length, 2 * self.capacity))
         if src_length > self.src_capacity:
             self.src_capacity = aligned(max(src_length, 2 * self.src_capacity))
-        self._graphs.clear()  # they read the old buffers
+        # The graphs read the old buffers. Their memory pool goes with them: capturing into the handle of a
+        # pool whose graphs are all freed trips an allocator assert (torch 2.11), so take a new one.
+        self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.decoder.allocate(self.capacity, self.src_capacity)
+        if self.is_encoder_decoder:
+            self._src_ids = torch.zeros(self.src_capacity, dtype=torch.long, device=self.device)
+            self._src_len = torch.zeros((), dtype=torch.long, device=self.device)
+            self._src_host = torch.zeros(self.src_capacity, dtype=torch.long, pin_memory=self.use_graphs)
 
     def _eager_catch_up(self, tokens: list[int]) -> None:
         ids = torch.tensor(tokens, device=self.device)

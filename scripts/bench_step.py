@@ -9,6 +9,8 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
 - fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
 - fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
 - generate/token: transformers `generate` greedy, per new token;
+- start: beginning a sequence of a 20-token input (encoder and cross-attention keys and values, or the
+  prompt prefill), eager and fast;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 Prints one table last (markdown).
@@ -133,6 +135,9 @@ def measure(name, args, device, dtype, bandwidth):
     for label, runner in runners:
         med, lo, hi = timed(decode(runner), args.repeats, device)
         row[f"{label}_ms"], row[f"{label}_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+        # a sequence's start: the encoder and cross-attention K/V (encoder-decoder), or the prompt prefill
+        med, lo, hi = timed(lambda: [runner.start(prompt, steps + k + 2) for _ in range(steps)], args.repeats, device)
+        row[f"{label}_start_ms"] = 1000 * med / steps
 
     def check():
         for _ in range(steps):
@@ -171,7 +176,8 @@ def main():
     for name in args.shapes:
         rows.append(measure(name, args, device, dtype, bandwidth))
         r = rows[-1]
-        print(f"{name}: eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} check {r['check_ms']:.3f} "
+        print(f"{name}: start eager {r['eager_start_ms']:.3f} fast {r['fast_start_ms']:.3f}; "
+              f"eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} check {r['check_ms']:.3f} "
               + (f"compiled {r['compiled_ms']:.3f} (compile {r['compile_s']:.0f} s) " if args.compile else "") +
               f"generate {r['generate_ms']:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
     spread = lambda r, key: f"{r[key + '_ms']:.3f} ({r[key + '_spread'][0]:.3f}-{r[key + '_spread'][1]:.3f})"  # noqa: E731
@@ -179,12 +185,13 @@ def main():
           f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
     best = "compiled" if args.compile else "fast"
     print("| shape | params (M) | floor | eager step | fast step | " + ("compiled step | " if args.compile else "")
-          + f"{best} / floor | {best} check k=10 | generate / token |")
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+          + f"{best} / floor | {best} check k=10 | generate / token | start eager / fast |")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     for r in rows:
         print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
               + (f"{spread(r, 'compiled')} | " if args.compile else "")
-              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'generate')} |")
+              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'generate')} | "
+              f"{r['eager_start_ms']:.3f} / {r['fast_start_ms']:.3f} |")
 
 
 if __name__ == "__main__":

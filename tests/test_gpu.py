@@ -66,14 +66,18 @@ def test_inputs_of_any_length_reuse_the_graphs_and_a_longer_one_grows_the_cache(
     bild = BiLD(large, small, BiLDConfig(rollback="exact"))
     bild.generate(random_prompt(0, length=6).cuda(), max_new_tokens=16)  # captures
     runner = bild._large
-    graphs = dict(runner._graphs)
+    captures = runner.captures
     for length in (3, 11, 17, 30):
         ids = random_prompt(length, length=length).cuda()
         assert torch.equal(bild.generate(ids, max_new_tokens=16).sequences, hf_greedy(large, ids, max_new_tokens=16).cpu())
-    assert runner._graphs == graphs  # the same graph objects: nothing recaptured
-    ids = random_prompt(9, length=200).cuda()  # past the source buffer, and 150 new tokens past the cache
-    assert torch.equal(bild.generate(ids, max_new_tokens=150).sequences, hf_greedy(large, ids, max_new_tokens=150).cpu())
-    assert runner.src_capacity >= 200 and runner.capacity >= 152
+    assert runner.captures == captures  # nothing recaptured
+    # Past the source buffer, and 150 new tokens past the cache: the buffers grow and the graphs are captured
+    # again (holding no reference to the old graphs, so their memory pool is freed, as in decode.eval).
+    for length, new in ((200, 150), (300, 200)):
+        ids = random_prompt(length, length=length).cuda()
+        out = bild.generate(ids, max_new_tokens=new).sequences
+        assert torch.equal(out, hf_greedy(large, ids, max_new_tokens=new).cpu())
+    assert runner.src_capacity >= 300 and runner.capacity >= 202 and runner.captures > captures
 
 
 @pytest.mark.parametrize("arch", ("bart", "qwen2"))
