@@ -10,7 +10,8 @@
 # Every stage is skipped when its output exists; interrupted training resumes from its last checkpoint.
 # Outputs go to runs/<profile>/; the last stage prints the report (runs/<profile>/eval/report.md).
 # Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
-# RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room).
+# RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room),
+# LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +32,7 @@ case "$PROFILE" in
     EVAL=()
     SWEEP=()  # the whole test set: every sweep point runs on the fast path
     OOD=(--limit 200)
+    EVAL_YAML=("warmup: 5" "max_new_tokens: 96")
     ;;
   cpu)
     VOCAB=4000
@@ -46,6 +48,7 @@ case "$PROFILE" in
     EVAL=(--limit 100 warmup=2 max_new_tokens=48)
     SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48)
     OOD=()
+    EVAL_YAML=("limit: 100" "warmup: 2" "max_new_tokens: 48")
     ;;
   smoke)
     VOCAB=400
@@ -62,6 +65,7 @@ case "$PROFILE" in
     EVAL=(--limit 12 warmup=1 max_new_tokens=24)
     SWEEP=(--limit 12 sweep_limit=6 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]" warmup=1 max_new_tokens=24)
     OOD=()
+    EVAL_YAML=("limit: 12" "warmup: 1" "max_new_tokens: 24")
     ;;
   *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
@@ -74,7 +78,10 @@ else
 fi
 stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
 mkdir -p "$R"
+ln -sfn "$PROFILE" "${RUNS:-runs}/latest"  # the configs' commands (runs/latest/...) work after any profile
 
+read -ra extra <<< "${LARGE_EXTRA:-}"; LARGE+=("${extra[@]}")
+read -ra extra <<< "${EVAL_EXTRA:-}"; EVAL+=("${extra[@]}")
 stage "1/6 shared tokenizer"
 if [[ -f $R/tokenizer/tokenizer.json ]]; then echo "done: $R/tokenizer"
 else python3 -m data.tokenizer --dataset "$M30K" --split train --vocab-size $VOCAB --out "$R/tokenizer"; fi
@@ -114,6 +121,11 @@ else
 fi
 
 MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
+# `python -m decode.eval --aligned` with no --config evaluates this run's models on its data: runs/latest/eval.yaml
+{ echo "# Written by ./launch.sh $PROFILE: this run's models and data. Run: python -m decode.eval --aligned"
+  grep -Ev "^(#|large:|small:|aligned:|dataset:|out:|limit:|warmup:|max_new_tokens:)" configs/multi30k_eval.yaml
+  printf '%s\n' "large: $R/large/final" "small: $R/small/final" "aligned: $R/small_aligned/final" \
+    "dataset: $M30K" "out: $R/eval_again" "${EVAL_YAML[@]}"; } > "$R/eval.yaml"
 evaluate() {  # out config args...
   local out=$1 config=$2; shift 2
   if [[ -f $out/report.md ]]; then echo "done: $out"; return; fi

@@ -1,6 +1,6 @@
 """Publish an aligned checkpoint to the Hugging Face Hub with a model card.
 
-    python -m align.publish runs/multi30k/small_aligned/final --repo-id user/multi30k-small-aligned [--private] [--dry-run]
+    python -m align.publish runs/latest/small_aligned/final --repo-id user/multi30k-small-aligned [--private] [--dry-run]
 
 The card names the base model, the teacher, the calibration data, the metrics before and after alignment,
 and recommended BiLD thresholds; it is written into the folder (README.md) before the upload, so

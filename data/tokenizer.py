@@ -1,7 +1,7 @@
 """Train one shared subword tokenizer on the training text (source and target sides) and save it as a
 standard fast tokenizer that `AutoTokenizer.from_pretrained` loads.
 
-    python -m data.tokenizer --dataset ../shared/data/multi30k --split train --vocab-size 8000 --out runs/multi30k/tokenizer
+    python -m data.tokenizer --dataset ../shared/data/multi30k --split train --vocab-size 8000 --out runs/latest/tokenizer
 
 Byte-level BPE, so any text encodes; special tokens <pad>=0, </s>=1, <s>=2, <unk>=3; encoding a text
 appends </s>, as seq2seq tokenizers do.

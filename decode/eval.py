@@ -1,5 +1,6 @@
 """The paper's comparison on your own pair and data: quality, latency and speedup, with and without alignment.
 
+    python -m decode.eval --aligned                     # after ./launch.sh: its run's models and data
     python -m decode.eval --config configs/multi30k_eval.yaml --aligned [PATH] [--sweep] [--limit N] [--out DIR] [key=value ...]
 
 Systems, every one on the same examples at batch size 1, greedy, same precision, one process:
@@ -38,6 +39,7 @@ from data.config import ConfigError, load_config, to_dict
 from data.sources import PromptConfig, load_examples
 from decode.metrics import TASKS, continuation_perplexity, score
 
+LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
 SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted")
 
 
@@ -465,7 +467,8 @@ def write_outputs(results: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="BiLD against the large model, the small model and assisted generation.")
-    parser.add_argument("--config", required=True, help="YAML file of EvalConfig fields")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML file of EvalConfig fields (default: {LAST_RUN}, written by ./launch.sh for its run)")
     parser.add_argument("--aligned", nargs="?", const="", default=None,
                         help="also evaluate the aligned small model (PATH, or the config's `aligned`)")
     parser.add_argument("--sweep", action="store_true", help="grid over fallback x rollback thresholds")
@@ -482,6 +485,11 @@ def main(argv=None) -> int:
             overrides.append(f"limit={args.limit}")
         if args.out:
             overrides.append(f"out={args.out}")
+        if args.config is None:
+            if not Path(LAST_RUN).is_file():
+                raise FileNotFoundError(f"no --config given and no {LAST_RUN}: run ./launch.sh first, or pass --config "
+                                        "(for example configs/multi30k_eval.yaml)")
+            args.config = LAST_RUN
         cfg = load_config(EvalConfig, args.config, overrides)
         aligned = None
         if args.aligned is not None:

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFOR
 W=/tmp/bild; R=runs/full; LOG=$W/$R/pipeline.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p $W && cp -r . $W/ && mkdir -p $W/$R
-  (cd $W && setsid nohup env PARALLEL_TRAIN=1 DATA_DIR=.gpu/data ./launch.sh full > $LOG 2>&1 < /dev/null &)
+  (cd $W && setsid nohup env PARALLEL_TRAIN=1 DATA_DIR=${DATA_DIR:-.gpu/data} ./launch.sh full > $LOG 2>&1 < /dev/null &)
   sleep 5
 fi
 cd $W

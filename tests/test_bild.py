@@ -322,3 +322,84 @@ def test_from_pretrained_refuses_tokenizers_that_differ(toy_models, tmp_path):
     tok.save_pretrained(other)
     with pytest.raises(ValueError, match="tokenizers"):
         BiLD.from_pretrained(toy_models["large"], str(other))
+
+
+# --- issue 8: results that cannot be silently wrong ------------------------------------------------
+
+
+def test_generate_baselines_are_plain_greedy_whatever_the_generation_config():
+    """A checkpoint whose generation_config sets no_repeat_ngram_size (BART and Marian on the Hub do) must not
+    leak it into the `generate` and assisted rows: they are greedy, as Greedy is."""
+    from decode import AssistedGeneration, HFGenerate
+
+    large, small = tiny_pair("bart", 3)
+    large.generation_config.no_repeat_ngram_size = 1
+    large.generation_config.repetition_penalty = 1.5
+    ids = random_prompt(3)
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
+        BiLD(large, small)
+    greedy = Greedy(large).generate(ids, max_new_tokens=20).sequences
+    assert torch.equal(HFGenerate(large).generate(ids, max_new_tokens=20).sequences, greedy)
+    assert torch.equal(AssistedGeneration(large, small).generate(ids, max_new_tokens=20).sequences, greedy)
+    # the model's own config is left as the user set it
+    assert large.generation_config.no_repeat_ngram_size == 1
+
+
+def test_ce_rollback_cuts_where_an_independent_computation_says():
+    """The cut of one large-model check, against -log p_L(token) computed from one plain forward pass."""
+    from decode.fast import FastRunner
+
+    large = tiny_model("qwen2", 4)
+    prompt = random_prompt(4, length=7)[0].tolist()
+    pending = random_prompt(5, length=8)[0].tolist()
+    with torch.no_grad():
+        logits = large(input_ids=torch.tensor([prompt + pending])).logits[0].float()
+    # row P-1+i predicts pending token i
+    nll = -torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(pending)], -1)
+    nll = nll[torch.arange(len(pending)), torch.tensor(pending)]
+    values = sorted(nll.tolist())
+    # thresholds between the values (a threshold equal to one would hang on the last float bit)
+    for threshold in [values[0] - 1] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1]:
+        over = [i for i, v in enumerate(nll.tolist()) if v > threshold]
+        expected = over[0] if over else len(pending)
+        for runner in (ModelRunner(large), FastRunner(large)):
+            runner.start(prompt, 20)
+            cut, argmax = runner.check((prompt + pending)[runner.length :], len(pending), "ce", threshold)
+            assert cut == expected, (type(runner).__name__, threshold)
+            assert argmax == logits[len(prompt) - 1 :].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("arch", ("bart", "llama"))
+@pytest.mark.parametrize("fast_path", (False, True))
+def test_no_prefix_is_recomputed(arch, fast_path):
+    """Tokens fed to the large model, counted where they enter its decoder: the decoder prefix once, then
+    per large call the last accepted token plus the pending tokens, each pending token exactly once."""
+    large, small = tiny_pair(arch, 4)  # a noisy copy: drafts, some kept and some rolled back
+    ids = random_prompt(2, length=9)
+    bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.1, rollback_threshold=2.0, fast_path=fast_path))
+    fed = []
+    if fast_path:  # the runner's passes (graphed on CUDA) and its prompt prefill
+        runner = bild._large
+
+        def counting(forward):
+            return lambda ids_, pos, **kw: fed.append(len(ids_)) or forward(ids_, pos, **kw)
+
+        runner._forward, runner.decoder.forward = counting(runner._forward), counting(runner.decoder.forward)
+    else:
+        def hook(module, args, kwargs):
+            fed.append((kwargs.get("decoder_input_ids") if large.config.is_encoder_decoder else kwargs["input_ids"]).shape[1])
+        large.register_forward_pre_hook(hook, with_kwargs=True)
+    out = bild.generate(ids, max_new_tokens=30)
+    s = out.stats
+    assert s.rollbacks > 0 and s.small_tokens > 0
+    prefix = 1 if large.config.is_encoder_decoder else ids.shape[1]
+    assert sum(fed) == prefix + s.small_tokens + s.rolled_back_tokens + s.large_calls - 1
+
+
+def test_encoder_runs_once_without_a_mask():
+    """No all-ones encoder mask (the attention code would check it with a device sync every step)."""
+    model = tiny_model("t5", 2)
+    seen = []
+    model.get_encoder().register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    Greedy(model, fast_path=False).generate(random_prompt(2), max_new_tokens=12)
+    assert seen == [None]

@@ -87,3 +87,25 @@ def test_bad_calibration_config(kw):
     base.update(kw)
     with pytest.raises(ValueError):
         CalibrateConfig(**base)
+
+
+def test_outputs_cut_at_max_new_tokens_are_marked_and_get_no_eos(toy_data, toy_models, tmp_path):
+    """An output the large model did not finish within max_new_tokens must not teach the small model to stop
+    there: it is marked, counted in the provenance, and its training target has no EOS."""
+    from align.train import TrainConfig, build_pairs
+
+    cfg = _cfg(toy_data, toy_models, tmp_path / "short.jsonl")
+    cfg.max_new_tokens = 2
+    out = calibrate(cfg)
+    records = read_records(out)
+    unfinished = [r for r in records.values() if not r["finished"]]
+    assert unfinished and all(len(r["output_ids"]) == 2 for r in unfinished)
+    prov = json.loads((tmp_path / "short.jsonl.provenance.json").read_text())
+    assert prov["unfinished_outputs"] == len(unfinished)
+    calibrate(cfg)  # the count in the provenance does not block a rerun with the same settings
+    tok = AutoTokenizer.from_pretrained(toy_models["large"])
+    train_cfg = TrainConfig(model=toy_models["small"], calibration=str(out), objective="seq_kd", output_dir=str(tmp_path))
+    targets = {tuple(t) for _, t in build_pairs(train_cfg, tok, "train")}
+    for r in records.values():
+        if r["index"] % 50:  # every 50th pair is held out for evaluation
+            assert tuple(r["output_ids"] + ([tok.eos_token_id] if r["finished"] else [])) in targets

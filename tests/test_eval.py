@@ -107,3 +107,37 @@ def test_truncated_inputs_are_counted(eval_config, tmp_path):
                  "systems=[large]", "warmup=0"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["truncated_inputs"] == 3
+
+
+def test_bleu_and_rouge_wrappers_give_known_scores():
+    same = ["a man rides a red horse", "two dogs play in the snow"]
+    s = translation_scores(same, same)
+    assert s["bleu"] == pytest.approx(100.0) and s["chrf"] == pytest.approx(100.0)
+    assert translation_scores(["xyz qqq www vvv"], ["a man rides a horse"])["bleu"] == pytest.approx(0.0)
+    # ROUGE-L by hand: LCS("the cat sat", "the cat sat on the mat") = 3, P = 3/3, R = 3/6, F = 2PR / (P + R) = 2/3
+    assert summarization_scores(["the cat sat"], ["the cat sat on the mat"])["rougeL"] == pytest.approx(200 / 3)
+
+
+def test_a_failed_system_exits_nonzero_and_keeps_the_other_rows(eval_config, tmp_path, monkeypatch, capsys):
+    import decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("assistant exploded")
+
+    monkeypatch.setattr(decode, "AssistedGeneration", broken)
+    out = tmp_path / "failed"
+    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "systems=[large,assisted]"]) == 1
+    rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert "assistant exploded" in rows["assisted generation"]["error"] and rows["large"]["bleu"] >= 0
+    assert "assisted generation" in capsys.readouterr().err
+
+
+def test_aligned_rows_use_the_aligned_thresholds(eval_config, tmp_path):
+    out = tmp_path / "aligned"
+    assert main(["--config", str(eval_config), "--aligned", "--limit", "2", "--out", str(out), "systems=[bild,bild_exact]",
+                 "aligned_fallback_threshold=0.9", "aligned_rollback_threshold=7.0"]) == 0
+    rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["BiLD (aligned)"]["fallback_threshold"] == 0.9 and rows["BiLD (aligned)"]["rollback_threshold"] == 7.0
+    assert rows["BiLD lossless (exact rollback) (aligned)"]["fallback_threshold"] == 0.9
+    assert rows["BiLD (unaligned)"]["fallback_threshold"] == 0.5
+    assert all(r["path"].startswith("eager") for r in rows.values())  # on a CPU

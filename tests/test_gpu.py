@@ -18,7 +18,8 @@ def cuda_pair(arch, seed):
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_compact_forward_equals_transformers_on_cuda(arch):
-    assert compact_vs_transformers(tiny_model(arch, 0).cuda(), "cuda") < 1e-3
+    # relative to the largest logit: CUDA kernels sum in another order (seen: 1.1e-3 absolute on T5's large logits)
+    assert compact_vs_transformers(tiny_model(arch, 0).cuda(), "cuda") < 1e-4
 
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)

@@ -25,6 +25,11 @@ def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     names = {r["system"] for r in results["rows"]}
     assert {"large", "small (aligned)", "BiLD (aligned)", "assisted generation (unaligned)"} <= names
     assert "| large |" in first.stdout  # the report is printed last
+    # a new user's next command: no --config evaluates the run's own models on its data (runs/latest/eval.yaml)
+    again = subprocess.run(["python3", "-m", "decode.eval", "--aligned", "systems=[large,bild]"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (runs / "eval_again" / "report.md").is_file() and (tmp_path / "latest").resolve() == runs.resolve()
 
     second = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
