@@ -400,6 +400,7 @@ class FastRunner:
         self._pos0 = torch.zeros(1, dtype=torch.long, device=self.device)  # position of _ids[0]
         self._arange = torch.arange(MAX_GRAPH_TOKENS, device=self.device)
         self._threshold = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._threshold_value = 0.0  # what _threshold holds
         self._step_out = torch.zeros(2, dtype=torch.float32, device=self.device)  # confidence, token
         self._check_out = torch.zeros(MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax...
         self._host_ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, pin_memory=self.use_graphs)
@@ -474,7 +475,7 @@ class FastRunner:
         if n > MAX_GRAPH_TOKENS:
             return self._eager_check(tokens, rollback, threshold)
         self._load(tokens)
-        if rollback == "ce" and float(self._threshold_value) != float(threshold):
+        if rollback == "ce" and self._threshold_value != float(threshold):
             self._threshold.fill_(threshold)
             self._threshold_value = float(threshold)
         self._run(("check", n, rollback))
@@ -488,8 +489,6 @@ class FastRunner:
         self.length = min(self.length, length)
 
     # -- internals ----------------------------------------------------------------------------------
-
-    _threshold_value = 0.0
 
     def _load(self, tokens: list[int]) -> None:
         """Brings the static input buffers to (tokens, self.length), writing only what differs."""
@@ -533,20 +532,16 @@ class FastRunner:
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)
-        if graph is None and self.use_graphs:  # a shape nobody planned for: capture it now
-            ids = self._ids_on_device
-            self._capture(key)  # its warm-up runs moved _pos0 and wrote _ids[0]: load them again
-            self._pos0.fill_(self.length)
-            if ids is not None:
-                self._ids[: len(ids)].copy_(torch.tensor(ids, device=self.device))
-            graph = self._graphs[key]
         if graph is not None:
             graph.replay()
         else:
+            # Off CUDA; or a shape no decoder planned, which runs the same pass without a graph: capturing
+            # mid-sequence would let the warm-up runs write over real cache slots and the source mask.
             self._pass(key)()
 
     def _capture(self, key: tuple) -> None:
-        """Captures one pass. Its warm-up runs write junk into the caches, so capture before real data."""
+        """Captures one pass. Its warm-up runs write junk into the caches and the source mask, so this runs
+        only at `start`, before the sequence's real data."""
         fn = self._pass(key)
         if self.is_encoder_decoder:
             # Junk, but finite junk: a fully masked attention row would give NaN, and NaN keys or values

@@ -12,18 +12,10 @@ from align.calibrate import CalibrateConfig, calibrate, read_records
 from align.train import TrainConfig, train
 from decode import BiLD, BiLDConfig
 from decode.eval import main
+from test_train import fresh_accelerate_state  # noqa: F401  (autouse: each training run starts from a clean Accelerate state)
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
