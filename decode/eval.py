@@ -9,7 +9,9 @@ Systems, every one on the same examples at batch size 1, greedy, same precision,
 - small, and with --aligned the aligned small model alone;
 - BiLD (unaligned) at the configured thresholds, its lossless variant (rollback="exact"), and with
   --aligned both again with the aligned small model;
-- transformers assisted generation with each small model (the outside baseline).
+- transformers assisted generation with each small model (the outside baseline);
+- on request (`systems=[...]`), the paper's ablations at the same thresholds: BiLD with fallback only (no
+  rollback) and with rollback only (no confidence fallback; the step cap still hands over).
 Each system decodes `warmup` examples first, untimed; every latency is read with the device synchronised.
 --sweep adds a grid over fallback x rollback thresholds, the speed-quality frontier, and the paper's
 operating points (the fastest setting within 0.1 and within 1 point of the large model's score).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -40,7 +43,12 @@ from data.sources import PromptConfig, load_examples
 from decode.metrics import TASKS, continuation_perplexity, score
 
 LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
-SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted")
+SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted", "bild_fallback_only", "bild_rollback_only")
+DEFAULT_SYSTEMS = SYSTEMS[:6]
+# BiLD rows, each a BiLDConfig override at the row's thresholds: the paper's ablations switch one policy off
+_BILD = {"bild": {}, "bild_exact": {"rollback": "exact"},
+         "bild_fallback_only": {"rollback_threshold": math.inf},  # never roll back
+         "bild_rollback_only": {"fallback_threshold": 0.0}}  # never fall back on confidence (step cap only)
 
 
 @dataclass
@@ -64,7 +72,8 @@ class EvalConfig(PromptConfig):
     aligned_fallback_threshold: float | None = None
     """Thresholds for BiLD with the aligned model; default: the same as unaligned."""
     aligned_rollback_threshold: float | None = None
-    systems: list = field(default_factory=lambda: list(SYSTEMS))
+    systems: list = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
+    """Rows to run; also bild_fallback_only and bild_rollback_only (the paper's ablations)."""
     sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
     sweep_limit: int | None = None
@@ -211,12 +220,11 @@ class Evaluation:
             return Greedy(small, cfg.fast_path)
         if system == "assisted":
             return AssistedGeneration(large, small)
-        if system in ("bild", "bild_exact"):
-            return BiLD(large, small, BiLDConfig(
-                fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
-                rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
-                rollback="exact" if system == "bild_exact" else "ce",
-                max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path))
+        if system in _BILD:
+            settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
+                            rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
+                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path)
+            return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 
     def run(self, name: str, decoder, indices: list[int], progress) -> dict:
@@ -267,12 +275,14 @@ class Evaluation:
 def _names(systems: list[str], aligned: bool) -> list[tuple[str, str, str]]:
     """(row name, system, small model key) for every row of the main table."""
     label = {"large": "large", "hf_generate": "large (transformers generate)", "small": "small",
-             "bild": "BiLD", "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation"}
+             "bild": "BiLD", "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation",
+             "bild_fallback_only": "BiLD fallback only (no rollback)",
+             "bild_rollback_only": "BiLD rollback only (no confidence fallback)"}
     rows = []
     for system in systems:
-        rows.append((label[system] + (" (unaligned)" if aligned and system in ("bild", "bild_exact", "assisted") else ""),
+        rows.append((label[system] + (" (unaligned)" if aligned and (system in _BILD or system == "assisted") else ""),
                      system, "small"))
-        if aligned and system in ("small", "bild", "bild_exact", "assisted"):
+        if aligned and (system in _BILD or system in ("small", "assisted")):
             rows.append((label[system] + " (aligned)", system, "aligned"))
     return rows
 
@@ -306,9 +316,9 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             progress.update(n - (progress.n - start))
             continue
         row["path"] = decoder.path
-        if system in ("bild", "bild_exact"):
+        if system in _BILD:
             row["fallback_threshold"] = decoder.config.fallback_threshold
-            row["rollback_threshold"] = decoder.config.rollback_threshold if system == "bild" else None
+            row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         rows.append(row)
     for row in rows:
         if "error" not in row:

@@ -141,3 +141,14 @@ def test_aligned_rows_use_the_aligned_thresholds(eval_config, tmp_path):
     assert rows["BiLD lossless (exact rollback) (aligned)"]["fallback_threshold"] == 0.9
     assert rows["BiLD (unaligned)"]["fallback_threshold"] == 0.5
     assert all(r["path"].startswith("eager") for r in rows.values())  # on a CPU
+
+
+def test_ablation_rows_switch_one_policy_off(eval_config, tmp_path):
+    out = tmp_path / "ablation"
+    assert main(["--config", str(eval_config), "--limit", "4", "--out", str(out), "fallback_threshold=0.6",
+                 "rollback_threshold=1.0", "systems=[bild,bild_fallback_only,bild_rollback_only]"]) == 0
+    rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    full, fb_only, rb_only = rows["BiLD"], rows["BiLD fallback only (no rollback)"], rows["BiLD rollback only (no confidence fallback)"]
+    assert fb_only["stats"]["rollbacks"] == 0 and fb_only["rollback_threshold"] == float("inf")
+    assert rb_only["stats"]["fallbacks"] == 0 and rb_only["fallback_threshold"] == 0.0
+    assert full["stats"]["fallbacks"] > 0  # the toy pair is unsure often enough for the ablations to differ
