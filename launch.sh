@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default (Multi30k De-En, a large and a small model trained here):
-# shared tokenizer -> train large -> train small -> calibration outputs -> alignment -> evaluation.
+# shared tokenizer -> train large -> train small -> calibration outputs -> alignment -> threshold tuning on
+# the validation split -> evaluation on test at the tuned points, threshold sweep.
 #
 #   ./launch.sh            full profile with a GPU, the reduced CPU profile without one
 #   ./launch.sh cpu        the reduced profile (about 20 minutes on 2 cores)
@@ -33,6 +34,7 @@ case "$PROFILE" in
     SWEEP=()  # the whole test set: every sweep point runs on the fast path
     OOD=(--limit 200)
     EVAL_YAML=("warmup: 5" "max_new_tokens: 96")
+    TUNE=()
     ;;
   cpu)
     VOCAB=4000
@@ -49,6 +51,7 @@ case "$PROFILE" in
     SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48)
     OOD=()
     EVAL_YAML=("limit: 100" "warmup: 2" "max_new_tokens: 48")
+    TUNE=(--limit 100 warmup=2 max_new_tokens=48)
     ;;
   smoke)
     VOCAB=400
@@ -66,6 +69,7 @@ case "$PROFILE" in
     SWEEP=(--limit 12 sweep_limit=6 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]" warmup=1 max_new_tokens=24)
     OOD=()
     EVAL_YAML=("limit: 12" "warmup: 1" "max_new_tokens: 24")
+    TUNE=(--limit 12 warmup=1 max_new_tokens=24 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]")
     ;;
   *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
@@ -119,6 +123,19 @@ else
   "${TRAIN[@]}" --config configs/multi30k_align.yaml --resume model="$R/small/final" teacher="$R/large/final" \
     calibration="$R/calibration.train.jsonl" eval_calibration="$R/calibration.valid.jsonl" output_dir="$R/small_aligned" "${ALIGN[@]}"
 fi
+
+stage "5/6 threshold tuning on the validation split (the fastest point within 0.1 BLEU of the large model)"
+tune() {  # model-folder tune-args...
+  local folder=$1; shift
+  if [[ -f $folder/bild_thresholds.json ]]; then echo "done: $folder/bild_thresholds.json"; return; fi
+  local rc=0
+  python3 -m decode.tune --config configs/multi30k_eval.yaml large="$R/large/final" small="$R/small/final" \
+    aligned="$R/small_aligned/final" dataset="$M30K" "${TUNE[@]}" "$@" || rc=$?
+  if [[ $rc == 3 ]]; then echo "no tuned thresholds for $folder: its BiLD rows use the config's"
+  elif [[ $rc != 0 ]]; then exit $rc; fi
+}
+tune "$R/small/final"
+tune "$R/small_aligned/final" --aligned
 
 MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
 # `python -m decode.eval --aligned` with no --config evaluates this run's models on its data: runs/latest/eval.yaml

@@ -33,8 +33,17 @@ def model_card(folder: str | Path, repo_id: str) -> str:
         f"| {k} | {_fmt(before.get(k, 'n/a'))} | {_fmt(after.get(k, 'n/a'))} |"
         for k in ("eval_loss", "eval_top1_agreement")
     )
-    thresholds = cfg.get("recommended_thresholds") or {}
-    thr = ", ".join(f"`{k}={v}`" for k, v in thresholds.items()) or "not measured for this checkpoint"
+    tuned_path = folder / "bild_thresholds.json"  # written by python -m decode.tune
+    if tuned_path.is_file():
+        t = json.loads(tuned_path.read_text())
+        thr = (f"`fallback_threshold={t['fallback_threshold']}`, `rollback_threshold={t['rollback_threshold']}`, "
+               f"`max_small_steps={t['max_small_steps']}`: tuned on {t['dataset']} split `{t['split']}` "
+               f"({t['examples']} examples) as the fastest point within {t['budget']} {t['metric']} of the large "
+               f"model ({t['score']:.2f} vs {t['large_score']:.2f}, {t['speedup_vs_large']:.2f}x on {t['device']}); "
+               "`BiLD.from_pretrained` reads them from `bild_thresholds.json`")
+    else:
+        thresholds = cfg.get("recommended_thresholds") or {}
+        thr = ", ".join(f"`{k}={v}`" for k, v in thresholds.items()) or "not measured for this checkpoint"
     calib = (f"{prov.get('dataset')} split `{prov.get('split')}` ({prov.get('examples')} examples), decoding "
              f"{json.dumps(prov.get('decoding'))}, teacher fingerprint `{prov.get('model_fingerprint')}`") if prov else "n/a"
     return f"""---

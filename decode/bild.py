@@ -171,9 +171,12 @@ class BiLD(RowDecoder):
         check_tokenizers: bool = True,
         **load_kwargs,
     ) -> "BiLD":
-        """Loads both models from Hub names or local folders. The large model's tokenizer is kept as `.tokenizer`."""
+        """Loads both models from Hub names or local folders. The large model's tokenizer is kept as `.tokenizer`.
+        With no `config`, the thresholds tuned for this pair (decode.tune, beside the small model) or the defaults."""
         large_model = load_model(large, dtype=dtype, device=device, **load_kwargs)
         small_model = load_model(small, dtype=dtype, device=device, **load_kwargs)
+        if config is None:
+            config = tuned_config(small)
         bild = cls(large_model, small_model, config)
         bild.tokenizer = None
         try:
@@ -243,6 +246,21 @@ class BiLD(RowDecoder):
         large.rewind(len(seq) - 1)
         small.rewind(len(seq) - 1)
         return len(seq)
+
+
+def tuned_config(small: str) -> BiLDConfig:
+    """The thresholds `python -m decode.tune` wrote beside a local small model, else the defaults (said once)."""
+    from decode.fast import notice
+    from decode.tune import THRESHOLDS_FILE, load_tuned
+
+    tuned = load_tuned(small)
+    if tuned is None:
+        notice(f"{small} has no {THRESHOLDS_FILE} (python -m decode.tune): BiLD uses the default thresholds")
+        return BiLDConfig()
+    notice(f"BiLD thresholds from {small}/{THRESHOLDS_FILE}: fallback {tuned['fallback_threshold']:g}, rollback "
+           f"{tuned['rollback_threshold']:g} (tuned on {tuned['split']}, budget {tuned['budget']:g} {tuned['metric']})")
+    return BiLDConfig(fallback_threshold=tuned["fallback_threshold"], rollback_threshold=tuned["rollback_threshold"],
+                      max_small_steps=tuned.get("max_small_steps", 10))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -72,6 +72,9 @@ class EvalConfig(PromptConfig):
     aligned_fallback_threshold: float | None = None
     """Thresholds for BiLD with the aligned model; default: the same as unaligned."""
     aligned_rollback_threshold: float | None = None
+    use_tuned: bool = True
+    """Where a small model's folder holds bild_thresholds.json (python -m decode.tune), its BiLD rows use that
+    point instead of the thresholds above."""
     systems: list = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     """Rows to run; also bild_fallback_only and bild_rollback_only (the paper's ablations)."""
     sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
@@ -177,6 +180,10 @@ class Evaluation:
                        "small": load_model(cfg.small, dtype=dtype, device=device)}
         if aligned:
             self.models["aligned"] = load_model(aligned, dtype=dtype, device=device)
+        from decode.tune import load_tuned
+
+        paths = {"small": cfg.small, "aligned": aligned}
+        self.tuned = {k: load_tuned(p) for k, p in paths.items() if p and cfg.use_tuned}
         if cfg.task == "lm" and self.models["large"].config.is_encoder_decoder:
             raise ValueError("task lm needs decoder-only models")
         self.outputs: dict[str, list[list[int]]] = {}
@@ -304,6 +311,9 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
         fb = rb = None
         if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
             fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
+        tuned = ev.tuned.get(small_key) if system in _BILD else None
+        if tuned:
+            fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
         start = progress.n
         try:
             decoder = ev.decoder(system, small_key, fb, rb)
@@ -317,6 +327,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             continue
         row["path"] = decoder.path
         if system in _BILD:
+            if tuned:
+                row["thresholds_tuned_on"] = f"{tuned['split']} (budget {tuned['budget']:g} {tuned['metric']})"
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         rows.append(row)

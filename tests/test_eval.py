@@ -152,3 +152,37 @@ def test_ablation_rows_switch_one_policy_off(eval_config, tmp_path):
     assert fb_only["stats"]["rollbacks"] == 0 and fb_only["rollback_threshold"] == float("inf")
     assert rb_only["stats"]["fallbacks"] == 0 and rb_only["fallback_threshold"] == 0.0
     assert full["stats"]["fallbacks"] > 0  # the toy pair is unsure often enough for the ablations to differ
+
+
+def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eval_config, toy_models, tmp_path, capsys):
+    import shutil
+
+    from decode import BiLD
+    from decode.tune import THRESHOLDS_FILE
+    from decode.tune import main as tune_main
+
+    aligned = tmp_path / "aligned"
+    shutil.copytree(toy_models["small"], aligned)
+    assert tune_main(["--config", str(eval_config), "--limit", "6", "split=test"]) == 2  # never the test split
+    assert "never `test`" in capsys.readouterr().err
+    assert tune_main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "6", "--budget", "100"]) == 0
+    record = json.loads((aligned / THRESHOLDS_FILE).read_text())
+    assert record["split"] == "valid" and record["budget"] == 100 and len(record["grid"]) == 4
+    # within a budget of 100 BLEU every point qualifies: the choice is the fastest of the grid
+    fastest = max(record["grid"], key=lambda r: r["speedup_vs_large"])
+    assert (record["fallback_threshold"], record["rollback_threshold"]) == (fastest["fallback_threshold"],
+                                                                            fastest["rollback_threshold"])
+    bild = BiLD.from_pretrained(toy_models["large"], str(aligned))
+    assert (bild.config.fallback_threshold, bild.config.rollback_threshold) == (record["fallback_threshold"],
+                                                                                record["rollback_threshold"])
+    assert BiLD.from_pretrained(toy_models["large"], toy_models["small"]).config.fallback_threshold == 0.5  # defaults
+    out = tmp_path / "eval"
+    assert main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "2", "--out", str(out),
+                 "systems=[bild]"]) == 0
+    rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["BiLD (aligned)"]["fallback_threshold"] == record["fallback_threshold"]
+    assert rows["BiLD (aligned)"]["thresholds_tuned_on"].startswith("valid")
+    assert "thresholds_tuned_on" not in rows["BiLD (unaligned)"]
+    from align.publish import model_card
+
+    assert "tuned on" in model_card(aligned, "you/aligned") and "split `valid`" in model_card(aligned, "you/aligned")
