@@ -196,8 +196,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                         finished = True
                         break
                     ids.append(tok)
-                # finished=False: cut at max_new_tokens. Training drops such outputs rather than teach the
-                # small model to stop where the large one did not.
+                # finished=False: cut at max_new_tokens. Training gives such outputs no EOS target rather
+                # than teach the small model to stop where the large one did not.
                 record = {"index": i, "source": by_index[i].source, "output": tokenizer.decode(ids, skip_special_tokens=True),
                           "output_ids": ids, "finished": finished, "reference": by_index[i].target}
                 part.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -445,9 +445,7 @@ class FastRunner:
             self._src_len.fill_(n)
             self._run(("encode", _src_bucket(n)))
         elif len(prompt) > 1:  # prefill all but the last prompt token, which the first step or check feeds
-            ids = torch.tensor(prompt[:-1], device=self.device)
-            self.decoder.forward(ids, torch.arange(len(ids), device=self.device), last_only=True)
-            self.length = len(ids)
+            self._eager_catch_up(prompt[:-1])
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> tuple[float, int]:
@@ -591,6 +589,7 @@ class FastRunner:
             self._src_host = torch.zeros(self.src_capacity, dtype=torch.long, pin_memory=self.use_graphs)
 
     def _eager_catch_up(self, tokens: list[int]) -> None:
+        """Feeds `tokens` without a graph (any number of them) and reads nothing back."""
         ids = torch.tensor(tokens, device=self.device)
         self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device), last_only=True)
         self.length += len(tokens)
