@@ -151,13 +151,30 @@ class BiLD(RowDecoder):
         self.config = config if config is not None else BiLDConfig()
         self._large = make_runner(self.large, self.config.fast_path)
         self._small = make_runner(self.small, self.config.fast_path)
-        # the pass shapes the loop uses: small steps of 1 token (2 after a step-cap fallback), and large
-        # checks of k pending tokens + 1
+        self._plan()
+        self.path = self._large.path if self._large.path == self._small.path else \
+            f"large {self._large.path}, small {self._small.path}"
+
+    def _plan(self) -> None:
+        """The pass shapes the loop uses: small steps of 1 token (2 after a step-cap fallback), and large
+        checks of k pending tokens + 1."""
         cap = self.config.max_small_steps
         self._small.plan([("step", 1), ("step", 2)])
         self._large.plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
-        self.path = self._large.path if self._large.path == self._small.path else \
-            f"large {self._large.path}, small {self._small.path}"
+
+    @classmethod
+    def early_exit(cls, model, exit_layer: int | None = None, config: BiLDConfig | None = None, *, exit_head="auto",
+                   **load_kwargs) -> "BiLD":
+        """BiLD over one model (the paper's early exit): the small decoder is its first `exit_layer` decoder
+        layers and an exit head, the large one the whole stack; no partner model. See decode/early_exit.py.
+
+        model: a loaded model, or a Hub name or folder (loaded with `load_kwargs`: dtype, device, ...).
+        exit_head: "auto" (a trained head saved in the model's folder, else the model's own final norm and LM
+        head), None (always the model's own), a folder, or an ExitHead.
+        """
+        from decode.early_exit import EarlyExitBiLD
+
+        return EarlyExitBiLD(model, exit_layer, config, exit_head, **load_kwargs)
 
     @classmethod
     def from_pretrained(
@@ -192,8 +209,7 @@ class BiLD(RowDecoder):
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         cfg = self.config
         large, small = self._large, self._small
-        large.start(prompt, max_new_tokens)
-        small.start(prompt, max_new_tokens)
+        self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         pending_start = prefix_len  # first position the large model has not checked yet
@@ -218,6 +234,10 @@ class BiLD(RowDecoder):
                 continue
             seq.append(token)
         return seq[prefix_len:]
+
+    def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
+        self._large.start(prompt, max_new_tokens)
+        self._small.start(prompt, max_new_tokens)
 
     def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
         """One large-model pass over every position it has not seen; checks and edits `seq` in place.

@@ -154,6 +154,24 @@ class _Decoder:
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids, pos: [n]. Writes the caches at pos; returns logits [n, V] (or [1, V] with last_only)."""
+        h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
+        return self.head(h[:, -1:] if last_only else h)
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids, pos: [n] -> the first layer's input [1, n, d]."""
+        raise NotImplementedError
+
+    def run_layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layers start .. stop - 1 over h [1, n, d] at positions pos [n], writing their caches there."""
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor, norm=None) -> torch.Tensor:
+        """The output head over the last layer's states [1, n, d] -> logits [n, V]. `norm` replaces the final
+        norm (an early exit's own copy); the LM head is always the model's."""
+        raise NotImplementedError
+
+    def final_norm_module(self):
+        """The decoder's final norm, or None (BART and Marian have none: each layer ends normalised)."""
         raise NotImplementedError
 
 
@@ -188,11 +206,14 @@ class _LlamaFamily(_Decoder):
         cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
         self.cos, self.sin = cos[0], sin[0]
 
-    def forward(self, ids, pos, last_only=False):
-        h = self.inner.embed_tokens(ids)[None]  # [1, n, d]
+    def embed(self, ids, pos):
+        return self.inner.embed_tokens(ids)[None]  # [1, n, d]
+
+    def run_layers(self, h, pos, start, stop):
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, n, D]
-        masks = {w: causal_mask(pos, self.capacity, w) for w in set(self.windows)}
-        for i, layer in enumerate(self.layers):
+        masks = {w: causal_mask(pos, self.capacity, w) for w in set(self.windows[start:stop])}
+        for i in range(start, stop):
+            layer = self.layers[i]
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -201,9 +222,13 @@ class _LlamaFamily(_Decoder):
             keys, values = self.kv.write(i, pos, k, v)
             h = h + attn.o_proj(attend(q, keys, values, masks[self.windows[i]], attn.scaling, self.gqa))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.inner.norm(h))[0]
+        return h
+
+    def head(self, h, norm=None):
+        return self.lm_head((self.inner.norm if norm is None else norm)(h))[0]
+
+    def final_norm_module(self):
+        return self.inner.norm
 
 
 class _EncoderDecoder(_Decoder):
@@ -267,13 +292,17 @@ class _BartFamily(_EncoderDecoder):
             h = enc.layer_norm(h)
         return h
 
-    def forward(self, ids, pos, last_only=False):
+    def embed(self, ids, pos):
         dec = self.dec
         h = dec.embed_tokens(ids)[None] * self.embed_scale + dec.embed_positions.weight[pos + self.pos_offset][None]
         if self.layernorm_embedding is not None:
             h = self.layernorm_embedding(h)
+        return h
+
+    def run_layers(self, h, pos, start, stop):
         mask = causal_mask(pos, self.capacity)
-        for i, layer in enumerate(self.layers):
+        for i in range(start, stop):
+            layer = self.layers[i]
             attn = layer.self_attn
             q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
             keys, values = self.kv.write(i, pos, k, v)
@@ -283,11 +312,16 @@ class _BartFamily(_EncoderDecoder):
             out = attend(q, self.cross.k[i], self.cross.v[i], self.src_visible, cross.scaling)
             h = layer.encoder_attn_layer_norm(h + cross.out_proj(out))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        if last_only:
-            h = h[:, -1:]
+        return h
+
+    def head(self, h, norm=None):
+        norm = self.final_norm if norm is None else norm
+        if norm is not None:
+            h = norm(h)
         return (self.lm_head(h) + self.logits_bias)[0]
+
+    def final_norm_module(self):
+        return self.final_norm
 
 
 class _T5Family(_EncoderDecoder):
@@ -337,11 +371,14 @@ class _T5Family(_EncoderDecoder):
         bias = self.rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, n, L]
         return bias.masked_fill(~causal_mask(pos, self.capacity), torch.finfo(bias.dtype).min)
 
-    def forward(self, ids, pos, last_only=False):
-        h = self.dec.embed_tokens(ids)[None]
+    def embed(self, ids, pos):
+        return self.dec.embed_tokens(ids)[None]
+
+    def run_layers(self, h, pos, start, stop):
         bias = self.self_bias(pos)
         cross_bias = torch.zeros((), dtype=h.dtype, device=h.device).masked_fill(~self.src_visible, torch.finfo(h.dtype).min)
-        for i, block in enumerate(self.blocks):
+        for i in range(start, stop):
+            block = self.blocks[i]
             sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
             attn = sa.SelfAttention
             x = sa.layer_norm(h)
@@ -352,12 +389,16 @@ class _T5Family(_EncoderDecoder):
             q = _heads(cross.q(ca.layer_norm(h)), self.head_dim)
             h = h + cross.o(attend(q, self.cross.k[i], self.cross.v[i], cross_bias, 1.0))
             h = h + ff.DenseReluDense(ff.layer_norm(h))
-        if last_only:
-            h = h[:, -1:]
-        h = self.dec.final_layer_norm(h)
+        return h
+
+    def head(self, h, norm=None):
+        h = (self.dec.final_layer_norm if norm is None else norm)(h)
         if self.output_scale is not None:
             h = h * self.output_scale
         return self.lm_head(h)[0]
+
+    def final_norm_module(self):
+        return self.dec.final_layer_norm
 
 
 def _family(model) -> type[_Decoder]:
@@ -437,7 +478,7 @@ class FastRunner:
         self._ensure_capacity(prefix + max_new_tokens + 1, len(prompt) if self.is_encoder_decoder else 0)
         self._capture_wanted()
         self.length = 0
-        self._pos_on_device = self._ids_on_device = None
+        self._forget_device_state()
         if self.is_encoder_decoder:
             n = len(prompt)
             self._src_host[:n] = torch.tensor(prompt)
@@ -550,15 +591,22 @@ class FastRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # kernels chosen and workspaces allocated outside the capture
-                self._pos0.zero_()
+                self._zero_positions()
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        self._pos0.zero_()
+        self._zero_positions()
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
         self._graphs[key] = graph
         self.captures += 1
+        self._forget_device_state()
+
+    def _zero_positions(self) -> None:
+        self._pos0.zero_()
+
+    def _forget_device_state(self) -> None:
+        """The host no longer knows what the device's input buffers hold: the next pass loads them."""
         self._pos_on_device = self._ids_on_device = None
 
     def _capture_wanted(self) -> None:
@@ -593,7 +641,7 @@ class FastRunner:
         ids = torch.tensor(tokens, device=self.device)
         self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device), last_only=True)
         self.length += len(tokens)
-        self._pos_on_device = self._ids_on_device = None
+        self._forget_device_state()
 
     def _eager_check(self, tokens, rollback, threshold):
         ids = torch.tensor(tokens, device=self.device)
@@ -602,5 +650,5 @@ class FastRunner:
         cut = first_cut(logits[:-1], argmax[:-1], ids[1:], rollback, threshold)
         values = torch.cat([cut.view(1), argmax]).tolist()  # note: sync point
         self.length += len(tokens)
-        self._pos_on_device = self._ids_on_device = None
+        self._forget_device_state()
         return values[0], values[1:]
