@@ -9,7 +9,16 @@ Objectives (`objective`):
   those outputs (`divergence`: forward_kl, reverse_kl, jsd, tvd; DistillSpec);
 - seq_kd+token_kd: (1 - kd_weight) * seq_kd + kd_weight * token_kd;
 - references: cross-entropy on the dataset's own targets, which also trains a model from a config
-  (`model_config`) from scratch.
+  (`model_config`) from scratch;
+- early_exit: trains an exit head after decoder layer `exit_layer` of `model` (the large model) for early-exit
+  BiLD (decode/early_exit.py), on its calibration outputs (`calibration`) or on references (`dataset`). The
+  exit's distribution is distilled towards the full model's (`divergence`). `exit_mode=frozen`: only the head
+  trains and the model is unchanged, so its lossless output is the original's; `exit_mode=joint`: the whole
+  model trains on cross-entropy over the targets plus `exit_weight` x the exit loss (the paper's joint
+  training; the full model's quality changes, and is reported). The head is saved with the model
+  (exit_head.safetensors, exit_head.json), where `BiLD.early_exit(<final folder>)` finds it. Held-out
+  metrics: eval_loss is the full model's cross-entropy, eval_top1_agreement the exit's argmax agreeing
+  with the full model's.
 
 An explicit loop: the loss is summed over target tokens and divided by the number of target tokens in
 the whole accumulation window, gathered across processes. Evaluation on held-out pairs reports loss and
@@ -48,7 +57,8 @@ from align.losses import (
 from data.config import config_from_cli, save_config
 from data.sources import PromptConfig, load_examples
 
-OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references")
+OBJECTIVES = ("seq_kd", "token_kd", "seq_kd+token_kd", "references", "early_exit")
+EXIT_MODES = ("frozen", "joint")
 
 
 @dataclass
@@ -82,6 +92,13 @@ class TrainConfig(PromptConfig):
     kd_weight: float = 0.5
     """Weight of the token-level term in seq_kd+token_kd."""
     label_smoothing: float = 0.0
+    # --- early exit (objective early_exit)
+    exit_layer: int | None = None
+    """The decoder layer after which the exit head reads (1 .. layers - 1)."""
+    exit_mode: str = "frozen"
+    """frozen: only the exit head trains (the model's output is unchanged); joint: the whole model trains."""
+    exit_weight: float = 1.0
+    """joint: weight of the exit loss next to the full model's cross-entropy."""
     # --- optimisation
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -133,7 +150,18 @@ class TrainConfig(PromptConfig):
             raise ValueError("training from a config needs `tokenizer`")
         if self.objective == "references" and not self.dataset:
             raise ValueError("objective references needs `dataset`")
-        if self.objective != "references" and not self.calibration:
+        if self.objective == "early_exit":
+            if self.model is None or self.exit_layer is None:
+                raise ValueError("objective early_exit needs `model` (the model to exit early from) and `exit_layer`")
+            if self.exit_mode not in EXIT_MODES:
+                raise ValueError(f"exit_mode must be one of {EXIT_MODES}, got {self.exit_mode!r}")
+            if not (self.calibration or self.dataset):
+                raise ValueError("objective early_exit needs `calibration` (the model's own outputs) or `dataset`")
+            if self.lora:
+                raise ValueError("objective early_exit trains an exit head (and in joint mode the whole model); lora is not supported")
+            if self.exit_weight <= 0:
+                raise ValueError(f"exit_weight must be positive, got {self.exit_weight}")
+        elif self.objective != "references" and not self.calibration:
             raise ValueError(f"objective {self.objective} needs `calibration` (from align.calibrate)")
         if "token_kd" in self.objective and not self.teacher:
             raise ValueError(f"objective {self.objective} needs `teacher` (the large model)")
@@ -166,7 +194,7 @@ def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: li
 
 def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int], list[int]]]:
     """(source ids, target ids) for training (`which="train"`) or evaluation (`"eval"`)."""
-    if cfg.objective == "references":
+    if cfg.objective == "references" or (cfg.objective == "early_exit" and not cfg.calibration):
         split = cfg.split if which == "train" else cfg.eval_split
         if split is None:
             return []
@@ -276,6 +304,54 @@ def build_model(cfg: TrainConfig, tokenizer):
     return model
 
 
+class ExitTraining(torch.nn.Module):
+    """A model and the exit head after its decoder layer `exit_layer`, as one module for Accelerate / DeepSpeed.
+
+    forward returns (the full model's logits, the exit's logits). Layer k's states are read with a forward
+    hook on the layer itself, and the exit logits come from the same function early-exit decoding uses
+    (ExitHead.logits over the model's compact decoder), so training and decoding cannot drift apart.
+    """
+
+    def __init__(self, model, exit_layer: int, mode: str):
+        from decode.early_exit import ExitHead
+        from decode.fast import _family
+
+        super().__init__()
+        self.model, self.mode = model, mode
+        self.exit_head = ExitHead(model, exit_layer)
+        self.exit_layer = exit_layer
+        decoder = _family(model)(model)
+        self._decoder = [decoder]  # a list: not a registered submodule (it only points at the model's own)
+        layers = getattr(decoder, "layers", None) or decoder.blocks
+        self._layer = [layers[exit_layer - 1]]
+        if mode == "frozen":
+            model.requires_grad_(False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.mode == "frozen":
+            self.model.eval()  # the reference the exit learns from: no dropout
+        return self
+
+    def forward(self, **inputs):
+        captured = []
+
+        def keep(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._layer[0].register_forward_hook(keep)
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "joint"):
+                logits = self.model(**inputs).logits
+        finally:
+            handle.remove()
+        return logits, self.exit_head.logits(self._decoder[0], captured[-1])
+
+
 def _lora_config(cfg: TrainConfig, model):
     from peft import LoraConfig, TaskType
 
@@ -294,6 +370,8 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher=None):
     Without a teacher (evaluation, or seq_kd / references) the loss is the cross-entropy on the targets.
     """
     labels = batch["labels"]
+    if cfg.objective == "early_exit":
+        return exit_loss(model, batch, cfg)
     if model_is_seq2seq(model):
         decoder_input_ids = _shift_right(model, labels)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -323,6 +401,24 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher=None):
         loss = kd if cfg.objective == "token_kd" else (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
     matches, count = top1_agreement(logits, labels)
     return loss, ce.detach(), matches, count
+
+
+def exit_loss(model, batch, cfg: TrainConfig):
+    """objective early_exit: (loss, the full model's CE, exit argmax == full argmax count, target count)."""
+    labels = batch["labels"]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if model_is_seq2seq(model):
+        inputs["decoder_input_ids"] = _shift_right(model, labels)
+    logits, exit_logits = model(**inputs)
+    if not model_is_seq2seq(model):
+        logits, labels, exit_logits = shift_for_causal_lm(logits, labels, exit_logits)
+    ce = cross_entropy_sum(logits, labels, cfg.label_smoothing)
+    kd = divergence_sum(exit_logits, logits.detach(), labels, cfg.divergence, cfg.jsd_beta)
+    base = getattr(model, "module", model)
+    loss = kd if base.mode == "frozen" else ce + cfg.exit_weight * kd
+    mask = labels != IGNORE_INDEX
+    matches = ((exit_logits.argmax(-1) == logits.argmax(-1)) & mask).sum()
+    return loss, ce.detach(), matches, mask.sum()
 
 
 def model_is_seq2seq(model) -> bool:
@@ -418,6 +514,13 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, metrics: dict, b
             merged = peft_model.merge_and_unload()
             merged.generation_config = unwrapped.generation_config
             merged.save_pretrained(final)
+        elif cfg.objective == "early_exit":  # the model (unchanged when frozen) and its exit head, side by side
+            part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
+            unwrapped.model.save_pretrained(final, state_dict=part("model."), is_main_process=True,
+                                            save_function=accelerator.save)
+            unwrapped.exit_head.save(final, part("exit_head."), mode=cfg.exit_mode, base_model=cfg.model,
+                                     divergence=cfg.divergence, data=cfg.calibration or cfg.dataset,
+                                     eval_top1_agreement=metrics.get("after", {}).get("eval_top1_agreement"))
         else:
             unwrapped.save_pretrained(final, state_dict=state_dict, is_main_process=True, save_function=accelerator.save)
         tokenizer.save_pretrained(final)
@@ -473,6 +576,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(cfg, model))
+    if cfg.objective == "early_exit":
+        model = ExitTraining(model, cfg.exit_layer, cfg.exit_mode)
+        accelerator.print(f"early exit after decoder layer {cfg.exit_layer}, {cfg.exit_mode}: "
+                          f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M parameters train")
     teacher = None
     if "token_kd" in cfg.objective:
         from decode.bild import load_model

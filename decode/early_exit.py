@@ -80,7 +80,7 @@ class ExitHead(nn.Module):
             self.norm.requires_grad_(True)
 
     def logits(self, decoder, h: torch.Tensor) -> torch.Tensor:
-        """decoder: the model's compact decoder (decode.fast); h: [1, n, d] (or [B, n, d]) -> logits."""
+        """decoder: the model's compact decoder (decode.fast); h: [B, n, d] -> logits [B, n, V]."""
         return decoder.head(h + self.adapter(h), self.norm)
 
     def save(self, folder: str | Path, state_dict: dict | None = None, **info) -> None:
@@ -204,8 +204,8 @@ class EarlyExitRunner(FastRunner):
 
     def _exit_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.exit_head is None:
-            return self.decoder.head(h)  # the model's own final norm and LM head
-        return self.exit_head.logits(self.decoder, h)
+            return self.decoder.head(h)[0]  # the model's own final norm and LM head
+        return self.exit_head.logits(self.decoder, h)[0]
 
     def _step_core(self, ids, pos):
         h = self._lower(ids, pos)
@@ -218,7 +218,7 @@ class EarlyExitRunner(FastRunner):
             self._lower(ids[n - m :], low0 + torch.arange(m, device=self.device))
         pos = high0 + torch.arange(n, device=self.device)
         h = self.decoder.run_layers(self._hidden[pos][None], pos, self.exit_layer, self.decoder.n_layers)
-        logits = self.decoder.head(h).float()  # [n, V]
+        logits = self.decoder.head(h)[0].float()  # [n, V]
         argmax = logits.argmax(dim=-1)
         return first_cut(logits[:-1], argmax[:-1], ids[1:], rollback, threshold), argmax
 

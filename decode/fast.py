@@ -155,7 +155,7 @@ class _Decoder:
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids, pos: [n]. Writes the caches at pos; returns logits [n, V] (or [1, V] with last_only)."""
         h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
-        return self.head(h[:, -1:] if last_only else h)
+        return self.head(h[:, -1:] if last_only else h)[0]
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids, pos: [n] -> the first layer's input [1, n, d]."""
@@ -166,7 +166,7 @@ class _Decoder:
         raise NotImplementedError
 
     def head(self, h: torch.Tensor, norm=None) -> torch.Tensor:
-        """The output head over the last layer's states [1, n, d] -> logits [n, V]. `norm` replaces the final
+        """The output head over the last layer's states [B, n, d] -> logits [B, n, V]. `norm` replaces the final
         norm (an early exit's own copy); the LM head is always the model's."""
         raise NotImplementedError
 
@@ -225,7 +225,7 @@ class _LlamaFamily(_Decoder):
         return h
 
     def head(self, h, norm=None):
-        return self.lm_head((self.inner.norm if norm is None else norm)(h))[0]
+        return self.lm_head((self.inner.norm if norm is None else norm)(h))
 
     def final_norm_module(self):
         return self.inner.norm
@@ -318,7 +318,7 @@ class _BartFamily(_EncoderDecoder):
         norm = self.final_norm if norm is None else norm
         if norm is not None:
             h = norm(h)
-        return (self.lm_head(h) + self.logits_bias)[0]
+        return self.lm_head(h) + self.logits_bias
 
     def final_norm_module(self):
         return self.final_norm
@@ -395,7 +395,7 @@ class _T5Family(_EncoderDecoder):
         h = (self.dec.final_layer_norm if norm is None else norm)(h)
         if self.output_scale is not None:
             h = h * self.output_scale
-        return self.lm_head(h)[0]
+        return self.lm_head(h)
 
     def final_norm_module(self):
         return self.dec.final_layer_norm
