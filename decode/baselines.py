@@ -6,9 +6,13 @@
 - `AssistedGeneration(large, small)`: transformers assisted generation, `large.generate(...,
   assistant_model=small)`, row by row (it supports batch size 1 only). Lossless draft-and-verify
   with exact-match verification.
+- `HFEarlyExit(model, k)`: transformers' self-speculative decoding, `model.generate(..., assistant_early_exit=k)`
+  (LayerSkip's drafting with the first k layers), where the architecture supports it.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import PreTrainedModel
@@ -90,3 +94,36 @@ class AssistedGeneration(HFGenerate):
             "num_assistant_tokens": self.num_assistant_tokens,
             "assistant_confidence_threshold": self.assistant_confidence_threshold,
         }
+
+
+def hf_early_exit_unsupported(model: PreTrainedModel) -> str | None:
+    """Why transformers' `assistant_early_exit` would not exit early on this model, or None.
+
+    transformers drafts by lowering `config.num_hidden_layers` on the base model for the draft; only models
+    whose forward loops over `layers[: config.num_hidden_layers]` (the Llama family) then run fewer layers.
+    Elsewhere (BART, T5: the decoder runs every layer) the "draft" would be the whole model.
+    """
+    base = getattr(model, model.base_model_prefix, model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        source = ""
+    if "num_hidden_layers]" not in source:
+        return (f"transformers' assistant_early_exit drafts by lowering config.num_hidden_layers, which "
+                f"{type(base).__name__} does not read (its decoder runs every layer)")
+    return None
+
+
+class HFEarlyExit(HFGenerate):
+    """transformers' early-exit self-speculation: `model.generate(..., assistant_early_exit=k)`."""
+
+    def __init__(self, model: PreTrainedModel, exit_layer: int):
+        why = hf_early_exit_unsupported(model)
+        if why is not None:
+            raise ValueError(why)
+        super().__init__(model)
+        self.exit_layer = exit_layer
+        self.path = f"transformers generate, assistant_early_exit={exit_layer}"
+
+    def _generate_kwargs(self) -> dict:
+        return {"assistant_early_exit": self.exit_layer}

@@ -11,7 +11,12 @@ Systems, every one on the same examples at batch size 1, greedy, same precision,
   --aligned both again with the aligned small model;
 - transformers assisted generation with each small model (the outside baseline);
 - on request (`systems=[...]`), the paper's ablations at the same thresholds: BiLD with fallback only (no
-  rollback) and with rollback only (no confidence fallback; the step cap still hands over).
+  rollback) and with rollback only (no confidence fallback; the step cap still hands over);
+- on request, early exit (the paper's RQ4, decode/early_exit.py): `early_exit` and `early_exit_exact` rows
+  for the large model exiting after each of `exit_layers` with its own head (untrained), and for each
+  trained exit in `exit_checkpoints` (align/train.py objective=early_exit); `hf_early_exit`: transformers'
+  `generate(assistant_early_exit=k)` for each of `exit_layers`, or a row saying the architecture is not
+  supported there.
 Each system decodes `warmup` examples first, untimed; every latency is read with the device synchronised.
 --sweep adds a grid over fallback x rollback thresholds, the speed-quality frontier, and the paper's
 operating points (the fastest setting within 0.1 and within 1 point of the large model's score).
@@ -43,12 +48,14 @@ from data.sources import PromptConfig, load_examples
 from decode.metrics import TASKS, continuation_perplexity, score
 
 LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
-SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted", "bild_fallback_only", "bild_rollback_only")
+SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted", "bild_fallback_only", "bild_rollback_only",
+           "early_exit", "early_exit_exact", "hf_early_exit")
 DEFAULT_SYSTEMS = SYSTEMS[:6]
 # BiLD rows, each a BiLDConfig override at the row's thresholds: the paper's ablations switch one policy off
 _BILD = {"bild": {}, "bild_exact": {"rollback": "exact"},
          "bild_fallback_only": {"rollback_threshold": math.inf},  # never roll back
          "bild_rollback_only": {"fallback_threshold": 0.0}}  # never fall back on confidence (step cap only)
+_EXIT = {"early_exit": {}, "early_exit_exact": {"rollback": "exact"}}  # early-exit rows, the same overrides
 
 
 @dataclass
@@ -76,7 +83,15 @@ class EvalConfig(PromptConfig):
     """Where a small model's folder holds bild_thresholds.json (python -m decode.tune), its BiLD rows use that
     point instead of the thresholds above."""
     systems: list = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
-    """Rows to run; also bild_fallback_only and bild_rollback_only (the paper's ablations)."""
+    """Rows to run; also bild_fallback_only and bild_rollback_only (the paper's ablations), early_exit,
+    early_exit_exact and hf_early_exit."""
+    exit_layers: list = field(default_factory=lambda: [1, 2, 3])
+    """Early-exit rows: the large model exiting after each of these decoder layers, with its own head."""
+    exit_checkpoints: list = field(default_factory=list)
+    """Early-exit rows: folders with a trained exit head (align/train.py objective=early_exit) and its model."""
+    exit_fallback_threshold: float | None = None
+    """Thresholds of the early-exit rows; default: fallback_threshold / rollback_threshold."""
+    exit_rollback_threshold: float | None = None
     sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
     sweep_limit: int | None = None
@@ -110,6 +125,11 @@ class EvalConfig(PromptConfig):
                     BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps)
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        if any(s in self.systems for s in ("early_exit", "early_exit_exact", "hf_early_exit")):
+            if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.exit_layers):
+                raise ValueError(f"exit_layers must be positive integers, got {self.exit_layers}")
+            if not self.exit_layers and not self.exit_checkpoints:
+                raise ValueError("early-exit rows need `exit_layers` or `exit_checkpoints`")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,10 +204,33 @@ class Evaluation:
 
         paths = {"small": cfg.small, "aligned": aligned}
         self.tuned = {k: load_tuned(p) for k, p in paths.items() if p and cfg.use_tuned}
+        self.exits = self._load_exits(dtype, device)
         if cfg.task == "lm" and self.models["large"].config.is_encoder_decoder:
             raise ValueError("task lm needs decoder-only models")
         self.outputs: dict[str, list[list[int]]] = {}
         self.latencies: dict[str, list[float]] = {}
+
+    def _load_exits(self, dtype, device) -> dict:
+        """The early-exit variants: key -> (model key, exit layer, exit head folder or None, row label)."""
+        from decode.bild import load_model
+        from decode.early_exit import check_exit_layer, find_exit_head
+
+        cfg = self.cfg
+        if not any(s in cfg.systems for s in _EXIT) and "hf_early_exit" not in cfg.systems:
+            return {}
+        exits = {}
+        for k in cfg.exit_layers:
+            check_exit_layer(self.models["large"], k)  # a clear error before anything decodes
+            exits[f"exit{k}"] = ("large", k, None, f"exit after layer {k}, untrained")
+        for i, folder in enumerate(cfg.exit_checkpoints):
+            info = find_exit_head(folder)
+            if info is None:
+                raise FileNotFoundError(f"exit checkpoint {folder} has no exit_head.json (align/train.py objective=early_exit)")
+            key = f"exit_ckpt{i}"
+            self.models[key] = load_model(folder, dtype=dtype, device=device)
+            exits[key] = (key, int(info["exit_layer"]), folder,
+                          f"exit after layer {info['exit_layer']}, trained {info.get('mode', '?')}: {Path(folder).parent.name}")
+        return exits
 
     def _load_inputs(self):
         cfg, tok = self.cfg, self.tokenizer
@@ -217,8 +260,19 @@ class Evaluation:
     def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None):
         from decode import AssistedGeneration, BiLD, BiLDConfig, Greedy, HFGenerate
 
-        large, small = self.models["large"], self.models[small_key]
         cfg = self.cfg
+        if system in _EXIT:
+            model_key, layer, head, _ = self.exits[small_key]
+            settings = dict(fallback_threshold=_first(fallback, cfg.exit_fallback_threshold, cfg.fallback_threshold),
+                            rollback_threshold=_first(rollback, cfg.exit_rollback_threshold, cfg.rollback_threshold),
+                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path)
+            return BiLD.early_exit(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}),
+                                   exit_head=head)
+        if system == "hf_early_exit":
+            from decode.baselines import HFEarlyExit
+
+            return HFEarlyExit(self.models["large"], self.exits[small_key][1])
+        large, small = self.models["large"], self.models[small_key]
         if system == "large":
             return Greedy(large, cfg.fast_path)
         if system == "hf_generate":
@@ -279,7 +333,11 @@ class Evaluation:
         return row
 
 
-def _names(systems: list[str], aligned: bool) -> list[tuple[str, str, str]]:
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list[tuple[str, str, str]]:
     """(row name, system, small model key) for every row of the main table."""
     label = {"large": "large", "hf_generate": "large (transformers generate)", "small": "small",
              "bild": "BiLD", "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation",
@@ -287,6 +345,14 @@ def _names(systems: list[str], aligned: bool) -> list[tuple[str, str, str]]:
              "bild_rollback_only": "BiLD rollback only (no confidence fallback)"}
     rows = []
     for system in systems:
+        if system in _EXIT or system == "hf_early_exit":
+            for key, (_, layer, head, name) in (exits or {}).items():
+                if system == "hf_early_exit":
+                    if head is None:
+                        rows.append((f"transformers assistant_early_exit={layer}", system, key))
+                else:
+                    rows.append((f"BiLD early exit{' lossless' if system == 'early_exit_exact' else ''} ({name})", system, key))
+            continue
         rows.append((label[system] + (" (unaligned)" if aligned and (system in _BILD or system == "assisted") else ""),
                      system, "small"))
         if aligned and (system in _BILD or system in ("small", "assisted")):
@@ -300,9 +366,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
     ev = Evaluation(cfg, aligned)
     n = len(ev.examples)
     all_idx = list(range(n))
-    plan = _names(cfg.systems, aligned is not None)
+    plan = _names(cfg.systems, aligned is not None, ev.exits)
     sweep_idx = all_idx[: cfg.sweep_limit] if cfg.sweep_limit else all_idx
     variants = ["small"] + (["aligned"] if aligned else [])
+    if "early_exit" in cfg.systems:
+        variants += list(ev.exits)  # early exits on the same grid
     sweep_points = len(cfg.sweep_fallback) * len(cfg.sweep_rollback) * len(variants) if sweep else 0
     progress = tqdm(total=n * len(plan) + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
 
@@ -315,6 +383,14 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
         if tuned:
             fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
         start = progress.n
+        if system == "hf_early_exit":
+            from decode.baselines import hf_early_exit_unsupported
+
+            why = hf_early_exit_unsupported(ev.models["large"])
+            if why is not None:  # said in the table, not an error: transformers does not offer it here
+                rows.append({"system": name, "unsupported": why})
+                progress.update(n)
+                continue
         try:
             decoder = ev.decoder(system, small_key, fb, rb)
             row = ev.run(name, decoder, all_idx, progress)
@@ -326,6 +402,10 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             progress.update(n - (progress.n - start))
             continue
         row["path"] = decoder.path
+        if system in _EXIT:
+            row["exit_layer"] = decoder.exit_layer
+            row["fallback_threshold"] = decoder.config.fallback_threshold
+            row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         if system in _BILD:
             if tuned:
                 row["thresholds_tuned_on"] = f"{tuned['split']} (budget {tuned['budget']:g} {tuned['metric']})"
@@ -333,11 +413,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         rows.append(row)
     for row in rows:
-        if "error" not in row:
+        if "error" not in row and "unsupported" not in row:
             ev.finish_row(row, all_idx)
     assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
     for row in rows:
-        if "error" in row:
+        if "error" in row or "unsupported" in row:
             continue
         match = [a for a in assisted.values() if ("(aligned)" in a["system"]) == ("(aligned)" in row["system"])]
         if match:
@@ -350,7 +430,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             for fb in cfg.sweep_fallback:
                 for rb in cfg.sweep_rollback:
                     name = f"sweep {variant} fb={fb:g} rb={rb:g}"
-                    row = ev.run(name, ev.decoder("bild", variant, fb, rb), sweep_idx, progress)
+                    system = "early_exit" if variant in ev.exits else "bild"
+                    row = ev.run(name, ev.decoder(system, variant, fb, rb), sweep_idx, progress)
                     row.update(model=variant, fallback_threshold=fb, rollback_threshold=rb)
                     sweep_rows.append(ev.finish_row(row, sweep_idx))
             mine = [r for r in sweep_rows if r["model"] == variant]
@@ -368,6 +449,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
         "config": to_dict(cfg), "aligned": aligned, "metric": ev.metric, "higher_is_better": ev.higher_is_better,
         "examples": n, "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
         "rows": rows, "sweep": sweep_rows, "frontier": frontier, "operating_points": points,
+        "variant_labels": {"small": "unaligned", "aligned": "aligned",
+                           **{k: f"early exit ({v[3]})" for k, v in ev.exits.items()}},
         "hypotheses": {name: [ev.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
                        for name, outs in ev.outputs.items()},
     }
@@ -396,6 +479,9 @@ def table(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['system']} | failed: {r['error']} |" + " |" * (len(head) - 2))
             continue
+        if "unsupported" in r:
+            lines.append(f"| {r['system']} | not supported: {r['unsupported']} |" + " |" * (len(head) - 2))
+            continue
         cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + [
             _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
             _f(r.get("speedup_vs_large")) + "x", (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
@@ -412,13 +498,15 @@ def sweep_table(results: dict) -> str:
              f"| model | operating point | fallback | rollback | {m} | speedup vs large | fallback rate | rollback rate | tokens/large call |",
              "|---|---|---|---|---|---|---|---|---|"]
     by_name = {r["system"]: r for r in results["sweep"]}
-    for variant in ("small", "aligned"):
+    labels = results.get("variant_labels", {})
+    for variant in [v for v in points if v != "large_score_on_sweep_examples"]:
+        label = labels.get(variant, {"small": "unaligned", "aligned": "aligned"}.get(variant, variant))
         for key, name in (points.get(variant) or {}).items():
             r = by_name.get(name)
             if r is None:
-                lines.append(f"| {variant} | {key} | none | | | | | | |")
+                lines.append(f"| {label} | {key} | none | | | | | | |")
                 continue
-            lines.append(f"| {'unaligned' if variant == 'small' else 'aligned'} | {key.replace('_', ' ')} | {r['fallback_threshold']:g} | "
+            lines.append(f"| {label} | {key.replace('_', ' ')} | {r['fallback_threshold']:g} | "
                          f"{r['rollback_threshold']:g} | {_f(r[m])} | {_f(r['speedup_vs_large'])}x | {_f(r['fallback_rate'], 3)} | "
                          f"{_f(r['rollback_rate'], 3)} | {_f(r['tokens_per_large_call'])} |")
     return "\n".join(lines)
@@ -451,14 +539,17 @@ def plot(results: dict, path: Path) -> None:
 
     m = results["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, color in (("small", "tab:blue"), ("aligned", "tab:orange")):
+    labels = results.get("variant_labels", {})
+    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
+    for variant in results["frontier"]:
         rows = [r for r in results["sweep"] if r["model"] == variant]
         if not rows:
             continue
+        color = next(colors, "tab:gray")
         ax.scatter([r["speedup_vs_large"] for r in rows], [r[m] for r in rows], s=12, color=color, alpha=0.5)
         front = [r for r in rows if r["system"] in results["frontier"][variant]]
         ax.plot([r["speedup_vs_large"] for r in front], [r[m] for r in front], "-o", color=color, ms=4,
-                label=f"BiLD {'unaligned' if variant == 'small' else 'aligned'}")
+                label=f"BiLD {labels.get(variant, variant)}")
     ref = results["operating_points"].get("large_score_on_sweep_examples")
     if ref is not None:
         ax.axhline(ref, color="gray", ls="--", lw=1, label="large model")

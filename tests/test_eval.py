@@ -186,3 +186,37 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
     from align.publish import model_card
 
     assert "tuned on" in model_card(aligned, "you/aligned") and "split `valid`" in model_card(aligned, "you/aligned")
+
+
+def test_early_exit_rows_sweep_and_unsupported_baseline(eval_config, toy_models, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from decode.early_exit import ExitHead
+
+    ckpt = tmp_path / "exit_run" / "final"  # a trained exit: the large model with a head saved beside it
+    model = AutoModelForSeq2SeqLM.from_pretrained(toy_models["large"])
+    model.save_pretrained(ckpt)
+    head = ExitHead(model, 1)
+    with torch.no_grad():
+        head.adapter.weight.normal_(0, 0.3)
+    head.save(ckpt, mode="frozen")
+    out = tmp_path / "exit"
+    assert main(["--config", str(eval_config), "--sweep", "--limit", "4", "--out", str(out), "exit_layers=[1]",
+                 f"exit_checkpoints=[{ckpt}]", "systems=[early_exit,early_exit_exact,hf_early_exit]"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in results["rows"]}
+    untrained, trained = "exit after layer 1, untrained", "exit after layer 1, trained frozen: exit_run"
+    for name in (untrained, trained):
+        assert rows[f"BiLD early exit lossless ({name})"]["identical_to_large"] == 1.0
+        lossy = rows[f"BiLD early exit ({name})"]
+        assert lossy["exit_layer"] == 1 and lossy["path"].startswith("early exit after layer 1 of 2")
+        assert lossy["stats"]["small_steps"] > 0
+    assert "does not read" in rows["transformers assistant_early_exit=1"]["unsupported"]
+    assert {r["model"] for r in results["sweep"]} == {"small", "exit1", "exit_ckpt0"}
+    report = (out / "report.md").read_text()
+    assert "not supported" in report and f"early exit ({trained})" in report
+    # an exit layer the large model does not have: a clear error before decoding
+    assert main(["--config", str(eval_config), "--limit", "2", "--out", str(tmp_path / "bad"), "exit_layers=[2]",
+                 "systems=[early_exit]"]) == 2
+    assert "exit_layer must be an integer from 1 to 1" in capsys.readouterr().err
