@@ -94,6 +94,9 @@ class EvalConfig(PromptConfig):
     exit_rollback_threshold: float | None = None
     sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
+    sweep_models: list | None = None
+    """What --sweep sweeps: "small", "aligned", "exit<k>" (the untrained exit after layer k), "exit_ckpt<i>" (the
+    i-th of exit_checkpoints). Default: small, aligned with --aligned, and every early exit of the early_exit rows."""
     sweep_limit: int | None = None
     """Examples for each sweep point (default: all)."""
     fast_path: bool | None = None
@@ -371,6 +374,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
     variants = ["small"] + (["aligned"] if aligned else [])
     if "early_exit" in cfg.systems:
         variants += list(ev.exits)  # early exits on the same grid
+    if cfg.sweep_models is not None:
+        unknown = [v for v in cfg.sweep_models if v not in variants]
+        if unknown:
+            raise ValueError(f"sweep_models {unknown} are not among this run's models: {', '.join(variants)}")
+        variants = list(cfg.sweep_models)
     sweep_points = len(cfg.sweep_fallback) * len(cfg.sweep_rollback) * len(variants) if sweep else 0
     progress = tqdm(total=n * len(plan) + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
 

@@ -220,3 +220,7 @@ def test_early_exit_rows_sweep_and_unsupported_baseline(eval_config, toy_models,
     assert main(["--config", str(eval_config), "--limit", "2", "--out", str(tmp_path / "bad"), "exit_layers=[2]",
                  "systems=[early_exit]"]) == 2
     assert "exit_layer must be an integer from 1 to 1" in capsys.readouterr().err
+    out = tmp_path / "exit_only"
+    assert main(["--config", str(eval_config), "--sweep", "--limit", "3", "--out", str(out), "exit_layers=[1]",
+                 "systems=[early_exit]", "sweep_models=[exit1]"]) == 0
+    assert {r["model"] for r in json.loads((out / "results.json").read_text())["sweep"]} == {"exit1"}

@@ -91,3 +91,27 @@ def test_bf16_runs_and_statistics_add_up(arch):
     assert s.rows == 4 and s.new_tokens == s.small_tokens + s.large_tokens and s.seconds > 0
     greedy = Greedy(large).generate(ids, max_new_tokens=20)
     assert greedy.sequences.shape[0] == 4 and isinstance(Greedy(large)._runner, FastRunner)
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_early_exit_graphs_equal_no_graphs_and_exact_equals_greedy_on_cuda(arch):
+    """Early-exit BiLD on CUDA graphs == the same passes without graphs (every policy), and its exact mode is
+    the model's greedy generate, float32."""
+    from test_early_exit import POLICIES
+
+    model = tiny_model(arch, 3, width=32, layers=4).cuda()
+    for seed in range(2):
+        ids = random_prompt(seed, length=4 + 5 * seed).cuda()
+        ref = hf_greedy(model, ids, max_new_tokens=24).cpu()
+        for k in (1, 3):
+            for name, policy in POLICIES.items():
+                graphed = BiLD.early_exit(model, k, BiLDConfig(**policy))
+                assert "CUDA graphs" in graphed.path
+                a = graphed.generate(ids, max_new_tokens=24)
+                b = BiLD.early_exit(model, k, BiLDConfig(fast_path=False, **policy)).generate(ids, max_new_tokens=24)
+                assert torch.equal(a.sequences, b.sequences), (k, name)
+                sa, sb = a.stats.as_dict(), b.stats.as_dict()
+                sa.pop("seconds"), sb.pop("seconds")
+                assert sa == sb, (k, name)
+                if policy.get("rollback") == "exact":
+                    assert torch.equal(a.sequences, ref), (k, name)
