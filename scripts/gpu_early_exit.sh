@@ -6,7 +6,7 @@
 # calibration outputs -> exit heads (frozen after layers 1, 2, 3; joint after JOINT_LAYER) trained at the same
 # time -> decode.eval on the whole Multi30k test set: the large model, untrained and trained exits (lossy and
 # lossless), transformers' assistant_early_exit, and a threshold sweep of the exits.
-# Data from .gpu/m30k (a copy of ../shared/data/multi30k); results go to $OUT as each call ends.
+# Data from $DATA_DIR/multi30k (default .gpu/m30k/multi30k, a copy of ../shared/data/multi30k); results go to $OUT as each call ends.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH=.
 W=/tmp/bild; R=runs/exit; LOG=$W/$R/job.log
@@ -14,7 +14,7 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p $W && cp -r . $W/ && mkdir -p $W/$R
   cat > $W/$R/job.sh <<JOB
 set -x
-D=\${DATA_DIR:-.gpu/m30k}
+D=\${DATA_DIR:-.gpu/m30k}/multi30k
 TRAIN="accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py"
 (timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > $R/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> $R/gpu_tests.log) &
 [[ -f $R/tokenizer/tokenizer.json ]] || python3 -m data.tokenizer --dataset \$D --split train --vocab-size 8000 --out $R/tokenizer
