@@ -261,7 +261,9 @@ class _BartFamily(_EncoderDecoder):
     def __init__(self, model):
         super().__init__(model)
         self.encoder, dec = model.get_encoder(), model.get_decoder()
-        self.dec, self.lm_head, self.logits_bias = dec, model.lm_head, model.final_logits_bias
+        self.dec, self.lm_head = dec, model.lm_head
+        # a buffer, replaced (not moved in place) when the model moves: read it from the model each time
+        self._model = weakref.ref(model)
         self.layers = list(dec.layers)
         self.n_layers = len(self.layers)
         attn = self.layers[0].self_attn
@@ -271,6 +273,10 @@ class _BartFamily(_EncoderDecoder):
         self.pos_offset = getattr(dec.embed_positions, "offset", 0)
         self.layernorm_embedding = getattr(dec, "layernorm_embedding", None)
         self.final_norm = getattr(dec, "layer_norm", None)
+
+    @property
+    def logits_bias(self):
+        return self._model().final_logits_bias
 
     def cross_projections(self):
         return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.layers]
