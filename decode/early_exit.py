@@ -16,7 +16,7 @@ BiLD's own loop; with rollback="exact" the output is the model's own greedy outp
 
 The exit head: without training, the model's own final norm and LM head over layer k's states, so any
 covered model works out of the box. `align/train.py objective=early_exit` trains an `ExitHead` (a residual
-adapter, zero at initialisation, and a copy of the final norm; the LM head stays shared) and saves it with
+MLP adapter, zero at initialisation, and a copy of the final norm; the LM head stays shared) and saves it with
 the checkpoint (`exit_head.safetensors`, `exit_head.json`).
 
 The passes are decode/fast.py's compact decoders, so early exit covers the same families (BART, Marian,
@@ -61,8 +61,8 @@ def check_exit_layer(model: PreTrainedModel, exit_layer) -> int:
 
 
 class ExitHead(nn.Module):
-    """Layer k's states -> logits: h + adapter(h) (adapter zero at initialisation), this head's copy of the
-    final norm (None where the family has none), then the model's own LM head (not owned here).
+    """Layer k's states -> logits: h + adapter(h) (a two-layer MLP of width 2d whose output is zero at
+    initialisation), this head's copy of the final norm (None where the family has none), then the model's own LM head (not owned here).
 
     Untrained it equals the model's own head, so a freshly made ExitHead and no ExitHead decode the same.
     """
@@ -72,8 +72,10 @@ class ExitHead(nn.Module):
         self.exit_layer = check_exit_layer(model, exit_layer)
         d = model.config.get_text_config(decoder=True).hidden_size
         param = next(model.parameters())
-        self.adapter = nn.Linear(d, d, bias=False, device=param.device, dtype=param.dtype)
-        nn.init.zeros_(self.adapter.weight)
+        kw = dict(device=param.device, dtype=param.dtype)
+        self.adapter = nn.Sequential(nn.Linear(d, 2 * d, **kw), nn.GELU(), nn.Linear(2 * d, d, **kw))
+        nn.init.zeros_(self.adapter[-1].weight)  # zero output at initialisation: the model's own head
+        nn.init.zeros_(self.adapter[-1].bias)
         final_norm = _family(model)(model).final_norm_module()
         self.norm = copy.deepcopy(final_norm) if final_norm is not None else None
         if self.norm is not None:
@@ -113,8 +115,8 @@ def find_exit_head(folder) -> dict | None:
 
 
 class EarlyExitRunner(FastRunner):
-    """One model split at `exit_layer`, with the two runner views BiLD drives: `.small` (layers 1..k and the
-    exit head) and `.large` (layers k+1..L). `length` counts the positions layers 1..k hold; `high_length`
+    """One model split at `exit_layer`. BiLD drives it through two views (`_SmallView`: layers 1..k and the
+    exit head; `_LargeView`: layers k+1..L), which point at the runner and not back. `length` counts the positions layers 1..k hold; `high_length`
     the positions layers k+1..L hold; high_length <= length always."""
 
     def __init__(self, model: PreTrainedModel, exit_layer: int, exit_head: ExitHead | None = None, graphs: bool = True):
@@ -132,7 +134,6 @@ class EarlyExitRunner(FastRunner):
         self._hpos0 = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the upper pass's first token
         self._hpos_on_device: int | None = None
         self._hidden = None  # [capacity, d]: layer k's output at every position a small step fed
-        self.small, self.large = _SmallView(self), _LargeView(self)
 
     # -- the verbs, through the views --------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class EarlyExitBiLD(BiLD):
         self.config = config if config is not None else BiLDConfig()
         on_cuda = next(model.parameters()).device.type == "cuda"
         self.runner = EarlyExitRunner(model, exit_layer, exit_head, graphs=self.config.fast_path is not False and on_cuda)
-        self._large, self._small = self.runner.large, self.runner.small
+        self._large, self._small = _LargeView(self.runner), _SmallView(self.runner)
         self.exit_layer, self.exit_head = exit_layer, exit_head
         self._plan()
         self.path = self.runner.path

@@ -363,7 +363,9 @@ def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list
     return rows
 
 
-def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -> dict:
+def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, on_main_table=None) -> dict:
+    """Runs every row (and the sweep); `on_main_table(results)` is called once the main table is done, before
+    the sweep, so that a long sweep interrupted loses only itself."""
     from tqdm.auto import tqdm
 
     ev = Evaluation(cfg, aligned)
@@ -432,6 +434,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
             row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
 
     sweep_rows, frontier, points = [], {}, {}
+    if on_main_table is not None:
+        on_main_table(_results(cfg, aligned, ev, rows, sweep_rows, frontier, points))
     if sweep:
         large_subset = ev.quality([ev.outputs["large"][i] for i in sweep_idx], sweep_idx)[ev.metric]
         for variant in variants:
@@ -451,11 +455,14 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False) -
     for name in list(ev.outputs):
         if name.startswith("sweep"):
             del ev.outputs[name]
+    return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points)
 
+
+def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points) -> dict:
     env = _environment()
     return {
         "config": to_dict(cfg), "aligned": aligned, "metric": ev.metric, "higher_is_better": ev.higher_is_better,
-        "examples": n, "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
+        "examples": len(ev.examples), "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
         "rows": rows, "sweep": sweep_rows, "frontier": frontier, "operating_points": points,
         "variant_labels": {"small": "unaligned", "aligned": "aligned",
                            **{k: f"early exit ({v[3]})" for k, v in ev.exits.items()}},
@@ -621,11 +628,17 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"aligned checkpoint not found: {aligned} (no config.json); run align/train.py first")
         if cfg.limit is not None and cfg.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {cfg.limit}")
-        results = evaluate(cfg, aligned, args.sweep)
+        out = Path(cfg.out)
+
+        def main_table_done(partial: dict) -> None:
+            if args.sweep:  # written now, so that an interrupted sweep loses only itself; rewritten at the end
+                write_outputs(partial, out)
+                print(f"main table written to {out / 'report.md'}; the sweep follows", file=sys.stderr)
+
+        results = evaluate(cfg, aligned, args.sweep, main_table_done)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(cfg.out)
     write_outputs(results, out)
     print()
     print(table(results))

@@ -29,6 +29,7 @@ windows included). Anything else, or T5 in float16, runs on the eager path (`uns
 
 from __future__ import annotations
 
+import gc
 import sys
 import weakref
 
@@ -602,8 +603,16 @@ class FastRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         self._zero_positions()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn()
+        # No garbage collection inside the capture: freeing another runner's graph there (a reference cycle
+        # collected at a random moment) is a CUDA call the capture forbids, and it aborts the process.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                fn()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self._graphs[key] = graph
         self.captures += 1
         self._forget_device_state()

@@ -153,12 +153,12 @@ def test_exit_head_saved_with_the_checkpoint_and_loaded_on_the_same_path(arch, t
     assert fresh.sequences.tolist() == untrained.sequences.tolist()
     # a head that differs changes the small model's decisions, not the exact output
     with torch.no_grad():
-        head.adapter.weight.normal_(0, 0.5)
+        head.adapter[-1].weight.normal_(0, 0.5)
     model.save_pretrained(tmp_path)
     head.save(tmp_path, mode="frozen")
     bild = BiLD.early_exit(str(tmp_path), config=policy)
     assert bild.exit_layer == 2 and bild.exit_head is not None
-    assert torch.equal(bild.exit_head.adapter.weight, head.adapter.weight)
+    assert torch.equal(bild.exit_head.adapter[-1].weight, head.adapter[-1].weight)
     trained = bild.generate(ids, max_new_tokens=16)
     assert trained.stats.as_dict() != untrained.stats.as_dict()
     exact = BiLD.early_exit(str(tmp_path), config=BiLDConfig(rollback="exact")).generate(ids, max_new_tokens=16)

@@ -199,7 +199,7 @@ def test_early_exit_rows_sweep_and_unsupported_baseline(eval_config, toy_models,
     model.save_pretrained(ckpt)
     head = ExitHead(model, 1)
     with torch.no_grad():
-        head.adapter.weight.normal_(0, 0.3)
+        head.adapter[-1].weight.normal_(0, 0.3)
     head.save(ckpt, mode="frozen")
     out = tmp_path / "exit"
     assert main(["--config", str(eval_config), "--sweep", "--limit", "4", "--out", str(out), "exit_layers=[1]",
