@@ -34,11 +34,17 @@ class Greedy(RowDecoder):
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         runner = self._runner
+        sampling = self._sampling
+        if sampling is not None:
+            runner.plan([("logits", 1)])
         runner.start(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         while not self._finished(seq, prefix_len, max_new_tokens):
-            _, token = runner.step(seq[runner.length :])  # note: sync point
+            if sampling is None:
+                _, token = runner.step(seq[runner.length :])  # note: sync point
+            else:
+                token = int(sampling.draw(sampling.probs(runner.logits(seq[runner.length :], 1))))  # note: sync point
             seq.append(token)
             stats.large_calls += 1
             stats.large_tokens += 1
@@ -60,10 +66,17 @@ class HFGenerate(RowDecoder):
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         ids = torch.tensor([prompt], device=self.device)
+        settings = {"max_new_tokens": max_new_tokens}
+        if self._sampling is not None:
+            s = self._sampling
+            if s.generator is not None:
+                raise ValueError("transformers generate draws from the global RNG: seed it (torch.manual_seed) "
+                                 "instead of passing a generator")
+            settings.update(do_sample=True, temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p or 1.0)
         out = self.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            generation_config=greedy_generation_config(self.model, max_new_tokens=max_new_tokens),
+            generation_config=greedy_generation_config(self.model, **settings),
             **self._generate_kwargs(),
         )
         seq = out[0].tolist()

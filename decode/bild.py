@@ -206,7 +206,14 @@ class BiLD(RowDecoder):
             pass  # a folder with weights only: the caller tokenizes
         return bild
 
+    def _check_sampling(self) -> None:
+        if self.config.rollback != "exact":
+            raise ValueError("sampling verifies the small model's draft by the rejection rule, which is exact in "
+                             "distribution; the CE rollback is greedy-only: use BiLDConfig(rollback='exact')")
+
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
+        if self._sampling is not None:
+            return self._decode_row_sampled(prompt, max_new_tokens, stats)
         cfg = self.config
         large, small = self._large, self._small
         self._start_row(prompt, max_new_tokens)
@@ -233,6 +240,63 @@ class BiLD(RowDecoder):
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
             seq.append(token)
+        return seq[prefix_len:]
+
+    def _decode_row_sampled(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
+        """Speculative sampling (decode/sampling.py) with BiLD's fallback deciding the draft length."""
+        from decode.sampling import verify
+
+        cfg, sampling = self.config, self._sampling
+        large, small = self._large, self._small
+        cap = cfg.max_small_steps
+        small.plan([("logits", 1), ("logits", 2)])
+        large.plan([("logits", k + 1) for k in range((cap if cap is not None else 15) + 1)])
+        self._start_row(prompt, max_new_tokens)
+        seq = self._decoder_prefix(prompt)
+        prefix_len = len(seq)
+        pending_start = prefix_len
+        drafts: list[torch.Tensor] = []  # the small model's distribution for each pending token
+
+        def large_step(final: bool) -> int:
+            n_pending = len(seq) - pending_start
+            p = sampling.probs(large.logits(seq[large.length :], n_pending + 1))  # [k + 1, V]
+            q = torch.stack(drafts) if drafts else p[:0]
+            pending = torch.tensor(seq[pending_start:], dtype=torch.long, device=p.device)
+            cut, token = verify(p, q, pending, sampling, final)
+            stats.large_calls += 1
+            drafts.clear()
+            if cut < n_pending:
+                stats.rollbacks += 1
+                stats.rolled_back_tokens += n_pending - cut
+            stats.small_tokens += cut
+            del seq[pending_start + cut :]
+            if token is None:
+                return len(seq)
+            seq.append(token)
+            stats.large_tokens += 1
+            large.rewind(len(seq) - 1)
+            small.rewind(len(seq) - 1)
+            return len(seq)
+
+        while True:
+            n_pending = len(seq) - pending_start
+            if self._finished(seq, prefix_len, max_new_tokens):
+                if n_pending == 0:
+                    break
+                pending_start = large_step(final=True)
+                continue
+            if cap is not None and n_pending >= cap:
+                stats.step_cap_fallbacks += 1
+                pending_start = large_step(final=False)
+                continue
+            q = sampling.probs(small.logits(seq[small.length :], 1))[0]
+            stats.small_steps += 1
+            if float(q.max()) <= cfg.fallback_threshold:  # note: sync point
+                stats.fallbacks += 1
+                pending_start = large_step(final=False)
+                continue
+            seq.append(int(sampling.draw(q[None])[0]))
+            drafts.append(q)
         return seq[prefix_len:]
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:

@@ -155,6 +155,10 @@ class ModelRunner:
             logits = logits[-logits_to_keep:]
         return logits.float()
 
+    def logits(self, tokens: list[int], n_keep: int) -> torch.Tensor:
+        """Feeds `tokens`; returns float32 logits [n_keep, V] of the last n_keep positions (for sampling)."""
+        return self.forward(tokens, logits_to_keep=n_keep)
+
     def step(self, tokens: list[int]) -> tuple[float, int]:
         """Feeds `tokens`; returns the top probability and the argmax for the next position."""
         confidence, token = step_verdict(self.forward(tokens, logits_to_keep=1)[-1])

@@ -366,5 +366,8 @@ class EarlyExitBiLD(BiLD):
         notice(f"early-exit BiLD: {type(model).__name__} exits after decoder layer {exit_layer} of "
                f"{self.runner.decoder.n_layers}; exit head {trained}")
 
+    def _check_sampling(self) -> None:
+        raise ValueError("early-exit BiLD decodes greedy only; sampling is available for two-model BiLD")
+
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
         self.runner.start(prompt, max_new_tokens)  # one model, one start: the encoder runs once

@@ -452,6 +452,8 @@ class FastRunner:
         self._step_out = torch.zeros(2, dtype=torch.float32, device=self.device)  # confidence, token
         self._check_out = torch.zeros(MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax...
         self._host_ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, pin_memory=self.use_graphs)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._logits_out = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
         # what the device buffers hold, as far as the host knows (None: unknown)
         self._pos_on_device: int | None = None
         self._ids_on_device: tuple | None = None
@@ -530,6 +532,27 @@ class FastRunner:
         self._pos_on_device = self.length
         return values[0], values[1:]
 
+    @torch.inference_mode()
+    def logits(self, tokens: list[int], n_keep: int) -> torch.Tensor:
+        """Feeds `tokens`; returns float32 logits [n_keep, V] of the last n_keep positions (for sampling; a view
+        of a static buffer, valid until the next pass)."""
+        if len(tokens) > n_keep:  # only possible without a start prefill
+            self._eager_catch_up(tokens[: len(tokens) - n_keep])
+            tokens = tokens[len(tokens) - n_keep :]
+        n = len(tokens)
+        key = ("logits", n)
+        if key in self._graphs:
+            self._load(tokens)
+            self._run(key)
+            self.length += n
+            self._pos_on_device = self.length
+            return self._logits_out[:n]
+        ids = torch.tensor(tokens, device=self.device)
+        out = self.decoder.forward(ids, self.length + torch.arange(n, device=self.device)).float()
+        self.length += n
+        self._forget_device_state()
+        return out
+
     def rewind(self, length: int) -> None:
         """Forgets every position from `length` on: the next pass writes there, the mask hides the rest."""
         self.length = min(self.length, length)
@@ -574,7 +597,12 @@ class FastRunner:
             self._check_out[1 : n + 1] = argmax
             self._pos0 += n
 
-        return {"step": step, "check": check, "encode": encode}[key[0]]
+        def logits():  # the full distributions, for sampling outside the graph
+            pos = self._pos0 + self._arange[:n]
+            self._logits_out[:n] = self._forward(self._ids[:n], pos).float()
+            self._pos0 += n
+
+        return {"step": step, "check": check, "encode": encode, "logits": logits}[key[0]]
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)

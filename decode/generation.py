@@ -99,8 +99,21 @@ class RowDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> GenerateOutput:
-        """input_ids: [B, S] (or [S]); attention_mask: [B, S], 0 on padding (either side)."""
+        """input_ids: [B, S] (or [S]); attention_mask: [B, S], 0 on padding (either side).
+
+        do_sample: sample with `temperature`, `top_k`, `top_p` (transformers' warpers, in generate's order),
+        drawing from `generator` (on the models' device); otherwise greedy, and those settings are unused."""
+        from decode.sampling import Sampling
+
+        self._sampling = Sampling(temperature, top_k, top_p, generator) if do_sample else None
+        if do_sample:
+            self._check_sampling()
         if max_new_tokens is None or int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if input_ids.dim() == 1:
@@ -131,6 +144,9 @@ class RowDecoder:
         stats.seconds = time.perf_counter() - start
         stats.new_tokens = sum(len(r) for r in new_rows)
         return GenerateOutput(sequences=self._assemble(ids_cpu, new_rows), stats=stats)
+
+    def _check_sampling(self) -> None:
+        """Raises where this decoder cannot sample with its settings."""
 
     def _assemble(self, input_ids: torch.Tensor, new_rows: list[list[int]]) -> torch.Tensor:
         width = max(len(r) for r in new_rows)
