@@ -99,6 +99,13 @@ class EvalConfig(PromptConfig):
     i-th of exit_checkpoints). Default: small, aligned with --aligned, and every early exit of the early_exit rows."""
     sweep_limit: int | None = None
     """Examples for each sweep point (default: all)."""
+    do_sample: bool = False
+    """Sample instead of decoding greedily (every row; BiLD rows need rollback exact: systems=[large, bild_exact])."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    """Sampling: example i of a row draws from a generator seeded with seed + i."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -297,9 +304,10 @@ class Evaluation:
 
         stats, outputs, latencies = DecodeStats(), [], []
         for i in indices[: self.cfg.warmup]:  # untimed: kernels, allocator and caches warm up
-            decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens)
+            decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens, **self._sampling(decoder, i))
         for i in indices:
-            out = decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens)
+            out = decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens,
+                                   **self._sampling(decoder, i))
             new = out.sequences[0, (1 if decoder.is_encoder_decoder else len(self.inputs[i])) :].tolist()
             outputs.append(new)
             latencies.append(out.stats.seconds)
@@ -316,6 +324,20 @@ class Evaluation:
                        tokens_per_large_call=stats.tokens_per_large_call,
                        small_share=stats.small_tokens / max(stats.new_tokens, 1), stats=stats.as_dict())
         return row
+
+    def _sampling(self, decoder, i: int) -> dict:
+        """generate()'s sampling arguments for example i: a generator seeded by (seed, i), so every row draws
+        the same random numbers for the same example (transformers generate: its global RNG, seeded alike)."""
+        cfg = self.cfg
+        if not cfg.do_sample:
+            return {}
+        from decode.baselines import HFGenerate
+
+        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        if isinstance(decoder, HFGenerate):
+            torch.manual_seed(cfg.seed + i)
+            return kwargs
+        return {**kwargs, "generator": torch.Generator(self.device).manual_seed(cfg.seed + i)}
 
     def quality(self, outputs: list[list[int]], indices: list[int]) -> dict:
         if self.cfg.task == "lm":
@@ -535,6 +557,9 @@ def report(results: dict) -> str:
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
         f"- device: {results['device']}; dtype {results['dtype']}; batch size 1, greedy, warm-up {cfg['warmup']} examples per system",
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps {cfg['max_small_steps']}",
+        ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
+         "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
+         if cfg.get("do_sample") else "- decoding: greedy"),
         f"- inputs truncated to {cfg['max_source_length']} tokens: {results['truncated_inputs']}",
         f"- {results['date']}; git {results['git_commit']}; " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v),
         "",

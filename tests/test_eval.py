@@ -224,3 +224,19 @@ def test_early_exit_rows_sweep_and_unsupported_baseline(eval_config, toy_models,
     assert main(["--config", str(eval_config), "--sweep", "--limit", "3", "--out", str(out), "exit_layers=[1]",
                  "systems=[early_exit]", "sweep_models=[exit1]"]) == 0
     assert {r["model"] for r in json.loads((out / "results.json").read_text())["sweep"]} == {"exit1"}
+
+
+def test_sampling_rows(eval_config, tmp_path):
+    out = tmp_path / "sampled"
+    args = ["--config", str(eval_config), "--limit", "4", "--out", str(out), "do_sample=true", "temperature=0.8",
+            "systems=[large,small,bild_exact]", "fallback_threshold=0.4"]
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in first["rows"]}
+    assert rows["BiLD lossless (exact rollback)"]["stats"]["large_calls"] > 0
+    assert "sampling, temperature 0.8" in (out / "report.md").read_text()
+    assert main(args) == 0  # seeded per example: the same samples again
+    assert json.loads((out / "results.json").read_text())["hypotheses"] == first["hypotheses"]
+    # the CE rollback has no sampling analogue: that row fails, and says why
+    assert main(["--config", str(eval_config), "--limit", "2", "--out", str(tmp_path / "ce"), "do_sample=true",
+                 "systems=[bild]"]) == 1

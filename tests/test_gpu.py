@@ -115,3 +115,17 @@ def test_early_exit_graphs_equal_no_graphs_and_exact_equals_greedy_on_cuda(arch)
                 assert sa == sb, (k, name)
                 if policy.get("rollback") == "exact":
                     assert torch.equal(a.sequences, ref), (k, name)
+
+
+def test_sampling_on_cuda_graphs_equals_ungraphed_with_the_same_generator():
+    """Speculative sampling through the ("logits", n) graphs draws the same tokens as the same passes without
+    graphs, seed for seed (float32); and the exactness tests of tests/test_sampling.py hold on the CPU."""
+    large, small = cuda_pair("llama", 2)
+    ids = random_prompt(3, length=6).cuda()
+    outs = []
+    for fast_path in (None, False):
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.3, fast_path=fast_path))
+        gen = torch.Generator("cuda").manual_seed(11)
+        outs.append([bild.generate(ids, max_new_tokens=24, do_sample=True, temperature=1.0, generator=gen).sequences
+                     for _ in range(4)])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
