@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Alignment objectives compared on one pair (issue 11): seq_kd (the paper; ./launch.sh's own), token-level KD
+# (forward KL, JSD) on the large model's outputs, and on-policy alignment as in DistillSpec (the small model's own
+# outputs on the calibration inputs, scored by the large model's distributions, JSD). Each aligned model gets its
+# thresholds tuned on the validation split, then decode.eval on test at that point; a table comes last.
+#
+#   ./launch.sh full && bash scripts/compare_objectives.sh full       (smoke | cpu | full: the run's profile)
+#
+# It reuses the run's models and calibration outputs (runs/<profile>/); finished stages are skipped. The
+# on-policy data is align.calibrate run with the small model: resumable, spread over processes the same way.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${1:?usage: $0 smoke|cpu|full}
+R=${RUNS:-runs}/$PROFILE
+DATA_DIR=${DATA_DIR:-../shared/data}; M30K=$DATA_DIR/multi30k
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+[[ -f $R/small_aligned/final/config.json ]] || { echo "error: no finished ./launch.sh $PROFILE run in $R" >&2; exit 2; }
+case "$PROFILE" in
+  full)  CALIB=(); ALIGN=(); TUNE=(); EVAL=() ;;
+  cpu)   CALIB=(limit=4000 batch_size=64 max_new_tokens=48)
+         ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=4000)
+         TUNE=(--limit 100 warmup=2 max_new_tokens=48); EVAL=(--limit 100 warmup=2 max_new_tokens=48) ;;
+  smoke) CALIB=(limit=300 batch_size=64 max_new_tokens=24)
+         ALIGN=(max_steps=15 batch_size=32 warmup_steps=2 mixed_precision=no eval_limit=40 save_every=10)
+         TUNE=(--limit 12 warmup=1 max_new_tokens=24 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]")
+         EVAL=(--limit 12 warmup=1 max_new_tokens=24) ;;
+  *) echo "usage: $0 smoke|cpu|full" >&2; exit 2 ;;
+esac
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  TRAIN=(accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py)
+  CALIBRATE=(accelerate launch --config_file configs/accelerate/single_gpu.yaml -m align.calibrate)
+else
+  TRAIN=(python3 align/train.py); CALIBRATE=(python3 -m align.calibrate)
+fi
+stage() { echo; echo "=== [objectives] $* ($(date +%H:%M:%S))"; }
+
+stage "on-policy data: the small model's own greedy outputs on the calibration inputs"
+for split in train valid; do
+  out=$R/onpolicy.$split.jsonl
+  if [[ -f $out && ! -e $out.part0 ]]; then echo "done: $out"; continue; fi
+  extra=("${CALIB[@]}"); [[ $split == valid ]] && extra=(batch_size=256 "${CALIB[@]:0:1}")
+  "${CALIBRATE[@]}" --config configs/multi30k_calibrate.yaml model="$R/small/final" dataset="$M30K" split=$split output="$out" "${extra[@]}"
+done
+
+declare -A OBJ=(
+  [token_kd_fkl]="objective=token_kd divergence=forward_kl calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl"
+  [token_kd_jsd]="objective=token_kd divergence=jsd calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl"
+  [onpolicy_jsd]="objective=token_kd divergence=jsd calibration=$R/onpolicy.train.jsonl eval_calibration=$R/calibration.valid.jsonl"
+)
+for name in token_kd_fkl token_kd_jsd onpolicy_jsd; do
+  stage "align: $name"
+  if [[ -f $R/aligned_$name/final/config.json ]]; then echo "done: $R/aligned_$name/final"; continue; fi
+  read -ra settings <<< "${OBJ[$name]}"
+  "${TRAIN[@]}" --config configs/multi30k_align.yaml --resume model="$R/small/final" teacher="$R/large/final" \
+    output_dir="$R/aligned_$name" "${settings[@]}" "${ALIGN[@]}"
+done
+
+MODELS=(large="$R/large/final" small="$R/small/final" dataset="$M30K")
+for name in seq_kd token_kd_fkl token_kd_jsd onpolicy_jsd; do
+  folder=$R/aligned_$name/final; [[ $name == seq_kd ]] && folder=$R/small_aligned/final
+  stage "tune on valid, then evaluate on test: $name"
+  if [[ ! -f $folder/bild_thresholds.json ]]; then
+    rc=0; python3 -m decode.tune --config configs/multi30k_eval.yaml --aligned "$folder" "${MODELS[@]}" "${TUNE[@]}" || rc=$?
+    [[ $rc == 0 || $rc == 3 ]] || exit $rc
+  fi
+  out=$R/objectives/$name
+  [[ -f $out/report.md ]] || python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned "$folder" --out "$out" \
+    "${MODELS[@]}" "systems=[large,bild,bild_exact]" "${EVAL[@]}"
+done
+
+python3 - "$R" <<'PY'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+print("\n| objective | tuned point (fallback, rollback) | BLEU | speedup vs large | tokens / large call | fallback rate | rollback rate | lossless speedup |")
+print("|---|---|---|---|---|---|---|---|")
+for name in ("seq_kd", "token_kd_fkl", "token_kd_jsd", "onpolicy_jsd"):
+    rows = {r["system"]: r for r in json.loads((root / "objectives" / name / "results.json").read_text())["rows"]}
+    b, e, large = rows["BiLD (aligned)"], rows["BiLD lossless (exact rollback) (aligned)"], rows["large"]
+    point = f"{b['fallback_threshold']:g}, {b['rollback_threshold']:g}" + (" (tuned)" if b.get("thresholds_tuned_on") else " (config)")
+    print(f"| {name} | {point} | {b['bleu']:.2f} (large {large['bleu']:.2f}) | {b['speedup_vs_large']:.2f}x | "
+          f"{b['tokens_per_large_call']:.2f} | {b['fallback_rate']:.3f} | {b['rollback_rate']:.3f} | {e['speedup_vs_large']:.2f}x |")
+PY
