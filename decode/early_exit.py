@@ -62,7 +62,8 @@ def check_exit_layer(model: PreTrainedModel, exit_layer) -> int:
 
 class ExitHead(nn.Module):
     """Layer k's states -> logits: h + adapter(h) (a two-layer MLP of width 2d whose output is zero at
-    initialisation), this head's copy of the final norm (None where the family has none), then the model's own LM head (not owned here).
+    initialisation), this head's copy of the final norm (None where the family has none), then the model's own
+    LM head (not owned here).
 
     Untrained it equals the model's own head, so a freshly made ExitHead and no ExitHead decode the same.
     """
@@ -116,8 +117,8 @@ def find_exit_head(folder) -> dict | None:
 
 class EarlyExitRunner(FastRunner):
     """One model split at `exit_layer`. BiLD drives it through two views (`_SmallView`: layers 1..k and the
-    exit head; `_LargeView`: layers k+1..L), which point at the runner and not back. `length` counts the positions layers 1..k hold; `high_length`
-    the positions layers k+1..L hold; high_length <= length always."""
+    exit head; `_LargeView`: layers k+1..L), which point at the runner and not back. `length` counts the
+    positions layers 1..k hold, `high_length` those layers k+1..L hold; high_length <= length always."""
 
     def __init__(self, model: PreTrainedModel, exit_layer: int, exit_head: ExitHead | None = None, graphs: bool = True):
         super().__init__(model)
@@ -169,7 +170,8 @@ class EarlyExitRunner(FastRunner):
         n = len(tokens)
         m = self.high_length + n - self.length  # trailing tokens that layers 1..k have not seen
         if not 0 <= m <= n:
-            raise RuntimeError(f"early exit: {n} tokens from position {self.high_length}, but layers 1..k hold {self.length}")
+            raise RuntimeError(f"early exit: {n} tokens from position {self.high_length}, but layers 1..k hold "
+                               f"{self.length}")
         if n != n_pending + 1:
             raise ValueError(f"early exit checks the last checked token and {n_pending} pending ones; got {n} tokens")
         key = ("exit_check", n, m, rollback)
