@@ -1,9 +1,10 @@
 """Checks the lossless invariant on many random tiny model pairs: BiLD with rollback="exact" equals the
 large model's greedy `generate` token for token, for every architecture and several fallback thresholds.
 
-    python scripts/check_lossless.py --pairs 200 [--fast-path]
+    python scripts/check_lossless.py --pairs 200 [--fast-path | --early-exit]
 
---fast-path checks decode/fast.py's compact passes instead of the eager path (without CUDA graphs on a CPU;
+--early-exit checks early-exit BiLD instead: one random 4-layer model per seed, exiting after layer 1, 2 or 3
+(the seed picks), against that model's greedy `generate`. --fast-path checks decode/fast.py's compact passes instead of the eager path (without CUDA graphs on a CPU;
 with them on CUDA, where --device cuda also moves the models there). GPT-2 has no fast path and is skipped then.
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
@@ -19,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 import torch  # noqa: E402
-from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_pair  # noqa: E402
+from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_model, tiny_pair  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from decode import BiLD, BiLDConfig  # noqa: E402
@@ -31,25 +32,28 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--archs", nargs="*", default=list(ENCODER_DECODER + DECODER_ONLY))
     parser.add_argument("--fast-path", action="store_true", help="check the fast path (decode/fast.py)")
+    parser.add_argument("--early-exit", action="store_true", help="check early-exit BiLD (decode/early_exit.py)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.fast_path:
+    if args.fast_path or args.early_exit:
         args.archs = [a for a in args.archs if a != "gpt2"]
     torch.set_num_threads(1)
     rows = []
     for arch in args.archs:
         bad, small_share, checked = 0, [], 0
         for seed in tqdm(range(args.pairs), desc=arch):
-            large, small = (m.to(args.device) for m in tiny_pair(arch, 1000 + seed))
+            if args.early_exit:
+                large = tiny_model(arch, 1000 + seed, width=32, layers=4).to(args.device)
+            else:
+                large, small = (m.to(args.device) for m in tiny_pair(arch, 1000 + seed))
             ids = random_prompt(1000 + seed, length=3 + seed % 8).to(args.device)
             ref = hf_greedy(large, ids, max_new_tokens=args.max_new_tokens)
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
                              fast_path=True if args.fast_path else False)
-            out = BiLD(large, small, cfg).generate(
-                ids, max_new_tokens=args.max_new_tokens
-            )
+            bild = BiLD.early_exit(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
+            out = bild.generate(ids, max_new_tokens=args.max_new_tokens)
             checked += 1
             bad += int(not torch.equal(out.sequences, ref.cpu()))
             small_share.append(out.stats.small_tokens / max(out.stats.new_tokens, 1))
