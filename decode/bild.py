@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.fast import make_runner
 from decode.generation import DecodeStats, RowDecoder
+from decode.sampling import verify
 
 ROLLBACK_MODES = ("ce", "exact")
 
@@ -212,120 +213,78 @@ class BiLD(RowDecoder):
                              "distribution; the CE rollback is greedy-only: use BiLDConfig(rollback='exact')")
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
-        if self._sampling is not None:
-            return self._decode_row_sampled(prompt, max_new_tokens, stats)
-        cfg = self.config
+        cfg, sampling = self.config, self._sampling
         large, small = self._large, self._small
+        if sampling is not None:  # the full distributions come back (decode/sampling.py draws from them)
+            cap = cfg.max_small_steps
+            small.plan([("logits", 1), ("logits", 2)])
+            large.plan([("logits", k + 1) for k in range((cap if cap is not None else 15) + 1)])
         self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         pending_start = prefix_len  # first position the large model has not checked yet
+        drafts: list[torch.Tensor] = []  # sampling: the small model's distribution for each pending token
 
         while True:
             n_pending = len(seq) - pending_start
             if self._finished(seq, prefix_len, max_new_tokens):
                 if n_pending == 0:
                     break
-                pending_start = self._large_step(seq, pending_start, stats, final=True)
+                pending_start = self._large_step(seq, pending_start, stats, drafts, final=True)
                 continue
             if cfg.max_small_steps is not None and n_pending >= cfg.max_small_steps:
                 stats.step_cap_fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, final=False)
+                pending_start = self._large_step(seq, pending_start, stats, drafts, final=False)
                 continue
 
-            confidence, token = small.step(seq[small.length :])  # the loop's control flow lives on the host
+            # the loop's control flow lives on the host
+            if sampling is None:
+                confidence, token = small.step(seq[small.length :])
+            else:
+                q = sampling.probs(small.logits(seq[small.length :], 1))[0]
+                confidence = float(q.max())  # note: sync point
             stats.small_steps += 1
             if confidence <= cfg.fallback_threshold:
                 stats.fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, final=False)
+                pending_start = self._large_step(seq, pending_start, stats, drafts, final=False)
                 continue
+            if sampling is not None:  # drawn only once the token is kept: a fallback discards no draw
+                token = int(sampling.draw(q[None])[0])
+                drafts.append(q)
             seq.append(token)
-        return seq[prefix_len:]
-
-    def _decode_row_sampled(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
-        """Speculative sampling (decode/sampling.py) with BiLD's fallback deciding the draft length."""
-        from decode.sampling import verify
-
-        cfg, sampling = self.config, self._sampling
-        large, small = self._large, self._small
-        cap = cfg.max_small_steps
-        small.plan([("logits", 1), ("logits", 2)])
-        large.plan([("logits", k + 1) for k in range((cap if cap is not None else 15) + 1)])
-        self._start_row(prompt, max_new_tokens)
-        seq = self._decoder_prefix(prompt)
-        prefix_len = len(seq)
-        pending_start = prefix_len
-        drafts: list[torch.Tensor] = []  # the small model's distribution for each pending token
-
-        def large_step(final: bool) -> int:
-            n_pending = len(seq) - pending_start
-            p = sampling.probs(large.logits(seq[large.length :], n_pending + 1))  # [k + 1, V]
-            q = torch.stack(drafts) if drafts else p[:0]
-            pending = torch.tensor(seq[pending_start:], dtype=torch.long, device=p.device)
-            cut, token = verify(p, q, pending, sampling, final)
-            stats.large_calls += 1
-            drafts.clear()
-            if cut < n_pending:
-                stats.rollbacks += 1
-                stats.rolled_back_tokens += n_pending - cut
-            stats.small_tokens += cut
-            del seq[pending_start + cut :]
-            if token is None:
-                return len(seq)
-            seq.append(token)
-            stats.large_tokens += 1
-            large.rewind(len(seq) - 1)
-            small.rewind(len(seq) - 1)
-            return len(seq)
-
-        while True:
-            n_pending = len(seq) - pending_start
-            if self._finished(seq, prefix_len, max_new_tokens):
-                if n_pending == 0:
-                    break
-                pending_start = large_step(final=True)
-                continue
-            if cap is not None and n_pending >= cap:
-                stats.step_cap_fallbacks += 1
-                pending_start = large_step(final=False)
-                continue
-            q = sampling.probs(small.logits(seq[small.length :], 1))[0]
-            stats.small_steps += 1
-            if float(q.max()) <= cfg.fallback_threshold:  # note: sync point
-                stats.fallbacks += 1
-                pending_start = large_step(final=False)
-                continue
-            seq.append(int(sampling.draw(q[None])[0]))
-            drafts.append(q)
         return seq[prefix_len:]
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
         self._large.start(prompt, max_new_tokens)
         self._small.start(prompt, max_new_tokens)
 
-    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
+    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, drafts: list, final: bool) -> int:
         """One large-model pass over every position it has not seen; checks and edits `seq` in place.
 
-        Returns the new pending_start. With final=True and nothing cut, no token is appended.
+        Greedy: the rollback rule (first_cut), and the large model's argmax is written. Sampling: the rejection
+        rule (decode.sampling.verify) over `drafts`, and a drawn token is written. Returns the new pending_start.
+        With final=True and nothing cut, no token is appended.
         """
         large, small = self._large, self._small
         n_pending = len(seq) - pending_start
-        cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
+        if self._sampling is None:
+            cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
+            token = argmax[cut] if cut < n_pending else (None if final else argmax[n_pending])
+        else:
+            p = self._sampling.probs(large.logits(seq[large.length :], n_pending + 1))  # [k + 1, V]
+            pending = torch.tensor(seq[pending_start:], dtype=torch.long, device=p.device)
+            cut, token = verify(p, torch.stack(drafts) if drafts else p[:0], pending, self._sampling, final)
+            drafts.clear()
         stats.large_calls += 1
-
         if cut < n_pending:
             stats.rollbacks += 1
             stats.rolled_back_tokens += n_pending - cut
-            stats.small_tokens += cut
-            stats.large_tokens += 1
             del seq[pending_start + cut :]
-            seq.append(argmax[cut])
-        else:
-            stats.small_tokens += n_pending
-            if final:
-                return len(seq)
-            seq.append(argmax[n_pending])
-            stats.large_tokens += 1
+        stats.small_tokens += cut
+        if token is None:
+            return len(seq)
+        seq.append(token)
+        stats.large_tokens += 1
         # Both caches keep only positions whose token survived; the last token is fed on the next pass.
         large.rewind(len(seq) - 1)
         small.rewind(len(seq) - 1)
