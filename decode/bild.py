@@ -19,7 +19,8 @@ One step of the loop:
    the large model has the last word.
 
 Every position is checked: the original code's shortcut, which skipped the check when the first
-over-threshold token equalled the large model's argmax, is not reproduced.
+over-threshold token equalled the large model's argmax, is not reproduced. With do_sample=True the small model
+samples its draft, and step 2 is the rejection rule of speculative sampling instead (decode/sampling.py).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def warn_on_processors(model: PreTrainedModel) -> None:
 
 
 class BiLD(RowDecoder):
-    """BiLD greedy decoding over a large and a small model that share a vocabulary.
+    """BiLD decoding over a large and a small model that share a vocabulary: greedy, or with
+    `generate(..., do_sample=True)` speculative sampling (decode/sampling.py; rollback="exact" only).
 
     Batches are decoded row after row (batch size 1 per row, as in the paper); the result is correct for any
     batch, laid out as `large.generate` lays it out.
