@@ -74,12 +74,7 @@ case "$PROFILE" in
   *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
 
-if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  TRAIN=(accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py)
-  CALIBRATE=(accelerate launch --config_file configs/accelerate/single_gpu.yaml -m align.calibrate)
-else
-  TRAIN=(python3 align/train.py); CALIBRATE=(python3 -m align.calibrate)
-fi
+source scripts/launchers.sh  # TRAIN, CALIBRATE
 stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
 mkdir -p "$R"
 ln -sfn "$PROFILE" "${RUNS:-runs}/latest"  # the configs' commands (runs/latest/...) work after any profile

@@ -26,12 +26,7 @@ case "$PROFILE" in
          EVAL=(--limit 12 warmup=1 max_new_tokens=24) ;;
   *) echo "usage: $0 smoke|cpu|full" >&2; exit 2 ;;
 esac
-if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  TRAIN=(accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py)
-  CALIBRATE=(accelerate launch --config_file configs/accelerate/single_gpu.yaml -m align.calibrate)
-else
-  TRAIN=(python3 align/train.py); CALIBRATE=(python3 -m align.calibrate)
-fi
+source scripts/launchers.sh  # TRAIN, CALIBRATE
 stage() { echo; echo "=== [objectives] $* ($(date +%H:%M:%S))"; }
 
 stage "on-policy data: the small model's own greedy outputs on the calibration inputs"
