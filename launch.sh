@@ -12,7 +12,8 @@
 # Outputs go to runs/<profile>/; the last stage prints the report (runs/<profile>/eval/report.md).
 # Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
 # RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room),
-# LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation.
+# LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation,
+# STOP_AFTER=tune|eval: stop after threshold tuning, or after the main evaluation (no sweep, no out-of-domain run).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,7 +31,7 @@ case "$PROFILE" in
   full)
     VOCAB=8000
     LARGE=(); SMALL=(); ALIGN=(); CALIB=()
-    EVAL=()
+    EVAL=("throughput_batch_sizes=[1, 4, 16, 64]")  # tokens/s by batch size, large alone and BiLD
     SWEEP=()  # the whole test set: every sweep point runs on the fast path
     OOD=(--limit 200)
     EVAL_YAML=("warmup: 5" "max_new_tokens: 96")
@@ -131,6 +132,7 @@ tune() {  # model-folder tune-args...
 }
 tune "$R/small/final"
 tune "$R/small_aligned/final" --aligned
+[[ ${STOP_AFTER:-} == tune ]] && { echo "stopping after tuning (STOP_AFTER=tune)"; exit 0; }
 
 MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
 # `python -m decode.eval --aligned` with no --config evaluates this run's models on its data: runs/latest/eval.yaml
@@ -145,6 +147,7 @@ evaluate() {  # out config args...
 }
 stage "6/6 evaluation on Multi30k test: large, small, BiLD unaligned and aligned, assisted generation"
 evaluate "$R/eval" configs/multi30k_eval.yaml dataset="$M30K" "${EVAL[@]}"
+[[ ${STOP_AFTER:-} == eval ]] && { echo "stopping after the main evaluation (STOP_AFTER=eval)"; cat "$R/eval/report.md"; exit 0; }
 stage "6/6 threshold sweep: speed-quality frontier and the paper's operating points"
 evaluate "$R/sweep" configs/multi30k_eval.yaml --sweep "systems=[large]" dataset="$M30K" "${SWEEP[@]}"
 if [[ $PROFILE == full && -d $DATA_DIR/iwslt17_deen ]]; then

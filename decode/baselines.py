@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.bild import check_pair, greedy_generation_config
-from decode.fast import make_runner
+from decode.batch import BatchRunner
+from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 
@@ -49,6 +50,32 @@ class Greedy(RowDecoder):
             stats.large_calls += 1
             stats.large_tokens += 1
         return seq[prefix_len:]
+
+    def _batch_blocker(self) -> str | None:
+        if self._sampling is not None:
+            return "sampling decodes one row at a time"
+        if type(self._runner) is not FastRunner:
+            return f"batches are decoded together on the fast path only (this model runs on {self.path})"
+        return None
+
+    def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
+        """One pass per token for every unfinished row (finished rows sit out)."""
+        runner = BatchRunner.for_model(self.model, len(prompts))
+        runner.plan([("step", 1)])
+        runner.start(prompts, max_new_tokens)
+        seqs = [self._decoder_prefix(p) for p in prompts]
+        prefix_len = [len(s) for s in seqs]
+        while True:
+            live = [not self._finished(seq, n, max_new_tokens) for seq, n in zip(seqs, prefix_len)]
+            if not any(live):
+                break
+            verdicts = runner.step([seq[runner.lengths[b] :] if live[b] else [] for b, seq in enumerate(seqs)])
+            for b, verdict in enumerate(verdicts):
+                if verdict is not None:
+                    seqs[b].append(verdict[1])
+                    stats.large_calls += 1
+                    stats.large_tokens += 1
+        return [seq[n:] for seq, n in zip(seqs, prefix_len)]
 
 
 class HFGenerate(RowDecoder):

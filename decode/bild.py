@@ -34,7 +34,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
-from decode.fast import make_runner
+from decode.batch import BatchRunner
+from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 from decode.sampling import verify
 
@@ -271,26 +272,105 @@ class BiLD(RowDecoder):
         n_pending = len(seq) - pending_start
         if self._sampling is None:
             cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
-            token = argmax[cut] if cut < n_pending else (None if final else argmax[n_pending])
+            token = _token_after(cut, argmax, n_pending, final)
         else:
             p = self._sampling.probs(large.logits(seq[large.length :], n_pending + 1))  # [k + 1, V]
             pending = torch.tensor(seq[pending_start:], dtype=torch.long, device=p.device)
             cut, token = verify(p, torch.stack(drafts) if drafts else p[:0], pending, self._sampling, final)
             drafts.clear()
-        stats.large_calls += 1
-        if cut < n_pending:
-            stats.rollbacks += 1
-            stats.rolled_back_tokens += n_pending - cut
-            del seq[pending_start + cut :]
-        stats.small_tokens += cut
-        if token is None:
-            return len(seq)
-        seq.append(token)
-        stats.large_tokens += 1
-        # Both caches keep only positions whose token survived; the last token is fed on the next pass.
-        large.rewind(len(seq) - 1)
-        small.rewind(len(seq) - 1)
+        if _settle(seq, pending_start, cut, token, stats):
+            # Both caches keep only positions whose token survived; the last token is fed on the next pass.
+            large.rewind(len(seq) - 1)
+            small.rewind(len(seq) - 1)
         return len(seq)
+
+    # -- batches --------------------------------------------------------------------------------------
+
+    def _batch_blocker(self) -> str | None:
+        if self._sampling is not None:
+            return "speculative sampling decodes one row at a time"
+        if not (type(self._large) is FastRunner and type(self._small) is FastRunner):
+            return f"batches are decoded together on the fast path only (this pair runs on {self.path})"
+        return None
+
+    def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
+        """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions; each
+        round, one small-model pass feeds every row that drafts, then one large-model pass checks every row
+        that fell back (step cap and end included). Rows that need nothing sit out a pass."""
+        cfg = self.config
+        large = BatchRunner.for_model(self.large, len(prompts))
+        small = BatchRunner.for_model(self.small, len(prompts))
+        cap = cfg.max_small_steps
+        small.plan([("step", 1), ("step", 2)])
+        large.plan([("check", k + 1, cfg.rollback) for k in range((cap if cap is not None else 15) + 1)])
+        large.start(prompts, max_new_tokens)
+        small.start(prompts, max_new_tokens)
+        seqs = [self._decoder_prefix(p) for p in prompts]
+        prefix_len = [len(s) for s in seqs]
+        pending_start = list(prefix_len)
+        done = [False] * len(prompts)
+        while True:
+            drafting, checking = set(), {}  # checking: row -> final
+            for b, seq in enumerate(seqs):
+                if done[b]:
+                    continue
+                n_pending = len(seq) - pending_start[b]
+                if self._finished(seq, prefix_len[b], max_new_tokens):
+                    if n_pending == 0:
+                        done[b] = True
+                    else:
+                        checking[b] = True
+                elif cap is not None and n_pending >= cap:
+                    stats.step_cap_fallbacks += 1
+                    checking[b] = False
+                else:
+                    drafting.add(b)
+            if not drafting and not checking:
+                break
+            if drafting:
+                verdicts = small.step([seq[small.lengths[b] :] if b in drafting else [] for b, seq in enumerate(seqs)])
+                for b in drafting:
+                    confidence, token = verdicts[b]
+                    stats.small_steps += 1
+                    if confidence <= cfg.fallback_threshold:
+                        stats.fallbacks += 1
+                        checking[b] = False
+                    else:
+                        seqs[b].append(token)
+            if checking:
+                results = large.check([seq[large.lengths[b] :] if b in checking else [] for b, seq in enumerate(seqs)],
+                                      cfg.rollback, cfg.rollback_threshold)
+                for b, final in checking.items():
+                    seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
+                    cut, argmax = results[b]
+                    if _settle(seq, pending_start[b], cut, _token_after(cut, argmax, n_pending, final), stats):
+                        large.rewind(b, len(seq) - 1)
+                        small.rewind(b, len(seq) - 1)
+                    pending_start[b] = len(seq)
+        return [seq[n:] for seq, n in zip(seqs, prefix_len)]
+
+
+def _token_after(cut: int, argmax: list[int], n_pending: int, final: bool) -> int | None:
+    """The large model's token after a greedy check: its argmax at the cut, or after the pending tokens (none at
+    the end of the sequence when nothing was cut)."""
+    return argmax[cut] if cut < n_pending else (None if final else argmax[n_pending])
+
+
+def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, stats: DecodeStats) -> bool:
+    """Applies a large-model check to `seq`: drops the pending tokens from `cut` on, appends `token` (if any) and
+    counts. Returns whether a token was appended."""
+    n_pending = len(seq) - pending_start
+    stats.large_calls += 1
+    if cut < n_pending:
+        stats.rollbacks += 1
+        stats.rolled_back_tokens += n_pending - cut
+        del seq[pending_start + cut :]
+    stats.small_tokens += cut
+    if token is None:
+        return False
+    seq.append(token)
+    stats.large_tokens += 1
+    return True
 
 
 def tuned_config(small: str) -> BiLDConfig:

@@ -79,13 +79,26 @@ def first_cut(logits: torch.Tensor, argmax: torch.Tensor, pending: torch.Tensor,
     k = pending.shape[0]
     if k == 0:
         return torch.zeros((), dtype=torch.long, device=logits.device)
+    return first_cuts(logits[None], argmax[None], pending[None], None, rollback, threshold)[0]
+
+
+def first_cuts(logits, argmax, pending, n_pending, rollback: str, threshold) -> torch.Tensor:
+    """`first_cut` for B rows at once, each with its own number of pending tokens. logits: [B, m, V];
+    argmax, pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]; None: all m).
+    Returns [B] long, n_pending[b] where row b has nothing to cut."""
+    m = pending.shape[1]
+    if m == 0:
+        return torch.zeros(pending.shape[0], dtype=torch.long, device=logits.device)
+    positions = torch.arange(m, device=logits.device)
     if rollback == "exact":
         cut_mask = argmax != pending
     else:
-        nll = -torch.log_softmax(logits, dim=-1).gather(-1, pending[:, None]).squeeze(-1)  # [k]
+        nll = -torch.log_softmax(logits, dim=-1).gather(-1, pending[..., None]).squeeze(-1)  # [B, m]
         cut_mask = nll > threshold
-    positions = torch.arange(k, device=logits.device)
-    return torch.where(cut_mask, positions, k).min()
+    if n_pending is None:
+        return torch.where(cut_mask, positions, m).min(dim=1).values
+    cut_mask &= positions < n_pending[:, None]
+    return torch.where(cut_mask, positions, n_pending[:, None]).min(dim=1).values
 
 
 class ModelRunner:

@@ -201,7 +201,7 @@ class EarlyExitRunner(FastRunner):
 
     def _lower(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Embedding and layers 1..k over ids at pos ([m]); keeps layer k's states by position. -> [1, m, d]"""
-        h = self.decoder.run_layers(self.decoder.embed(ids, pos), pos, 0, self.exit_layer)
+        h = self.decoder.run_layers(self.decoder.embed(ids[None], pos[None]), pos[None], 0, self.exit_layer)
         self._hidden.index_copy_(0, pos, h[0])
         return h
 
@@ -220,7 +220,7 @@ class EarlyExitRunner(FastRunner):
         if m:
             self._lower(ids[n - m :], low0 + torch.arange(m, device=self.device))
         pos = high0 + torch.arange(n, device=self.device)
-        h = self.decoder.run_layers(self._hidden[pos][None], pos, self.exit_layer, self.decoder.n_layers)
+        h = self.decoder.run_layers(self._hidden[pos][None], pos[None], self.exit_layer, self.decoder.n_layers)
         logits = self.decoder.head(h)[0].float()  # [n, V]
         argmax = logits.argmax(dim=-1)
         return first_cut(logits[:-1], argmax[:-1], ids[1:], rollback, threshold), argmax

@@ -3,7 +3,8 @@
     python -m decode.eval --aligned                     # after ./launch.sh: its run's models and data
     python -m decode.eval --config configs/multi30k_eval.yaml --aligned [PATH] [--sweep] [--limit N] [--out DIR] [key=value ...]
 
-Systems, every one on the same examples at batch size 1, greedy, same precision, one process:
+Systems, every one on the same examples, greedy, same precision, one process, `batch_size` rows per generate
+call (1 by default: the paper's setting):
 - large: the large model alone, through the same cache machinery as BiLD (the speedup reference);
 - large (transformers generate): the same model through `model.generate`, to compare machinery;
 - small, and with --aligned the aligned small model alone;
@@ -18,6 +19,8 @@ Systems, every one on the same examples at batch size 1, greedy, same precision,
   `generate(assistant_early_exit=k)` for each of `exit_layers`, or a row saying the architecture is not
   supported there.
 Each system decodes `warmup` examples first, untimed; every latency is read with the device synchronised.
+`throughput_batch_sizes` adds a throughput table: tokens per second of the large model alone and of the BiLD
+rows in `throughput_systems`, at each batch size, on the same examples (decode/batch.py decodes a batch together).
 --sweep adds a grid over fallback x rollback thresholds, the speed-quality frontier, and the paper's
 operating points (the fastest setting within 0.1 and within 1 point of the large model's score).
 
@@ -106,6 +109,16 @@ class EvalConfig(PromptConfig):
     top_p: float | None = None
     seed: int = 0
     """Sampling: example i of a row draws from a generator seeded with seed + i."""
+    batch_size: int = 1
+    """Rows per generate call in the main table and the sweep (BiLD and the large/small rows decode a batch
+    together on the fast path; the others row after row). 1: the paper's setting."""
+    throughput_batch_sizes: list = field(default_factory=list)
+    """A throughput table: for each of these batch sizes, the large model alone and every BiLD row of
+    `throughput_systems` decode the same examples in calls of that many rows (e.g. [1, 4, 16, 64])."""
+    throughput_systems: list = field(default_factory=lambda: ["bild", "bild_exact"])
+    """BiLD rows of the throughput table (with --aligned, both the unaligned and the aligned variant)."""
+    throughput_limit: int | None = None
+    """Examples for the throughput table (default: all)."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -135,6 +148,14 @@ class EvalConfig(PromptConfig):
                     BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps)
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        for b in [self.batch_size, *self.throughput_batch_sizes]:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(f"batch sizes must be positive integers, got {b!r}")
+        if self.do_sample and (self.batch_size > 1 or self.throughput_batch_sizes):
+            raise ValueError("sampling rows draw from one generator per example: use batch_size 1 and no throughput table")
+        bad = [s for s in self.throughput_systems if s not in _BILD]
+        if bad:
+            raise ValueError(f"throughput_systems must be BiLD rows ({', '.join(_BILD)}), got {bad}")
         if any(s in self.systems for s in ("early_exit", "early_exit_exact", "hf_early_exit")):
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.exit_layers):
                 raise ValueError(f"exit_layers must be positive integers, got {self.exit_layers}")
@@ -298,26 +319,50 @@ class Evaluation:
             return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 
-    def run(self, name: str, decoder, indices: list[int], progress) -> dict:
-        """Decodes the examples one by one; returns the row (quality filled in later)."""
+    def batch(self, indices: list[int], left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask of these examples, padded (on the left for decoder-only models, as
+        `generate` expects)."""
+        width = max(len(self.inputs[i]) for i in indices)
+        ids = torch.full((len(indices), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            n = len(self.inputs[i])
+            cols = slice(width - n, width) if left_pad else slice(0, n)
+            ids[row, cols] = torch.tensor(self.inputs[i])
+            mask[row, cols] = 1
+        return ids, mask
+
+    def run(self, name: str, decoder, indices: list[int], progress, batch_size: int | None = None) -> dict:
+        """Decodes the examples, `batch_size` rows per generate call (default: the config's); returns the row
+        (quality filled in later). A row's latency is its call's time over the rows in the call."""
         from decode.generation import DecodeStats
 
+        batch_size = batch_size or self.cfg.batch_size
+        left_pad = not decoder.is_encoder_decoder
+
+        def generate(chunk):
+            ids, mask = self.batch(chunk, left_pad)
+            return decoder.generate(ids, mask, max_new_tokens=self.cfg.max_new_tokens, **self._sampling(decoder, chunk[0]))
+
+        # untimed: kernels, allocator, caches and the graphs of this batch size warm up
+        for chunk in ([[i] for i in indices[: self.cfg.warmup]] if batch_size == 1 else [indices[:batch_size]]):
+            generate(chunk)
         stats, outputs, latencies = DecodeStats(), [], []
-        for i in indices[: self.cfg.warmup]:  # untimed: kernels, allocator and caches warm up
-            decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens, **self._sampling(decoder, i))
-        for i in indices:
-            out = decoder.generate(torch.tensor([self.inputs[i]]), max_new_tokens=self.cfg.max_new_tokens,
-                                   **self._sampling(decoder, i))
-            new = out.sequences[0, (1 if decoder.is_encoder_decoder else len(self.inputs[i])) :].tolist()
-            outputs.append(new)
-            latencies.append(out.stats.seconds)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            out = generate(chunk)
+            first_new = out.sequences.shape[1] - max(out.new_lengths)  # both layouts end with the new tokens
+            for row, length in enumerate(out.new_lengths):
+                outputs.append(out.sequences[row, first_new : first_new + length].tolist())
+            latencies += [out.stats.seconds / len(chunk)] * len(chunk)
             stats.add(out.stats)
-            progress.update(1)
+            progress.update(len(chunk))
         self.outputs[name] = outputs
         self.latencies[name] = latencies
         total = sum(latencies)
-        row = {"system": name, "examples": len(indices), "new_tokens": stats.new_tokens, "total_seconds": total,
-               "latency_median_ms": 1000 * statistics.median(latencies), "latency_mean_ms": 1000 * total / len(latencies),
+        row = {"system": name, "examples": len(indices), "batch_size": batch_size, "new_tokens": stats.new_tokens,
+               "total_seconds": total, "latency_median_ms": 1000 * statistics.median(latencies),
+               "latency_mean_ms": 1000 * total / len(latencies),
                "tokens_per_s": stats.new_tokens / total if total else float("nan")}
         if stats.small_steps:
             row.update(fallback_rate=stats.fallback_rate, rollback_rate=stats.rollback_rate,
@@ -393,7 +438,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     ev = Evaluation(cfg, aligned)
     n = len(ev.examples)
     all_idx = list(range(n))
-    plan = _names(cfg.systems, aligned is not None, ev.exits)
+    plan = ev.plan = _names(cfg.systems, aligned is not None, ev.exits)
     sweep_idx = all_idx[: cfg.sweep_limit] if cfg.sweep_limit else all_idx
     variants = ["small"] + (["aligned"] if aligned else [])
     if "early_exit" in cfg.systems:
@@ -404,16 +449,14 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             raise ValueError(f"sweep_models {unknown} are not among this run's models: {', '.join(variants)}")
         variants = list(cfg.sweep_models)
     sweep_points = len(cfg.sweep_fallback) * len(cfg.sweep_rollback) * len(variants) if sweep else 0
-    progress = tqdm(total=n * len(plan) + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
+    tp_idx = all_idx[: cfg.throughput_limit] if cfg.throughput_limit else all_idx
+    tp_plan = [p for p in plan if p[1] == "large"] + [p for p in plan if p[1] in cfg.throughput_systems]
+    tp_work = len(tp_idx) * len(tp_plan) * len(cfg.throughput_batch_sizes)
+    progress = tqdm(total=n * len(plan) + tp_work + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
 
     rows = []
     for name, system, small_key in plan:
-        fb = rb = None
-        if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
-            fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
-        tuned = ev.tuned.get(small_key) if system in _BILD else None
-        if tuned:
-            fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
+        fb, rb, tuned = _row_thresholds(ev, system, small_key)
         start = progress.n
         if system == "hf_early_exit":
             from decode.baselines import hf_early_exit_unsupported
@@ -433,7 +476,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             print(f"error: system {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             progress.update(n - (progress.n - start))
             continue
-        row["path"] = decoder.path
+        row["path"] = _path(decoder, cfg.batch_size)
         if system in _EXIT:
             row["exit_layer"] = decoder.exit_layer
             row["fallback_threshold"] = decoder.config.fallback_threshold
@@ -455,9 +498,15 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         if match:
             row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
 
+    throughput = [_throughput_row(ev, name, system, small_key, b, tp_idx, progress)
+                  for b in cfg.throughput_batch_sizes for name, system, small_key in tp_plan]
+    for name in list(ev.outputs):
+        if " @ batch " in name:
+            del ev.outputs[name]
+
     sweep_rows, frontier, points = [], {}, {}
     if on_main_table is not None:
-        on_main_table(_results(cfg, aligned, ev, rows, sweep_rows, frontier, points))
+        on_main_table(_results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput))
     if sweep:
         large_subset = ev.quality([ev.outputs["large"][i] for i in sweep_idx], sweep_idx)[ev.metric]
         for variant in variants:
@@ -477,15 +526,53 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     for name in list(ev.outputs):
         if name.startswith("sweep"):
             del ev.outputs[name]
-    return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points)
+    return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput)
 
 
-def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points) -> dict:
+def _path(decoder, batch: int) -> str:
+    """The decoder's path, and with several rows per call whether they decode together."""
+    if batch == 1:
+        return decoder.path
+    blocker = decoder._batch_blocker()
+    return f"{decoder.path}; {batch} rows per call " + ("decoded together" if blocker is None else f"row after row ({blocker})")
+
+
+def _row_thresholds(ev: Evaluation, system: str, small_key: str):
+    """(fallback, rollback, tuned record) of a row: tuned thresholds where the small model has them, else the
+    config's (None: the decoder's default for that row)."""
+    cfg = ev.cfg
+    fb = rb = None
+    if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
+        fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
+    tuned = ev.tuned.get(small_key) if system in _BILD else None
+    if tuned:
+        fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
+    return fb, rb, tuned
+
+
+def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batch: int, indices, progress) -> dict:
+    """One row of the throughput table: `system` over `indices` in calls of `batch` rows, against the large
+    model at the same batch size (decoded first) and, for agreement, the large model's batch-1 outputs."""
+    fb, rb, _ = _row_thresholds(ev, system, small_key)
+    decoder = ev.decoder(system, small_key, fb, rb)
+    row = ev.run(f"{name} @ batch {batch}", decoder, indices, progress, batch)
+    outputs = ev.outputs[row["system"]]
+    row.update(ev.quality(outputs, indices), base=name, path=_path(decoder, batch))
+    row["identical_to_large"] = sum(o == ev.outputs["large"][i] for o, i in zip(outputs, indices)) / len(indices)
+    large_time = sum(ev.latencies[f"{[p for p in ev.plan if p[1] == 'large'][0][0]} @ batch {batch}"])
+    row["speedup_vs_large_same_batch"] = large_time / row["total_seconds"] if row["total_seconds"] else float("nan")
+    if system in _BILD:
+        row["fallback_threshold"] = decoder.config.fallback_threshold
+        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+    return row
+
+
+def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput=()) -> dict:
     env = _environment()
     return {
         "config": to_dict(cfg), "aligned": aligned, "metric": ev.metric, "higher_is_better": ev.higher_is_better,
         "examples": len(ev.examples), "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
-        "rows": rows, "sweep": sweep_rows, "frontier": frontier, "operating_points": points,
+        "rows": rows, "throughput": list(throughput), "sweep": sweep_rows, "frontier": frontier, "operating_points": points,
         "variant_labels": {"small": "unaligned", "aligned": "aligned",
                            **{k: f"early exit ({v[3]})" for k, v in ev.exits.items()}},
         "hypotheses": {name: [ev.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
@@ -528,6 +615,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def throughput_table(results: dict) -> str:
+    """Tokens per second by batch size: every system against the large model at the same batch size."""
+    m = results["metric"]
+    lines = [f"| batch | system | {m} | identical to large (batch 1) | tokens/s | speedup vs large, same batch | "
+             "tokens/large call | path |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["throughput"]:
+        lines.append(f"| {r['batch_size']} | {r['base']} | {_f(r.get(m))} | {_f(r['identical_to_large'])} | "
+                     f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x | "
+                     f"{_f(r.get('tokens_per_large_call'))} | {r['path']} |")
+    return "\n".join(lines)
+
+
 def sweep_table(results: dict) -> str:
     m = results["metric"]
     points = results["operating_points"]
@@ -555,7 +654,8 @@ def report(results: dict) -> str:
         f"# BiLD evaluation: {cfg['dataset']} ({cfg['split']}, {results['examples']} examples)",
         "",
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
-        f"- device: {results['device']}; dtype {results['dtype']}; batch size 1, greedy, warm-up {cfg['warmup']} examples per system",
+        f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
+        f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps {cfg['max_small_steps']}",
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
@@ -565,6 +665,8 @@ def report(results: dict) -> str:
         "",
         table(results),
     ]
+    if results.get("throughput"):
+        parts += ["", "## Throughput by batch size", "", throughput_table(results)]
     if results["sweep"]:
         parts += ["", "## Threshold sweep: the paper's operating points", "", sweep_table(results), "",
                   "![speed-quality frontier](frontier.png)"]
@@ -667,6 +769,9 @@ def main(argv=None) -> int:
     write_outputs(results, out)
     print()
     print(table(results))
+    if results.get("throughput"):
+        print()
+        print(throughput_table(results))
     if results["sweep"]:
         print()
         print(sweep_table(results))

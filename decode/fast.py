@@ -100,39 +100,45 @@ def make_runner(model: PreTrainedModel, fast_path: bool | None = None):
 
 
 class StaticKV:
-    """Keys and values of every layer: [layers, 1, H_kv, capacity, D] each, written by position."""
+    """Keys and values of every layer: [layers, B, H_kv, capacity, D] each, written by position, each row at
+    its own positions."""
 
-    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device):
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device, batch: int = 1):
         # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN would be NaN
-        self.k = torch.zeros(layers, 1, heads, capacity, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(layers, batch, heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self._rows = torch.arange(batch, device=device)[:, None]
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """pos: [n]; k, v: [1, H_kv, n, D]. Returns the layer's whole buffers."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
+        """pos: [B, n]; k, v: [B, H_kv, n, D]. Returns the layer's whole buffers."""
+        if pos.shape[0] == 1:
+            self.k[layer].index_copy_(2, pos[0], k)
+            self.v[layer].index_copy_(2, pos[0], v)
+        else:  # row b's n tokens go to its own positions pos[b]
+            self.k[layer][self._rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][self._rows, :, pos] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
 
 def attend(q, k, v, mask, scale, gqa: bool = False):
-    """q: [1, H, n, D]; k, v: [1, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, broadcastable to
-    [1, H, n, L]. Returns [1, n, H * D]."""
+    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, broadcastable to
+    [B, H, n, L]. Returns [B, n, H * D]."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(1, q.shape[2], -1)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 def causal_mask(pos: torch.Tensor, capacity: int, window: int | None = None) -> torch.Tensor:
-    """[1, 1, n, capacity]: slot j is visible from position p when j <= p (and p - j < window)."""
-    slots = torch.arange(capacity, device=pos.device)[None, :]
-    visible = slots <= pos[:, None]
+    """pos [B, n] -> [B, 1, n, capacity]: slot j is visible from position p when j <= p (and p - j < window)."""
+    slots = torch.arange(capacity, device=pos.device)
+    visible = slots <= pos[..., None]
     if window is not None:
-        visible &= slots > pos[:, None] - window  # transformers' sliding_window_overlay
-    return visible[None, None]
+        visible &= slots > pos[..., None] - window  # transformers' sliding_window_overlay
+    return visible[:, None]
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[1, n, H * D] -> [1, H, n, D]"""
-    return x.view(1, x.shape[1], -1, head_dim).transpose(1, 2)
+    """[B, n, H * D] -> [B, H, n, D]"""
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,24 +152,21 @@ class _Decoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
 
-    def allocate(self, capacity: int, src_capacity: int) -> None:
-        self.kv = StaticKV(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device)
+    def allocate(self, capacity: int, src_capacity: int, batch: int = 1) -> None:
+        self.kv = StaticKV(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device, batch)
         self.capacity = capacity
 
-    def encode(self, input_ids: torch.Tensor) -> None:
-        pass
-
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids, pos: [n]. Writes the caches at pos; returns logits [n, V] (or [1, V] with last_only)."""
+        """ids, pos: [B, n]. Writes the caches at pos; returns logits [B, n, V] (or [B, 1, V] with last_only)."""
         h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
-        return self.head(h[:, -1:] if last_only else h)[0]
+        return self.head(h[:, -1:] if last_only else h)
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids, pos: [n] -> the first layer's input [1, n, d]."""
+        """ids, pos: [B, n] -> the first layer's input [B, n, d]."""
         raise NotImplementedError
 
     def run_layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Layers start .. stop - 1 over h [1, n, d] at positions pos [n], writing their caches there."""
+        """Layers start .. stop - 1 over h [B, n, d] at positions pos [B, n], writing their caches there."""
         raise NotImplementedError
 
     def head(self, h: torch.Tensor, norm=None) -> torch.Tensor:
@@ -200,18 +203,18 @@ class _LlamaFamily(_Decoder):
         else:  # Mistral: one window for every layer, or none
             self.windows = [window] * self.n_layers
 
-    def allocate(self, capacity, src_capacity):
-        super().allocate(capacity, src_capacity)
+    def allocate(self, capacity, src_capacity, batch=1):
+        super().allocate(capacity, src_capacity, batch)
         # the model's own rotary module, once over every position: cos, sin [capacity, D]
         pos = torch.arange(capacity, device=self.device)[None]
         cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
         self.cos, self.sin = cos[0], sin[0]
 
     def embed(self, ids, pos):
-        return self.inner.embed_tokens(ids)[None]  # [1, n, d]
+        return self.inner.embed_tokens(ids)  # [B, n, d]
 
     def run_layers(self, h, pos, start, stop):
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, n, D]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, n, D]
         masks = {w: causal_mask(pos, self.capacity, w) for w in set(self.windows[start:stop])}
         for i in range(start, stop):
             layer = self.layers[i]
@@ -237,23 +240,24 @@ class _EncoderDecoder(_Decoder):
 
     is_encoder_decoder = True
 
-    def allocate(self, capacity, src_capacity):
-        super().allocate(capacity, src_capacity)
-        self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device)
-        self.src_visible = torch.zeros(1, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
+    def allocate(self, capacity, src_capacity, batch=1):
+        super().allocate(capacity, src_capacity, batch)
+        self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device, batch)
+        self.src_visible = torch.zeros(batch, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
         self.src_capacity = src_capacity
 
     def encode(self, src_ids: torch.Tensor, src_len: torch.Tensor) -> None:
-        """src_ids: [S_b], the input padded to a bucket length; src_len: 0-d, its real length (on the device).
-        Runs the encoder and writes every layer's cross-attention keys and values; positions past src_len
-        hold finite junk that `src_visible` hides."""
-        bucket = src_ids.shape[0]
-        key_visible = torch.arange(bucket, device=self.device) < src_len  # [S_b]
-        hidden = self.encoder_forward(src_ids[None], key_visible)  # [1, S_b, d]
+        """src_ids: [B, S_b], the inputs right-padded to a bucket length; src_len: [B], their real lengths (on
+        the device). Runs the encoder and writes every layer's cross-attention keys and values; positions past
+        a row's src_len hold finite junk that `src_visible` hides."""
+        bucket = src_ids.shape[1]
+        key_visible = torch.arange(bucket, device=self.device) < src_len[:, None]  # [B, S_b]
+        hidden = self.encoder_forward(src_ids, key_visible)  # [B, S_b, d]
         for i, (k_proj, v_proj) in enumerate(self.cross_projections()):
             self.cross.k[i][:, :, :bucket] = _heads(k_proj(hidden), self.head_dim)
             self.cross.v[i][:, :, :bucket] = _heads(v_proj(hidden), self.head_dim)
-        self.src_visible.copy_(torch.arange(self.src_capacity, device=self.device)[None, None, None] < src_len)
+        slots = torch.arange(self.src_capacity, device=self.device)
+        self.src_visible.copy_((slots < src_len[:, None])[:, None, None])
 
 
 class _BartFamily(_EncoderDecoder):
@@ -283,13 +287,13 @@ class _BartFamily(_EncoderDecoder):
         return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.layers]
 
     def encoder_forward(self, ids, key_visible):
-        """ids: [1, S]; key_visible: [S]. The encoder's layers written out (post-norm, as the decoder's)."""
+        """ids: [B, S]; key_visible: [B, S]. The encoder's layers written out (post-norm, as the decoder's)."""
         enc = self.encoder
         pos = torch.arange(ids.shape[1], device=ids.device)
         h = enc.embed_tokens(ids) * getattr(enc, "embed_scale", 1.0) + enc.embed_positions.weight[pos + self.pos_offset][None]
         if getattr(enc, "layernorm_embedding", None) is not None:
             h = enc.layernorm_embedding(h)
-        mask = key_visible[None, None, None, :]
+        mask = key_visible[:, None, None, :]
         for layer in enc.layers:
             attn = layer.self_attn
             q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -301,7 +305,9 @@ class _BartFamily(_EncoderDecoder):
 
     def embed(self, ids, pos):
         dec = self.dec
-        h = dec.embed_tokens(ids)[None] * self.embed_scale + dec.embed_positions.weight[pos + self.pos_offset][None]
+        table = dec.embed_positions.weight
+        # clamped: a batch's padding tokens sit past their row's end and may run past the table (never read)
+        h = dec.embed_tokens(ids) * self.embed_scale + table[(pos + self.pos_offset).clamp(max=table.shape[0] - 1)]
         if self.layernorm_embedding is not None:
             h = self.layernorm_embedding(h)
         return h
@@ -350,7 +356,7 @@ class _T5Family(_EncoderDecoder):
         return [(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v) for b in self.blocks]
 
     def encoder_forward(self, ids, key_visible):
-        """ids: [1, S]; key_visible: [S]. The encoder's blocks written out, with its bidirectional position bias."""
+        """ids: [B, S]; key_visible: [B, S]. The encoder's blocks written out, with its bidirectional position bias."""
         enc = self.encoder
         rel = enc.block[0].layer[0].SelfAttention
         pos = torch.arange(ids.shape[1], device=ids.device)
@@ -358,7 +364,7 @@ class _T5Family(_EncoderDecoder):
                                                num_buckets=rel.relative_attention_num_buckets,
                                                max_distance=rel.relative_attention_max_distance)
         bias = rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, S, S]
-        bias = bias.masked_fill(~key_visible[None, None, None, :], torch.finfo(bias.dtype).min)
+        bias = bias.masked_fill(~key_visible[:, None, None, :], torch.finfo(bias.dtype).min)  # [B, H, S, S]
         h = enc.embed_tokens(ids)
         for block in enc.block:
             sa, ff = block.layer[0], block.layer[-1]
@@ -370,16 +376,16 @@ class _T5Family(_EncoderDecoder):
         return enc.final_layer_norm(h)
 
     def self_bias(self, pos):
-        """Relative position bias plus the causal mask, additive: [1, H, n, capacity]."""
+        """Relative position bias plus the causal mask, additive: pos [B, n] -> [B, H, n, capacity]."""
         slots = torch.arange(self.capacity, device=pos.device)
         bucket = self.rel._relative_position_bucket(
-            slots[None, :] - pos[:, None], bidirectional=False,
+            slots - pos[..., None], bidirectional=False,
             num_buckets=self.rel.relative_attention_num_buckets, max_distance=self.rel.relative_attention_max_distance)
-        bias = self.rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, n, L]
+        bias = self.rel.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [B, H, n, L]
         return bias.masked_fill(~causal_mask(pos, self.capacity), torch.finfo(bias.dtype).min)
 
     def embed(self, ids, pos):
-        return self.dec.embed_tokens(ids)[None]
+        return self.dec.embed_tokens(ids)
 
     def run_layers(self, h, pos, start, stop):
         bias = self.self_bias(pos)
@@ -426,8 +432,11 @@ class FastRunner:
     """One model on the fast path: `start`, `step`, `check`, `rewind`, as decode.cache.ModelRunner.
 
     One runner per model (`for_model`), shared by every decoder over it: its buffers and graphs are
-    made once. Graphs are used on CUDA; elsewhere the same passes run without them.
+    made once. Graphs are used on CUDA; elsewhere the same passes run without them. One sequence at a time
+    (decode/batch.py's BatchRunner decodes B together).
     """
+
+    batch = 1  # rows of the static buffers
 
     def __init__(self, model: PreTrainedModel, compile: bool = False):
         prefer_fast_attention()
@@ -490,8 +499,8 @@ class FastRunner:
         self._forget_device_state()
         if self.is_encoder_decoder:
             n = len(prompt)
-            self._src_host[:n] = torch.tensor(prompt)
-            self._src_ids[:n].copy_(self._src_host[:n], non_blocking=True)
+            self._src_host[0, :n] = torch.tensor(prompt)
+            self._src_ids[0, :n].copy_(self._src_host[0, :n], non_blocking=True)
             self._src_len.fill_(n)
             self._run(("encode", _src_bucket(n)))
         elif len(prompt) > 1:  # prefill all but the last prompt token, which the first step or check feeds
@@ -548,7 +557,7 @@ class FastRunner:
             self._pos_on_device = self.length
             return self._logits_out[:n]
         ids = torch.tensor(tokens, device=self.device)
-        out = self.decoder.forward(ids, self.length + torch.arange(n, device=self.device)).float()
+        out = self.decoder.forward(ids[None], self.length + torch.arange(n, device=self.device)[None])[0].float()
         self.length += n
         self._forget_device_state()
         return out
@@ -578,7 +587,7 @@ class FastRunner:
 
         def step():
             pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[:n], pos, last_only=True)[-1].float()  # [V]
+            logits = self._forward(self._ids[None, :n], pos[None], last_only=True)[0, -1].float()  # [V]
             confidence, token = step_verdict(logits)
             self._step_out[0] = confidence
             self._step_out[1] = token
@@ -586,11 +595,11 @@ class FastRunner:
             self._pos0 += n
 
         def encode():  # the encoder over the input padded to the bucket, then the cross-attention K/V
-            self.decoder.encode(self._src_ids[:n], self._src_len)
+            self.decoder.encode(self._src_ids[:, :n], self._src_len)
 
         def check():
             pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[:n], pos).float()  # [n, V]
+            logits = self._forward(self._ids[None, :n], pos[None])[0].float()  # [n, V]
             argmax = logits.argmax(dim=-1)
             cut = first_cut(logits[:-1], argmax[:-1], self._ids[1:n], key[2], self._threshold)
             self._check_out[0] = cut
@@ -599,7 +608,7 @@ class FastRunner:
 
         def logits():  # the full distributions, for sampling outside the graph
             pos = self._pos0 + self._arange[:n]
-            self._logits_out[:n] = self._forward(self._ids[:n], pos).float()
+            self._logits_out[:n] = self._forward(self._ids[None, :n], pos[None])[0].float()
             self._pos0 += n
 
         return {"step": step, "check": check, "encode": encode, "logits": logits}[key[0]]
@@ -673,22 +682,23 @@ class FastRunner:
         # pool whose graphs are all freed trips an allocator assert (torch 2.11), so take a new one.
         self._graphs.clear()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.decoder.allocate(self.capacity, self.src_capacity)
+        self.decoder.allocate(self.capacity, self.src_capacity, self.batch)
         if self.is_encoder_decoder:
-            self._src_ids = torch.zeros(self.src_capacity, dtype=torch.long, device=self.device)
-            self._src_len = torch.zeros((), dtype=torch.long, device=self.device)
-            self._src_host = torch.zeros(self.src_capacity, dtype=torch.long, pin_memory=self.use_graphs)
+            self._src_ids = torch.zeros(self.batch, self.src_capacity, dtype=torch.long, device=self.device)
+            self._src_len = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+            self._src_host = torch.zeros(self.batch, self.src_capacity, dtype=torch.long, pin_memory=self.use_graphs)
 
     def _eager_catch_up(self, tokens: list[int]) -> None:
         """Feeds `tokens` without a graph (any number of them) and reads nothing back."""
-        ids = torch.tensor(tokens, device=self.device)
-        self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device), last_only=True)
+        ids = torch.tensor([tokens], device=self.device)
+        self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device)[None], last_only=True)
         self.length += len(tokens)
         self._forget_device_state()
 
     def _eager_check(self, tokens, rollback, threshold):
         ids = torch.tensor(tokens, device=self.device)
-        logits = self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device)).float()
+        pos = self.length + torch.arange(len(tokens), device=self.device)
+        logits = self.decoder.forward(ids[None], pos[None])[0].float()
         argmax = logits.argmax(dim=-1)
         cut = first_cut(logits[:-1], argmax[:-1], ids[1:], rollback, threshold)
         values = torch.cat([cut.view(1), argmax]).tolist()  # note: sync point

@@ -1,8 +1,10 @@
-"""What every decoder here shares: input checks, one row at a time, and `generate`'s output layout.
+"""What every decoder here shares: input checks, rows decoded together or one after another, and
+`generate`'s output layout.
 
-BiLD and the baselines all decode one sequence at a time (batch size 1, the setting the paper
-measures). A batch is split into its rows and decoded row after row; the result is laid out as
-`model.generate` lays it out, so callers can swap decoders freely:
+A batch of one row is decoded as the paper measures (batch size 1). A batch of several rows is decoded
+together where the decoder and its path can (`_decode_batch`: BiLD and Greedy, greedy, on the fast path;
+decode/batch.py), else row after row (said once). Either way each row's tokens are those of decoding it
+alone, and the result is laid out as `model.generate` lays it out, so callers can swap decoders freely:
 - decoder-only: each row's prompt as given (padding included), then its new tokens;
 - encoder-decoder: the decoder start token, then the new tokens;
 rows that finish early are right-padded with the pad token.
@@ -67,6 +69,7 @@ class DecodeStats:
 class GenerateOutput:
     sequences: torch.Tensor  # [B, L], laid out as model.generate lays it out
     stats: DecodeStats = field(default_factory=DecodeStats)
+    new_lengths: list[int] = field(default_factory=list)  # per row: its new tokens (the rest of the row is padding)
 
 
 def device_sync(device: torch.device) -> None:
@@ -88,10 +91,19 @@ class RowDecoder:
         self.pad_token_id = pad_token_id(model)
         self.decoder_start_token_id = decoder_start_token_id(model) if self.is_encoder_decoder else None
         self.device = next(model.parameters()).device
+        self._sampling = None  # set by each generate call
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         """Returns only the new tokens for one row. prompt: the encoder input, or the decoder-only prompt."""
         raise NotImplementedError
+
+    def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
+        """Decodes the rows together; returns each row's new tokens, equal to `_decode_row`'s for that row."""
+        raise NotImplementedError
+
+    def _batch_blocker(self) -> str | None:
+        """Why this decoder decodes a batch row after row with its current settings; None: it decodes it together."""
+        return "this decoder decodes one row at a time"
 
     @torch.inference_mode()
     def generate(
@@ -109,6 +121,7 @@ class RowDecoder:
 
         do_sample: sample with `temperature`, `top_k`, `top_p` (transformers' warpers, in generate's order),
         drawing from `generator` (on the models' device); otherwise greedy, and those settings are unused."""
+        from decode.fast import notice
         from decode.sampling import Sampling
 
         self._sampling = Sampling(temperature, top_k, top_p, generator) if do_sample else None
@@ -136,14 +149,22 @@ class RowDecoder:
         stats = DecodeStats()
         device_sync(self.device)
         start = time.perf_counter()
-        new_rows = []
-        for prompt in prompts:
-            new_rows.append(self._decode_row(prompt, int(max_new_tokens), stats))
-            stats.rows += 1
+        blocker = self._batch_blocker() if len(prompts) > 1 else "one row"
+        if blocker is None:
+            new_rows = self._decode_batch(prompts, int(max_new_tokens), stats)
+            stats.rows += len(prompts)
+        else:
+            if len(prompts) > 1:
+                notice(f"{type(self).__name__} decodes a batch row after row: {blocker}")
+            new_rows = []
+            for prompt in prompts:
+                new_rows.append(self._decode_row(prompt, int(max_new_tokens), stats))
+                stats.rows += 1
         device_sync(self.device)
         stats.seconds = time.perf_counter() - start
         stats.new_tokens = sum(len(r) for r in new_rows)
-        return GenerateOutput(sequences=self._assemble(ids_cpu, new_rows), stats=stats)
+        return GenerateOutput(sequences=self._assemble(ids_cpu, new_rows), stats=stats,
+                              new_lengths=[len(r) for r in new_rows])
 
     def _check_sampling(self) -> None:
         """Raises where this decoder cannot sample with its settings."""

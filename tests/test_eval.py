@@ -240,3 +240,25 @@ def test_sampling_rows(eval_config, tmp_path):
     # the CE rollback has no sampling analogue: that row fails, and says why
     assert main(["--config", str(eval_config), "--limit", "2", "--out", str(tmp_path / "ce"), "do_sample=true",
                  "systems=[bild]"]) == 1
+
+
+def test_batch_size_and_throughput_table(eval_config, tmp_path):
+    """Rows per call change nothing in what is decoded (the fast path without graphs on a CPU); the throughput
+    table has the large model and each BiLD row at every batch size, against the large model at the same size."""
+    base = ["--config", str(eval_config), "--limit", "5", "fast_path=true", "systems=[large,small,bild,bild_exact]"]
+    assert main([*base, "--out", str(tmp_path / "b1")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b2"), "batch_size=2", "throughput_batch_sizes=[1,3]"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b1", "b2"))
+    assert one["hypotheses"] == two["hypotheses"]
+    assert [r["batch_size"] for r in two["rows"]] == [2] * 4
+    tp = two["throughput"]
+    assert [(r["batch_size"], r["base"]) for r in tp] == [
+        (b, name) for b in (1, 3) for name in ("large", "BiLD", "BiLD lossless (exact rollback)")]
+    for r in tp:
+        assert r["examples"] == 5 and r["tokens_per_s"] > 0
+        assert ("decoded together" in r["path"]) == (r["batch_size"] > 1)
+        assert r["bleu"] == next(x for x in two["rows"] if x["system"] == r["base"])["bleu"]  # the same outputs
+    assert all(r["identical_to_large"] == 1.0 for r in tp if r["base"] != "BiLD")
+    assert all(r["speedup_vs_large_same_batch"] == pytest.approx(1.0) for r in tp if r["base"] == "large")
+    assert "## Throughput by batch size" in (tmp_path / "b2" / "report.md").read_text()
+    assert main([*base, "--out", str(tmp_path / "bad"), "do_sample=true", "batch_size=2"]) == 2

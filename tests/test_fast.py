@@ -34,7 +34,7 @@ def compact_vs_transformers(model, device="cpu"):
     start, chunks = runner.length, []
     for lo, hi in ((0, 4), (4, 5), (5, len(dec))):
         pos = start + torch.arange(lo, hi, device=device)
-        chunks.append(runner.decoder.forward(torch.tensor(dec[lo:hi], device=device), pos))
+        chunks.append(runner.decoder.forward(torch.tensor([dec[lo:hi]], device=device), pos[None])[0])
     return ((torch.cat(chunks).float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 

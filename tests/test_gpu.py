@@ -129,3 +129,25 @@ def test_sampling_on_cuda_graphs_equals_ungraphed_with_the_same_generator():
         outs.append([bild.generate(ids, max_new_tokens=24, do_sample=True, temperature=1.0, generator=gen).sequences
                      for _ in range(4)])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_batched_graphs_decode_every_row_as_alone_on_cuda(arch):
+    """A ragged batch through the batch runner's CUDA graphs: every row as decoded alone (fp32), every policy;
+    exact mode equals the large model's batched greedy."""
+    from test_batch import POLICIES, ragged_batch
+
+    from decode.batch import BatchRunner
+
+    large, small = cuda_pair(arch, 1)
+    ids, mask = (t.cuda() for t in ragged_batch(1, left_pad=not large.config.is_encoder_decoder))
+    for name, policy in POLICIES.items():
+        bild = BiLD(large, small, BiLDConfig(**policy))
+        together = bild.generate(ids, mask, max_new_tokens=24).sequences
+        for i in range(len(ids)):
+            alone = bild.generate(ids[i : i + 1], mask[i : i + 1], max_new_tokens=24).sequences[0]
+            assert together[i, : alone.shape[0]].tolist() == alone.tolist(), (name, i)
+    assert BatchRunner.for_model(large, len(ids)).captures > 0 and BatchRunner.for_model(small, len(ids)).captures > 0
+    exact = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.4))
+    assert exact.generate(ids, mask, max_new_tokens=24).sequences.tolist() == \
+        Greedy(large).generate(ids, mask, max_new_tokens=24).sequences.tolist()

@@ -1,0 +1,198 @@
+"""Batched decoding on the fast path: B sequences of one model in every pass, each at its own position.
+
+    runner = BatchRunner.for_model(model, rows=16)
+    runner.start(prompts, max_new_tokens)              # the encoder once for the batch, or the prompt prefills
+    verdicts = runner.step(feeds)                      # feeds[b]: the tokens row b has not fed yet; [] sits out
+    results = runner.check(feeds, "exact", 0.0)        # per row: (first cut, argmax at each fed position)
+    runner.rewind(b, length)                           # a rollback in row b moves row b's position
+
+Each row feeds its own tokens at its own positions (`lengths[b]` on); rows that feed fewer tokens than the
+longest are right-padded. A padding token is written past its row's end, and nothing there is ever read: a
+position p is read only by queries at p or later, and the pass that feeds the row's real token at p writes it
+before its own queries read it. So a row that sits out a pass is all padding, and rollbacks, ragged drafts and
+ragged prompts need no copies, as with one row. Positions are clamped to the buffers, so padding near the end of
+a long row lands in the last slot, which no real position reaches.
+
+The inputs of a pass (every row's start position, token count and tokens) go to the device in one copy and
+its outputs come back in one read. Passes of up to MAX_GRAPH_TOKENS tokens replay CUDA graphs, captured per
+runner. The runner's batch is the number of rows rounded up to a power of two, so a short last batch reuses the
+graphs of a full one; rows past the input sit out every pass. Finished rows sit out too, but a pass still
+computes their padding row: the rows' cost grows with the batch, and it is measured, not hidden
+(BENCHMARKS.md, the throughput table).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers import PreTrainedModel
+
+from decode.cache import first_cuts, step_verdict
+from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _src_bucket
+
+_BATCH_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[int, BatchRunner]]" = weakref.WeakKeyDictionary()
+
+
+def batch_size_for(rows: int) -> int:
+    """The runner batch that serves `rows` rows: the next power of two."""
+    return 1 << (int(rows) - 1).bit_length()
+
+
+class BatchRunner(FastRunner):
+    """One model on the fast path with `batch` rows in every pass; the verbs of FastRunner, per row."""
+
+    def __init__(self, model: PreTrainedModel, batch: int):
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        self.batch = batch
+        super().__init__(model)
+        self.path = self.path.replace("fast (", f"fast batched, {batch} rows (")
+        # every pass reads _in: per row [start position, token count, tokens...]
+        self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 2, dtype=torch.long, device=self.device)
+        self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
+        self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
+        self.lengths = [0] * batch  # per row: the positions its caches hold
+        self.rows = 0
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, rows: int) -> "BatchRunner":
+        """The model's runner for `rows` rows, made on first use (or anew when the model moved)."""
+        batch = batch_size_for(rows)
+        runners = _BATCH_RUNNERS.setdefault(model, {})
+        runner = runners.get(batch)
+        param = next(model.parameters())
+        if runner is None or (runner.device, runner.dtype) != (param.device, param.dtype):
+            runner = runners[batch] = cls(model, batch)
+        return runner
+
+    # -- the verbs ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Begins len(prompts) sequences: the encoder over every input at once, or every prompt's prefill."""
+        if not 1 <= len(prompts) <= self.batch:
+            raise ValueError(f"this runner decodes 1 to {self.batch} rows, got {len(prompts)}")
+        self.rows = len(prompts)
+        longest = max(len(p) for p in prompts)
+        prefix = 1 if self.is_encoder_decoder else longest
+        # room for the padding of the longest graphed pass past the longest row
+        self._ensure_capacity(prefix + max_new_tokens + MAX_GRAPH_TOKENS + 1, longest if self.is_encoder_decoder else 0)
+        self._capture_wanted()
+        self.lengths = [0] * self.batch
+        if self.is_encoder_decoder:
+            bucket = _src_bucket(longest)
+            src = torch.zeros(self.batch, bucket, dtype=torch.long)
+            lens = torch.ones(self.batch, dtype=torch.long)  # rows past the input: one token, never an empty row
+            for b, prompt in enumerate(prompts):
+                src[b, : len(prompt)] = torch.tensor(prompt)
+                lens[b] = len(prompt)
+            self._src_ids[:, :bucket].copy_(src)
+            self._src_len.copy_(lens)
+            self._run(("encode", bucket))
+        else:  # every prompt but its last token, which the first step or check feeds
+            self.feed([p[:-1] for p in prompts])
+
+    @torch.inference_mode()
+    def feed(self, feeds: list[list[int]]) -> None:
+        """Feeds each row its tokens and reads nothing back (the prompt prefill; never graphed)."""
+        n = max(len(f) for f in feeds)
+        if n:
+            inp = self._inputs(feeds, n, static=False)
+            ids, pos = self._ids_pos(inp, n)
+            self.decoder.forward(ids, pos, last_only=True)
+            self._advance(feeds)
+
+    @torch.inference_mode()
+    def step(self, feeds: list[list[int]]) -> list[tuple[float, int] | None]:
+        """Feeds each row its tokens; per row the top probability and argmax of the next token (None for a row
+        that fed nothing)."""
+        n = max(len(f) for f in feeds)
+        if n <= MAX_GRAPH_TOKENS:
+            self._inputs(feeds, n, static=True)
+            self._run(("step", n))
+            out = self._verdicts.tolist()  # note: the one host-device sync per step
+        else:
+            confidence, token = self._step_core(self._inputs(feeds, n, static=False), n)
+            out = torch.stack([confidence, token.float()], dim=1).tolist()  # note: sync point
+        self._advance(feeds)
+        return [(out[b][0], int(out[b][1])) if f else None for b, f in enumerate(feeds)]
+
+    @torch.inference_mode()
+    def check(self, feeds: list[list[int]], rollback: str, threshold: float) -> list[tuple[int, list[int]] | None]:
+        """Feeds each row its last checked token and its pending ones; per row the first cut (its number of
+        pending tokens when none) and the argmax at each fed position (None for a row that fed nothing)."""
+        n = max(len(f) for f in feeds)
+        if rollback == "ce" and self._threshold_value != float(threshold):
+            self._threshold.fill_(threshold)
+            self._threshold_value = float(threshold)
+        if n <= MAX_GRAPH_TOKENS:
+            self._inputs(feeds, n, static=True)
+            self._run(("check", n, rollback))
+            out = self._checks[:, : n + 1].tolist()  # note: the one host-device sync per large call
+        else:
+            cut, argmax = self._check_core(self._inputs(feeds, n, static=False), n, rollback, self._threshold)
+            out = torch.cat([cut[:, None], argmax], dim=1).tolist()  # note: sync point
+        self._advance(feeds)
+        return [(out[b][0], out[b][1 : len(f) + 1]) if f else None for b, f in enumerate(feeds)]
+
+    def rewind(self, row: int, length: int) -> None:
+        """Forgets row `row`'s positions from `length` on."""
+        self.lengths[row] = min(self.lengths[row], length)
+
+    # -- the passes -----------------------------------------------------------------------------------
+
+    def _inputs(self, feeds: list[list[int]], n: int, static: bool) -> torch.Tensor:
+        """[batch, n + 2]: per row its start position, its token count and its tokens, right-padded."""
+        rows = [[self.lengths[b], len(f), *f] + [0] * (n - len(f)) for b, f in enumerate(feeds)]
+        rows += [[self.lengths[b], 0] + [0] * n for b in range(len(feeds), self.batch)]
+        inp = torch.tensor(rows, dtype=torch.long)
+        if not static:
+            return inp.to(self.device)
+        self._in[:, : n + 2].copy_(inp)
+        return self._in[:, : n + 2]
+
+    def _ids_pos(self, inp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = (inp[:, :1] + torch.arange(n, device=inp.device)).clamp(max=self.capacity - 1)
+        return inp[:, 2 : n + 2], pos
+
+    def _step_core(self, inp: torch.Tensor, n: int):
+        ids, pos = self._ids_pos(inp, n)
+        dec = self.decoder
+        h = dec.run_layers(dec.embed(ids, pos), pos, 0, dec.n_layers)  # [B, n, d]
+        last = (inp[:, 1] - 1).clamp(min=0)  # each row's last real token
+        h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))
+        return step_verdict(dec.head(h)[:, 0].float())  # [B], [B]
+
+    def _check_core(self, inp: torch.Tensor, n: int, rollback: str, threshold):
+        ids, pos = self._ids_pos(inp, n)
+        logits = self.decoder.forward(ids, pos).float()  # [B, n, V]
+        argmax = logits.argmax(dim=-1)
+        n_pending = (inp[:, 1] - 1).clamp(min=0)
+        cut = first_cuts(logits[:, :-1], argmax[:, :-1], ids[:, 1:], n_pending, rollback, threshold)
+        return cut, argmax
+
+    def _pass(self, key: tuple):
+        if key[0] == "encode":
+            return super()._pass(key)
+        n = key[1]
+        inp = self._in[:, : n + 2]
+
+        def step():
+            confidence, token = self._step_core(inp, n)
+            self._verdicts[:, 0] = confidence
+            self._verdicts[:, 1] = token
+
+        def check():
+            cut, argmax = self._check_core(inp, n, key[2], self._threshold)
+            self._checks[:, 0] = cut
+            self._checks[:, 1 : n + 1] = argmax
+
+        return {"step": step, "check": check}[key[0]]
+
+    def _advance(self, feeds: list[list[int]]) -> None:
+        for b, f in enumerate(feeds):
+            self.lengths[b] += len(f)
+
+    def _zero_positions(self) -> None:
+        self._in.zero_()

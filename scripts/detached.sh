@@ -1,0 +1,23 @@
+# Sourced by the scripts/gpu_*.sh measurement scripts: a long job on the device machine, run detached from a copy
+# of the repo under /tmp (the device tool deletes ignored paths of the working copy that a later call does not
+# carry, which would kill a job running there), and waited for across device calls.
+#   detached_start DIR JOB LOG   copy the repo to DIR and start `bash JOB` there (JOB and LOG relative to DIR)
+#   detached_wait DIR JOB LOG    wait up to WAIT seconds (default 540) while JOB runs; then cd DIR.
+#                                Returns 0 once LOG ends with "JOB DONE", 1 while it runs, 2 when it died.
+
+detached_start() {
+  local dir=$1 job=$2 log=$3
+  mkdir -p "$dir" && cp -r . "$dir/" && mkdir -p "$(dirname "$dir/$log")"
+  (cd "$dir" && setsid nohup bash "$job" > "$log" 2>&1 < /dev/null &)
+  sleep 5
+}
+
+detached_wait() {
+  local dir=$1 job=$2 log=$3
+  cd "$dir" || return 2
+  local deadline=$((SECONDS + ${WAIT:-540}))
+  while (( SECONDS < deadline )) && ! grep -q "JOB DONE" "$log" && pgrep -f "$job" > /dev/null; do sleep 10; done
+  if grep -q "JOB DONE" "$log"; then return 0; fi
+  if pgrep -f "$job" > /dev/null; then echo "STILL RUNNING ($(date +%H:%M:%S))"; tail -c 400 "$log"; return 1; fi
+  echo "JOB DIED"; tail -30 "$log"; return 2
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Batched BiLD on the demo pair (issue 12): the throughput table, on one GPU through the device tool:
+#   bash scripts/gpu_batch.sh start   # copies the repo to /tmp/bild-b, starts the job detached, waits WAIT s
+#   bash scripts/gpu_batch.sh wait    # a later call on the still-warm machine
+# The job: pytest -m gpu alongside; `./launch.sh full` up to its main evaluation (tokenizer, the large and small
+# models trained at the same time, calibration, seq_kd alignment, thresholds tuned on valid for both small
+# models, then decode.eval on the whole Multi30k test set with the throughput table at batch 1, 4, 16 and 64).
+# Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
+set -uo pipefail
+source scripts/detached.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+W=/tmp/bild-b; R=runs/full; JOB=runs/batch_job.sh; LOG=runs/batch_job.log
+if [[ ${1:-wait} == start ]]; then
+  mkdir -p runs
+  cat > $JOB <<JOB
+set -x
+(timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > runs/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> runs/gpu_tests.log) &
+PARALLEL_TRAIN=1 STOP_AFTER=eval DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh full
+wait
+echo JOB DONE
+JOB
+  detached_start $W $JOB $LOG
+fi
+detached_wait $W $JOB $LOG; rc=$?
+[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/eval $R/*/final/metrics.json $R/*/final/bild_thresholds.json \
+  $R/*.log 2>/dev/null
+tail -3 runs/gpu_tests.log 2>/dev/null
+grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
+(( rc == 0 )) && { echo FINISHED; cat $R/eval/report.md; }
+exit 0

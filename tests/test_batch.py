@@ -1,0 +1,111 @@
+"""Batched decoding (decode/batch.py): a batch decoded together gives every row exactly what decoding it alone
+gives, tokens and statistics, for every policy; exact mode is the large model's greedy generate row by row."""
+
+import pytest
+import torch
+from test_fast import FAST_ARCHS
+from tiny_models import PAD, VOCAB, hf_greedy, tiny_pair
+
+from decode import BiLD, BiLDConfig, Greedy
+from decode.batch import _BATCH_RUNNERS, BatchRunner, batch_size_for
+from decode.generation import DecodeStats
+
+POLICIES = {
+    "exact": dict(rollback="exact", fallback_threshold=0.4),
+    "exact_cap4": dict(rollback="exact", fallback_threshold=0.0, max_small_steps=4),
+    "ce": dict(fallback_threshold=0.4, rollback_threshold=1.5),
+    "ce_nocap": dict(fallback_threshold=0.2, rollback_threshold=3.0, max_small_steps=None),  # drafts past 16 tokens
+}
+
+
+def ragged_batch(seed: int, rows: int = 5, left_pad: bool = True):
+    """Prompts of 3 to 12 tokens, padded to the longest (on the left for decoder-only models, as generate expects)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [3 + (7 * i + seed) % 10 for i in range(rows)]
+    width = max(lengths)
+    ids, mask = torch.full((rows, width), PAD), torch.zeros(rows, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[i, cols] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def without_seconds(stats: DecodeStats) -> dict:
+    d = stats.as_dict()
+    d.pop("seconds")
+    return d
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_a_batch_decodes_every_row_as_alone(arch):
+    """Ragged prompts, 5 rows (the runner holds 8: three rows sit out every pass), rows ending at different
+    steps: each row's tokens and the summed statistics equal decoding the rows one by one, every policy."""
+    large, small = tiny_pair(arch, 1)
+    decoder_only = not large.config.is_encoder_decoder
+    ids, mask = ragged_batch(1, left_pad=decoder_only)
+    for name, policy in POLICIES.items():
+        bild = BiLD(large, small, BiLDConfig(fast_path=True, **policy))
+        together = bild.generate(ids, mask, max_new_tokens=24)
+        assert together.stats.rows == 5
+        alone, summed = [], DecodeStats()
+        for i in range(len(ids)):
+            out = bild.generate(ids[i : i + 1], mask[i : i + 1], max_new_tokens=24)
+            alone.append(out.sequences[0, : out.sequences.shape[1] - 0].tolist())
+            summed.add(out.stats)
+            width = out.sequences.shape[1]
+            assert together.sequences[i, :width].tolist() == alone[i], (name, i)
+            assert set(together.sequences[i, width:].tolist()) <= {PAD}, (name, i)  # right-padded after the row ends
+            assert together.new_lengths[i] == out.new_lengths[0]
+        summed.rows = 5
+        assert without_seconds(together.stats) == without_seconds(summed), name
+        if name.startswith("exact"):  # lossless: the large model's greedy generate on each row alone, unpadded
+            for i in range(len(ids)):
+                prompt = ids[i : i + 1, mask[i].bool()]
+                row = together.sequences[i, ids.shape[1] - prompt.shape[1] :] if decoder_only else together.sequences[i]
+                reference = hf_greedy(large, prompt, max_new_tokens=24)[0]
+                assert row[: reference.shape[0]].tolist() == reference.tolist(), (name, i)
+    greedy = Greedy(large, fast_path=True)
+    assert greedy.generate(ids, mask, max_new_tokens=24).sequences.tolist() == \
+        BiLD(large, small, BiLDConfig(fast_path=True, rollback="exact")).generate(ids, mask, max_new_tokens=24).sequences.tolist()
+
+
+@pytest.mark.parametrize("arch", ("bart", "llama"))
+def test_batched_output_is_laid_out_as_generate(arch):
+    """The whole padded batch, as transformers' greedy generate returns it for the same padded input."""
+    large, small = tiny_pair(arch, 0)
+    decoder_only = not large.config.is_encoder_decoder
+    ids, mask = ragged_batch(3, rows=4, left_pad=decoder_only)
+    ours = BiLD(large, small, BiLDConfig(fast_path=True, rollback="exact", fallback_threshold=0.5))
+    reference = hf_greedy(large, ids, mask, max_new_tokens=20)
+    assert ours.generate(ids, mask, max_new_tokens=20).sequences.tolist() == reference.tolist()
+    assert Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=20).sequences.tolist() == reference.tolist()
+
+
+def test_runners_per_batch_size_and_what_stays_row_by_row(capsys):
+    large, small = tiny_pair("bart", 1)
+    ids, mask = ragged_batch(2, rows=3, left_pad=False)
+    assert [batch_size_for(r) for r in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
+    assert BatchRunner.for_model(large, 5) is BatchRunner.for_model(large, 7)  # a short batch reuses 8 rows' graphs
+    _BATCH_RUNNERS.pop(large, None)
+    bild = BiLD(large, small, BiLDConfig(fast_path=True, rollback="exact"))
+    one = bild.generate(ids[:1], mask[:1], max_new_tokens=12)  # one row: the batch-1 path, no batch runner
+    assert large not in _BATCH_RUNNERS
+    assert bild.generate(ids, mask, max_new_tokens=12).sequences[0, : one.sequences.shape[1]].tolist() == one.sequences[0].tolist()
+    assert large in _BATCH_RUNNERS
+
+    # the eager path and speculative sampling decode row after row, and say so once
+    eager = BiLD(large, small, BiLDConfig(fast_path=False, rollback="exact"))
+    assert eager._batch_blocker() is not None
+    assert eager.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
+        bild.generate(ids, mask, max_new_tokens=12).sequences.tolist()
+    assert "decodes a batch row after row" in capsys.readouterr().err
+    gen = torch.Generator().manual_seed(0)
+    out = bild.generate(ids, mask, max_new_tokens=12, do_sample=True, generator=gen)
+    assert out.sequences.shape[0] == 3 and bild._batch_blocker() is not None
+    early = BiLD.early_exit(large, 1, BiLDConfig(fast_path=True, rollback="exact"))
+    assert early._batch_blocker() is not None
+    assert early.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
+        Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=12).sequences.tolist()
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        BatchRunner.for_model(large, 3).start([[5]] * 5, 4)
