@@ -67,6 +67,10 @@ class BiLDConfig:
     """"ce" (the paper's lossy rollback) or "exact" (cut at the first disagreement: lossless)."""
     max_small_steps: int | None = 10
     """Fall back after this many consecutive small-model tokens (the official code's N = 10); None: no cap."""
+    batch_wait: float = 1.0
+    """Batches (decoded together on the fast path): rows that need the large model wait, while the others keep
+    drafting, until this fraction of the unfinished rows waits; then one large pass checks every waiting row.
+    0: a large pass as soon as any row needs it; 1: only once no row can draft. No effect on any row's tokens."""
     fast_path: bool | None = None
     """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
     eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
@@ -80,6 +84,9 @@ class BiLDConfig:
             raise ValueError(f"rollback_threshold must be >= 0 (nats), got {self.rollback_threshold}")
         if self.max_small_steps is not None and int(self.max_small_steps) < 1:
             raise ValueError(f"max_small_steps must be at least 1 or None, got {self.max_small_steps}")
+        if self.batch_wait is None or not 0.0 <= float(self.batch_wait) <= 1.0:
+            raise ValueError(f"batch_wait must be in [0, 1], got {self.batch_wait}")
+        self.batch_wait = float(self.batch_wait)
         if self.fast_path not in (None, True, False):
             raise ValueError(f"fast_path must be None (auto), True or False, got {self.fast_path!r}")
         self.fallback_threshold = float(self.fallback_threshold)
@@ -294,9 +301,10 @@ class BiLD(RowDecoder):
         return None
 
     def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
-        """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions; each
-        round, one small-model pass feeds every row that drafts, then one large-model pass checks every row
-        that fell back (step cap and end included). Rows that need nothing sit out a pass."""
+        """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions. A row that
+        needs the large model (a fallback, the step cap, its end) waits; the others keep drafting, one small-model
+        pass for all of them per token, until `batch_wait` of the unfinished rows wait (or none can draft); then
+        one large-model pass checks every waiting row. Rows that need nothing sit out a pass."""
         cfg = self.config
         large = BatchRunner.for_model(self.large, len(prompts))
         small = BatchRunner.for_model(self.small, len(prompts))
@@ -309,44 +317,47 @@ class BiLD(RowDecoder):
         prefix_len = [len(s) for s in seqs]
         pending_start = list(prefix_len)
         done = [False] * len(prompts)
+        waiting: dict[int, bool] = {}  # rows waiting for the large model -> whether the check is their last
         while True:
-            drafting, checking = set(), {}  # checking: row -> final
+            drafting = set()
             for b, seq in enumerate(seqs):
-                if done[b]:
+                if done[b] or b in waiting:
                     continue
                 n_pending = len(seq) - pending_start[b]
                 if self._finished(seq, prefix_len[b], max_new_tokens):
                     if n_pending == 0:
                         done[b] = True
                     else:
-                        checking[b] = True
+                        waiting[b] = True
                 elif cap is not None and n_pending >= cap:
                     stats.step_cap_fallbacks += 1
-                    checking[b] = False
+                    waiting[b] = False
                 else:
                     drafting.add(b)
-            if not drafting and not checking:
+            live = len(seqs) - sum(done)
+            if not live:
                 break
-            if drafting:
-                verdicts = small.step([seq[small.lengths[b] :] if b in drafting else [] for b, seq in enumerate(seqs)])
-                for b in drafting:
-                    confidence, token = verdicts[b]
-                    stats.small_steps += 1
-                    if confidence <= cfg.fallback_threshold:
-                        stats.fallbacks += 1
-                        checking[b] = False
-                    else:
-                        seqs[b].append(token)
-            if checking:
-                results = large.check([seq[large.lengths[b] :] if b in checking else [] for b, seq in enumerate(seqs)],
-                                      cfg.rollback, cfg.rollback_threshold)
-                for b, final in checking.items():
+            if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * live)):
+                feeds = [seq[large.lengths[b] :] if b in waiting else [] for b, seq in enumerate(seqs)]
+                results = large.check(feeds, cfg.rollback, cfg.rollback_threshold)
+                for b, final in waiting.items():
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
                     cut, argmax = results[b]
                     if _settle(seq, pending_start[b], cut, _token_after(cut, argmax, n_pending, final), stats):
                         large.rewind(b, len(seq) - 1)
                         small.rewind(b, len(seq) - 1)
                     pending_start[b] = len(seq)
+                waiting.clear()
+                continue
+            verdicts = small.step([seq[small.lengths[b] :] if b in drafting else [] for b, seq in enumerate(seqs)])
+            for b in drafting:
+                confidence, token = verdicts[b]
+                stats.small_steps += 1
+                if confidence <= cfg.fallback_threshold:
+                    stats.fallbacks += 1
+                    waiting[b] = False
+                else:
+                    seqs[b].append(token)
         return [seq[n:] for seq, n in zip(seqs, prefix_len)]
 
 

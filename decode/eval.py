@@ -119,6 +119,8 @@ class EvalConfig(PromptConfig):
     """BiLD rows of the throughput table (with --aligned, both the unaligned and the aligned variant)."""
     throughput_limit: int | None = None
     """Examples for the throughput table (default: all)."""
+    batch_wait: float = 1.0
+    """BiLD in batches: the fraction of unfinished rows that wait for the large model before it runs (BiLDConfig)."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -145,7 +147,8 @@ class EvalConfig(PromptConfig):
         for fb in [self.fallback_threshold, self.aligned_fallback_threshold, *self.sweep_fallback]:
             for rb in [self.rollback_threshold, self.aligned_rollback_threshold, *self.sweep_rollback]:
                 if fb is not None and rb is not None:
-                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps)
+                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps,
+                               batch_wait=self.batch_wait)
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
         for b in [self.batch_size, *self.throughput_batch_sizes]:
@@ -315,7 +318,7 @@ class Evaluation:
         if system in _BILD:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
-                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path)
+                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, batch_wait=cfg.batch_wait)
             return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 

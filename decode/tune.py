@@ -51,8 +51,9 @@ def tune(cfg, small_key: str, budget: float) -> dict:
     large_score = ev.quality(ev.outputs["large"], indices)[ev.metric]
     rows = []
     for fb, rb in grid:
-        row = ev.run(f"fb={fb:g} rb={rb:g}", ev.decoder("bild", small_key, fb, rb), indices, progress)
-        row.update(fallback_threshold=fb, rollback_threshold=rb)
+        decoder = ev.decoder("bild", small_key, fb, rb)
+        row = ev.run(f"fb={fb:g} rb={rb:g}", decoder, indices, progress)
+        row.update(fallback_threshold=fb, rollback_threshold=rb, path=decoder.path)
         rows.append(ev.finish_row(row, indices))
     progress.close()
     best = operating_points(rows, ev.metric, large_score, tolerances=(budget,), higher_is_better=ev.higher_is_better)

@@ -46,19 +46,21 @@ def test_a_batch_decodes_every_row_as_alone(arch):
     ids, mask = ragged_batch(1, left_pad=decoder_only)
     for name, policy in POLICIES.items():
         bild = BiLD(large, small, BiLDConfig(fast_path=True, **policy))
-        together = bild.generate(ids, mask, max_new_tokens=24)
-        assert together.stats.rows == 5
         alone, summed = [], DecodeStats()
         for i in range(len(ids)):
             out = bild.generate(ids[i : i + 1], mask[i : i + 1], max_new_tokens=24)
-            alone.append(out.sequences[0, : out.sequences.shape[1] - 0].tolist())
+            alone.append(out)
             summed.add(out.stats)
-            width = out.sequences.shape[1]
-            assert together.sequences[i, :width].tolist() == alone[i], (name, i)
-            assert set(together.sequences[i, width:].tolist()) <= {PAD}, (name, i)  # right-padded after the row ends
-            assert together.new_lengths[i] == out.new_lengths[0]
         summed.rows = 5
-        assert without_seconds(together.stats) == without_seconds(summed), name
+        for wait in (0.0, 0.5, 1.0):  # when the large model runs changes no row's tokens
+            bild.config.batch_wait = wait
+            together = bild.generate(ids, mask, max_new_tokens=24)
+            for i, out in enumerate(alone):
+                width = out.sequences.shape[1]
+                assert together.sequences[i, :width].tolist() == out.sequences[0].tolist(), (name, wait, i)
+                assert set(together.sequences[i, width:].tolist()) <= {PAD}, (name, i)  # right-padded after its end
+                assert together.new_lengths[i] == out.new_lengths[0]
+            assert without_seconds(together.stats) == without_seconds(summed), (name, wait)
         if name.startswith("exact"):  # lossless: the large model's greedy generate on each row alone, unpadded
             for i in range(len(ids)):
                 prompt = ids[i : i + 1, mask[i].bool()]
@@ -107,5 +109,7 @@ def test_runners_per_batch_size_and_what_stays_row_by_row(capsys):
     assert early._batch_blocker() is not None
     assert early.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
         Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=12).sequences.tolist()
+    with pytest.raises(ValueError, match="batch_wait"):
+        BiLDConfig(batch_wait=1.5)
     with pytest.raises(ValueError, match="1 to 4 rows"):
         BatchRunner.for_model(large, 3).start([[5]] * 5, 4)
