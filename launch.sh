@@ -13,7 +13,7 @@
 # Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
 # RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room),
 # LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation,
-# STOP_AFTER=tune|eval: stop after threshold tuning, or after the main evaluation (no sweep, no out-of-domain run).
+# STOP_AFTER=train|align|tune|eval: stop after that stage (eval: the main evaluation, before the sweep).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -75,8 +75,13 @@ case "$PROFILE" in
   *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
 
+case "${STOP_AFTER:-}" in
+  ""|train|align|tune|eval) ;;
+  *) echo "error: STOP_AFTER must be train, align, tune or eval, got '$STOP_AFTER'" >&2; exit 2 ;;
+esac
 source scripts/launchers.sh  # TRAIN, CALIBRATE
 stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
+stop_after() { if [[ ${STOP_AFTER:-} == "$1" ]]; then echo "stopping after $1 (STOP_AFTER=$1)"; exit 0; fi; }
 mkdir -p "$R"
 ln -sfn "$PROFILE" "${RUNS:-runs}/latest"  # the configs' commands (runs/latest/...) work after any profile
 
@@ -103,6 +108,8 @@ else
   train_model small configs/multi30k_small.yaml "${SMALL[@]}"
 fi
 
+stop_after train
+
 stage "4/6 calibration outputs of the large model (train inputs, and valid for held-out evaluation)"
 for split in train valid; do
   out=$R/calibration.$split.jsonl
@@ -120,6 +127,8 @@ else
     calibration="$R/calibration.train.jsonl" eval_calibration="$R/calibration.valid.jsonl" output_dir="$R/small_aligned" "${ALIGN[@]}"
 fi
 
+stop_after align
+
 stage "5/6 threshold tuning on the validation split (the fastest point within 0.1 BLEU of the large model)"
 tune() {  # model-folder tune-args...
   local folder=$1; shift
@@ -132,7 +141,7 @@ tune() {  # model-folder tune-args...
 }
 tune "$R/small/final"
 tune "$R/small_aligned/final" --aligned
-[[ ${STOP_AFTER:-} == tune ]] && { echo "stopping after tuning (STOP_AFTER=tune)"; exit 0; }
+stop_after tune
 
 MODELS=(large="$R/large/final" small="$R/small/final" aligned="$R/small_aligned/final")
 # `python -m decode.eval --aligned` with no --config evaluates this run's models on its data: runs/latest/eval.yaml
@@ -147,7 +156,8 @@ evaluate() {  # out config args...
 }
 stage "6/6 evaluation on Multi30k test: large, small, BiLD unaligned and aligned, assisted generation"
 evaluate "$R/eval" configs/multi30k_eval.yaml dataset="$M30K" "${EVAL[@]}"
-[[ ${STOP_AFTER:-} == eval ]] && { echo "stopping after the main evaluation (STOP_AFTER=eval)"; cat "$R/eval/report.md"; exit 0; }
+[[ ${STOP_AFTER:-} == eval ]] && cat "$R/eval/report.md"
+stop_after eval
 stage "6/6 threshold sweep: speed-quality frontier and the paper's operating points"
 evaluate "$R/sweep" configs/multi30k_eval.yaml --sweep "systems=[large]" dataset="$M30K" "${SWEEP[@]}"
 if [[ $PROFILE == full && -d $DATA_DIR/iwslt17_deen ]]; then

@@ -651,6 +651,14 @@ def sweep_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _tuned_note(results: dict) -> str:
+    """Which rows ran at tuned thresholds instead of the config's (decode.tune), read from the rows."""
+    tuned = sorted({f"{r['system']} at fallback {r['fallback_threshold']:g}, rollback "
+                    f"{r['rollback_threshold']:g} ({r['thresholds_tuned_on']})"
+                    for r in results["rows"] if r.get("thresholds_tuned_on") and r.get("rollback_threshold") is not None})
+    return ("; tuned points instead: " + "; ".join(tuned)) if tuned else ""
+
+
 def report(results: dict) -> str:
     cfg = results["config"]
     parts = [
@@ -659,7 +667,8 @@ def report(results: dict) -> str:
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
         f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
         f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else ""),
-        f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps {cfg['max_small_steps']}",
+        f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
+        f"{cfg['max_small_steps']}" + _tuned_note(results),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

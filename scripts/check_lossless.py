@@ -1,11 +1,13 @@
 """Checks the lossless invariant on many random tiny model pairs: BiLD with rollback="exact" equals the
 large model's greedy `generate` token for token, for every architecture and several fallback thresholds.
 
-    python scripts/check_lossless.py --pairs 200 [--fast-path | --early-exit]
+    python scripts/check_lossless.py --pairs 200 [--fast-path [--batch N] | --early-exit]
 
 --early-exit checks early-exit BiLD instead: one random 4-layer model per seed, exiting after layer 1, 2 or 3
 (the seed picks), against that model's greedy `generate`. --fast-path checks decode/fast.py's compact passes instead of the eager path (without CUDA graphs on a CPU;
 with them on CUDA, where --device cuda also moves the models there). GPT-2 has no fast path and is skipped then.
+--batch N (with --fast-path): every pair decodes N ragged prompts together (decode/batch.py, a batch_wait the seed
+picks), and every row must equal the large model's greedy `generate` on that prompt alone; rows are counted.
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
 """
@@ -26,6 +28,16 @@ from tqdm import tqdm  # noqa: E402
 from decode import BiLD, BiLDConfig  # noqa: E402
 
 
+def pad(prompts: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch and its attention mask (left padding for decoder-only models, as generate expects)."""
+    width = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(len(prompts), width, dtype=torch.long), torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[i, cols], mask[i, cols] = p, 1
+    return ids, mask
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=200)
@@ -33,8 +45,11 @@ def main():
     parser.add_argument("--archs", nargs="*", default=list(ENCODER_DECODER + DECODER_ONLY))
     parser.add_argument("--fast-path", action="store_true", help="check the fast path (decode/fast.py)")
     parser.add_argument("--early-exit", action="store_true", help="check early-exit BiLD (decode/early_exit.py)")
+    parser.add_argument("--batch", type=int, default=1, help="with --fast-path: rows decoded together per pair")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.batch > 1 and not args.fast_path:
+        parser.error("--batch needs --fast-path (batches are decoded together on the fast path only)")
     if args.fast_path or args.early_exit:
         args.archs = [a for a in args.archs if a != "gpt2"]
     torch.set_num_threads(1)
@@ -46,19 +61,30 @@ def main():
                 large = tiny_model(arch, 1000 + seed, width=32, layers=4).to(args.device)
             else:
                 large, small = (m.to(args.device) for m in tiny_pair(arch, 1000 + seed))
-            ids = random_prompt(1000 + seed, length=3 + seed % 8).to(args.device)
-            ref = hf_greedy(large, ids, max_new_tokens=args.max_new_tokens)
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
-                             fast_path=True if args.fast_path else False)
+                             fast_path=True if args.fast_path else False, batch_wait=(0.0, 0.5, 1.0)[seed % 3])
             bild = BiLD.early_exit(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
-            out = bild.generate(ids, max_new_tokens=args.max_new_tokens)
-            checked += 1
-            bad += int(not torch.equal(out.sequences, ref.cpu()))
+            if args.batch > 1:
+                prompts = [random_prompt(1000 + seed * args.batch + i, length=3 + (seed + 3 * i) % 8)[0]
+                           for i in range(args.batch)]
+                ids, mask = pad(prompts, left=not large.config.is_encoder_decoder)
+                out = bild.generate(ids.to(args.device), mask.to(args.device), max_new_tokens=args.max_new_tokens)
+                for i, prompt in enumerate(prompts):
+                    ref = hf_greedy(large, prompt[None].to(args.device), max_new_tokens=args.max_new_tokens)[0].cpu()
+                    row = out.sequences[i] if large.config.is_encoder_decoder else out.sequences[i, ids.shape[1] - len(prompt) :]
+                    checked += 1
+                    bad += int(row[: len(ref)].tolist() != ref.tolist() or bool((row[len(ref) :] != bild.pad_token_id).any()))
+            else:
+                ids = random_prompt(1000 + seed, length=3 + seed % 8).to(args.device)
+                ref = hf_greedy(large, ids, max_new_tokens=args.max_new_tokens)
+                out = bild.generate(ids, max_new_tokens=args.max_new_tokens)
+                checked += 1
+                bad += int(not torch.equal(out.sequences, ref.cpu()))
             small_share.append(out.stats.small_tokens / max(out.stats.new_tokens, 1))
         rows.append((arch, checked, bad, sum(small_share) / len(small_share)))
-    print(f"\n{'arch':8} {'pairs':>6} {'mismatches':>11} {'small-model share':>18}")
+    print(f"\n{'arch':8} {'rows' if args.batch > 1 else 'pairs':>6} {'mismatches':>11} {'small-model share':>18}")
     for arch, checked, bad, share in rows:
         print(f"{arch:8} {checked:6d} {bad:11d} {share:18.2f}")
     sys.exit(1 if any(r[2] for r in rows) else 0)

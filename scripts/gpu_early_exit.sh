@@ -2,32 +2,27 @@
 # Early exit on the demo large model (issue 10), on one GPU through the device tool:
 #   bash scripts/gpu_early_exit.sh start   # copies the repo to /tmp/bild, starts the job detached, waits WAIT s
 #   bash scripts/gpu_early_exit.sh wait    # a later call on the still-warm machine
-# The job: GPU tests (pytest -m gpu, alongside) -> tokenizer -> large model (LARGE_EPOCHS, default 20) and
-# the small model at the same time -> calibration outputs -> alignment of the small model (seq_kd) and exit heads
-# (frozen after layers 1, 2, 3; joint after 1 and 2), all at the same time -> decode.eval on the whole Multi30k
-# test set: the large model, two-model BiLD (unaligned, aligned), untrained and trained exits (lossy and
-# lossless), transformers' assistant_early_exit, and a threshold sweep of aligned BiLD and three trained exits.
-# Data from $DATA_DIR/multi30k (default .gpu/m30k/multi30k, a copy of ../shared/data/multi30k); results go to $OUT as each call ends.
+# The job: GPU tests (pytest -m gpu, alongside) -> `./launch.sh full` up to alignment (tokenizer, the large model
+# for LARGE_EPOCHS, default 20, and the small model at the same time, calibration outputs, seq_kd alignment of the
+# small model) -> exit heads (frozen after layers 1, 2, 3; joint after 1 and 2), all at the same time ->
+# decode.eval on the whole Multi30k test set: the large model, two-model BiLD (unaligned, aligned), untrained and
+# trained exits (lossy and lossless), transformers' assistant_early_exit, and a threshold sweep of aligned BiLD
+# and three trained exits. Data from $DATA_DIR/multi30k (default .gpu/data, a copy of ../shared/data); results
+# go to $OUT as each call ends.
 set -uo pipefail
+source scripts/detached.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH=.
-W=/tmp/bild; R=runs/exit; LOG=$W/$R/job.log
+W=/tmp/bild; R=runs/exit/full; JOB=runs/exit_job.sh; LOG=runs/exit_job.log
 if [[ ${1:-wait} == start ]]; then
-  mkdir -p $W && cp -r . $W/ && mkdir -p $W/$R
-  cat > $W/$R/job.sh <<JOB
+  mkdir -p runs
+  cat > $JOB <<JOB
 set -x
-D=\${DATA_DIR:-.gpu/m30k}/multi30k
+mkdir -p $R
+D=\${DATA_DIR:-.gpu/data}/multi30k
 TRAIN="accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py"
 (timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > $R/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> $R/gpu_tests.log) &
-[[ -f $R/tokenizer/tokenizer.json ]] || python3 -m data.tokenizer --dataset \$D --split train --vocab-size 8000 --out $R/tokenizer
-[[ -f $R/small/final/config.json ]] || \$TRAIN --config configs/multi30k_small.yaml --resume tokenizer=$R/tokenizer dataset=\$D output_dir=$R/small > $R/train_small.log 2>&1 &
-[[ -f $R/large/final/config.json ]] || \$TRAIN --config configs/multi30k_large.yaml --resume tokenizer=$R/tokenizer dataset=\$D output_dir=$R/large epochs=${LARGE_EPOCHS:-20} > $R/train_large.log 2>&1
-wait \$!
-for split in train valid; do
-  [[ -f $R/calibration.\$split.jsonl ]] || accelerate launch --config_file configs/accelerate/single_gpu.yaml -m align.calibrate --config configs/multi30k_calibrate.yaml model=$R/large/final dataset=\$D split=\$split output=$R/calibration.\$split.jsonl batch_size=256
-done
+RUNS=runs/exit PARALLEL_TRAIN=1 STOP_AFTER=align DATA_DIR=\${DATA_DIR:-.gpu/data} LARGE_EXTRA="epochs=${LARGE_EPOCHS:-20}" ./launch.sh full
 EXIT=(--config configs/multi30k_exit.yaml --resume model=$R/large/final calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl)
-wait  # the small model
-[[ -f $R/small_aligned/final/config.json ]] || \$TRAIN --config configs/multi30k_align.yaml --resume model=$R/small/final teacher=$R/large/final calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl output_dir=$R/small_aligned > $R/train_align.log 2>&1 &
 for k in 1 2 3; do
   [[ -f $R/exit\${k}_frozen/final/exit_head.json ]] || \$TRAIN "\${EXIT[@]}" exit_layer=\$k epochs=8 output_dir=$R/exit\${k}_frozen > $R/train_exit\${k}_frozen.log 2>&1 &
 done
@@ -42,12 +37,9 @@ python3 -m decode.eval --config configs/multi30k_eval.yaml --sweep --aligned lar
   "exit_layers=[1,2,3]" "exit_checkpoints=\$CK" "sweep_models=[aligned,exit_ckpt2,exit_ckpt3,exit_ckpt4]" out=$R/eval
 echo JOB DONE
 JOB
-  (cd $W && setsid nohup bash $R/job.sh > $LOG 2>&1 < /dev/null &)
-  sleep 5
+  detached_start $W $JOB $LOG
 fi
-cd $W
-deadline=$((SECONDS + ${WAIT:-560}))
-while (( SECONDS < deadline )) && ! grep -q "JOB DONE" $LOG && pgrep -f "$R/job.sh" > /dev/null; do sleep 10; done
+WAIT=${WAIT:-560} detached_wait $W $JOB $LOG; rc=$?
 pack() {
   [[ -n ${OUT:-} ]] || return 0
   tar czf $OUT/exit_results.tgz $R/eval $R/*/final/metrics.json $R/*/final/bild_thresholds.json $R/*/final/exit_head.json $R/*/log.jsonl $R/*.log 2>/dev/null
@@ -56,6 +48,6 @@ pack() {
 pack
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "^\+ |after training|Error|error|rc " | grep -v "^+ \[\[" | tail -25
 tail -5 $R/gpu_tests.log 2>/dev/null
-if ! grep -q "JOB DONE" $LOG; then echo "STILL RUNNING ($(date +%H:%M:%S))"; exit 0; fi
+(( rc == 0 )) || exit 0
 echo FINISHED
 cat $R/eval/report.md

@@ -8,16 +8,15 @@
 # ../shared/data/{multi30k,iwslt17_deen}); results are packed into $OUT as each call ends, and the report
 # tables are printed last.
 set -uo pipefail
+source scripts/detached.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-W=/tmp/bild; R=runs/full; LOG=$W/$R/pipeline.log
+W=/tmp/bild; R=runs/full; JOB=runs/full_job.sh; LOG=$R/pipeline.log
 if [[ ${1:-wait} == start ]]; then
-  mkdir -p $W && cp -r . $W/ && mkdir -p $W/$R
-  (cd $W && setsid nohup env PARALLEL_TRAIN=1 DATA_DIR=${DATA_DIR:-.gpu/data} ./launch.sh full > $LOG 2>&1 < /dev/null &)
-  sleep 5
+  mkdir -p runs
+  printf '%s\n' "PARALLEL_TRAIN=1 DATA_DIR=${DATA_DIR:-.gpu/data} ./launch.sh full && echo JOB DONE" > $JOB
+  detached_start $W $JOB $LOG
 fi
-cd $W
-deadline=$((SECONDS + ${WAIT:-560}))
-while (( SECONDS < deadline )) && pgrep -f "launch.sh full" > /dev/null; do sleep 10; done
+WAIT=${WAIT:-560} detached_wait $W $JOB $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|before training|wrote|done:|saved|Error|error" | tail -25
 for f in $R/train_large.log $R/train_small.log; do [[ -f $f ]] && grep -E "after training" $f | tail -1; done
 if [[ -n ${OUT:-} ]]; then
@@ -25,6 +24,6 @@ if [[ -n ${OUT:-} ]]; then
     $R/*/log.jsonl $R/*.log $R/calibration.*.provenance.json 2>/dev/null
   cp $R/sweep/frontier.png $OUT/ 2>/dev/null
 fi
-if pgrep -f "launch.sh full" > /dev/null; then echo "STILL RUNNING ($(date +%H:%M:%S))"; exit 0; fi
+(( rc == 0 )) || exit 0
 echo "FINISHED"
 tail -45 $LOG

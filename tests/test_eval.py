@@ -183,6 +183,7 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
     assert rows["BiLD (aligned)"]["fallback_threshold"] == record["fallback_threshold"]
     assert rows["BiLD (aligned)"]["thresholds_tuned_on"].startswith("valid")
     assert "thresholds_tuned_on" not in rows["BiLD (unaligned)"]
+    assert "tuned points instead: BiLD (aligned) at fallback" in (out / "report.md").read_text()
     from align.publish import model_card
 
     assert "tuned on" in model_card(aligned, "you/aligned") and "split `valid`" in model_card(aligned, "you/aligned")

@@ -14,9 +14,15 @@ DATA = ROOT.parent / "shared" / "data"
 @pytest.mark.skipif(not (DATA / "multi30k").is_dir(), reason="needs ../shared/data/multi30k beside the checkout")
 def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     env = {**os.environ, "RUNS": str(tmp_path), "DATA_DIR": str(DATA), "HF_HUB_OFFLINE": "1"}
+    runs = tmp_path / "smoke"
+    # STOP_AFTER: the pipeline up to a stage, then the rest picks up from there
+    part = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env={**env, "STOP_AFTER": "train"},
+                          capture_output=True, text=True, timeout=900)
+    assert part.returncode == 0 and "stopping after train" in part.stdout, part.stderr[-2000:]
+    assert (runs / "small/final/config.json").exists() and not (runs / "calibration.train.jsonl").exists()
     first = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    runs = tmp_path / "smoke"
+    assert "done: " + str(runs / "large/final") in first.stdout
     for path in ("tokenizer/tokenizer.json", "large/final/config.json", "small/final/config.json",
                  "calibration.train.jsonl", "calibration.valid.jsonl", "small_aligned/final/config.json",
                  "eval/report.md", "sweep/report.md", "sweep/frontier.png"):
@@ -36,10 +42,13 @@ def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     assert second.stdout.count("done:") >= 8
 
 
-def test_launch_rejects_unknown_profile():
+def test_launch_rejects_unknown_profile_and_stage():
     out = subprocess.run(["bash", "launch.sh", "huge"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "DATA_DIR": str(DATA)})
     assert out.returncode == 2 and "usage" in out.stderr
+    out = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DATA_DIR": str(DATA), "STOP_AFTER": "sweep"})
+    assert out.returncode == 2 and "STOP_AFTER must be" in out.stderr
 
 
 @pytest.mark.slow
