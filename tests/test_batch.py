@@ -113,3 +113,33 @@ def test_runners_per_batch_size_and_what_stays_row_by_row(capsys):
         BiLDConfig(batch_wait=1.5)
     with pytest.raises(ValueError, match="1 to 4 rows"):
         BatchRunner.for_model(large, 3).start([[5]] * 5, 4)
+
+
+@pytest.mark.parametrize("arch", ("t5", "qwen2"))
+def test_edge_batches_one_token_prompts_one_new_token_and_growing_buffers(arch):
+    """One-token prompts (nothing to prefill), max_new_tokens=1, and a later batch longer than the buffers
+    (they grow, the graphs go with them): every row as decoded alone."""
+    large, small = tiny_pair(arch, 3)
+    left = not large.config.is_encoder_decoder
+    bild = BiLD(large, small, BiLDConfig(fast_path=True, rollback="exact", fallback_threshold=0.5, max_small_steps=3))
+
+    def check(ids, mask, max_new_tokens):
+        together = bild.generate(ids, mask, max_new_tokens=max_new_tokens)
+        for i in range(len(ids)):
+            alone = bild.generate(ids[i : i + 1], mask[i : i + 1], max_new_tokens=max_new_tokens).sequences[0]
+            assert together.sequences[i, : alone.shape[0]].tolist() == alone.tolist(), (max_new_tokens, i)
+
+    ids, mask = ragged_batch(5, rows=3, left_pad=left)
+    check(ids, mask, 1)
+    one = torch.tensor([[7], [9], [11]])
+    check(one, torch.ones_like(one), 8)
+    runner = BatchRunner.for_model(large, 3)
+    capacity = runner.capacity
+    long_ids = torch.randint(3, VOCAB, (3, 2 * capacity), generator=torch.Generator().manual_seed(0))
+    long_mask = torch.ones_like(long_ids)
+    long_mask[0, : capacity] = 0  # ragged: one row half as long
+    if left:
+        check(long_ids, long_mask, 2 * capacity)
+    else:
+        check(long_ids, long_mask.flip(1), 2 * capacity)
+    assert runner.capacity > capacity
