@@ -70,6 +70,7 @@ class Greedy(RowDecoder):
             if not any(live):
                 break
             verdicts = runner.step([seq[runner.lengths[b] :] if live[b] else [] for b, seq in enumerate(seqs)])
+            stats.large_passes += 1
             for b, verdict in enumerate(verdicts):
                 if verdict is not None:
                     seqs[b].append(verdict[1])

@@ -340,6 +340,7 @@ class BiLD(RowDecoder):
             if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * live)):
                 feeds = [seq[large.lengths[b] :] if b in waiting else [] for b, seq in enumerate(seqs)]
                 results = large.check(feeds, cfg.rollback, cfg.rollback_threshold)
+                stats.large_passes += 1
                 for b, final in waiting.items():
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
                     cut, argmax = results[b]
@@ -350,6 +351,7 @@ class BiLD(RowDecoder):
                 waiting.clear()
                 continue
             verdicts = small.step([seq[small.lengths[b] :] if b in drafting else [] for b, seq in enumerate(seqs)])
+            stats.small_passes += 1
             for b in drafting:
                 confidence, token = verdicts[b]
                 stats.small_steps += 1

@@ -369,7 +369,7 @@ class Evaluation:
                "tokens_per_s": stats.new_tokens / total if total else float("nan")}
         if stats.small_steps:
             row.update(fallback_rate=stats.fallback_rate, rollback_rate=stats.rollback_rate,
-                       tokens_per_large_call=stats.tokens_per_large_call,
+                       tokens_per_large_call=stats.tokens_per_large_call, rows_per_large_pass=stats.rows_per_large_pass,
                        small_share=stats.small_tokens / max(stats.new_tokens, 1), stats=stats.as_dict())
         return row
 
@@ -622,11 +622,11 @@ def throughput_table(results: dict) -> str:
     """Tokens per second by batch size: every system against the large model at the same batch size."""
     m = results["metric"]
     lines = [f"| batch | system | {m} | identical to large (batch 1) | tokens/s | speedup vs large, same batch | "
-             "tokens/large call | path |", "|---|---|---|---|---|---|---|---|"]
+             "tokens/large call | rows per large pass | path |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["throughput"]:
         lines.append(f"| {r['batch_size']} | {r['base']} | {_f(r.get(m))} | {_f(r['identical_to_large'])} | "
                      f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x | "
-                     f"{_f(r.get('tokens_per_large_call'))} | {r['path']} |")
+                     f"{_f(r.get('tokens_per_large_call'))} | {_f(r.get('rows_per_large_pass'))} | {r['path']} |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,8 @@ class DecodeStats:
     step_cap_fallbacks: int = 0  # large calls because max_small_steps small tokens were pending
     rollbacks: int = 0
     rolled_back_tokens: int = 0  # small-model tokens discarded by rollbacks
+    small_passes: int = 0  # small-model passes: one per small step row by row, one per batch step together
+    large_passes: int = 0  # large-model passes after the prompt: one pass may check several rows of a batch
     seconds: float = 0.0  # wall time inside generate, device synchronised
 
     def add(self, other: "DecodeStats") -> None:
@@ -55,9 +57,15 @@ class DecodeStats:
         """Rollbacks per new token."""
         return self.rollbacks / self.new_tokens if self.new_tokens else 0.0
 
+    @property
+    def rows_per_large_pass(self) -> float:
+        """Rows a large-model pass checks on average: 1 row by row, up to the batch size together."""
+        return self.large_calls / self.large_passes if self.large_passes else float("nan")
+
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(
+            rows_per_large_pass=self.rows_per_large_pass,
             tokens_per_large_call=self.tokens_per_large_call,
             fallback_rate=self.fallback_rate,
             rollback_rate=self.rollback_rate,
@@ -160,6 +168,7 @@ class RowDecoder:
             for prompt in prompts:
                 new_rows.append(self._decode_row(prompt, int(max_new_tokens), stats))
                 stats.rows += 1
+            stats.small_passes, stats.large_passes = stats.small_steps, stats.large_calls
         device_sync(self.device)
         stats.seconds = time.perf_counter() - start
         stats.new_tokens = sum(len(r) for r in new_rows)
