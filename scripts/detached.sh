@@ -21,3 +21,11 @@ detached_wait() {
   if pgrep -f "$job" > /dev/null; then echo "STILL RUNNING ($(date +%H:%M:%S))"; tail -c 400 "$log"; return 1; fi
   echo "JOB DIED"; tail -30 "$log"; return 2
 }
+
+# Inside a job: `pytest -m gpu` in the background, its output and exit status in DIR/gpu_tests.log (a later
+# `wait` in the job waits for it too).
+gpu_tests_alongside() {
+  mkdir -p "$1"
+  (timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$1/gpu_tests.log" 2>&1
+   echo "gpu tests rc $?" >> "$1/gpu_tests.log") &
+}

@@ -15,7 +15,7 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
   cat > $JOB <<JOB
 set -x
-(timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > runs/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> runs/gpu_tests.log) &
+source scripts/detached.sh; gpu_tests_alongside runs
 PARALLEL_TRAIN=1 STOP_AFTER=\${STOP_AFTER:-eval} DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh full
 for w in \${BATCH_WAITS:-}; do  # the throughput table again at each batch_wait (tuned thresholds, aligned and not)
   PYTHONPATH=. python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final \

@@ -17,10 +17,9 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
   cat > $JOB <<JOB
 set -x
-mkdir -p $R
 D=\${DATA_DIR:-.gpu/data}/multi30k
 TRAIN="accelerate launch --config_file configs/accelerate/single_gpu.yaml align/train.py"
-(timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > $R/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> $R/gpu_tests.log) &
+source scripts/detached.sh; gpu_tests_alongside $R
 RUNS=runs/exit PARALLEL_TRAIN=1 STOP_AFTER=align DATA_DIR=\${DATA_DIR:-.gpu/data} LARGE_EXTRA="epochs=${LARGE_EPOCHS:-20}" ./launch.sh full
 EXIT=(--config configs/multi30k_exit.yaml --resume model=$R/large/final calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl)
 for k in 1 2 3; do

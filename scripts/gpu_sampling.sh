@@ -14,9 +14,8 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
   cat > $JOB <<JOB
 set -x
-mkdir -p $R
 D=\${DATA_DIR:-.gpu/data}/multi30k
-(timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > $R/gpu_tests.log 2>&1; echo "gpu tests rc \$?" >> $R/gpu_tests.log) &
+source scripts/detached.sh; gpu_tests_alongside $R
 RUNS=runs/sample PARALLEL_TRAIN=1 STOP_AFTER=train DATA_DIR=\${DATA_DIR:-.gpu/data} LARGE_EXTRA="epochs=${LARGE_EPOCHS:-20}" ./launch.sh full
 wait
 EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small/final dataset=\$D use_tuned=false)
