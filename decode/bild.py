@@ -166,12 +166,12 @@ class BiLD(RowDecoder):
         self.path = self._large.path if self._large.path == self._small.path else \
             f"large {self._large.path}, small {self._small.path}"
 
-    def _plan(self) -> None:
-        """The pass shapes the loop uses: small steps of 1 token (2 after a step-cap fallback), and large
-        checks of k pending tokens + 1."""
+    def _plan(self, small=None, large=None) -> None:
+        """The pass shapes the loop uses (on this decoder's runners, or the given ones): small steps of 1 token (2
+        after a step-cap fallback), and large checks of k pending tokens + 1."""
         cap = self.config.max_small_steps
-        self._small.plan([("step", 1), ("step", 2)])
-        self._large.plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
+        (small or self._small).plan([("step", 1), ("step", 2)])
+        (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
 
     @classmethod
     def early_exit(cls, model, exit_layer: int | None = None, config: BiLDConfig | None = None, *, exit_head="auto",
@@ -309,8 +309,7 @@ class BiLD(RowDecoder):
         large = BatchRunner.for_model(self.large, len(prompts))
         small = BatchRunner.for_model(self.small, len(prompts))
         cap = cfg.max_small_steps
-        small.plan([("step", 1), ("step", 2)])
-        large.plan([("check", k + 1, cfg.rollback) for k in range((cap if cap is not None else 15) + 1)])
+        self._plan(small, large)
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
