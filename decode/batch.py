@@ -53,7 +53,6 @@ class BatchRunner(FastRunner):
         self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
-        self.rows = 0
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, rows: int) -> "BatchRunner":
@@ -73,7 +72,6 @@ class BatchRunner(FastRunner):
         """Begins len(prompts) sequences: the encoder over every input at once, or every prompt's prefill."""
         if not 1 <= len(prompts) <= self.batch:
             raise ValueError(f"this runner decodes 1 to {self.batch} rows, got {len(prompts)}")
-        self.rows = len(prompts)
         longest = max(len(p) for p in prompts)
         prefix = 1 if self.is_encoder_decoder else longest
         # room for the padding of the longest graphed pass past the longest row

@@ -76,9 +76,6 @@ def first_cut(logits: torch.Tensor, argmax: torch.Tensor, pending: torch.Tensor,
     rollback "exact": the first disagreement with the large model's argmax (lossless);
     "ce": the first token with -log p_L(token) > threshold (the paper's rule; every position checked).
     """
-    k = pending.shape[0]
-    if k == 0:
-        return torch.zeros((), dtype=torch.long, device=logits.device)
     return first_cuts(logits[None], argmax[None], pending[None], None, rollback, threshold)[0]
 
 
