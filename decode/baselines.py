@@ -37,7 +37,7 @@ class Greedy(RowDecoder):
         runner = self._runner
         sampling = self._sampling
         if sampling is not None:
-            runner.plan([("logits", 1)])
+            runner.plan([("sample", 1, sampling.key)])
         runner.start(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
@@ -45,7 +45,7 @@ class Greedy(RowDecoder):
             if sampling is None:
                 _, token = runner.step(seq[runner.length :])  # note: sync point
             else:
-                token = int(sampling.draw(sampling.probs(runner.logits(seq[runner.length :], 1))))  # note: sync point
+                _, token = runner.sample_step(seq[runner.length :], sampling, draft=False)  # note: sync point
             seq.append(token)
             stats.large_calls += 1
             stats.large_tokens += 1

@@ -37,7 +37,6 @@ from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner
 from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
-from decode.sampling import verify
 
 ROLLBACK_MODES = ("ce", "exact")
 
@@ -225,42 +224,39 @@ class BiLD(RowDecoder):
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         cfg, sampling = self.config, self._sampling
         large, small = self._large, self._small
-        if sampling is not None:  # the full distributions come back (decode/sampling.py draws from them)
-            cap = cfg.max_small_steps
-            small.plan([("logits", 1), ("logits", 2)])
-            large.plan([("logits", k + 1) for k in range((cap if cap is not None else 15) + 1)])
+        cap = cfg.max_small_steps
+        if sampling is not None:  # the draw and the rejection rule run inside the passes (decode/sampling.py)
+            limits = [x for x in (cap, small.max_draft, large.max_draft) if x is not None]  # the drafts' buffers
+            cap = min(limits) if limits else None
+            small.plan([("sample", 1, sampling.key), ("sample", 2, sampling.key)])
+            large.plan([("sample_check", k + 1, sampling.key) for k in range((cap if cap is not None else 15) + 1)])
         self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         pending_start = prefix_len  # first position the large model has not checked yet
-        drafts: list[torch.Tensor] = []  # sampling: the small model's distribution for each pending token
 
         while True:
             n_pending = len(seq) - pending_start
             if self._finished(seq, prefix_len, max_new_tokens):
                 if n_pending == 0:
                     break
-                pending_start = self._large_step(seq, pending_start, stats, drafts, final=True)
+                pending_start = self._large_step(seq, pending_start, stats, final=True)
                 continue
-            if cfg.max_small_steps is not None and n_pending >= cfg.max_small_steps:
+            if cap is not None and n_pending >= cap:
                 stats.step_cap_fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, drafts, final=False)
+                pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
 
             # the loop's control flow lives on the host
             if sampling is None:
                 confidence, token = small.step(seq[small.length :])
-            else:
-                q = sampling.probs(small.logits(seq[small.length :], 1))[0]
-                confidence = float(q.max())  # note: sync point
+            else:  # drawn from q whatever the verdict: a fallback depends on q alone, so discarding it biases nothing
+                confidence, token = small.sample_step(seq[small.length :], sampling)
             stats.small_steps += 1
             if confidence <= cfg.fallback_threshold:
                 stats.fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, drafts, final=False)
+                pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
-            if sampling is not None:  # drawn only once the token is kept: a fallback discards no draw
-                token = int(sampling.draw(q[None])[0])
-                drafts.append(q)
             seq.append(token)
         return seq[prefix_len:]
 
@@ -268,12 +264,12 @@ class BiLD(RowDecoder):
         self._large.start(prompt, max_new_tokens)
         self._small.start(prompt, max_new_tokens)
 
-    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, drafts: list, final: bool) -> int:
+    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
         """One large-model pass over every position it has not seen; checks and edits `seq` in place.
 
         Greedy: the rollback rule (first_cut), and the large model's argmax is written. Sampling: the rejection
-        rule (decode.sampling.verify) over `drafts`, and a drawn token is written. Returns the new pending_start.
-        With final=True and nothing cut, no token is appended.
+        rule (decode.sampling.verify) over the small model's drafts, and a drawn token is written. Returns the new
+        pending_start. With final=True and nothing cut, no token is appended.
         """
         large, small = self._large, self._small
         n_pending = len(seq) - pending_start
@@ -281,10 +277,9 @@ class BiLD(RowDecoder):
             cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
             token = _token_after(cut, argmax, n_pending, final)
         else:
-            p = self._sampling.probs(large.logits(seq[large.length :], n_pending + 1))  # [k + 1, V]
-            pending = torch.tensor(seq[pending_start:], dtype=torch.long, device=p.device)
-            cut, token = verify(p, torch.stack(drafts) if drafts else p[:0], pending, self._sampling, final)
-            drafts.clear()
+            cut, token = large.sample_check(seq[large.length :], n_pending, small.drafts(n_pending), self._sampling)
+            token = None if final and cut == n_pending else token
+            small.reset_drafts()
         if _settle(seq, pending_start, cut, token, stats):
             # Both caches keep only positions whose token survived; the last token is fed on the next pass.
             large.rewind(len(seq) - 1)

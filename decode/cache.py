@@ -13,6 +13,8 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from decode.sampling import sample_step, verify
+
 
 def prefer_fast_attention() -> None:
     """Turns off PyTorch's cuDNN attention backend, which plans anew for every new shape.
@@ -115,6 +117,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.cache = None
         self.length = 0
+        self._drafts: list[torch.Tensor] = []
 
     def plan(self, keys) -> None:
         """Nothing to prepare on the eager path (decode.fast.FastRunner captures graphs here)."""
@@ -123,6 +126,7 @@ class ModelRunner:
     def start(self, prompt: list[int], max_new_tokens: int | None = None) -> None:
         """Begins a new sequence. prompt: the encoder input for an encoder-decoder model, else unused here."""
         self.length = 0
+        self._drafts = []
         if self.is_encoder_decoder:
             input_ids = torch.tensor([prompt], device=self.device)
             # No attention mask: the row has no padding, and an all-ones mask makes the attention code
@@ -165,10 +169,6 @@ class ModelRunner:
             logits = logits[-logits_to_keep:]
         return logits.float()
 
-    def logits(self, tokens: list[int], n_keep: int) -> torch.Tensor:
-        """Feeds `tokens`; returns float32 logits [n_keep, V] of the last n_keep positions (for sampling)."""
-        return self.forward(tokens, logits_to_keep=n_keep)
-
     def step(self, tokens: list[int]) -> tuple[float, int]:
         """Feeds `tokens`; returns the top probability and the argmax for the next position."""
         confidence, token = step_verdict(self.forward(tokens, logits_to_keep=1)[-1])
@@ -186,6 +186,36 @@ class ModelRunner:
         cut = first_cut(logits[:-1], argmax[:-1], pending, rollback, threshold)
         values = torch.cat([cut.view(1), argmax]).tolist()  # note: a CPU-GPU sync point
         return values[0], values[1:]
+
+    # speculative sampling (decode/sampling.py): the same verbs as decode.fast.FastRunner's
+
+    max_draft = None  # pending tokens a sample_check can take (no limit here)
+
+    def sample_step(self, tokens: list[int], sampling, draft: bool = True) -> tuple[float, int]:
+        """Feeds `tokens`; draws the next token from the model's sampling distribution q and returns (q's top
+        probability, the token). With `draft`, q is kept for `drafts` until `reset_drafts`."""
+        logits = self.forward(tokens, logits_to_keep=1)[-1]
+        q, confidence, token = sample_step(logits, sampling.key, sampling.noise(0, logits.shape[-1], logits.device))
+        if draft:
+            self._drafts.append(q)
+        confidence, token = torch.stack([confidence, token.float()]).tolist()  # note: a CPU-GPU sync point
+        return confidence, int(token)
+
+    def drafts(self, k: int) -> torch.Tensor:
+        """The distributions of the first k draws since `reset_drafts`: [k, V]."""
+        return torch.stack(self._drafts[:k]) if k else torch.zeros(0, device=self.device)
+
+    def reset_drafts(self) -> None:
+        self._drafts = []
+
+    def sample_check(self, tokens: list[int], n_pending: int, drafts: torch.Tensor, sampling) -> tuple[int, int]:
+        """Feeds `tokens`, whose last n_pending were drawn from `drafts` [n_pending, V]; returns the rejection
+        rule's (first rejected position or n_pending, the token drawn for that position)."""
+        logits = self.forward(tokens, logits_to_keep=n_pending + 1)  # [k+1, V]
+        pending = torch.tensor(tokens[len(tokens) - n_pending :], dtype=torch.long, device=logits.device)
+        cut, token = verify(logits, drafts, pending, sampling.key, sampling.noise(n_pending, logits.shape[-1], logits.device))
+        cut, token = torch.stack([cut, token]).tolist()  # note: a CPU-GPU sync point
+        return cut, token
 
     def rewind(self, length: int) -> None:
         """Forgets every position from `length` on; the next forward writes there."""

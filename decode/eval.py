@@ -126,6 +126,9 @@ class EvalConfig(PromptConfig):
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 3
+    repeats: int = 1
+    """Timed passes of every main-table row over the examples, interleaved (every row once, then again): each
+    example's latency is its median over the passes, and the rows report the speedup of each pass (spread)."""
     out: str = "runs/eval"
 
     def __post_init__(self):
@@ -151,6 +154,8 @@ class EvalConfig(PromptConfig):
                                batch_wait=self.batch_wait)
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
         for b in [self.batch_size, *self.throughput_batch_sizes]:
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ValueError(f"batch sizes must be positive integers, got {b!r}")
@@ -455,7 +460,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     tp_idx = all_idx[: cfg.throughput_limit] if cfg.throughput_limit else all_idx
     tp_plan = [p for p in plan if p[1] == "large"] + [p for p in plan if p[1] in cfg.throughput_systems]
     tp_work = len(tp_idx) * len(tp_plan) * len(cfg.throughput_batch_sizes)
-    progress = tqdm(total=n * len(plan) + tp_work + len(sweep_idx) * sweep_points, desc="decode.eval", unit="ex")
+    progress = tqdm(total=n * len(plan) * cfg.repeats + tp_work + len(sweep_idx) * sweep_points, desc="decode.eval",
+                    unit="ex")
 
     rows = []
     for name, system, small_key in plan:
@@ -490,9 +496,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         rows.append(row)
+    _repeat(ev, rows, plan, all_idx, progress)
     for row in rows:
         if "error" not in row and "unsupported" not in row:
             ev.finish_row(row, all_idx)
+    _repeat_spread(rows)
     assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
     for row in rows:
         if "error" in row or "unsupported" in row:
@@ -530,6 +538,45 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         if name.startswith("sweep"):
             del ev.outputs[name]
     return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput)
+
+
+def _repeat(ev: Evaluation, rows: list[dict], plan, indices: list[int], progress) -> None:
+    """Passes 2..repeats of the main table, every row once per pass. Each example's latency becomes its median
+    over the passes; a row keeps every pass's total (`pass_seconds`) and whether its outputs stayed the same."""
+    if ev.cfg.repeats == 1:
+        return
+    by_name = {r["system"]: r for r in rows if "error" not in r and "unsupported" not in r}
+    passes = {name: [ev.latencies[name]] for name in by_name}
+    first = {name: ev.outputs[name] for name in by_name}
+    for _ in range(ev.cfg.repeats - 1):
+        for name, system, small_key in plan:
+            if name not in by_name:
+                continue
+            fb, rb, _ = _row_thresholds(ev, system, small_key)
+            again = ev.run(name, ev.decoder(system, small_key, fb, rb), indices, progress)
+            passes[name].append(ev.latencies[name])
+            by_name[name]["new_tokens"] = again["new_tokens"]
+            if ev.outputs[name] != first[name]:
+                by_name[name]["outputs_changed_between_passes"] = True
+            ev.outputs[name] = first[name]
+    for name, row in by_name.items():
+        medians = [statistics.median(x) for x in zip(*passes[name])]
+        ev.latencies[name] = medians
+        total = sum(medians)
+        row.update(total_seconds=total, latency_median_ms=1000 * statistics.median(medians),
+                   latency_mean_ms=1000 * total / len(medians), tokens_per_s=row["new_tokens"] / total if total else float("nan"),
+                   pass_seconds=[sum(x) for x in passes[name]])
+
+
+def _repeat_spread(rows: list[dict]) -> None:
+    """With repeats: each row's speedup over the large model pass by pass (pass i of the row against pass i of the
+    large model, run just before it), and its range."""
+    large = next((r for r in rows if r["system"] == "large"), None)
+    if large is None or "pass_seconds" not in large:
+        return
+    for row in rows:
+        if "pass_seconds" in row:
+            row["speedup_passes"] = [a / b for a, b in zip(large["pass_seconds"], row["pass_seconds"])]
 
 
 def _path(decoder, batch: int) -> str:
@@ -595,6 +642,13 @@ def _f(v, digits=2):
     return str(v)
 
 
+def _spread(values) -> str:
+    """" (min-max over N passes)" of per-pass speedups, or nothing with one pass."""
+    if not values or len(values) < 2:
+        return ""
+    return f" ({min(values):.2f}-{max(values):.2f} over {len(values)} passes)"
+
+
 def table(results: dict) -> str:
     m = results["metric"]
     extra = "chrf" if results["config"]["task"] == "translation" else ("rouge2" if results["config"]["task"] == "summarization" else None)
@@ -611,7 +665,7 @@ def table(results: dict) -> str:
             continue
         cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + [
             _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
-            _f(r.get("speedup_vs_large")) + "x", (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
+            _f(r.get("speedup_vs_large")) + "x" + _spread(r.get("speedup_passes")), (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
             _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call")),
             r.get("path", "-")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -666,7 +720,9 @@ def report(results: dict) -> str:
         "",
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
         f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
-        f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else ""),
+        f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else "")
+        + (f"; {cfg['repeats']} timed passes per row, interleaved: latencies are per-example medians, speedups "
+           "in brackets pass by pass" if cfg.get("repeats", 1) > 1 else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
         f"{cfg['max_small_steps']}" + _tuned_note(results),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "

@@ -22,6 +22,8 @@ model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.m
   (the prompt prefill, long drafts with no step cap) run the same code without a graph.
 - The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
   functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
+  So does sampling's (decode.sampling: the warpers, the draw, the rejection rule), from uniforms the host
+  writes into a static buffer from the caller's generator before each replay.
 
 Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama, Qwen2 and Mistral (decoder-only, sliding
 windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast_attention, step_verdict
+from decode.sampling import noise_size, sample_step, verify
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
@@ -461,8 +464,13 @@ class FastRunner:
         self._step_out = torch.zeros(2, dtype=torch.float32, device=self.device)  # confidence, token
         self._check_out = torch.zeros(MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax...
         self._host_ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, pin_memory=self.use_graphs)
+        # speculative sampling: uniforms written before each pass, the small model's draft distributions (row
+        # _slot next), and the large model's copy of the drafts it checks
         vocab = model.get_output_embeddings().weight.shape[0]
-        self._logits_out = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
+        self._noise = torch.zeros(noise_size(0, vocab), dtype=torch.float32, device=self.device)
+        self._drafts = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
+        self._slot = torch.zeros((), dtype=torch.long, device=self.device)
+        self._q_in = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
         # what the device buffers hold, as far as the host knows (None: unknown)
         self._pos_on_device: int | None = None
         self._ids_on_device: tuple | None = None
@@ -497,6 +505,7 @@ class FastRunner:
         self._capture_wanted()
         self.length = 0
         self._forget_device_state()
+        self.reset_drafts()
         if self.is_encoder_decoder:
             n = len(prompt)
             self._src_host[0, :n] = torch.tensor(prompt)
@@ -541,26 +550,53 @@ class FastRunner:
         self._pos_on_device = self.length
         return values[0], values[1:]
 
+    # -- speculative sampling (decode/sampling.py): the draw and the rejection rule inside the graphs ----------
+
+    max_draft = MAX_GRAPH_TOKENS - 1  # pending tokens a sample_check takes (its drafts buffer's rows, one spare)
+
     @torch.inference_mode()
-    def logits(self, tokens: list[int], n_keep: int) -> torch.Tensor:
-        """Feeds `tokens`; returns float32 logits [n_keep, V] of the last n_keep positions (for sampling; a view
-        of a static buffer, valid until the next pass)."""
-        if len(tokens) > n_keep:  # only possible without a start prefill
-            self._eager_catch_up(tokens[: len(tokens) - n_keep])
-            tokens = tokens[len(tokens) - n_keep :]
+    def sample_step(self, tokens: list[int], sampling, draft: bool = True) -> tuple[float, int]:
+        """Feeds `tokens`; draws the next token from the model's sampling distribution q and returns (q's top
+        probability, the token). q goes to the next row of `drafts` (always; `draft` is the eager runner's)."""
         n = len(tokens)
-        key = ("logits", n)
-        if key in self._graphs:
-            self._load(tokens)
-            self._run(key)
-            self.length += n
-            self._pos_on_device = self.length
-            return self._logits_out[:n]
-        ids = torch.tensor(tokens, device=self.device)
-        out = self.decoder.forward(ids[None], self.length + torch.arange(n, device=self.device)[None])[0].float()
+        if n > MAX_GRAPH_TOKENS:
+            self._eager_catch_up(tokens[:-1])
+            tokens, n = tokens[-1:], 1
+        self._load(tokens)
+        sampling.fill(self._noise)
+        self._run(("sample", n, sampling.key))
+        confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
+        token = int(token)
         self.length += n
-        self._forget_device_state()
-        return out
+        self._pos_on_device, self._ids_on_device = self.length, (token,)
+        return confidence, token
+
+    def drafts(self, k: int) -> torch.Tensor:
+        """The distributions of the first k draws since `reset_drafts`: [k, V], a view valid until the next step."""
+        return self._drafts[:k]
+
+    def reset_drafts(self) -> None:
+        self._slot.zero_()
+
+    @torch.inference_mode()
+    def sample_check(self, tokens: list[int], n_pending: int, drafts: torch.Tensor, sampling) -> tuple[int, int]:
+        """Feeds `tokens`, whose last n_pending were drawn from `drafts` [n_pending, V]; returns the rejection
+        rule's (first rejected position or n_pending, the token drawn for that position)."""
+        if n_pending > self.max_draft:
+            raise ValueError(f"sample_check takes at most {self.max_draft} pending tokens, got {n_pending}")
+        if len(tokens) > n_pending + 1:  # only possible without a start prefill
+            self._eager_catch_up(tokens[: len(tokens) - n_pending - 1])
+            tokens = tokens[len(tokens) - n_pending - 1 :]
+        n = len(tokens)
+        self._load(tokens)
+        if n_pending:
+            self._q_in[:n_pending].copy_(drafts)
+        sampling.fill(self._noise)
+        self._run(("sample_check", n, sampling.key))
+        cut, token = self._check_out[:2].tolist()  # note: the one host-device sync per large call
+        self.length += n
+        self._pos_on_device = self.length
+        return cut, token
 
     def rewind(self, length: int) -> None:
         """Forgets every position from `length` on: the next pass writes there, the mask hides the rest."""
@@ -606,12 +642,26 @@ class FastRunner:
             self._check_out[1 : n + 1] = argmax
             self._pos0 += n
 
-        def logits():  # the full distributions, for sampling outside the graph
+        def sample():  # key: ("sample", n, sampling key)
             pos = self._pos0 + self._arange[:n]
-            self._logits_out[:n] = self._forward(self._ids[None, :n], pos[None])[0].float()
+            logits = self._forward(self._ids[None, :n], pos[None], last_only=True)[0, -1].float()  # [V]
+            q, confidence, token = sample_step(logits, key[2], self._noise)
+            self._drafts.index_copy_(0, self._slot[None], q[None])
+            self._slot.copy_((self._slot + 1).clamp(max=MAX_GRAPH_TOKENS - 1))
+            self._step_out[0] = confidence
+            self._step_out[1] = token
+            self._ids[0] = token
             self._pos0 += n
 
-        return {"step": step, "check": check, "encode": encode, "logits": logits}[key[0]]
+        def sample_check():  # key: ("sample_check", n, sampling key); the drafts are in _q_in
+            pos = self._pos0 + self._arange[:n]
+            logits = self._forward(self._ids[None, :n], pos[None])[0].float()  # [n, V]
+            cut, token = verify(logits, self._q_in[: n - 1], self._ids[1:n], key[2], self._noise)
+            self._check_out[0] = cut
+            self._check_out[1] = token
+            self._pos0 += n
+
+        return {"step": step, "check": check, "encode": encode, "sample": sample, "sample_check": sample_check}[key[0]]
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)

@@ -8,14 +8,23 @@ rejection a token is drawn from norm(max(0, p_i - q_i)) and the rest is dropped;
 token is drawn from p_{k+1}. Which tokens get drafted (the confidence fallback, the step cap) depends only
 on the small model, so exactness holds for any draft length; a fallback's discarded small token is never
 part of the draft. The lossy CE rollback has no sampling analogue here: sampling needs rollback="exact".
+
+Everything here runs on the device without reading anything back, so the fast path captures it inside its
+CUDA graphs (decode/fast.py) and one small tensor comes back per pass, as in greedy decoding. The random
+numbers come from the caller's generator as a block of uniforms written before each pass (`Sampling.fill`):
+the first ones decide acceptances, the last `vocab` ones drive one draw by the Gumbel-max trick
+(argmax_i log w_i + G_i, G_i = -log(-log u_i), picks i with probability w_i / sum w; w need not be normalised).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+ACCEPT_SLOTS = 16  # uniforms for acceptances at the front of every noise block (more when more tokens are pending)
 
 
 @dataclass
@@ -34,53 +43,84 @@ class Sampling:
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        warpers = []
-        # transformers' own warpers, in generate's order: temperature, top-k, top-p
-        if float(self.temperature) != 1.0:
-            warpers.append(TemperatureLogitsWarper(float(self.temperature)))
-        if self.top_k is not None:
-            warpers.append(TopKLogitsWarper(int(self.top_k)))
-        if self.top_p is not None and float(self.top_p) < 1.0:
-            warpers.append(TopPLogitsWarper(float(self.top_p)))
-        self._warpers = LogitsProcessorList(warpers)
+
+    @property
+    def key(self) -> tuple:
+        """The warper settings, hashable: part of a CUDA graph's key (the warpers are captured with the pass)."""
+        top_p = None if self.top_p is None or float(self.top_p) >= 1.0 else float(self.top_p)
+        return float(self.temperature), None if self.top_k is None else int(self.top_k), top_p
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [n, V] -> the sampling distribution at each row, float32."""
-        return torch.softmax(self._warpers(None, logits.float()), dim=-1)
+        return warped_probs(logits, self.key)
 
-    def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token from each row of probs [n, V] -> [n]."""
-        return torch.multinomial(probs, 1, generator=self._gen(probs.device)).squeeze(-1)
+    def noise(self, n_pending: int, vocab: int, device) -> torch.Tensor:
+        """A fresh block of uniforms for a pass with n_pending drafted tokens (`fill` writes the same numbers into a
+        static buffer of the size for up to ACCEPT_SLOTS pending tokens)."""
+        return self.fill(torch.empty(noise_size(n_pending, vocab), device=device))
 
-    def uniform(self, n: int, device) -> torch.Tensor:
-        return torch.rand(n, generator=self._gen(device), device=device)
-
-    def _gen(self, device):
-        if self.generator is not None and self.generator.device.type != torch.device(device).type:
-            raise ValueError(f"the generator is on {self.generator.device} but the models are on {device}")
-        return self.generator
+    def fill(self, buffer: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None and self.generator.device.type != buffer.device.type:
+            raise ValueError(f"the generator is on {self.generator.device} but the models are on {buffer.device}")
+        return buffer.uniform_(generator=self.generator)
 
 
-def verify(p: torch.Tensor, q: torch.Tensor, pending: torch.Tensor, sampling: Sampling, final: bool) -> tuple[int, int | None]:
-    """The rejection rule. p: [k + 1, V] the large model's distributions (row i for pending token i, the last for
-    the position after them); q: [k, V] the small model's; pending: [k].
+def noise_size(n_pending: int, vocab: int) -> int:
+    return max(n_pending, ACCEPT_SLOTS) + vocab
 
-    Returns (cut, token): cut = the first rejected position (k when all are accepted) and the token written
-    there (None when all are accepted and `final`: the sequence ends without a bonus token).
+
+@functools.lru_cache(maxsize=None)
+def _warpers(key: tuple) -> LogitsProcessorList:
+    temperature, top_k, top_p = key
+    warpers = []  # transformers' own warpers, in generate's order: temperature, top-k, top-p
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(warpers)
+
+
+def warped_probs(logits: torch.Tensor, key: tuple) -> torch.Tensor:
+    """logits [n, V] -> the sampling distribution of each row after the warpers of `key`, float32."""
+    return torch.softmax(_warpers(key)(None, logits.float()), dim=-1)
+
+
+def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index of weights [V] (non-negative, not all zero, need not sum to 1) with probability proportional to
+    its weight, from uniforms [V] in [0, 1): the Gumbel-max trick. A zero weight is never drawn (log 0 = -inf),
+    and u = 0 gives G = -inf: no NaN can arise."""
+    return (weights.log() - (-uniforms.log()).log()).argmax(dim=-1)
+
+
+def sample_step(logits: torch.Tensor, key: tuple, noise: torch.Tensor):
+    """The small model's draft step: logits [V] -> (q [V] its sampling distribution, q's top probability for the
+    fallback test, a token drawn from q), all on the device."""
+    q = warped_probs(logits[None], key)[0]
+    return q, q.max(), draw(q, noise[-q.shape[-1] :])
+
+
+def verify(logits: torch.Tensor, q: torch.Tensor, pending: torch.Tensor, key: tuple, noise: torch.Tensor):
+    """The rejection rule, on the device. logits: [k + 1, V] the large model's (row i for pending token i, the last
+    for the position after them); q: [k, V] the small model's distributions the pending tokens were drawn from;
+    pending: [k]; noise: a block of noise_size(k, V) uniforms.
+
+    Returns 0-d tensors (cut, token): cut = the first rejected position (k when all are accepted) and the token
+    for that position: drawn from the residual max(0, p - q) at a rejection, from p after the pending tokens when
+    all are accepted (the caller drops it where the sequence ends there).
     """
-    k = pending.shape[0]
+    p = warped_probs(logits, key)
+    k, vocab = pending.shape[0], p.shape[-1]
+    positions = torch.arange(k + 1, device=p.device)
     if k:
-        ratio = p[:k].gather(-1, pending[:, None]).squeeze(-1) / q.gather(-1, pending[:, None]).squeeze(-1)
-        rejected = sampling.uniform(k, p.device) >= ratio  # accepted with probability min(1, ratio)
-        cut = int(torch.where(rejected, torch.arange(k, device=p.device), k).min())  # note: sync point
+        ratio = p[:k].gather(-1, pending[:, None])[:, 0] / q.gather(-1, pending[:, None])[:, 0]
+        rejected = noise[:k] >= ratio  # accepted with probability min(1, ratio)
+        cut = torch.where(rejected, positions[:k], k).min()
+        q_cut = torch.cat([q, q.new_zeros(1, vocab)]).index_select(0, cut[None])[0]  # zeros past the last pending
     else:
-        cut = 0
-    if cut < k:
-        residual = (p[cut] - q[cut]).clamp(min=0)
-        total = residual.sum()
-        # p == q on the support leaves nothing to correct, yet the token was rejected (probability 0): draw from p
-        dist = residual / total if float(total) > 0 else p[cut]
-        return cut, int(sampling.draw(dist[None])[0])
-    if final:
-        return k, None
-    return k, int(sampling.draw(p[k : k + 1])[0])
+        cut, q_cut = positions[0], torch.zeros_like(p[0])
+    p_cut = p.index_select(0, cut[None])[0]
+    residual = (p_cut - q_cut).clamp(min=0)
+    # p == q on the support leaves nothing to correct, yet the token was rejected (probability 0): draw from p
+    weights = torch.where(residual.sum() > 0, residual, p_cut)
+    return cut, draw(weights, noise[-vocab:])

@@ -5,6 +5,7 @@
 # thresholds tuned on the validation split, then decode.eval on test at that point; a table comes last.
 #
 #   ./launch.sh full && bash scripts/compare_objectives.sh full       (smoke | cpu | full: the run's profile)
+#   PARALLEL_ALIGN=1: the three alignments at the same time (one GPU has room; logs in runs/<profile>/align_*.log)
 #
 # It reuses the run's models and calibration outputs (runs/<profile>/); finished stages are skipped. The
 # on-policy data is align.calibrate run with the small model: resumable, spread over processes the same way.
@@ -42,13 +43,23 @@ declare -A OBJ=(
   [token_kd_jsd]="objective=token_kd divergence=jsd calibration=$R/calibration.train.jsonl eval_calibration=$R/calibration.valid.jsonl"
   [onpolicy_jsd]="objective=token_kd divergence=jsd calibration=$R/onpolicy.train.jsonl eval_calibration=$R/calibration.valid.jsonl"
 )
-for name in token_kd_fkl token_kd_jsd onpolicy_jsd; do
-  stage "align: $name"
-  if [[ -f $R/aligned_$name/final/config.json ]]; then echo "done: $R/aligned_$name/final"; continue; fi
+align() {  # name
+  local name=$1 settings
   read -ra settings <<< "${OBJ[$name]}"
   "${TRAIN[@]}" --config configs/multi30k_align.yaml --resume model="$R/small/final" teacher="$R/large/final" \
     output_dir="$R/aligned_$name" "${settings[@]}" "${ALIGN[@]}"
+}
+pids=()
+for name in token_kd_fkl token_kd_jsd onpolicy_jsd; do
+  stage "align: $name"
+  if [[ -f $R/aligned_$name/final/config.json ]]; then echo "done: $R/aligned_$name/final"; continue; fi
+  if [[ ${PARALLEL_ALIGN:-0} == 1 ]]; then  # all three at once on one GPU (small models; nothing is timed here)
+    align $name > "$R/align_$name.log" 2>&1 & pids+=($!)
+  else
+    align $name
+  fi
 done
+for pid in "${pids[@]}"; do wait $pid || { tail -20 "$R"/align_*.log; exit 1; }; done
 
 MODELS=(large="$R/large/final" small="$R/small/final" dataset="$M30K")
 for name in seq_kd token_kd_fkl token_kd_jsd onpolicy_jsd; do

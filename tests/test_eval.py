@@ -263,3 +263,20 @@ def test_batch_size_and_throughput_table(eval_config, tmp_path):
     assert all(r["speedup_vs_large_same_batch"] == pytest.approx(1.0) for r in tp if r["base"] == "large")
     assert "## Throughput by batch size" in (tmp_path / "b2" / "report.md").read_text()
     assert main([*base, "--out", str(tmp_path / "bad"), "do_sample=true", "batch_size=2"]) == 2
+
+
+def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path):
+    out = tmp_path / "repeats"
+    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "systems=[large,bild]", "repeats=3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in results["rows"]}
+    for row in rows.values():
+        assert len(row["pass_seconds"]) == 3 and len(row["speedup_passes"]) == 3
+        assert "outputs_changed_between_passes" not in row  # greedy: every pass decodes the same tokens
+        # the row's time is the sum of per-example medians over the passes: never above all passes together
+        assert 0 < row["total_seconds"] <= sum(row["pass_seconds"])
+    assert rows["large"]["speedup_passes"] == pytest.approx([1.0] * 3)
+    assert min(rows["BiLD"]["speedup_passes"]) <= rows["BiLD"]["speedup_vs_large"] * 1.5
+    report = (out / "report.md").read_text()
+    assert "3 timed passes per row" in report and "over 3 passes" in report
+    assert main(["--config", str(eval_config), "--out", str(tmp_path / "bad"), "repeats=0"]) == 2

@@ -117,17 +117,23 @@ def test_early_exit_graphs_equal_no_graphs_and_exact_equals_greedy_on_cuda(arch)
                     assert torch.equal(a.sequences, ref), (k, name)
 
 
-def test_sampling_on_cuda_graphs_equals_ungraphed_with_the_same_generator():
-    """Speculative sampling through the ("logits", n) graphs draws the same tokens as the same passes without
-    graphs, seed for seed (float32); and the exactness tests of tests/test_sampling.py hold on the CPU."""
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_sampling_on_cuda_graphs_equals_the_eager_path_with_the_same_generator(settings):
+    """Speculative sampling and the large model's own sampling with the draw and the rejection rule inside the
+    ("sample", n) / ("sample_check", n) CUDA graphs (warpers included) draw the same tokens as the eager path,
+    seed for seed (float32); the exactness tests of tests/test_sampling.py run the same functions on the CPU."""
+
     large, small = cuda_pair("llama", 2)
     ids = random_prompt(3, length=6).cuda()
     outs = []
     for fast_path in (None, False):
         bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.3, fast_path=fast_path))
+        greedy = Greedy(large, fast_path=fast_path)
+        if fast_path is None:
+            assert "CUDA graphs" in bild.path and "CUDA graphs" in greedy.path
         gen = torch.Generator("cuda").manual_seed(11)
-        outs.append([bild.generate(ids, max_new_tokens=24, do_sample=True, temperature=1.0, generator=gen).sequences
-                     for _ in range(4)])
+        outs.append([d.generate(ids, max_new_tokens=24, do_sample=True, generator=gen, **settings).sequences
+                     for d in (bild, bild, greedy, greedy)])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 

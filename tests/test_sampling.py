@@ -170,3 +170,23 @@ def test_sampling_errors(pair):
         BiLD.early_exit(tiny_llama(2, 16).__class__(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
                                                                 num_hidden_layers=2, num_attention_heads=2,
                                                                 num_key_value_heads=1)), 1).generate(ids, do_sample=True)
+
+
+def test_fast_path_draws_what_the_eager_path_draws(pair):
+    """The fast path runs the draw and the rejection rule inside its passes (CUDA graphs on a GPU); from the same
+    generator it draws the same tokens as the eager path, for BiLD and for the large model's own sampling, with
+    every warper. (tests/test_gpu.py checks the same through the graphs.)"""
+    large, small = pair
+    ids = torch.tensor([PROMPT, PROMPT[:2] + [4, 4]])
+    for settings in SETTINGS.values():
+        outs = []
+        for fast_path in (True, False):
+            decoders = (BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.4, max_small_steps=3,
+                                                      fast_path=fast_path)), Greedy(large, fast_path=fast_path))
+            gen = torch.Generator().manual_seed(9)
+            outs.append([d.generate(ids, max_new_tokens=16, do_sample=True, generator=gen, **settings)
+                         for d in decoders for _ in range(3)])
+        for a, b in zip(*outs):
+            assert torch.equal(a.sequences, b.sequences)
+            assert a.stats.rollbacks == b.stats.rollbacks and a.stats.small_tokens == b.stats.small_tokens
+        assert any(o.stats.rollbacks for o in outs[0]) and any(o.stats.small_tokens for o in outs[0])
