@@ -13,7 +13,7 @@
 # Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
 # RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room),
 # LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation,
-# STOP_AFTER=train|align|tune|eval: stop after that stage (eval: the main evaluation, before the sweep).
+# STOP_AFTER=train|calibrate|align|tune|eval: stop after that stage (eval: the main evaluation, before the sweep).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,8 +76,8 @@ case "$PROFILE" in
 esac
 
 case "${STOP_AFTER:-}" in
-  ""|train|align|tune|eval) ;;
-  *) echo "error: STOP_AFTER must be train, align, tune or eval, got '$STOP_AFTER'" >&2; exit 2 ;;
+  ""|train|calibrate|align|tune|eval) ;;
+  *) echo "error: STOP_AFTER must be train, calibrate, align, tune or eval, got '$STOP_AFTER'" >&2; exit 2 ;;
 esac
 source scripts/launchers.sh  # TRAIN, CALIBRATE
 stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
@@ -119,6 +119,8 @@ for split in train valid; do
   if [[ $split == valid && $PROFILE == smoke ]]; then extra+=(limit=40 max_new_tokens=24); fi
   "${CALIBRATE[@]}" --config configs/multi30k_calibrate.yaml model="$R/large/final" dataset="$M30K" split=$split output="$out" "${extra[@]}"
 done
+
+stop_after calibrate
 
 stage "5/6 prediction alignment of the small model (seq_kd)"
 if [[ -f $R/small_aligned/final/config.json ]]; then echo "done: $R/small_aligned/final"

@@ -43,12 +43,9 @@ class Sampling:
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def key(self) -> tuple:
-        """The warper settings, hashable: part of a CUDA graph's key (the warpers are captured with the pass)."""
+        # The warper settings, hashable: part of a CUDA graph's key (the warpers are captured with the pass).
         top_p = None if self.top_p is None or float(self.top_p) >= 1.0 else float(self.top_p)
-        return float(self.temperature), None if self.top_k is None else int(self.top_k), top_p
+        self.key = (float(self.temperature), None if self.top_k is None else int(self.top_k), top_p)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return warped_probs(logits, self.key)

@@ -8,6 +8,8 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
 - eager step: one token through decode.cache.ModelRunner (transformers forward, DynamicCache), host read each step;
 - fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
 - fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
+- fast sample step / sample check k=10: the same passes for speculative sampling at temperature 1 (the draw, or
+  the rejection rule over 10 drafts, inside the graph; uniforms written before each replay);
 - generate/token: transformers `generate` greedy, per new token;
 - start: beginning a sequence of a 20-token input (encoder and cross-attention keys and values, or the
   prompt prefill), eager and fast;
@@ -31,6 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from decode.cache import ModelRunner  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 from decode.generation import device_sync  # noqa: E402
+from decode.sampling import Sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN = dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu")
@@ -151,6 +154,30 @@ def measure(name, args, device, dtype, bandwidth):
     med, lo, hi = timed(check, args.repeats, device)
     row["check_ms"], row["check_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
 
+    # speculative sampling's passes (temperature 1): the draw, and the rejection rule over k drafts, in the graphs
+    sampling = Sampling(1.0, generator=torch.Generator(device).manual_seed(0))
+    fast.plan([("sample", 1, sampling.key), ("sample_check", k + 1, sampling.key)])
+    fast.start(prompt, steps + k + 2)
+
+    def sample():
+        fast.start(prompt, steps + k + 2)
+        token = 5
+        for _ in range(steps):
+            _, token = fast.sample_step([token], sampling, draft=False)
+
+    med, lo, hi = timed(sample, args.repeats, device)
+    row["sample_ms"], row["sample_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+    fast.step([5])
+    drafts = torch.softmax(torch.randn(k, fast._drafts.shape[-1], device=device), dim=-1)
+
+    def sample_check():
+        for _ in range(steps):
+            fast.sample_check(list(range(5, 5 + k + 1)), k, drafts, sampling)
+            fast.rewind(fast.length - k - 1)
+
+    med, lo, hi = timed(sample_check, args.repeats, device)
+    row["sample_check_ms"], row["sample_check_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+
     ids = torch.tensor([prompt], device=device)
     gen_kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=1, pad_token_id=0)
     med, lo, hi = timed(lambda: model.generate(ids, **gen_kwargs), max(3, args.repeats // 2), device)
@@ -179,18 +206,21 @@ def main():
         print(f"{name}: start eager {r['eager_start_ms']:.3f} fast {r['fast_start_ms']:.3f}; "
               f"eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} check {r['check_ms']:.3f} "
               + (f"compiled {r['compiled_ms']:.3f} (compile {r['compile_s']:.0f} s) " if args.compile else "") +
+              f"sample step {r['sample_ms']:.3f} sample check {r['sample_check_ms']:.3f} "
               f"generate {r['generate_ms']:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
     spread = lambda r, key: f"{r[key + '_ms']:.3f} ({r[key + '_spread'][0]:.3f}-{r[key + '_spread'][1]:.3f})"  # noqa: E731
     print(f"\ndevice: {torch.cuda.get_device_name()}; {args.dtype}; batch 1; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
     best = "compiled" if args.compile else "fast"
     print("| shape | params (M) | floor | eager step | fast step | " + ("compiled step | " if args.compile else "")
-          + f"{best} / floor | {best} check k=10 | generate / token | start eager / fast |")
-    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+          + f"{best} / floor | {best} check k=10 | fast sample step | fast sample check k=10 | generate / token | "
+          "start eager / fast |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     for r in rows:
         print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
               + (f"{spread(r, 'compiled')} | " if args.compile else "")
-              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'generate')} | "
+              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'sample')} | "
+              f"{spread(r, 'sample_check')} | {spread(r, 'generate')} | "
               f"{r['eager_start_ms']:.3f} / {r['fast_start_ms']:.3f} |")
 
 

@@ -8,8 +8,9 @@
 #   3 interleaved timed passes per row: RQ3 and the ablations at the tuned points (large, small, BiLD, lossless,
 #   fallback only, rollback only; unaligned and aligned), and sampling at temperature 1 (the large model sampling
 #   alone, the small models, BiLD speculative sampling at fallback 0.3 and 0.5, unaligned and aligned).
-# objectives: `./launch.sh full` up to seq_kd alignment, then scripts/compare_objectives.sh (the three other
-#   objectives aligned at the same time, each tuned on valid and evaluated on test at its tuned point).
+# objectives: `./launch.sh full` up to the calibration outputs, then scripts/compare_objectives.sh (the four
+#   objectives aligned at the same time, each tuned on valid and evaluated on test at its tuned point, greedy and
+#   sampling at temperature 1), then scripts/bench_step.py on the demo shapes (greedy and sampling passes).
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -35,8 +36,9 @@ JOB
     ;;
     objectives) cat > $SCRIPT <<JOB
 set -x
-PARALLEL_TRAIN=1 STOP_AFTER=align DATA_DIR=.gpu/data ./launch.sh full || exit 1
-PARALLEL_ALIGN=1 DATA_DIR=.gpu/data bash scripts/compare_objectives.sh full
+PARALLEL_TRAIN=1 STOP_AFTER=calibrate DATA_DIR=.gpu/data ./launch.sh full || exit 1
+PARALLEL_ALIGN=1 DATA_DIR=.gpu/data bash scripts/compare_objectives.sh full 2>&1 | tee runs/objectives.log
+python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 2>&1 | tee runs/bench_step.log
 echo JOB DONE
 JOB
     ;;
@@ -49,6 +51,8 @@ detached_wait $W $SCRIPT $LOG; rc=$?
   $R/*/final/bild_thresholds.json $R/*.log $R/*/log.jsonl 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error|objectives\]" | tail -20
+[[ -f runs/objectives.log ]] && grep -E "^\| |objectives\]" runs/objectives.log | tail -16
+[[ -f runs/bench_step.log ]] && tail -5 runs/bench_step.log
 (( rc == 0 )) && { echo FINISHED; for d in $R/rq3 $R/sample_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; tail -8 $LOG; }
 exit 0

@@ -54,16 +54,22 @@ def test_launch_rejects_unknown_profile_and_stage():
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "multi30k").is_dir(), reason="needs ../shared/data/multi30k beside the checkout")
 def test_objective_comparison_after_the_smoke_pipeline(tmp_path):
-    """scripts/compare_objectives.sh: on-policy data, three more alignments, each tuned and evaluated, a table."""
+    """scripts/compare_objectives.sh after the pipeline's calibration: on-policy data, the four alignments at the
+    same time (seq_kd included), each tuned and evaluated greedy and sampling, a table."""
     env = {**os.environ, "RUNS": str(tmp_path), "DATA_DIR": str(DATA), "HF_HUB_OFFLINE": "1"}
-    assert subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, timeout=900).returncode == 0
-    out = subprocess.run(["bash", "scripts/compare_objectives.sh", "smoke"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=1500)
+    part = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env={**env, "STOP_AFTER": "calibrate"},
+                          capture_output=True, text=True, timeout=900)
+    assert part.returncode == 0 and "stopping after calibrate" in part.stdout, part.stderr[-2000:]
+    out = subprocess.run(["bash", "scripts/compare_objectives.sh", "smoke"], cwd=ROOT, env={**env, "PARALLEL_ALIGN": "1"},
+                         capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     runs = tmp_path / "smoke"
     records = [json.loads(line) for line in (runs / "onpolicy.train.jsonl").read_text().splitlines()]
     provenance = json.loads((runs / "onpolicy.train.jsonl.provenance.json").read_text())
     assert len(records) == 300 and "small" in json.dumps(provenance)  # the small model's own outputs
+    assert (runs / "small_aligned/final/config.json").is_file() and (runs / "align_seq_kd.log").is_file()
     for name in ("seq_kd", "token_kd_fkl", "token_kd_jsd", "onpolicy_jsd"):
         assert (runs / "objectives" / name / "results.json").is_file()
-        assert f"| {name} |" in out.stdout
+        sampled = json.loads((runs / "objectives" / f"{name}.sample" / "results.json").read_text())
+        assert sampled["config"]["do_sample"] and {r["system"] for r in sampled["rows"]} == {"large", "BiLD lossless (exact rollback)"}
+        assert f"| {name} |" in out.stdout and "not run" not in out.stdout
