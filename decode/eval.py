@@ -127,8 +127,9 @@ class EvalConfig(PromptConfig):
     device: str = "auto"
     warmup: int = 3
     repeats: int = 1
-    """Timed passes of every main-table row over the examples, interleaved (every row once, then again): each
-    example's latency is its median over the passes, and the rows report the speedup of each pass (spread)."""
+    """Timed passes of every main-table row over the examples, interleaved (every row once, then again): a row's
+    time is the median of its passes' totals, its speedup the median of the per-pass speedups (pass i against the
+    large model's pass i), reported with their range; per-example latencies are medians over the passes."""
     out: str = "runs/eval"
 
     def __post_init__(self):
@@ -542,7 +543,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
 
 def _repeat(ev: Evaluation, rows: list[dict], plan, indices: list[int], progress) -> None:
     """Passes 2..repeats of the main table, every row once per pass. Each example's latency becomes its median
-    over the passes; a row keeps every pass's total (`pass_seconds`) and whether its outputs stayed the same."""
+    over the passes (latency columns, sweep and throughput subsets); a row keeps every pass's total
+    (`pass_seconds`), their median as its total, and whether its outputs stayed the same."""
     if ev.cfg.repeats == 1:
         return
     by_name = {r["system"]: r for r in rows if "error" not in r and "unsupported" not in r}
@@ -562,21 +564,23 @@ def _repeat(ev: Evaluation, rows: list[dict], plan, indices: list[int], progress
     for name, row in by_name.items():
         medians = [statistics.median(x) for x in zip(*passes[name])]
         ev.latencies[name] = medians
-        total = sum(medians)
+        totals = [sum(x) for x in passes[name]]
+        total = statistics.median(totals)
         row.update(total_seconds=total, latency_median_ms=1000 * statistics.median(medians),
                    latency_mean_ms=1000 * total / len(medians), tokens_per_s=row["new_tokens"] / total if total else float("nan"),
-                   pass_seconds=[sum(x) for x in passes[name]])
+                   pass_seconds=totals)
 
 
 def _repeat_spread(rows: list[dict]) -> None:
     """With repeats: each row's speedup over the large model pass by pass (pass i of the row against pass i of the
-    large model, run just before it), and its range."""
+    large model, run just before it); the row's speedup is their median, so it lies within the range reported."""
     large = next((r for r in rows if r["system"] == "large"), None)
     if large is None or "pass_seconds" not in large:
         return
     for row in rows:
         if "pass_seconds" in row:
             row["speedup_passes"] = [a / b for a, b in zip(large["pass_seconds"], row["pass_seconds"])]
+            row["speedup_vs_large"] = statistics.median(row["speedup_passes"])
 
 
 def _path(decoder, batch: int) -> str:
@@ -721,8 +725,8 @@ def report(results: dict) -> str:
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
         f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
         f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else "")
-        + (f"; {cfg['repeats']} timed passes per row, interleaved: latencies are per-example medians, speedups "
-           "in brackets pass by pass" if cfg.get("repeats", 1) > 1 else ""),
+        + (f"; {cfg['repeats']} timed passes per row, interleaved: speedups are the median of the per-pass speedups, "
+           "their range in brackets; latencies are per-example medians" if cfg.get("repeats", 1) > 1 else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
         f"{cfg['max_small_steps']}" + _tuned_note(results),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "

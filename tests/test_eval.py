@@ -273,10 +273,10 @@ def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path
     for row in rows.values():
         assert len(row["pass_seconds"]) == 3 and len(row["speedup_passes"]) == 3
         assert "outputs_changed_between_passes" not in row  # greedy: every pass decodes the same tokens
-        # the row's time is the sum of per-example medians over the passes: never above all passes together
-        assert 0 < row["total_seconds"] <= sum(row["pass_seconds"])
+        # the row's time is the median pass; its speedup the median of the per-pass speedups, inside their range
+        assert row["total_seconds"] == sorted(row["pass_seconds"])[1]
+        assert row["speedup_vs_large"] == sorted(row["speedup_passes"])[1]
     assert rows["large"]["speedup_passes"] == pytest.approx([1.0] * 3)
-    assert min(rows["BiLD"]["speedup_passes"]) <= rows["BiLD"]["speedup_vs_large"] * 1.5
     report = (out / "report.md").read_text()
     assert "3 timed passes per row" in report and "over 3 passes" in report
     assert main(["--config", str(eval_config), "--out", str(tmp_path / "bad"), "repeats=0"]) == 2
