@@ -4,6 +4,9 @@
 #   detached_start DIR JOB LOG   copy the repo to DIR and start `bash JOB` there (JOB and LOG relative to DIR)
 #   detached_wait DIR JOB LOG    wait up to WAIT seconds (default 540) while JOB runs; then cd DIR.
 #                                Returns 0 once LOG ends with "JOB DONE", 1 while it runs, 2 when it died.
+# It also sets the environment every such job runs under: offline, unbuffered, the project from source.
+
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH=.
 
 detached_start() {
   local dir=$1 job=$2 log=$3

@@ -9,7 +9,6 @@
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 W=/tmp/bild-b; R=runs/full; JOB=runs/batch_job.sh; LOG=runs/batch_job.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs

@@ -11,7 +11,6 @@
 # go to $OUT as each call ends.
 set -uo pipefail
 source scripts/detached.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH=.
 W=/tmp/bild; R=runs/exit/full; JOB=runs/exit_job.sh; LOG=runs/exit_job.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs

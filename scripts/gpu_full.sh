@@ -9,7 +9,6 @@
 # tables are printed last.
 set -uo pipefail
 source scripts/detached.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 W=/tmp/bild; R=runs/full; JOB=runs/full_job.sh; LOG=$R/pipeline.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs

@@ -14,7 +14,6 @@
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 W=/tmp/bild-t; R=runs/full; SCRIPT=runs/tables_job.sh; LOG=runs/tables_job.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
@@ -23,7 +22,7 @@ if [[ ${1:-wait} == start ]]; then
 set -x
 source scripts/detached.sh; gpu_tests_alongside runs
 PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=.gpu/data ./launch.sh full || exit 1
-EV=(env PYTHONPATH=. python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final
+EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final
     small=$R/small/final aligned=$R/small_aligned/final dataset=.gpu/data/multi30k repeats=3)
 "\${EV[@]}" "systems=[large,small,bild,bild_exact,bild_fallback_only,bild_rollback_only]" out=$R/rq3
 for fb in 0.3 0.5; do
