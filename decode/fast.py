@@ -518,25 +518,13 @@ class FastRunner:
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> tuple[float, int]:
         """Feeds `tokens` (the positions not yet seen); returns the top probability and argmax of the next."""
-        n = len(tokens)
-        if n > MAX_GRAPH_TOKENS:  # catch up without a graph, then step on the last token
-            self._eager_catch_up(tokens[:-1])
-            tokens, n = tokens[-1:], 1
-        self._load(tokens)
-        self._run(("step", n))
-        confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
-        token = int(token)
-        self.length += n
-        self._pos_on_device, self._ids_on_device = self.length, (token,)
-        return confidence, token
+        return self._step(tokens, None)
 
     @torch.inference_mode()
     def check(self, tokens: list[int], n_pending: int, rollback: str, threshold: float) -> tuple[int, list[int]]:
         """Feeds `tokens`, whose last n_pending are the small model's; returns the first cut position (n_pending
         when nothing is cut) and the argmax at each of the n_pending + 1 positions."""
-        if len(tokens) > n_pending + 1:  # only possible without a start prefill; keep the pass shape fixed
-            self._eager_catch_up(tokens[: len(tokens) - n_pending - 1])
-            tokens = tokens[len(tokens) - n_pending - 1 :]
+        tokens = self._check_feed(tokens, n_pending)
         n = len(tokens)
         if n > MAX_GRAPH_TOKENS:
             return self._eager_check(tokens, rollback, threshold)
@@ -546,8 +534,7 @@ class FastRunner:
             self._threshold_value = float(threshold)
         self._run(("check", n, rollback))
         values = self._check_out[: n + 1].tolist()  # note: the one host-device sync per large call
-        self.length += n
-        self._pos_on_device = self.length
+        self._checked(n)
         return values[0], values[1:]
 
     # -- speculative sampling (decode/sampling.py): the draw and the rejection rule inside the graphs ----------
@@ -558,18 +545,7 @@ class FastRunner:
     def sample_step(self, tokens: list[int], sampling, draft: bool = True) -> tuple[float, int]:
         """Feeds `tokens`; draws the next token from the model's sampling distribution q and returns (q's top
         probability, the token). q goes to the next row of `drafts` (always; `draft` is the eager runner's)."""
-        n = len(tokens)
-        if n > MAX_GRAPH_TOKENS:
-            self._eager_catch_up(tokens[:-1])
-            tokens, n = tokens[-1:], 1
-        self._load(tokens)
-        sampling.fill(self._noise)
-        self._run(("sample", n, sampling.key))
-        confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
-        token = int(token)
-        self.length += n
-        self._pos_on_device, self._ids_on_device = self.length, (token,)
-        return confidence, token
+        return self._step(tokens, sampling)
 
     def drafts(self, k: int) -> torch.Tensor:
         """The distributions of the first k draws since `reset_drafts`: [k, V], a view valid until the next step."""
@@ -584,9 +560,7 @@ class FastRunner:
         rule's (first rejected position or n_pending, the token drawn for that position)."""
         if n_pending > self.max_draft:
             raise ValueError(f"sample_check takes at most {self.max_draft} pending tokens, got {n_pending}")
-        if len(tokens) > n_pending + 1:  # only possible without a start prefill
-            self._eager_catch_up(tokens[: len(tokens) - n_pending - 1])
-            tokens = tokens[len(tokens) - n_pending - 1 :]
+        tokens = self._check_feed(tokens, n_pending)
         n = len(tokens)
         self._load(tokens)
         if n_pending:
@@ -594,9 +568,39 @@ class FastRunner:
         sampling.fill(self._noise)
         self._run(("sample_check", n, sampling.key))
         cut, token = self._check_out[:2].tolist()  # note: the one host-device sync per large call
+        self._checked(n)
+        return cut, token
+
+    # -- the verbs' shared parts --------------------------------------------------------------------
+
+    def _step(self, tokens: list[int], sampling) -> tuple[float, int]:
+        """A greedy step (sampling None) or a sampling step: one graph replay, one host read."""
+        n = len(tokens)
+        if n > MAX_GRAPH_TOKENS:  # catch up without a graph, then step on the last token
+            self._eager_catch_up(tokens[:-1])
+            tokens, n = tokens[-1:], 1
+        self._load(tokens)
+        if sampling is None:
+            self._run(("step", n))
+        else:
+            sampling.fill(self._noise)
+            self._run(("sample", n, sampling.key))
+        confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
+        token = int(token)
+        self.length += n
+        self._pos_on_device, self._ids_on_device = self.length, (token,)  # the pass wrote its token into _ids
+        return confidence, token
+
+    def _check_feed(self, tokens: list[int], n_pending: int) -> list[int]:
+        """The tokens a check's pass takes: the last checked one and the pending ones (the rest caught up first)."""
+        if len(tokens) > n_pending + 1:  # only possible without a start prefill; keep the pass shape fixed
+            self._eager_catch_up(tokens[: len(tokens) - n_pending - 1])
+            tokens = tokens[len(tokens) - n_pending - 1 :]
+        return tokens
+
+    def _checked(self, n: int) -> None:
         self.length += n
         self._pos_on_device = self.length
-        return cut, token
 
     def rewind(self, length: int) -> None:
         """Forgets every position from `length` on: the next pass writes there, the mask hides the rest."""
