@@ -467,7 +467,7 @@ class FastRunner:
         # speculative sampling: uniforms written before each pass, the small model's draft distributions (row
         # _slot next), and the large model's copy of the drafts it checks
         vocab = model.get_output_embeddings().weight.shape[0]
-        self._noise = torch.zeros(noise_size(0, vocab), dtype=torch.float32, device=self.device)
+        self._noise = torch.zeros(noise_size(self.max_draft, vocab), dtype=torch.float32, device=self.device)
         self._drafts = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
         self._slot = torch.zeros((), dtype=torch.long, device=self.device)
         self._q_in = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
