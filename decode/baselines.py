@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.bild import check_pair, greedy_generation_config
-from decode.batch import BatchRunner
+from decode.batch import BatchRunner, batch_size_for
 from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
@@ -59,21 +59,31 @@ class Greedy(RowDecoder):
         return None
 
     def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
-        """One pass per token for every unfinished row (finished rows sit out)."""
+        """One pass per token for every unfinished row; finished rows sit out, and the runner compacts as BiLD's
+        do (decode/batch.py), so batched speedups compare like with like."""
         runner = BatchRunner.for_model(self.model, len(prompts))
         runner.plan([("step", 1)])
         runner.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
         prefix_len = [len(s) for s in seqs]
+        order = list(range(len(prompts)))  # the sequence in each runner row
         while True:
-            live = [not self._finished(seq, n, max_new_tokens) for seq, n in zip(seqs, prefix_len)]
-            if not any(live):
+            live = [r for r, b in enumerate(order) if not self._finished(seqs[b], prefix_len[b], max_new_tokens)]
+            if not live:
                 break
-            verdicts = runner.step([seq[runner.lengths[b] :] if live[b] else [] for b, seq in enumerate(seqs)])
+            if batch_size_for(len(live)) < runner.batch:
+                runner = runner.compact(live)
+                order = [order[r] for r in live]
+                live = list(range(len(live)))
+                stats.compactions += 1
+            feeds = [[] for _ in order]
+            for r in live:
+                feeds[r] = seqs[order[r]][runner.lengths[r] :]
+            verdicts = runner.step(feeds)
             stats.large_passes += 1
-            for b, verdict in enumerate(verdicts):
+            for r, verdict in enumerate(verdicts):
                 if verdict is not None:
-                    seqs[b].append(verdict[1])
+                    seqs[order[r]].append(verdict[1])
                     stats.large_calls += 1
                     stats.large_tokens += 1
         return [seq[n:] for seq, n in zip(seqs, prefix_len)]

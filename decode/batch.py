@@ -13,12 +13,16 @@ before its own queries read it. So a row that sits out a pass is all padding, an
 ragged prompts need no copies, as with one row. Positions are clamped to the buffers, so padding near the end of
 a long row lands in the last slot, which no real position reaches.
 
+    runner = runner.compact(rows)                      # the live rows, moved into the runner of a smaller batch
+
 The inputs of a pass (every row's start position, token count and tokens) go to the device in one copy and
 its outputs come back in one read. Passes of up to MAX_GRAPH_TOKENS tokens replay CUDA graphs, captured per
 runner. The runner's batch is the number of rows rounded up to a power of two, so a short last batch reuses the
 graphs of a full one; rows past the input sit out every pass. Finished rows sit out too, but a pass still
-computes their padding row: the rows' cost grows with the batch, and it is measured, not hidden
-(BENCHMARKS.md, the throughput table).
+computes their padding rows, so the decoders compact: once the unfinished rows fit a batch half the size or
+less, `compact` copies their state (caches, cross-attention keys and values, source masks, positions) into that
+batch's runner, whose graphs are captured before the copy, and decoding goes on there. A finished row then
+costs at most what padding to the next power of two costs.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class BatchRunner(FastRunner):
         self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
+        self._model = weakref.ref(model)  # for `compact`, which looks up the model's smaller runners
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, rows: int) -> "BatchRunner":
@@ -137,6 +142,21 @@ class BatchRunner(FastRunner):
     def rewind(self, row: int, length: int) -> None:
         """Forgets row `row`'s positions from `length` on."""
         self.lengths[row] = min(self.lengths[row], length)
+
+    @torch.inference_mode()
+    def compact(self, rows: list[int]) -> "BatchRunner":
+        """The model's runner for len(rows) rows with rows `rows` of this one moved into its first rows, in that
+        order; self when that runner is this one. The target's graphs (this runner's shapes) are captured first,
+        since a capture writes junk into the caches. This runner is left as it was."""
+        target = BatchRunner.for_model(self._model(), len(rows))
+        if target is self:
+            return self
+        target._wanted |= self._wanted
+        target._ensure_capacity(self.capacity, self.src_capacity)
+        target._capture_wanted()
+        target.decoder.take_rows(self.decoder, rows)
+        target.lengths = [self.lengths[r] for r in rows] + [0] * (target.batch - len(rows))
+        return target
 
     # -- the passes -----------------------------------------------------------------------------------
 

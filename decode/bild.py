@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
-from decode.batch import BatchRunner
+from decode.batch import BatchRunner, batch_size_for
 from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
@@ -299,7 +299,8 @@ class BiLD(RowDecoder):
         """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions. A row that
         needs the large model (a fallback, the step cap, its end) waits; the others keep drafting, one small-model
         pass for all of them per token, until `batch_wait` of the unfinished rows wait (or none can draft); then
-        one large-model pass checks every waiting row. Rows that need nothing sit out a pass."""
+        one large-model pass checks every waiting row. Rows that need nothing sit out a pass; once the unfinished
+        rows fit half the runners' batch, both runners compact (decode/batch.py)."""
         cfg = self.config
         large = BatchRunner.for_model(self.large, len(prompts))
         small = BatchRunner.for_model(self.small, len(prompts))
@@ -310,11 +311,13 @@ class BiLD(RowDecoder):
         seqs = [self._decoder_prefix(p) for p in prompts]
         prefix_len = [len(s) for s in seqs]
         pending_start = list(prefix_len)
+        order = list(range(len(prompts)))  # the sequence in each runner row
         done = [False] * len(prompts)
-        waiting: dict[int, bool] = {}  # rows waiting for the large model -> whether the check is their last
+        waiting: dict[int, bool] = {}  # sequences waiting for the large model -> whether the check is their last
         while True:
             drafting = set()
-            for b, seq in enumerate(seqs):
+            for b in order:
+                seq = seqs[b]
                 if done[b] or b in waiting:
                     continue
                 n_pending = len(seq) - pending_start[b]
@@ -328,26 +331,34 @@ class BiLD(RowDecoder):
                     waiting[b] = False
                 else:
                     drafting.add(b)
-            live = len(seqs) - sum(done)
+            live = [r for r, b in enumerate(order) if not done[b]]
             if not live:
                 break
-            if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * live)):
-                feeds = [seq[large.lengths[b] :] if b in waiting else [] for b, seq in enumerate(seqs)]
-                results = large.check(feeds, cfg.rollback, cfg.rollback_threshold)
+            if batch_size_for(len(live)) < large.batch:
+                large, small = large.compact(live), small.compact(live)
+                order = [order[r] for r in live]
+                stats.compactions += 1
+            if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * len(live))):
+                results = large.check([seqs[b][large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)],
+                                      cfg.rollback, cfg.rollback_threshold)
                 stats.large_passes += 1
-                for b, final in waiting.items():
+                for r, b in enumerate(order):
+                    if b not in waiting:
+                        continue
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
-                    cut, argmax = results[b]
-                    if _settle(seq, pending_start[b], cut, _token_after(cut, argmax, n_pending, final), stats):
-                        large.rewind(b, len(seq) - 1)
-                        small.rewind(b, len(seq) - 1)
+                    cut, argmax = results[r]
+                    if _settle(seq, pending_start[b], cut, _token_after(cut, argmax, n_pending, waiting[b]), stats):
+                        large.rewind(r, len(seq) - 1)
+                        small.rewind(r, len(seq) - 1)
                     pending_start[b] = len(seq)
                 waiting.clear()
                 continue
-            verdicts = small.step([seq[small.lengths[b] :] if b in drafting else [] for b, seq in enumerate(seqs)])
+            verdicts = small.step([seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)])
             stats.small_passes += 1
-            for b in drafting:
-                confidence, token = verdicts[b]
+            for r, b in enumerate(order):
+                if b not in drafting:
+                    continue
+                confidence, token = verdicts[r]
                 stats.small_steps += 1
                 if confidence <= cfg.fallback_threshold:
                     stats.fallbacks += 1

@@ -159,6 +159,19 @@ class _Decoder:
         self.kv = StaticKV(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device, batch)
         self.capacity = capacity
 
+    def row_buffers(self) -> list[tuple[torch.Tensor, int]]:
+        """The per-row state the passes read, each with its batch dimension: what moving a row moves."""
+        return [(self.kv.k, 1), (self.kv.v, 1)]
+
+    def take_rows(self, other: "_Decoder", rows: list[int]) -> None:
+        """Copies rows `rows` of `other`'s state (same model, buffers no larger than these) into this decoder's
+        first len(rows) rows, in that order. The rest of the buffers keep what they held: slots past a row's
+        position are masked, and so are the rows no pass reads."""
+        index = torch.tensor(rows, device=self.device)
+        for (mine, dim), (theirs, _) in zip(self.row_buffers(), other.row_buffers()):
+            src = theirs.index_select(dim, index)
+            mine[tuple(slice(0, n) for n in src.shape)].copy_(src)
+
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids, pos: [B, n]. Writes the caches at pos; returns logits [B, n, V] (or [B, 1, V] with last_only)."""
         h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
@@ -248,6 +261,16 @@ class _EncoderDecoder(_Decoder):
         self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device, batch)
         self.src_visible = torch.zeros(batch, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
         self.src_capacity = src_capacity
+
+    def row_buffers(self):
+        return super().row_buffers() + [(self.cross.k, 1), (self.cross.v, 1), (self.src_visible, 0)]
+
+    def take_rows(self, other, rows):
+        # source slots past the other's buffers are hidden; every row keeps one visible slot, as a batch's rows
+        # past the input do: a fully masked attention row would be NaN
+        self.src_visible.zero_()
+        self.src_visible[..., 0] = True
+        super().take_rows(other, rows)
 
     def encode(self, src_ids: torch.Tensor, src_len: torch.Tensor) -> None:
         """src_ids: [B, S_b], the inputs right-padded to a bucket length; src_len: [B], their real lengths (on

@@ -7,6 +7,8 @@ Each shape is built from a config with random weights (no download), in bf16 at 
 device synchronised, warm-up discarded, the median of --repeats runs (the spread is min-max over them):
 - eager step: one token through decode.cache.ModelRunner (transformers forward, DynamicCache), host read each step;
 - fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
+- graph only: the same step graph replayed --steps times back to back (each replay feeds the token the last one
+  wrote on the device), one host read at the end: the GPU's own time per step, without the host round trip;
 - fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
 - fast sample step / sample check k=10: the same passes for speculative sampling at temperature 1 (the draw, or
   the rejection rule over 10 drafts, inside the graph; uniforms written before each replay);
@@ -142,6 +144,20 @@ def measure(name, args, device, dtype, bandwidth):
         med, lo, hi = timed(lambda: [runner.start(prompt, steps + k + 2) for _ in range(steps)], args.repeats, device)
         row[f"{label}_start_ms"] = 1000 * med / steps
 
+    fast.start(prompt, steps + k + 2)
+    fast.step([5])
+    graph, base = fast._graphs[("step", 1)], fast.length
+
+    def replays():
+        fast._pos0.fill_(base)  # each replay advances the position on the device
+        for _ in range(steps):
+            graph.replay()
+        fast._step_out.tolist()
+
+    med, lo, hi = timed(replays, args.repeats, device)
+    row["graph_ms"], row["graph_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+    fast._forget_device_state()
+
     def check():
         for _ in range(steps):
             fast.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
@@ -204,7 +220,7 @@ def main():
         rows.append(measure(name, args, device, dtype, bandwidth))
         r = rows[-1]
         print(f"{name}: start eager {r['eager_start_ms']:.3f} fast {r['fast_start_ms']:.3f}; "
-              f"eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} check {r['check_ms']:.3f} "
+              f"eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} graph only {r['graph_ms']:.3f} check {r['check_ms']:.3f} "
               + (f"compiled {r['compiled_ms']:.3f} (compile {r['compile_s']:.0f} s) " if args.compile else "") +
               f"sample step {r['sample_ms']:.3f} sample check {r['sample_check_ms']:.3f} "
               f"generate {r['generate_ms']:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
@@ -212,12 +228,13 @@ def main():
     print(f"\ndevice: {torch.cuda.get_device_name()}; {args.dtype}; batch 1; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
     best = "compiled" if args.compile else "fast"
-    print("| shape | params (M) | floor | eager step | fast step | " + ("compiled step | " if args.compile else "")
+    print("| shape | params (M) | floor | eager step | fast step | graph only | " + ("compiled step | " if args.compile else "")
           + f"{best} / floor | {best} check k=10 | fast sample step | fast sample check k=10 | generate / token | "
           "start eager / fast |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     for r in rows:
         print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
+              f"{spread(r, 'graph')} | "
               + (f"{spread(r, 'compiled')} | " if args.compile else "")
               + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'sample')} | "
               f"{spread(r, 'sample_check')} | {spread(r, 'generate')} | "

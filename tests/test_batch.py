@@ -34,7 +34,7 @@ def ragged_batch(seed: int, rows: int = 5, left_pad: bool = True):
 def per_row_counts(stats: DecodeStats) -> dict:
     """The statistics that add up over rows (not the wall time, nor how many rows shared a pass)."""
     d = stats.as_dict()
-    for key in ("seconds", "small_passes", "large_passes", "rows_per_large_pass"):
+    for key in ("seconds", "small_passes", "large_passes", "rows_per_large_pass", "compactions"):
         d.pop(key)
     return d
 
@@ -46,6 +46,7 @@ def test_a_batch_decodes_every_row_as_alone(arch):
     large, small = tiny_pair(arch, 1)
     decoder_only = not large.config.is_encoder_decoder
     ids, mask = ragged_batch(1, left_pad=decoder_only)
+    compactions = {}
     for name, policy in POLICIES.items():
         bild = BiLD(large, small, BiLDConfig(fast_path=True, **policy))
         alone, summed = [], DecodeStats()
@@ -65,6 +66,7 @@ def test_a_batch_decodes_every_row_as_alone(arch):
             assert per_row_counts(together.stats) == per_row_counts(summed), (name, wait)
             s = together.stats  # passes shared by rows: never more passes than row steps, at least one row each
             assert 0 < s.small_passes <= s.small_steps and 0 < s.large_passes <= s.large_calls
+            compactions[name] = s.compactions
         if name == "exact":
             assert summed.small_passes == summed.small_steps and summed.large_passes == summed.large_calls
         if name.startswith("exact"):  # lossless: the large model's greedy generate on each row alone, unpadded
@@ -74,8 +76,76 @@ def test_a_batch_decodes_every_row_as_alone(arch):
                 reference = hf_greedy(large, prompt, max_new_tokens=24)[0]
                 assert row[: reference.shape[0]].tolist() == reference.tolist(), (name, i)
     greedy = Greedy(large, fast_path=True)
-    assert greedy.generate(ids, mask, max_new_tokens=24).sequences.tolist() == \
+    greedy_out = greedy.generate(ids, mask, max_new_tokens=24)
+    assert greedy_out.sequences.tolist() == \
         BiLD(large, small, BiLDConfig(fast_path=True, rollback="exact")).generate(ids, mask, max_new_tokens=24).sequences.tolist()
+    # Greedy's unfinished rows before its t-th pass are the rows longer than t: it moves from the runner of 8 rows to
+    # that of the next power of two each time they fit one
+    lengths = greedy_out.new_lengths
+    sizes = {batch_size_for(sum(n > t for n in lengths)) for t in range(max(lengths))}
+    assert greedy_out.stats.compactions == len(sizes) - 1
+    assert compactions["exact"] >= len(sizes) - 1  # BiLD's rows also end at different passes when equally long
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5", "mistral"))
+def test_compact_moves_rows_into_the_runner_of_a_smaller_batch(arch):
+    """Rows moved mid-sequence (caches, source masks, positions) decode on as they would have where they were,
+    into a runner whose buffers are larger than the source's and into one whose buffers must grow first."""
+    check_compaction(tiny_pair(arch, 2)[0])
+
+
+def check_compaction(large):
+    """The compaction test's body, on the model's device (test_gpu runs it through CUDA graphs)."""
+    ids, mask = ragged_batch(4, rows=4, left_pad=not large.config.is_encoder_decoder)
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(4)]
+    _BATCH_RUNNERS.pop(large, None)
+    BatchRunner.for_model(large, 2).start([[5] * 40] * 2, 200)  # buffers larger than the source's
+    source = BatchRunner.for_model(large, 4)
+    source.plan([("step", 1), ("check", 3, "exact")])  # graphed on CUDA; the targets capture the same shapes
+    source.start(prompts, 12)
+    first = [[p[-1]] if not large.config.is_encoder_decoder else [0] for p in prompts]
+
+    def run(runner, rows, feeds, steps):
+        """`steps` greedy steps then a check of 3 drafted tokens and a rollback, on `rows` of `runner`; returns
+        what came back per row, and the next feeds."""
+        seen = []
+        for _ in range(steps):
+            out = runner.step([feeds[rows.index(r)] if r in rows else [] for r in range(runner.batch)][: runner.batch])
+            seen.append([out[r] for r in rows])
+            feeds = [[out[r][1]] for r in rows]
+        drafts = [f + [7, 8] for f in feeds]
+        out = runner.check([drafts[rows.index(r)] if r in rows else [] for r in range(runner.batch)], "exact", 0.0)
+        seen.append([out[r] for r in rows])
+        for r in rows:
+            runner.rewind(r, runner.lengths[r] - 2)
+        return seen, [[out[r][1][0]] for r in rows]
+
+    _, feeds = run(source, [0, 1, 2, 3], first, 3)
+    two = source.compact([3, 1])
+    assert two is BatchRunner.for_model(large, 2) and two.capacity > source.capacity
+    assert two.lengths == [source.lengths[3], source.lengths[1]]
+    expected, _ = run(source, [3, 1], [feeds[3], feeds[1]], 4)
+    got, feeds_two = run(two, [0, 1], [feeds[3], feeds[1]], 4)
+    assert _same(got, expected)
+
+    _BATCH_RUNNERS[large].pop(1, None)
+    one = two.compact([1])  # a fresh runner: its buffers grow to the source's, its graphs are captured, then the copy
+    assert one.batch == 1 and one.capacity >= two.capacity and one.lengths == [two.lengths[1]]
+    expected, _ = run(two, [1], [feeds_two[1]], 3)
+    got, _ = run(one, [0], [feeds_two[1]], 3)
+    assert _same(got, expected)
+
+
+def _same(got, expected) -> bool:
+    """Equal tokens and cuts, confidences within float32 rounding (the batch size may change the kernels)."""
+    for g_pass, e_pass in zip(got, expected, strict=True):
+        for g, e in zip(g_pass, e_pass, strict=True):
+            if isinstance(g[1], list):
+                if list(g) != list(e):
+                    return False
+            elif g[1] != e[1] or abs(g[0] - e[0]) > 1e-5:
+                return False
+    return True
 
 
 @pytest.mark.parametrize("arch", ("bart", "llama"))

@@ -157,3 +157,11 @@ def test_batched_graphs_decode_every_row_as_alone_on_cuda(arch):
     exact = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.4))
     assert exact.generate(ids, mask, max_new_tokens=24).sequences.tolist() == \
         Greedy(large).generate(ids, mask, max_new_tokens=24).sequences.tolist()
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_compaction_moves_rows_between_graphed_runners_on_cuda(arch):
+    """Rows moved into a smaller batch's runner (its graphs captured before the copy) decode on as before."""
+    from test_batch import check_compaction
+
+    check_compaction(cuda_pair(arch, 2)[0])
