@@ -52,8 +52,6 @@ class Greedy(RowDecoder):
         return seq[prefix_len:]
 
     def _batch_blocker(self) -> str | None:
-        if self._sampling is not None:
-            return "sampling decodes one row at a time"
         if type(self._runner) is not FastRunner:
             return f"batches are decoded together on the fast path only (this model runs on {self.path})"
         return None
@@ -62,7 +60,8 @@ class Greedy(RowDecoder):
         """One pass per token for every unfinished row; finished rows sit out, and the runner compacts as BiLD's
         do (decode/batch.py), so batched speedups compare like with like."""
         runner = BatchRunner.for_model(self.model, len(prompts))
-        runner.plan([("step", 1)])
+        sampling = self._sampling
+        runner.plan([("step", 1)] if sampling is None else [("sample", 1, sampling.key)])
         runner.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
         prefix_len = [len(s) for s in seqs]
@@ -79,7 +78,7 @@ class Greedy(RowDecoder):
             feeds = [[] for _ in order]
             for r in live:
                 feeds[r] = seqs[order[r]][runner.lengths[r] :]
-            verdicts = runner.step(feeds)
+            verdicts = runner.step(feeds) if sampling is None else runner.sample_step(feeds, sampling)
             stats.large_passes += 1
             for r, verdict in enumerate(verdicts):
                 if verdict is not None:

@@ -14,6 +14,8 @@ ragged prompts need no copies, as with one row. Positions are clamped to the buf
 a long row lands in the last slot, which no real position reaches.
 
     runner = runner.compact(rows)                      # the live rows, moved into the runner of a smaller batch
+    verdicts = runner.sample_step(feeds, sampling)     # speculative sampling: per row (q's top probability, a draw)
+    results = large.sample_check(feeds, runner.drafts(), sampling)  # per row: (first rejection, the token there)
 
 The inputs of a pass (every row's start position, token count and tokens) go to the device in one copy and
 its outputs come back in one read. Passes of up to MAX_GRAPH_TOKENS tokens replay CUDA graphs, captured per
@@ -23,6 +25,11 @@ computes their padding rows, so the decoders compact: once the unfinished rows f
 less, `compact` copies their state (caches, cross-attention keys and values, source masks, positions) into that
 batch's runner, whose graphs are captured before the copy, and decoding goes on there. A finished row then
 costs at most what padding to the next power of two costs.
+
+Speculative sampling (decode/sampling.py) runs per row in the same passes: one block of uniforms per row, written
+before each pass; the small model's draft distribution for the token at position p goes to its row's slot p mod
+16 of `drafts()`, where the large model's pass finds the pending tokens' (a row never has 16 pending), so
+nothing needs resetting between checks and the drafts move with their rows when a batch compacts.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from transformers import PreTrainedModel
 
 from decode.cache import first_cuts, step_verdict
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _src_bucket
+from decode.sampling import noise_size, sample_steps, verify_rows
 
 _BATCH_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[int, BatchRunner]]" = weakref.WeakKeyDictionary()
 
@@ -58,6 +66,10 @@ class BatchRunner(FastRunner):
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
         self._model = weakref.ref(model)  # for `compact`, which looks up the model's smaller runners
+        self._rows = torch.arange(batch, device=self.device)
+        # speculative sampling's buffers, made when a sampling pass is first planned or run (batch x 16 x vocab)
+        self._vocab = self._drafts.shape[-1]
+        self._noise = self._drafts = self._q_in = None
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, rows: int) -> "BatchRunner":
@@ -139,6 +151,43 @@ class BatchRunner(FastRunner):
         self._advance(feeds)
         return [(out[b][0], out[b][1 : len(f) + 1]) if f else None for b, f in enumerate(feeds)]
 
+    @torch.inference_mode()
+    def sample_step(self, feeds: list[list[int]], sampling) -> list[tuple[float, int] | None]:
+        """Feeds each row its tokens; per row a token drawn from its sampling distribution q and q's top
+        probability (None for a row that fed nothing). q goes to the row's slot of `drafts()`."""
+        if max(len(f) for f in feeds) > MAX_GRAPH_TOKENS:  # catch up without a graph, then draw on the last token
+            self.feed([f[:-1] for f in feeds])
+            feeds = [f[-1:] for f in feeds]
+        n = max(len(f) for f in feeds)
+        self._inputs(feeds, n, static=True)
+        self._sampling_buffers()
+        sampling.fill(self._noise)
+        self._run(("sample", n, sampling.key))
+        out = self._verdicts.tolist()  # note: the one host-device sync per step
+        self._advance(feeds)
+        return [(out[b][0], int(out[b][1])) if f else None for b, f in enumerate(feeds)]
+
+    def drafts(self) -> torch.Tensor:
+        """[batch, 16, V]: row b's draft distribution for the token at position p is at [b, p % 16]."""
+        return self._sampling_buffers()
+
+    @torch.inference_mode()
+    def sample_check(self, feeds: list[list[int]], drafts: torch.Tensor, sampling) -> list[tuple[int, int] | None]:
+        """Feeds each row its last checked token and its pending ones, drawn from the distributions in `drafts`
+        (the small model's runner's `drafts()`); per row the rejection rule's (first rejected position, or its
+        number of pending tokens, and the token drawn for that position); None for a row that fed nothing."""
+        n = max(len(f) for f in feeds)
+        if n - 1 > self.max_draft:
+            raise ValueError(f"sample_check takes at most {self.max_draft} pending tokens per row, got {n - 1}")
+        self._inputs(feeds, n, static=True)
+        self._sampling_buffers()
+        self._q_in.copy_(drafts)
+        sampling.fill(self._noise)
+        self._run(("sample_check", n, sampling.key))
+        out = self._checks[:, :2].tolist()  # note: the one host-device sync per large call
+        self._advance(feeds)
+        return [(out[b][0], out[b][1]) if f else None for b, f in enumerate(feeds)]
+
     def rewind(self, row: int, length: int) -> None:
         """Forgets row `row`'s positions from `length` on."""
         self.lengths[row] = min(self.lengths[row], length)
@@ -156,6 +205,8 @@ class BatchRunner(FastRunner):
         target._capture_wanted()
         target.decoder.take_rows(self.decoder, rows)
         target.lengths = [self.lengths[r] for r in rows] + [0] * (target.batch - len(rows))
+        if self._drafts is not None:  # the pending tokens' draft distributions go with their rows
+            target._sampling_buffers()[: len(rows)] = self._drafts[torch.tensor(rows, device=self.device)]
         return target
 
     # -- the passes -----------------------------------------------------------------------------------
@@ -175,12 +226,16 @@ class BatchRunner(FastRunner):
         return inp[:, 2 : n + 2], pos
 
     def _step_core(self, inp: torch.Tensor, n: int):
+        return step_verdict(self._next_logits(inp, n))  # [B], [B]
+
+    def _next_logits(self, inp: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, V] float: each row's logits after its last fed token."""
         ids, pos = self._ids_pos(inp, n)
         dec = self.decoder
         h = dec.run_layers(dec.embed(ids, pos), pos, 0, dec.n_layers)  # [B, n, d]
         last = (inp[:, 1] - 1).clamp(min=0)  # each row's last real token
         h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))
-        return step_verdict(dec.head(h)[:, 0].float())  # [B], [B]
+        return dec.head(h)[:, 0].float()
 
     def _check_core(self, inp: torch.Tensor, n: int, rollback: str, threshold):
         ids, pos = self._ids_pos(inp, n)
@@ -206,7 +261,36 @@ class BatchRunner(FastRunner):
             self._checks[:, 0] = cut
             self._checks[:, 1 : n + 1] = argmax
 
-        return {"step": step, "check": check}[key[0]]
+        def sample():  # key: ("sample", n, sampling key)
+            q, confidence, token = sample_steps(self._next_logits(inp, n), key[2], self._noise)
+            slot = (inp[:, 0] + inp[:, 1]) % MAX_GRAPH_TOKENS  # the position the token is drawn for
+            fed = (inp[:, 1] > 0)[:, None]  # a row that sits out keeps its slot: it may hold a pending draft
+            self._drafts[self._rows, slot] = torch.where(fed, q, self._drafts[self._rows, slot])
+            self._verdicts[:, 0] = confidence
+            self._verdicts[:, 1] = token
+
+        def sample_check():  # key: ("sample_check", n, sampling key); the drafts are in _q_in
+            ids, pos = self._ids_pos(inp, n)
+            logits = self.decoder.forward(ids, pos).float()  # [B, n, V]
+            slots = (pos[:, 1:] % MAX_GRAPH_TOKENS)[..., None].expand(-1, -1, logits.shape[-1])
+            q = self._q_in.gather(1, slots)  # [B, n - 1, V]: the pending tokens' draft distributions
+            n_pending = (inp[:, 1] - 1).clamp(min=0)
+            cut, token = verify_rows(logits, q, ids[:, 1:], n_pending, key[2], self._noise)
+            self._checks[:, 0] = cut
+            self._checks[:, 1] = token
+
+        if key[0].startswith("sample"):
+            self._sampling_buffers()
+        return {"step": step, "check": check, "sample": sample, "sample_check": sample_check}[key[0]]
+
+    def _sampling_buffers(self) -> torch.Tensor:
+        """Makes the sampling buffers on first use (before any graph reads them); returns the drafts."""
+        if self._drafts is None:
+            shape = (self.batch, MAX_GRAPH_TOKENS, self._vocab)
+            self._drafts = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self._q_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self._noise = torch.zeros(self.batch, noise_size(self.max_draft, self._vocab), device=self.device)
+        return self._drafts
 
     def _advance(self, feeds: list[list[int]]) -> None:
         for b, f in enumerate(feeds):

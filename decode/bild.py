@@ -149,8 +149,8 @@ class BiLD(RowDecoder):
     """BiLD decoding over a large and a small model that share a vocabulary: greedy, or with
     `generate(..., do_sample=True)` speculative sampling (decode/sampling.py; rollback="exact" only).
 
-    Batches are decoded row after row (batch size 1 per row, as in the paper); the result is correct for any
-    batch, laid out as `large.generate` lays it out.
+    A batch is decoded together on the fast path (`_decode_batch`), else row after row (batch size 1 per row,
+    as in the paper); either way laid out as `large.generate` lays it out.
     """
 
     def __init__(self, large: PreTrainedModel, small: PreTrainedModel, config: BiLDConfig | None = None):
@@ -171,6 +171,16 @@ class BiLD(RowDecoder):
         cap = self.config.max_small_steps
         (small or self._small).plan([("step", 1), ("step", 2)])
         (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
+
+    def _plan_sampling(self, small, large) -> int | None:
+        """Plans the sampling passes on the two runners; returns the step cap they allow (the drafts' buffers
+        hold max_draft pending tokens)."""
+        key = self._sampling.key
+        limits = [x for x in (self.config.max_small_steps, small.max_draft, large.max_draft) if x is not None]
+        cap = min(limits) if limits else None
+        small.plan([("sample", 1, key), ("sample", 2, key)])
+        large.plan([("sample_check", k + 1, key) for k in range((cap if cap is not None else 15) + 1)])
+        return cap
 
     @classmethod
     def early_exit(cls, model, exit_layer: int | None = None, config: BiLDConfig | None = None, *, exit_head="auto",
@@ -226,10 +236,7 @@ class BiLD(RowDecoder):
         large, small = self._large, self._small
         cap = cfg.max_small_steps
         if sampling is not None:  # the draw and the rejection rule run inside the passes (decode/sampling.py)
-            limits = [x for x in (cap, small.max_draft, large.max_draft) if x is not None]  # the drafts' buffers
-            cap = min(limits) if limits else None
-            small.plan([("sample", 1, sampling.key), ("sample", 2, sampling.key)])
-            large.plan([("sample_check", k + 1, sampling.key) for k in range((cap if cap is not None else 15) + 1)])
+            cap = self._plan_sampling(small, large)
         self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
@@ -289,8 +296,6 @@ class BiLD(RowDecoder):
     # -- batches --------------------------------------------------------------------------------------
 
     def _batch_blocker(self) -> str | None:
-        if self._sampling is not None:
-            return "speculative sampling decodes one row at a time"
         if not (type(self._large) is FastRunner and type(self._small) is FastRunner):
             return f"batches are decoded together on the fast path only (this pair runs on {self.path})"
         return None
@@ -300,12 +305,16 @@ class BiLD(RowDecoder):
         needs the large model (a fallback, the step cap, its end) waits; the others keep drafting, one small-model
         pass for all of them per token, until `batch_wait` of the unfinished rows wait (or none can draft); then
         one large-model pass checks every waiting row. Rows that need nothing sit out a pass; once the unfinished
-        rows fit half the runners' batch, both runners compact (decode/batch.py)."""
-        cfg = self.config
+        rows fit half the runners' batch, both runners compact (decode/batch.py). Sampling: the small model draws,
+        the large model's pass applies the rejection rule per row."""
+        cfg, sampling = self.config, self._sampling
         large = BatchRunner.for_model(self.large, len(prompts))
         small = BatchRunner.for_model(self.small, len(prompts))
         cap = cfg.max_small_steps
-        self._plan(small, large)
+        if sampling is None:
+            self._plan(small, large)
+        else:
+            cap = self._plan_sampling(small, large)
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
@@ -339,21 +348,30 @@ class BiLD(RowDecoder):
                 order = [order[r] for r in live]
                 stats.compactions += 1
             if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * len(live))):
-                results = large.check([seqs[b][large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)],
-                                      cfg.rollback, cfg.rollback_threshold)
+                feeds = [seqs[b][large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)]
+                if sampling is None:
+                    results = large.check(feeds, cfg.rollback, cfg.rollback_threshold)
+                else:
+                    results = large.sample_check(feeds, small.drafts(), sampling)
                 stats.large_passes += 1
                 for r, b in enumerate(order):
                     if b not in waiting:
                         continue
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
-                    cut, argmax = results[r]
-                    if _settle(seq, pending_start[b], cut, _token_after(cut, argmax, n_pending, waiting[b]), stats):
+                    if sampling is None:
+                        cut, argmax = results[r]
+                        token = _token_after(cut, argmax, n_pending, waiting[b])
+                    else:
+                        cut, token = results[r]
+                        token = None if waiting[b] and cut == n_pending else token
+                    if _settle(seq, pending_start[b], cut, token, stats):
                         large.rewind(r, len(seq) - 1)
                         small.rewind(r, len(seq) - 1)
                     pending_start[b] = len(seq)
                 waiting.clear()
                 continue
-            verdicts = small.step([seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)])
+            feeds = [seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)]
+            verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
             stats.small_passes += 1
             for r, b in enumerate(order):
                 if b not in drafting:

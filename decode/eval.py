@@ -108,7 +108,8 @@ class EvalConfig(PromptConfig):
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
-    """Sampling: example i of a row draws from a generator seeded with seed + i."""
+    """Sampling: example i of a row draws from a generator seeded with seed + i (a call of several rows: seeded by
+    its first example's, so the samples depend on the batch size; their distribution does not)."""
     batch_size: int = 1
     """Rows per generate call in the main table and the sweep (BiLD and the large/small rows decode a batch
     together on the fast path; the others row after row). 1: the paper's setting."""
@@ -160,11 +161,12 @@ class EvalConfig(PromptConfig):
         for b in [self.batch_size, *self.throughput_batch_sizes]:
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ValueError(f"batch sizes must be positive integers, got {b!r}")
-        if self.do_sample and (self.batch_size > 1 or self.throughput_batch_sizes):
-            raise ValueError("sampling rows draw from one generator per example: use batch_size 1 and no throughput table")
         bad = [s for s in self.throughput_systems if s not in _BILD]
         if bad:
             raise ValueError(f"throughput_systems must be BiLD rows ({', '.join(_BILD)}), got {bad}")
+        if self.do_sample and self.throughput_batch_sizes and self.throughput_systems != ["bild_exact"]:
+            raise ValueError("sampling verifies drafts by the rejection rule (rollback exact): with do_sample, "
+                             "use throughput_systems=[bild_exact]")
         if any(s in self.systems for s in ("early_exit", "early_exit_exact", "hf_early_exit")):
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.exit_layers):
                 raise ValueError(f"exit_layers must be positive integers, got {self.exit_layers}")

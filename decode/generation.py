@@ -2,9 +2,10 @@
 `generate`'s output layout.
 
 A batch of one row is decoded as the paper measures (batch size 1). A batch of several rows is decoded
-together where the decoder and its path can (`_decode_batch`: BiLD and Greedy, greedy, on the fast path;
-decode/batch.py), else row after row (said once). Either way each row's tokens are those of decoding it
-alone, and the result is laid out as `model.generate` lays it out, so callers can swap decoders freely:
+together where the decoder and its path can (`_decode_batch`: BiLD and Greedy, greedy or sampling, on the fast
+path; decode/batch.py), else row after row (said once). Either way each row's greedy tokens are those of
+decoding it alone (sampled rows follow the same distribution, from other random numbers), and the result is
+laid out as `model.generate` lays it out, so callers can swap decoders freely:
 - decoder-only: each row's prompt as given (padding included), then its new tokens;
 - encoder-decoder: the decoder start token, then the new tokens;
 rows that finish early are right-padded with the pad token.

@@ -9,6 +9,7 @@ from tiny_models import PAD, VOCAB, hf_greedy, tiny_pair
 from decode import BiLD, BiLDConfig, Greedy
 from decode.batch import _BATCH_RUNNERS, BatchRunner, batch_size_for
 from decode.generation import DecodeStats
+from decode.sampling import Sampling
 
 POLICIES = {
     "exact": dict(rollback="exact", fallback_threshold=0.4),
@@ -148,6 +149,31 @@ def _same(got, expected) -> bool:
     return True
 
 
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_batched_sampling_with_top_k_1_is_greedy(arch):
+    """Speculative sampling's bookkeeping in a batch, made deterministic: with top_k=1 the small model's draft
+    distributions and the large model's are one-hot at their argmax, so the rejection rule keeps exactly the
+    drafts the large model agrees with and writes its argmax: every row must be the large model's greedy output.
+    Ragged prompts, 40 new tokens (the drafts' 16 slots wrap), rows ending apart (the batch compacts with drafts
+    pending)."""
+    check_sampling_top_k_1(*tiny_pair(arch, 4))
+
+
+def check_sampling_top_k_1(large, small):
+    """That test's body, on the models' device (test_gpu runs it through CUDA graphs)."""
+    ids, mask = (t.to(large.device) for t in ragged_batch(6, left_pad=not large.config.is_encoder_decoder))
+    gen = torch.Generator(large.device).manual_seed(0)
+    reference = Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=40)
+    # batch_wait=0: a large pass as soon as one row waits, so other rows hold drafts when the batch compacts
+    for policy in (POLICIES["exact"], dict(POLICIES["exact_cap4"], batch_wait=0.0), dict(rollback="exact", fallback_threshold=0.0)):
+        bild = BiLD(large, small, BiLDConfig(fast_path=True, **policy))
+        out = bild.generate(ids, mask, max_new_tokens=40, do_sample=True, top_k=1, generator=gen)
+        assert out.sequences.tolist() == reference.sequences.tolist(), policy
+        assert out.stats.small_tokens > 0 and out.stats.large_passes < out.stats.large_calls  # rows shared passes
+    greedy = Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=40, do_sample=True, top_k=1)
+    assert greedy.sequences.tolist() == reference.sequences.tolist()
+
+
 @pytest.mark.parametrize("arch", ("bart", "llama"))
 def test_batched_output_is_laid_out_as_generate(arch):
     """The whole padded batch, as transformers' greedy generate returns it for the same padded input."""
@@ -181,9 +207,8 @@ def test_runners_per_batch_size_and_what_stays_row_by_row(capsys, monkeypatch):
     assert eager.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
         bild.generate(ids, mask, max_new_tokens=12).sequences.tolist()
     assert "decodes a batch row after row" in capsys.readouterr().err
-    gen = torch.Generator().manual_seed(0)
-    out = bild.generate(ids, mask, max_new_tokens=12, do_sample=True, generator=gen)
-    assert out.sequences.shape[0] == 3 and bild._batch_blocker() is not None
+    bild._sampling = Sampling()  # sampling decodes a batch together too
+    assert bild._batch_blocker() is None
     early = BiLD.early_exit(large, 1, BiLDConfig(fast_path=True, rollback="exact"))
     assert early._batch_blocker() is not None
     assert early.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \

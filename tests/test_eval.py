@@ -262,7 +262,13 @@ def test_batch_size_and_throughput_table(eval_config, tmp_path):
     assert all(r["identical_to_large"] == 1.0 for r in tp if r["base"] != "BiLD")
     assert all(r["speedup_vs_large_same_batch"] == pytest.approx(1.0) for r in tp if r["base"] == "large")
     assert "## Throughput by batch size" in (tmp_path / "b2" / "report.md").read_text()
-    assert main([*base, "--out", str(tmp_path / "bad"), "do_sample=true", "batch_size=2"]) == 2
+    # sampling: rows decoded together too, BiLD's lossless row only (the rejection rule)
+    sampled = [*base[:-1], "systems=[large,bild_exact]", "do_sample=true", "throughput_batch_sizes=[4]"]
+    assert main([*sampled, "--out", str(tmp_path / "bad"), "throughput_systems=[bild]"]) == 2
+    assert main([*sampled, "--out", str(tmp_path / "s"), "throughput_systems=[bild_exact]", "batch_size=2"]) == 0
+    tp = json.loads((tmp_path / "s" / "results.json").read_text())["throughput"]
+    assert [(r["batch_size"], r["base"]) for r in tp] == [(4, "large"), (4, "BiLD lossless (exact rollback)")]
+    assert all("decoded together" in r["path"] and r["tokens_per_s"] > 0 for r in tp)
 
 
 def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path):

@@ -165,3 +165,21 @@ def test_compaction_moves_rows_between_graphed_runners_on_cuda(arch):
     from test_batch import check_compaction
 
     check_compaction(cuda_pair(arch, 2)[0])
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_batched_sampling_through_graphs_with_top_k_1_is_greedy_on_cuda(arch):
+    """Speculative sampling's per-row bookkeeping through the batch runners' graphs (fp32): with top_k=1 every
+    row is the large model's greedy output (see tests/test_batch.py)."""
+    from test_batch import check_sampling_top_k_1
+
+    check_sampling_top_k_1(*cuda_pair(arch, 4))
+
+
+def test_batched_sampling_through_graphs_is_distributed_as_the_large_models_sampling_on_cuda():
+    """The chi-square test of tests/test_sampling.py on the GPU: rows decoded together (batches of 64) through the
+    batch runners' sampling graphs."""
+    from test_sampling import check_bild, noisy_pair
+
+    check_bild([m.cuda() for m in noisy_pair()], "t1", dict(fallback_threshold=0.5, max_small_steps=4), fast_path=True,
+               batch=64)

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from decode import BiLD, BiLDConfig, Greedy
 from decode.bild import make_plain_greedy
+from decode.generation import DecodeStats
 from decode.sampling import Sampling
 
 VOCAB, EOS, PAD = 8, 1, 0
@@ -35,6 +36,10 @@ def tiny_llama(seed: int, width: int) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def pair():
+    return noisy_pair()
+
+
+def noisy_pair():
     """The large model and a noisy copy of it: they agree often enough for long drafts, and differ enough for
     rejections (about 60% of draft tokens accepted)."""
     large, small = tiny_llama(0, 16), tiny_llama(0, 16)
@@ -49,26 +54,31 @@ def pair():
 def exact_two_token_distribution(model, settings) -> dict:
     """P(a, b) of the model's own sampling; a continuation that ends with EOS first is (EOS, None)."""
     s = Sampling(**settings)
-    p1 = s.probs(model(torch.tensor([PROMPT])).logits[0, -1:])[0]
+    p1 = s.probs(model(torch.tensor([PROMPT], device=model.device)).logits[0, -1:])[0]
     dist = {}
     for a in range(VOCAB):
         if a == EOS:
             dist[(a, None)] = float(p1[a])
             continue
-        p2 = s.probs(model(torch.tensor([PROMPT + [a]])).logits[0, -1:])[0]
+        p2 = s.probs(model(torch.tensor([PROMPT + [a]], device=model.device)).logits[0, -1:])[0]
         for b in range(VOCAB):
             dist[(a, b)] = float(p1[a] * p2[b])
     return dist
 
 
-def sample_counts(decoder, settings, seed=0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    out = decoder.generate(torch.tensor([PROMPT] * N), max_new_tokens=2, do_sample=True, generator=gen, **settings)
+def sample_counts(decoder, settings, seed=0, batch=N) -> dict:
+    """N samples, in generate calls of `batch` rows (decoded together on the fast path, else row after row)."""
+    gen = torch.Generator(decoder.device).manual_seed(seed)
     counts: dict = {}
-    for a, b in out.sequences[:, len(PROMPT) : len(PROMPT) + 2].tolist():
-        key = (a, None) if a == EOS else (a, b)
-        counts[key] = counts.get(key, 0) + 1
-    return counts, out.stats
+    stats = DecodeStats()
+    for start in range(0, N, batch):
+        rows = min(batch, N - start)
+        out = decoder.generate(torch.tensor([PROMPT] * rows), max_new_tokens=2, do_sample=True, generator=gen, **settings)
+        stats.add(out.stats)
+        for a, b in out.sequences[:, len(PROMPT) : len(PROMPT) + 2].tolist():
+            key = (a, None) if a == EOS else (a, b)
+            counts[key] = counts.get(key, 0) + 1
+    return counts, stats
 
 
 def chi_square_rejects(counts: dict, exact: dict) -> tuple[bool, float, float]:
@@ -89,11 +99,11 @@ def chi_square_rejects(counts: dict, exact: dict) -> tuple[bool, float, float]:
     return stat > quantile, stat, quantile
 
 
-def check_bild(pair, setting, policy, fast_path=False):
+def check_bild(pair, setting, policy, fast_path=False, batch=N):
     large, small = pair
     settings = SETTINGS[setting]
     bild = BiLD(large, small, BiLDConfig(rollback="exact", fast_path=fast_path, **policy))
-    counts, stats = sample_counts(bild, settings)
+    counts, stats = sample_counts(bild, settings, batch=batch)
     rejects, stat, quantile = chi_square_rejects(counts, exact_two_token_distribution(large, settings))
     print(f"{setting} {policy}: chi-square {stat:.1f} (reject above {quantile:.1f}); small tokens {stats.small_tokens}, "
           f"rollbacks {stats.rollbacks}, fallbacks {stats.fallbacks}, large calls {stats.large_calls}")
@@ -108,21 +118,28 @@ def test_bild_sampling_is_distributed_as_the_large_models_sampling(pair):
     check_bild(pair, "t1", dict(fallback_threshold=0.5, max_small_steps=4))
 
 
+def test_batched_bild_sampling_is_distributed_as_the_large_models_sampling(pair):
+    """Rows decoded together on the fast path (batches of 48: runners of 64 rows that compact as rows end), each
+    row with its own uniforms, drafts and rejection rule."""
+    check_bild(pair, "warped", dict(fallback_threshold=0.7, max_small_steps=4), fast_path=True, batch=48)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("setting,policy,fast_path", [
-    ("warped", dict(fallback_threshold=0.7, max_small_steps=4), False),
-    ("t1", dict(fallback_threshold=0.0, max_small_steps=None), False),
-    ("warped", dict(fallback_threshold=0.7, max_small_steps=3), True),
+@pytest.mark.parametrize("setting,policy,fast_path,batch", [
+    ("warped", dict(fallback_threshold=0.7, max_small_steps=4), False, 1),
+    ("t1", dict(fallback_threshold=0.0, max_small_steps=None), False, 1),
+    ("warped", dict(fallback_threshold=0.7, max_small_steps=3), True, 1),
+    ("t1", dict(fallback_threshold=0.0, max_small_steps=None), True, 7),
 ])
-def test_bild_sampling_exact_in_more_settings(pair, setting, policy, fast_path):
-    check_bild(pair, setting, policy, fast_path)
+def test_bild_sampling_exact_in_more_settings(pair, setting, policy, fast_path, batch):
+    check_bild(pair, setting, policy, fast_path, batch)
 
 
-@pytest.mark.slow
-def test_greedy_baseline_samples_exactly(pair):
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 32])
+def test_greedy_baseline_samples_exactly(pair, batch):
     large, _ = pair
     settings = SETTINGS["warped"]
-    rejects, stat, quantile = chi_square_rejects(sample_counts(Greedy(large, fast_path=True), settings, seed=1)[0],
+    rejects, stat, quantile = chi_square_rejects(sample_counts(Greedy(large, fast_path=True), settings, 1, batch)[0],
                                                  exact_two_token_distribution(large, settings))
     assert not rejects, (stat, quantile)
 
@@ -175,9 +192,10 @@ def test_sampling_errors(pair):
 def test_fast_path_draws_what_the_eager_path_draws(pair):
     """The fast path runs the draw and the rejection rule inside its passes (CUDA graphs on a GPU); from the same
     generator it draws the same tokens as the eager path, for BiLD and for the large model's own sampling, with
-    every warper. (tests/test_gpu.py checks the same through the graphs.)"""
+    every warper. (tests/test_gpu.py checks the same through the graphs.) One row per call: rows decoded together
+    take their uniforms in another order (the tests above check their distribution)."""
     large, small = pair
-    ids = torch.tensor([PROMPT, PROMPT[:2] + [4, 4]])
+    ids = torch.tensor([PROMPT[:2] + [4, 4]])
     for settings in SETTINGS.values():
         outs = []
         for fast_path in (True, False):
