@@ -462,7 +462,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     sweep_points = len(cfg.sweep_fallback) * len(cfg.sweep_rollback) * len(variants) if sweep else 0
     tp_idx = all_idx[: cfg.throughput_limit] if cfg.throughput_limit else all_idx
     tp_plan = [p for p in plan if p[1] == "large"] + [p for p in plan if p[1] in cfg.throughput_systems]
-    tp_work = len(tp_idx) * len(tp_plan) * len(cfg.throughput_batch_sizes)
+    tp_work = len(tp_idx) * len(tp_plan) * len(cfg.throughput_batch_sizes) * cfg.repeats
     progress = tqdm(total=n * len(plan) * cfg.repeats + tp_work + len(sweep_idx) * sweep_points, desc="decode.eval",
                     unit="ex")
 
@@ -512,8 +512,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         if match:
             row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
 
-    throughput = [_throughput_row(ev, name, system, small_key, b, tp_idx, progress)
-                  for b in cfg.throughput_batch_sizes for name, system, small_key in tp_plan]
+    throughput = _throughput(ev, tp_plan, tp_idx, progress)
     for name in list(ev.outputs):
         if " @ batch " in name:
             del ev.outputs[name]
@@ -606,6 +605,27 @@ def _row_thresholds(ev: Evaluation, system: str, small_key: str):
     return fb, rb, tuned
 
 
+def _throughput(ev: Evaluation, plan, indices, progress) -> list[dict]:
+    """The throughput table: every batch size, the large model first, `repeats` interleaved passes. A row is its
+    median pass (by total time); its speedup is the median of the per-pass speedups, each against the large
+    model's pass at the same batch size just before it (`speedup_passes`, `pass_seconds`)."""
+    passes = [[_throughput_row(ev, name, system, small_key, b, indices, progress)
+               for b in ev.cfg.throughput_batch_sizes for name, system, small_key in plan]
+              for _ in range(ev.cfg.repeats)]
+    if len(passes) == 1:
+        return passes[0]
+    rows = []
+    for runs in zip(*passes):  # one (batch size, system) over the passes
+        totals = [r["total_seconds"] for r in runs]
+        row = dict(sorted(runs, key=lambda r: r["total_seconds"])[len(runs) // 2])
+        row.update(pass_seconds=totals, speedup_passes=[r["speedup_vs_large_same_batch"] for r in runs])
+        row["speedup_vs_large_same_batch"] = statistics.median(row["speedup_passes"])
+        if any(r[ev.metric] != runs[0][ev.metric] for r in runs):
+            row["outputs_changed_between_passes"] = True
+        rows.append(row)
+    return rows
+
+
 def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batch: int, indices, progress) -> dict:
     """One row of the throughput table: `system` over `indices` in calls of `batch` rows, against the large
     model at the same batch size (decoded first) and, for agreement, the large model's batch-1 outputs."""
@@ -684,8 +704,10 @@ def throughput_table(results: dict) -> str:
     lines = [f"| batch | system | {m} | identical to large (batch 1) | tokens/s | speedup vs large, same batch | "
              "tokens/large call | rows per large pass | path |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["throughput"]:
+        spread = (f" ({_f(min(r['speedup_passes']))}-{_f(max(r['speedup_passes']))})"
+                  if len(r.get("speedup_passes", ())) > 1 else "")
         lines.append(f"| {r['batch_size']} | {r['base']} | {_f(r.get(m))} | {_f(r['identical_to_large'])} | "
-                     f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x | "
+                     f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x{spread} | "
                      f"{_f(r.get('tokens_per_large_call'))} | {_f(r.get('rows_per_large_pass'))} | {r['path']} |")
     return "\n".join(lines)
 

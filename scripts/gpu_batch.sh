@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Batched BiLD on the demo pair (issue 12): the throughput table, on one GPU through the device tool:
+# Batched BiLD and batched speculative sampling on the demo pair (issue 12): the throughput tables, on one GPU
+# through the device tool:
 #   bash scripts/gpu_batch.sh start   # copies the repo to /tmp/bild-b, starts the job detached, waits WAIT s
 #   bash scripts/gpu_batch.sh wait    # a later call on the still-warm machine
-# The job: pytest -m gpu alongside; `./launch.sh full` up to its main evaluation (tokenizer, the large and small
+# The job: pytest -m gpu alongside; `./launch.sh full` up to threshold tuning (tokenizer, the large and small
 # models trained at the same time, calibration, seq_kd alignment, thresholds tuned on valid for both small
-# models, then decode.eval on the whole Multi30k test set with the throughput table at batch 1, 4, 16 and 64).
-# STOP_AFTER=tune BATCH_WAITS="0 0.5 1": stop the pipeline after tuning, then the throughput table at each batch_wait.
+# models); then decode.eval --aligned on the whole Multi30k test set with the throughput table at batch 1, 4, 16
+# and 64, REPEATS interleaved passes (default 3): greedy (large, BiLD and lossless BiLD at the tuned points) and
+# sampling at temperature 1 (the large model sampling alone, BiLD speculative sampling at fallback SAMPLE_FB,
+# default 0.3); then scripts/bench_step.py on the demo shapes (batch 1's per-step cost).
+# BATCH_WAITS="0 0.5": the greedy throughput table again at each of these batch_wait settings.
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -15,11 +19,16 @@ if [[ ${1:-wait} == start ]]; then
   cat > $JOB <<JOB
 set -x
 source scripts/detached.sh; gpu_tests_alongside runs
-PARALLEL_TRAIN=1 STOP_AFTER=\${STOP_AFTER:-eval} DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh full
-for w in \${BATCH_WAITS:-}; do  # the throughput table again at each batch_wait (tuned thresholds, aligned and not)
-  PYTHONPATH=. python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final \
-    aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k "systems=[large,bild,bild_exact]" \
-    "throughput_batch_sizes=[1, 4, 16, 64]" batch_wait=\$w out=$R/batch_wait_\$w
+PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh full || exit 1
+EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final
+    aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k repeats=${REPEATS:-3}
+    "throughput_batch_sizes=[1, 4, 16, 64]")
+"\${EV[@]}" "systems=[large,bild,bild_exact]" out=$R/throughput
+"\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 fallback_threshold=${SAMPLE_FB:-0.3} "systems=[large,bild_exact]" \
+  "throughput_systems=[bild_exact]" out=$R/throughput_sampling
+python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 2>&1 | tee runs/bench_step.log
+for w in ${BATCH_WAITS:-}; do
+  "\${EV[@]}" "systems=[large,bild,bild_exact]" batch_wait=\$w out=$R/batch_wait_\$w
 done
 wait
 echo JOB DONE
@@ -27,10 +36,11 @@ JOB
   detached_start $W $JOB $LOG
 fi
 detached_wait $W $JOB $LOG; rc=$?
-[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/eval $R/batch_wait_* $R/*/final/metrics.json $R/*/final/bild_thresholds.json \
-  $R/*.log 2>/dev/null
+[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/batch_wait_* $R/*/final/metrics.json \
+  $R/*/final/bild_thresholds.json $R/*.log 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
-(( rc == 0 )) && { echo FINISHED; for d in $R/eval $R/batch_wait_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
-  grep -E "^\| |^## " $d/report.md | cut -c1-200; }; done; }
+[[ -f runs/bench_step.log ]] && tail -5 runs/bench_step.log
+(( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/batch_wait_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
+  grep -E "^\| |^## |^- device" $d/report.md | cut -c1-230; }; done; }
 exit 0

@@ -286,3 +286,13 @@ def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path
     report = (out / "report.md").read_text()
     assert "3 timed passes per row" in report and "over 3 passes" in report
     assert main(["--config", str(eval_config), "--out", str(tmp_path / "bad"), "repeats=0"]) == 2
+    # the throughput table too: interleaved passes per batch size, the median pass, the median speedup
+    tp_out = tmp_path / "tp"
+    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(tp_out), "systems=[large,bild]", "repeats=3",
+                 "fast_path=true", "throughput_batch_sizes=[2]", "throughput_systems=[bild]"]) == 0
+    tp = json.loads((tp_out / "results.json").read_text())["throughput"]
+    assert [r["base"] for r in tp] == ["large", "BiLD"]
+    for row in tp:
+        assert row["total_seconds"] == sorted(row["pass_seconds"])[1]
+        assert row["speedup_vs_large_same_batch"] == sorted(row["speedup_passes"])[1]
+    assert tp[0]["speedup_passes"] == pytest.approx([1.0] * 3)
