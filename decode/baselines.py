@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.bild import check_pair, greedy_generation_config
-from decode.batch import BatchRunner, batch_size_for
+from decode.batch import BatchRunner, should_compact
 from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
@@ -70,7 +70,7 @@ class Greedy(RowDecoder):
             live = [r for r, b in enumerate(order) if not self._finished(seqs[b], prefix_len[b], max_new_tokens)]
             if not live:
                 break
-            if batch_size_for(len(live)) < runner.batch:
+            if should_compact(len(live), runner):
                 runner = runner.compact(live)
                 order = [order[r] for r in live]
                 live = list(range(len(live)))

@@ -34,7 +34,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
-from decode.batch import BatchRunner, batch_size_for
+from decode.batch import BatchRunner, should_compact
 from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
@@ -343,7 +343,7 @@ class BiLD(RowDecoder):
             live = [r for r, b in enumerate(order) if not done[b]]
             if not live:
                 break
-            if batch_size_for(len(live)) < large.batch:
+            if should_compact(len(live), large):
                 large, small = large.compact(live), small.compact(live)
                 order = [order[r] for r in live]
                 stats.compactions += 1

@@ -122,6 +122,9 @@ class EvalConfig(PromptConfig):
     """Examples for the throughput table (default: all)."""
     batch_wait: float = 1.0
     """BiLD in batches: the fraction of unfinished rows that wait for the large model before it runs (BiLDConfig)."""
+    batch_compact: bool = True
+    """Batches move their unfinished rows into a smaller batch's runners as rows finish (decode/batch.py); false:
+    finished rows stay as padding, to measure what compaction saves."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -230,6 +233,9 @@ class Evaluation:
         from decode.bild import load_model, resolve_dtype
 
         self.cfg = cfg
+        import decode.batch
+
+        decode.batch.COMPACT = cfg.batch_compact
         self.higher_is_better = TASKS[cfg.task][1]
         self.metric = TASKS[cfg.task][0]
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else

@@ -15,6 +15,9 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
 - generate/token: transformers `generate` greedy, per new token;
 - start: beginning a sequence of a 20-token input (encoder and cross-attention keys and values, or the
   prompt prefill), eager and fast;
+- with --batches B...: a second table, per batch size, of the batched passes (decode/batch.py) with every row
+  feeding: a step (host inputs written and verdicts read back, as the batched loop does), the same step graph
+  replayed without the host, and a check of 4 pending tokens + 1 per row; ms per pass and per row;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 Prints one table last (markdown).
@@ -203,6 +206,48 @@ def measure(name, args, device, dtype, bandwidth):
     return row
 
 
+@torch.inference_mode()
+def measure_batches(name, args, device, dtype) -> list[dict]:
+    """Batched passes by batch size: what a row costs in a pass of B rows, and the host's share of a step."""
+    from decode.batch import BatchRunner
+
+    model = build(name, device, dtype)
+    steps, out = args.steps, []
+    for batch in args.batches:
+        runner = BatchRunner(model, batch)
+        runner.plan([("step", 1), ("check", 5, "exact")])
+        prompts = [torch.randint(3, 1000, (20,)).tolist() for _ in range(batch)]
+
+        def stepped():
+            runner.start(prompts, steps + 8)
+            for _ in range(steps):
+                runner.step([[5]] * batch)  # inputs written, verdicts read back: one host round trip per pass
+
+        def replays():
+            for _ in range(steps):
+                runner._run(("step", 1))  # the graph, replayed on the last step's inputs
+            runner._verdicts.tolist()
+
+        def checked():
+            runner.start(prompts, steps + 8)
+            for _ in range(steps):
+                runner.check([[5, 6, 7, 8, 9]] * batch, "exact", 0.0)
+                for b in range(batch):
+                    runner.rewind(b, runner.lengths[b] - 5)
+
+        row = {"shape": name, "batch": batch}
+        for key, fn in (("step", stepped), ("graph", replays), ("check", checked)):
+            med, lo, hi = timed(fn, args.repeats, device)
+            row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
+        out.append(row)
+        print(f"{name} batch {batch}: step {row['step'][0]:.3f} graph only {row['graph'][0]:.3f} "
+              f"check k=4 {row['check'][0]:.3f} ms per pass", flush=True)
+        del runner
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -210,6 +255,7 @@ def main():
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (its check then)")
+    p.add_argument("--batches", nargs="*", type=int, default=[], help="also time the batched passes at these batch sizes")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_step.py measures CUDA graphs: it needs a CUDA device")
@@ -239,6 +285,17 @@ def main():
               + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'sample')} | "
               f"{spread(r, 'sample_check')} | {spread(r, 'generate')} | "
               f"{r['eager_start_ms']:.3f} / {r['fast_start_ms']:.3f} |")
+    if args.batches:
+        batched = [r for name in args.shapes for r in measure_batches(name, args, device, dtype)]
+        print(f"\nbatched passes (decode/batch.py), every row feeding; ms per pass, median of {args.repeats} runs of "
+              f"{args.steps} passes (min-max); per row: ms per pass / batch")
+        print("| shape | batch | step (host in/out) | step graph only | host share | check k=4 | step per row | check per row |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in batched:
+            step, graph, check = r["step"], r["graph"], r["check"]
+            print(f"| {r['shape']} | {r['batch']} | {step[0]:.3f} ({step[1]:.3f}-{step[2]:.3f}) | {graph[0]:.3f} | "
+                  f"{1 - graph[0] / step[0]:.0%} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
+                  f"{step[0] / r['batch']:.4f} | {check[0] / r['batch']:.4f} |")
 
 
 if __name__ == "__main__":

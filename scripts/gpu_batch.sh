@@ -10,6 +10,8 @@
 # sampling at temperature 1 (the large model sampling alone, BiLD speculative sampling at fallback SAMPLE_FB,
 # default 0.3); then scripts/bench_step.py on the demo shapes (batch 1's per-step cost).
 # BATCH_WAITS="0 0.5": the greedy throughput table again at each of these batch_wait settings.
+# AB=1 instead: after tuning, scripts/bench_step.py with the batched passes (--batches 1 4 16 64), then the greedy
+# throughput table at batch 4, 16 and 64 twice, batch_compact=true and false (what compaction saves).
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -23,10 +25,18 @@ PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh fu
 EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final
     aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k repeats=${REPEATS:-3}
     "throughput_batch_sizes=[1, 4, 16, 64]")
-"\${EV[@]}" "systems=[large,bild,bild_exact]" out=$R/throughput
-"\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 fallback_threshold=${SAMPLE_FB:-0.3} "systems=[large,bild_exact]" \
-  "throughput_systems=[bild_exact]" out=$R/throughput_sampling
-python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 2>&1 | tee runs/bench_step.log
+if [[ -n "${AB:-}" ]]; then
+  python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
+  for c in true false; do
+    "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_compact=\$c \
+      out=$R/throughput_compact_\$c
+  done
+else
+  "\${EV[@]}" "systems=[large,bild,bild_exact]" out=$R/throughput
+  "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 fallback_threshold=${SAMPLE_FB:-0.3} "systems=[large,bild_exact]" \
+    "throughput_systems=[bild_exact]" out=$R/throughput_sampling
+  python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 2>&1 | tee runs/bench_step.log
+fi
 for w in ${BATCH_WAITS:-}; do
   "\${EV[@]}" "systems=[large,bild,bild_exact]" batch_wait=\$w out=$R/batch_wait_\$w
 done
@@ -40,7 +50,7 @@ detached_wait $W $JOB $LOG; rc=$?
   $R/*/final/bild_thresholds.json $R/*.log 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
-[[ -f runs/bench_step.log ]] && tail -5 runs/bench_step.log
+[[ -f runs/bench_step.log ]] && grep -E "^\| |^device|^batched" runs/bench_step.log
 (( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/batch_wait_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^## |^- device" $d/report.md | cut -c1-230; }; done; }
 exit 0
