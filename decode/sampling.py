@@ -93,12 +93,13 @@ def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def sample_step(logits: torch.Tensor, key: tuple, noise: torch.Tensor):
     """The small model's draft step: logits [V] -> (q [V] its sampling distribution, q's top probability for the
     fallback test, a token drawn from q), all on the device."""
-    q, confidence, token = sample_steps(logits[None], key, noise[None])
-    return q[0], confidence[0], token[0]
+    q = warped_probs(logits[None], key)[0]
+    return q, q.max(), draw(q, noise[-q.shape[-1] :])
 
 
 def sample_steps(logits: torch.Tensor, key: tuple, noise: torch.Tensor):
-    """`sample_step` for B rows: logits [B, V], noise [B, noise_size] -> q [B, V], confidences [B], tokens [B]."""
+    """`sample_step` for B rows (decode/batch.py; batch 1 keeps its own kernels, tests check that both draw alike):
+    logits [B, V], noise [B, noise_size] -> q [B, V], confidences [B], tokens [B]."""
     q = warped_probs(logits, key)
     return q, q.max(dim=-1).values, draw(q, noise[:, -q.shape[-1] :])
 
@@ -112,12 +113,26 @@ def verify(logits: torch.Tensor, q: torch.Tensor, pending: torch.Tensor, key: tu
     for that position: drawn from the residual max(0, p - q) at a rejection, from p after the pending tokens when
     all are accepted (the caller drops it where the sequence ends there).
     """
-    cut, token = verify_rows(logits[None], q[None], pending[None], None, key, noise[None])
-    return cut[0], token[0]
+    p = warped_probs(logits, key)
+    k, vocab = pending.shape[0], p.shape[-1]
+    positions = torch.arange(k + 1, device=p.device)
+    if k:
+        ratio = p[:k].gather(-1, pending[:, None])[:, 0] / q.gather(-1, pending[:, None])[:, 0]
+        rejected = noise[:k] >= ratio  # accepted with probability min(1, ratio)
+        cut = torch.where(rejected, positions[:k], k).min()
+        q_cut = torch.cat([q, q.new_zeros(1, vocab)]).index_select(0, cut[None])[0]  # zeros past the last pending
+    else:
+        cut, q_cut = positions[0], torch.zeros_like(p[0])
+    p_cut = p.index_select(0, cut[None])[0]
+    residual = (p_cut - q_cut).clamp(min=0)
+    # p == q on the support leaves nothing to correct, yet the token was rejected (probability 0): draw from p
+    weights = torch.where(residual.sum() > 0, residual, p_cut)
+    return cut, draw(weights, noise[-vocab:])
 
 
 def verify_rows(logits, q, pending, n_pending, key: tuple, noise):
-    """`verify` for B rows, each with its own number of pending tokens. logits: [B, m + 1, V]; q: [B, m, V];
+    """`verify` for B rows, each with its own number of pending tokens (decode/batch.py; tests check that both
+    decide alike). logits: [B, m + 1, V]; q: [B, m, V];
     pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]; None: all m); noise:
     [B, noise_size(m, V)]. Returns cut [B], token [B]; past a row's pending tokens its q and logits are unread."""
     p = warped_probs(logits.flatten(0, 1), key).view(logits.shape)

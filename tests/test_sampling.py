@@ -208,3 +208,32 @@ def test_fast_path_draws_what_the_eager_path_draws(pair):
             assert torch.equal(a.sequences, b.sequences)
             assert a.stats.rollbacks == b.stats.rollbacks and a.stats.small_tokens == b.stats.small_tokens
         assert any(o.stats.rollbacks for o in outs[0]) and any(o.stats.small_tokens for o in outs[0])
+
+
+def test_batched_rule_decides_as_the_one_row_rule():
+    """decode.sampling's batch functions (sample_steps, verify_rows: rows with their own number of pending tokens)
+    against the one-row ones the batch-1 path runs, row by row, on random distributions and uniforms, warped and not,
+    with drafts that are likely, unlikely and impossible under p."""
+    from decode.sampling import noise_size, sample_step, sample_steps, verify, verify_rows
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows, m = 11, 64, 6
+    for key in (Sampling().key, Sampling(**SETTINGS["warped"]).key):
+        logits = torch.randn(rows, m + 1, vocab, generator=gen) * 2
+        q = Sampling().probs((logits[:, :m] + torch.randn(rows, m, vocab, generator=gen) * 0.3).flatten(0, 1))
+        q = q.view(rows, m, vocab)  # near p: long accepted prefixes as well as rejections
+        q[::3, :, :5] = 0  # drafts q gives no mass to, where p may
+        q = q / q.sum(-1, keepdim=True)
+        pending = torch.multinomial(q.flatten(0, 1), 1, generator=gen).view(rows, m)
+        n_pending = torch.randint(0, m + 1, (rows,), generator=gen)
+        noise = torch.rand(rows, noise_size(m, vocab), generator=gen)
+        cut, token = verify_rows(logits, q, pending, n_pending, key, noise)
+        for b in range(rows):
+            k = int(n_pending[b])
+            one = verify(logits[b, : k + 1], q[b, :k], pending[b, :k], key, torch.cat([noise[b, :k], noise[b, k:]]))
+            assert (int(one[0]), int(one[1])) == (int(cut[b]), int(token[b])), (key, b)
+        assert len(set(cut.tolist())) > 2  # rejections at several positions, and full acceptances
+        q1, c1, t1 = sample_steps(logits[:, 0], key, noise)
+        for b in range(rows):
+            qb, cb, tb = sample_step(logits[b, 0], key, noise[b])
+            assert torch.allclose(qb, q1[b]) and float(cb) == pytest.approx(float(c1[b])) and int(tb) == int(t1[b])
