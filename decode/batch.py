@@ -188,7 +188,7 @@ class BatchRunner(FastRunner):
         if n - 1 > self.max_draft:
             raise ValueError(f"sample_check takes at most {self.max_draft} pending tokens per row, got {n - 1}")
         self._inputs(feeds, n, static=True)
-        self._sampling_buffers()
+        self._sampling_buffers(check=True)
         self._q_in.copy_(drafts)
         sampling.fill(self._noise)
         self._run(("sample_check", n, sampling.key))
@@ -288,16 +288,18 @@ class BatchRunner(FastRunner):
             self._checks[:, 1] = token
 
         if key[0].startswith("sample"):
-            self._sampling_buffers()
+            self._sampling_buffers(check=key[0] == "sample_check")
         return {"step": step, "check": check, "sample": sample, "sample_check": sample_check}[key[0]]
 
-    def _sampling_buffers(self) -> torch.Tensor:
-        """Makes the sampling buffers on first use (before any graph reads them); returns the drafts."""
+    def _sampling_buffers(self, check: bool = False) -> torch.Tensor:
+        """Makes the sampling buffers on first use (before any graph reads them): the uniforms and the drafts, and
+        for a runner that checks drafts (the large model's) their copy; returns the drafts."""
+        shape = (self.batch, MAX_GRAPH_TOKENS, self._vocab)
         if self._drafts is None:
-            shape = (self.batch, MAX_GRAPH_TOKENS, self._vocab)
             self._drafts = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            self._q_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self._noise = torch.zeros(self.batch, noise_size(self.max_draft, self._vocab), device=self.device)
+        if check and self._q_in is None:
+            self._q_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
         return self._drafts
 
     def _advance(self, feeds: list[list[int]]) -> None:

@@ -285,7 +285,7 @@ class BiLD(RowDecoder):
             token = _token_after(cut, argmax, n_pending, final)
         else:
             cut, token = large.sample_check(seq[large.length :], n_pending, small.drafts(n_pending), self._sampling)
-            token = None if final and cut == n_pending else token
+            token = _drawn_token_after(cut, token, n_pending, final)
             small.reset_drafts()
         if _settle(seq, pending_start, cut, token, stats):
             # Both caches keep only positions whose token survived; the last token is fed on the next pass.
@@ -363,7 +363,7 @@ class BiLD(RowDecoder):
                         token = _token_after(cut, argmax, n_pending, waiting[b])
                     else:
                         cut, token = results[r]
-                        token = None if waiting[b] and cut == n_pending else token
+                        token = _drawn_token_after(cut, token, n_pending, waiting[b])
                     if _settle(seq, pending_start[b], cut, token, stats):
                         large.rewind(r, len(seq) - 1)
                         small.rewind(r, len(seq) - 1)
@@ -390,6 +390,12 @@ def _token_after(cut: int, argmax: list[int], n_pending: int, final: bool) -> in
     """The large model's token after a greedy check: its argmax at the cut, or after the pending tokens (none at
     the end of the sequence when nothing was cut)."""
     return argmax[cut] if cut < n_pending else (None if final else argmax[n_pending])
+
+
+def _drawn_token_after(cut: int, token: int, n_pending: int, final: bool) -> int | None:
+    """The token after a sampling check: the one drawn at the cut, or after the pending tokens (none at the end of
+    the sequence when nothing was rejected)."""
+    return None if final and cut == n_pending else token
 
 
 def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, stats: DecodeStats) -> bool:
