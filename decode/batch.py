@@ -70,10 +70,6 @@ class BatchRunner(FastRunner):
         self.path = self.path.replace("fast (", f"fast batched, {batch} rows (")
         # every pass reads _in: per row [start position, token count, tokens...]
         self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 2, dtype=torch.long, device=self.device)
-        # written on the host (through a numpy view) and copied without waiting; the next write comes after the
-        # pass's read-back, which the copy precedes on the stream
-        self._in_host = torch.zeros(batch, MAX_GRAPH_TOKENS + 2, dtype=torch.long, pin_memory=self.use_graphs)
-        self._in_np = self._in_host.numpy()
         self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
@@ -225,19 +221,12 @@ class BatchRunner(FastRunner):
 
     def _inputs(self, feeds: list[list[int]], n: int, static: bool) -> torch.Tensor:
         """[batch, n + 2]: per row its start position, its token count and its tokens, right-padded."""
-        if not static:  # any length (the prompt prefill, long catch-ups): no graph reads these
-            rows = [[self.lengths[b], len(f), *f] + [0] * (n - len(f)) for b, f in enumerate(feeds)]
-            rows += [[self.lengths[b], 0] + [0] * n for b in range(len(feeds), self.batch)]
-            return torch.tensor(rows, dtype=torch.long).to(self.device)
-        host, rows = self._in_np, len(feeds)
-        host[:, 0] = self.lengths
-        host[rows:, 1:] = 0  # rows past the input sit out
-        host[:rows, 1] = [len(f) for f in feeds]
-        if n == 1:  # the common pass (a draft step): one column
-            host[:rows, 2] = [f[0] if f else 0 for f in feeds]
-        else:
-            host[:rows, 2 : n + 2] = [f + [0] * (n - len(f)) for f in feeds]
-        self._in[:, : n + 2].copy_(self._in_host[:, : n + 2], non_blocking=True)
+        rows = [[self.lengths[b], len(f), *f] + [0] * (n - len(f)) for b, f in enumerate(feeds)]
+        rows += [[self.lengths[b], 0] + [0] * n for b in range(len(feeds), self.batch)]
+        inp = torch.tensor(rows, dtype=torch.long)
+        if not static:
+            return inp.to(self.device)
+        self._in[:, : n + 2].copy_(inp)
         return self._in[:, : n + 2]
 
     def _ids_pos(self, inp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
