@@ -75,8 +75,8 @@ def sample_counts(decoder, settings, seed=0, batch=N) -> dict:
         rows = min(batch, N - start)
         out = decoder.generate(torch.tensor([PROMPT] * rows), max_new_tokens=2, do_sample=True, generator=gen, **settings)
         stats.add(out.stats)
-        for a, b in out.sequences[:, len(PROMPT) : len(PROMPT) + 2].tolist():
-            key = (a, None) if a == EOS else (a, b)
+        for row in out.sequences[:, len(PROMPT) : len(PROMPT) + 2].tolist():  # one column when all end at once
+            key = (row[0], None) if row[0] == EOS else (row[0], row[1])
             counts[key] = counts.get(key, 0) + 1
     return counts, stats
 
@@ -126,8 +126,8 @@ def test_batched_bild_sampling_is_distributed_as_the_large_models_sampling(pair)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting,policy,fast_path,batch", [
-    ("warped", dict(fallback_threshold=0.7, max_small_steps=4), False, 1),
-    ("t1", dict(fallback_threshold=0.0, max_small_steps=None), False, 1),
+    ("warped", dict(fallback_threshold=0.7, max_small_steps=4), False, N),  # the eager path: row after row anyway
+    ("t1", dict(fallback_threshold=0.0, max_small_steps=None), False, N),
     ("warped", dict(fallback_threshold=0.7, max_small_steps=3), True, 1),
     ("t1", dict(fallback_threshold=0.0, max_small_steps=None), True, 7),
 ])
