@@ -133,22 +133,20 @@ def verify(logits: torch.Tensor, q: torch.Tensor, pending: torch.Tensor, key: tu
 def verify_rows(logits, q, pending, n_pending, key: tuple, noise):
     """`verify` for B rows, each with its own number of pending tokens (decode/batch.py; tests check that both
     decide alike). logits: [B, m + 1, V]; q: [B, m, V];
-    pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]; None: all m); noise:
+    pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]); noise:
     [B, noise_size(m, V)]. Returns cut [B], token [B]; past a row's pending tokens its q and logits are unread."""
     p = warped_probs(logits.flatten(0, 1), key).view(logits.shape)
-    rows, m, vocab = p.shape[0], pending.shape[1], p.shape[-1]
-    limit = torch.full((rows,), m, device=p.device) if n_pending is None else n_pending
+    m, vocab = pending.shape[1], p.shape[-1]
     if m:
         positions = torch.arange(m, device=p.device)
         ratio = p[:, :m].gather(-1, pending[..., None])[..., 0] / q.gather(-1, pending[..., None])[..., 0]
-        rejected = noise[:, :m] >= ratio  # accepted with probability min(1, ratio)
-        if n_pending is not None:
-            rejected &= positions < n_pending[:, None]
-        cut = torch.where(rejected, positions, limit[:, None]).min(dim=1).values
+        # accepted with probability min(1, ratio); nothing past a row's pending tokens is rejected
+        rejected = (noise[:, :m] >= ratio) & (positions < n_pending[:, None])
+        cut = torch.where(rejected, positions, n_pending[:, None]).min(dim=1).values
         q_cut = q.gather(1, cut.clamp(max=m - 1)[:, None, None].expand(-1, 1, vocab))[:, 0]
-        q_cut = torch.where((cut < limit)[:, None], q_cut, 0.0)  # nothing drafted past the pending tokens
+        q_cut = torch.where((cut < n_pending)[:, None], q_cut, 0.0)  # nothing drafted past the pending tokens
     else:
-        cut, q_cut = limit, torch.zeros_like(p[:, 0])
+        cut, q_cut = n_pending, torch.zeros_like(p[:, 0])
     p_cut = p.gather(1, cut[:, None, None].expand(-1, 1, vocab))[:, 0]
     residual = (p_cut - q_cut).clamp(min=0)
     # p == q on the support leaves nothing to correct, yet the token was rejected (probability 0): draw from p
