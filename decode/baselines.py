@@ -18,20 +18,26 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.bild import check_pair, greedy_generation_config
-from decode.batch import BatchRunner, should_compact
-from decode.fast import FastRunner, make_runner
+from decode.batch import BatchRunner, rows_to_stay, should_compact
+from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 
 class Greedy(RowDecoder):
     """A single model decoding greedily with the same runner BiLD uses."""
 
-    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None):
+    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None, device_loop: bool = True):
         super().__init__(model)
         self.model = model.eval()
         self._runner = make_runner(self.model, fast_path)  # the same path BiLD takes, so speedups compare like with like
-        self._runner.plan([("step", 1)])
+        # the loop's state on the device, as BiLD's draft loop (BiLDConfig.device_loop): a draft that never falls back
+        self.device_loop = device_loop and hasattr(self._runner, "draft") and len(self.eos_token_ids) <= MAX_EOS_IDS
+        self._runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self.device_loop else []))
         self.path = self._runner.path
+
+    def _steps(self, runner, feeds, budgets, *need):
+        """Greedy steps, each row until EOS or its budget, the state on the device: a draft that never falls back."""
+        return runner.draft(feeds, MAX_DRAFT_STEPS, budgets, -1.0, self.eos_token_ids, *need)
 
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         runner = self._runner
@@ -42,6 +48,12 @@ class Greedy(RowDecoder):
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         while not self._finished(seq, prefix_len, max_new_tokens):
+            if sampling is None and self.device_loop:
+                _, kept = self._steps(runner, seq[runner.length :], max_new_tokens - (len(seq) - prefix_len))
+                seq.extend(kept)
+                stats.large_calls += len(kept)
+                stats.large_tokens += len(kept)
+                continue
             if sampling is None:
                 _, token = runner.step(seq[runner.length :])  # note: sync point
             else:
@@ -61,7 +73,10 @@ class Greedy(RowDecoder):
         do (decode/batch.py), so batched speedups compare like with like."""
         runner = BatchRunner.for_model(self.model, len(prompts))
         sampling = self._sampling
-        runner.plan([("step", 1)] if sampling is None else [("sample", 1, sampling.key)])
+        if sampling is not None:
+            runner.plan([("sample", 1, sampling.key)])
+        else:
+            runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self.device_loop else []))
         runner.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
         prefix_len = [len(s) for s in seqs]
@@ -78,6 +93,18 @@ class Greedy(RowDecoder):
             feeds = [[] for _ in order]
             for r in live:
                 feeds[r] = seqs[order[r]][runner.lengths[r] :]
+            if sampling is None and self.device_loop:
+                budgets = [max_new_tokens - (len(seqs[order[r]]) - prefix_len[order[r]]) if f else 0
+                           for r, f in enumerate(feeds)]
+                # stop where the host loop would compact: once the running rows fit a batch half the size
+                drafted = self._steps(runner, feeds, budgets, rows_to_stay(runner))
+                stats.large_passes += max(d[0] for d in drafted if d is not None)
+                for r, d in enumerate(drafted):
+                    if d is not None:
+                        seqs[order[r]].extend(d[1])
+                        stats.large_calls += len(d[1])
+                        stats.large_tokens += len(d[1])
+                continue
             verdicts = runner.step(feeds) if sampling is None else runner.sample_step(feeds, sampling)
             stats.large_passes += 1
             for r, verdict in enumerate(verdicts):

@@ -54,6 +54,11 @@ def batch_size_for(rows: int) -> int:
     return 1 << (int(rows) - 1).bit_length()
 
 
+def rows_to_stay(runner: "BatchRunner") -> int:
+    """The fewest live rows that keep `runner`'s batch (fewer fit a batch half the size, when compaction is on)."""
+    return runner.batch // 2 + 1 if COMPACT else 1
+
+
 def should_compact(live: int, runner: "BatchRunner") -> bool:
     """Whether `live` unfinished rows fit the runner of a smaller batch (and compaction is on)."""
     return COMPACT and batch_size_for(live) < runner.batch
@@ -68,8 +73,8 @@ class BatchRunner(FastRunner):
         self.batch = batch
         super().__init__(model)
         self.path = self.path.replace("fast (", f"fast batched, {batch} rows (")
-        # every pass reads _in: per row [start position, token count, tokens...]
-        self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 2, dtype=torch.long, device=self.device)
+        # every pass reads _in: per row [start position, token count, tokens..., (a draft's) budget]
+        self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 3, dtype=torch.long, device=self.device)
         self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
@@ -175,6 +180,31 @@ class BatchRunner(FastRunner):
         self._advance(feeds)
         return [(out[b][0], int(out[b][1])) if f else None for b, f in enumerate(feeds)]
 
+    @torch.inference_mode()
+    def draft(self, feeds: list[list[int]], k: int, budgets: list[int], threshold: float, eos: list[int],
+              need: int = 1) -> list[tuple[int, list[int]] | None]:
+        """Up to k greedy small steps for every row, the loop's state on the device (FastRunner.draft, per row): row
+        b feeds its tokens, then each token it keeps, until a fallback, an EOS token or budgets[b] kept tokens (rows
+        that feed nothing sit out; their budget must be 0). The loop stops once fewer than `need` rows still run.
+        Per row (steps taken, kept tokens), None for a row that fed nothing."""
+        if max(len(f) for f in feeds) > MAX_GRAPH_TOKENS:  # catch up without a graph, then draft from the last token
+            self.feed([f[:-1] for f in feeds])
+            feeds = [f[-1:] for f in feeds]
+        n = max(len(f) for f in feeds)
+        budgets = [budgets[b] if b < len(feeds) else 0 for b in range(self.batch)]
+        self._inputs(feeds, n, static=True, budgets=budgets)
+        self._set_draft(threshold, eos)
+        steps = self._draft_loop(n, k, budgets, need)
+        out = self._draft_out[:, : 1 + k].tolist()  # note: the draft's tokens come back once
+        results = []
+        for b, f in enumerate(feeds):
+            if f:
+                self.lengths[b] += len(f) + steps[b] - 1
+                results.append((steps[b], out[b][1 : 1 + out[b][0]]))
+            else:
+                results.append(None)
+        return results
+
     def drafts(self) -> torch.Tensor:
         """[batch, 16, V]: row b's draft distribution for the token at position p is at [b, p % 16]."""
         return self._sampling_buffers()
@@ -219,14 +249,18 @@ class BatchRunner(FastRunner):
 
     # -- the passes -----------------------------------------------------------------------------------
 
-    def _inputs(self, feeds: list[list[int]], n: int, static: bool) -> torch.Tensor:
-        """[batch, n + 2]: per row its start position, its token count and its tokens, right-padded."""
+    def _inputs(self, feeds: list[list[int]], n: int, static: bool, budgets: list[int] | None = None) -> torch.Tensor:
+        """[batch, n + 2]: per row its start position, its token count and its tokens, right-padded. A draft's
+        budgets go into every row's last column, in the same copy."""
         rows = [[self.lengths[b], len(f), *f] + [0] * (n - len(f)) for b, f in enumerate(feeds)]
         rows += [[self.lengths[b], 0] + [0] * n for b in range(len(feeds), self.batch)]
+        if budgets is not None:
+            pad = [0] * (self._in.shape[1] - n - 3)
+            rows = [r + pad + [budgets[b]] for b, r in enumerate(rows)]
         inp = torch.tensor(rows, dtype=torch.long)
         if not static:
             return inp.to(self.device)
-        self._in[:, : n + 2].copy_(inp)
+        self._in[:, : inp.shape[1]].copy_(inp)
         return self._in[:, : n + 2]
 
     def _ids_pos(self, inp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,9 +321,15 @@ class BatchRunner(FastRunner):
             self._checks[:, 0] = cut
             self._checks[:, 1] = token
 
+        def draft():  # key: ("draft", n): the first step over each row's fed tokens; the budgets come with them
+            self._left.copy_(self._in[:, -1])
+            self._draft_first(self._next_logits(inp, n), inp[:, 0] + inp[:, 1])
+
         if key[0].startswith("sample"):
             self._sampling_buffers(check=key[0] == "sample_check")
-        return {"step": step, "check": check, "sample": sample, "sample_check": sample_check}[key[0]]
+        if key[0] == "draft_next":
+            return self._draft_step
+        return {"step": step, "check": check, "sample": sample, "sample_check": sample_check, "draft": draft}[key[0]]
 
     def _sampling_buffers(self, check: bool = False) -> torch.Tensor:
         """Makes the sampling buffers on first use (before any graph reads them): the uniforms and the drafts, and

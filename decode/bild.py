@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner, should_compact
-from decode.fast import FastRunner, make_runner
+from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, FastRunner, make_runner, notice
 from decode.generation import DecodeStats, RowDecoder
 
 ROLLBACK_MODES = ("ce", "exact")
@@ -70,6 +70,11 @@ class BiLDConfig:
     """Batches (decoded together on the fast path): rows that need the large model wait, while the others keep
     drafting, until this fraction of the unfinished rows waits; then one large pass checks every waiting row.
     0: a large pass as soon as any row needs it; 1: only once no row can draft. No effect on any row's tokens."""
+    device_loop: bool = True
+    """Greedy decoding on the fast path: the small model's draft loop keeps its state on the device (FastRunner.draft):
+    each row's fallback, step cap and end are decided inside the pass, the host reads only the rows' budgets between
+    steps and the tokens once per draft; False: the host writes each step's inputs and reads its verdicts. No
+    effect on any token or count."""
     fast_path: bool | None = None
     """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
     eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
@@ -169,8 +174,26 @@ class BiLD(RowDecoder):
         """The pass shapes the loop uses (on this decoder's runners, or the given ones): small steps of 1 token (2
         after a step-cap fallback), and large checks of k pending tokens + 1."""
         cap = self.config.max_small_steps
-        (small or self._small).plan([("step", 1), ("step", 2)])
+        small = small or self._small
+        small.plan([("step", 1), ("step", 2)])
+        if self._drafts_on_device(small):
+            small.plan([("draft", 1), ("draft", 2), ("draft_next", 1)])
         (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
+
+    def _drafts_on_device(self, small) -> bool:
+        """Whether the small model drafts greedily on the device (BiLDConfig.device_loop) with this runner."""
+        return self.config.device_loop and hasattr(small, "draft") and len(self.eos_token_ids) <= MAX_EOS_IDS
+
+    def _draft_chunk(self) -> int:
+        """Small steps per device draft: the step cap, at most MAX_DRAFT_STEPS."""
+        cap = self.config.max_small_steps
+        return min(cap, MAX_DRAFT_STEPS) if cap is not None else MAX_DRAFT_STEPS
+
+    def _budget(self, seq: list[int], prefix_len: int, n_pending: int, max_new_tokens: int) -> int:
+        """Tokens a row may still draft before the loop would stop it: max_new_tokens, and the step cap."""
+        budget = max_new_tokens - (len(seq) - prefix_len)
+        cap = self.config.max_small_steps
+        return min(budget, cap - n_pending) if cap is not None else budget
 
     def _plan_sampling(self, small, large) -> int | None:
         """Plans the sampling passes on the two runners; returns the step cap they allow (the drafts' buffers
@@ -237,6 +260,7 @@ class BiLD(RowDecoder):
         cap = cfg.max_small_steps
         if sampling is not None:  # the draw and the rejection rule run inside the passes (decode/sampling.py)
             cap = self._plan_sampling(small, large)
+        draft_on_device, chunk = sampling is None and self._drafts_on_device(small), self._draft_chunk()
         self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
@@ -254,6 +278,15 @@ class BiLD(RowDecoder):
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
 
+            if draft_on_device:  # up to a chunk of steps in one replay, the same decisions as the branch below
+                steps, kept = small.draft(seq[small.length :], chunk, self._budget(seq, prefix_len, n_pending, max_new_tokens),
+                                          cfg.fallback_threshold, self.eos_token_ids)
+                stats.small_steps += steps
+                seq.extend(kept)
+                if steps > len(kept):
+                    stats.fallbacks += 1
+                    pending_start = self._large_step(seq, pending_start, stats, final=False)
+                continue
             # the loop's control flow lives on the host
             if sampling is None:
                 confidence, token = small.step(seq[small.length :])
@@ -315,6 +348,7 @@ class BiLD(RowDecoder):
             self._plan(small, large)
         else:
             cap = self._plan_sampling(small, large)
+        draft_on_device, chunk = sampling is None and self._drafts_on_device(small), self._draft_chunk()
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
@@ -371,6 +405,21 @@ class BiLD(RowDecoder):
                 waiting.clear()
                 continue
             feeds = [seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)]
+            if draft_on_device:  # steps until fewer rows run than keep the large pass away; the decisions below
+                budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
+                           if b in drafting else 0 for b in order]
+                need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
+                drafted = small.draft(feeds, chunk, budgets, cfg.fallback_threshold, self.eos_token_ids, need)
+                stats.small_passes += max(d[0] for d in drafted if d is not None)
+                for r, b in enumerate(order):
+                    if b in drafting:
+                        steps, kept = drafted[r]
+                        stats.small_steps += steps
+                        seqs[b].extend(kept)
+                        if steps > len(kept):
+                            stats.fallbacks += 1
+                            waiting[b] = False
+                continue
             verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
             stats.small_passes += 1
             for r, b in enumerate(order):
@@ -417,7 +466,6 @@ def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, sta
 
 def tuned_config(small: str) -> BiLDConfig:
     """The thresholds `python -m decode.tune` wrote beside a local small model, else the defaults (said once)."""
-    from decode.fast import notice
     from decode.tune import THRESHOLDS_FILE, load_tuned
 
     tuned = load_tuned(small)
@@ -425,7 +473,8 @@ def tuned_config(small: str) -> BiLDConfig:
         notice(f"{small} has no {THRESHOLDS_FILE} (python -m decode.tune): BiLD uses the default thresholds")
         return BiLDConfig()
     notice(f"BiLD thresholds from {small}/{THRESHOLDS_FILE}: fallback {tuned['fallback_threshold']:g}, rollback "
-           f"{tuned['rollback_threshold']:g} (tuned on {tuned['split']}, budget {tuned['budget']:g} {tuned['metric']})")
+           f"{tuned['rollback_threshold']:g}, max small steps {tuned.get('max_small_steps', 10)} (tuned on "
+           f"{tuned['split']} at batch size {tuned.get('batch_size', 1)}, budget {tuned['budget']:g} {tuned['metric']})")
     return BiLDConfig(fallback_threshold=tuned["fallback_threshold"], rollback_threshold=tuned["rollback_threshold"],
                       max_small_steps=tuned.get("max_small_steps", 10))
 

@@ -97,6 +97,8 @@ class EvalConfig(PromptConfig):
     exit_rollback_threshold: float | None = None
     sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
+    sweep_max_small_steps: list | None = None
+    """decode.tune's grid of step caps (max_small_steps; None in the list: no cap); default: max_small_steps alone."""
     sweep_models: list | None = None
     """What --sweep sweeps: "small", "aligned", "exit<k>" (the untrained exit after layer k), "exit_ckpt<i>" (the
     i-th of exit_checkpoints). Default: small, aligned with --aligned, and every early exit of the early_exit rows."""
@@ -125,6 +127,9 @@ class EvalConfig(PromptConfig):
     batch_compact: bool = True
     """Batches move their unfinished rows into a smaller batch's runners as rows finish (decode/batch.py); false:
     finished rows stay as padding, to measure what compaction saves."""
+    device_loop: bool = True
+    """Greedy steps on the device, several per host round trip (BiLDConfig.device_loop), for BiLD's small model and
+    for the large/small rows alike; false: one host round trip per step, to measure what the device loop saves."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -305,7 +310,8 @@ class Evaluation:
             raise ValueError(f"split {cfg.split!r} of {cfg.dataset!r} gave no usable examples")
         return kept, inputs, truncated, references
 
-    def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None):
+    def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None, cap=...):
+        """The decoder of a row. cap: BiLD's max_small_steps (None: no cap; default: the config's)."""
         from decode import AssistedGeneration, BiLD, BiLDConfig, Greedy, HFGenerate
 
         cfg = self.cfg
@@ -313,7 +319,7 @@ class Evaluation:
             model_key, layer, head, _ = self.exits[small_key]
             settings = dict(fallback_threshold=_first(fallback, cfg.exit_fallback_threshold, cfg.fallback_threshold),
                             rollback_threshold=_first(rollback, cfg.exit_rollback_threshold, cfg.rollback_threshold),
-                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path)
+                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, device_loop=cfg.device_loop)
             return BiLD.early_exit(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}),
                                    exit_head=head)
         if system == "hf_early_exit":
@@ -322,17 +328,19 @@ class Evaluation:
             return HFEarlyExit(self.models["large"], self.exits[small_key][1])
         large, small = self.models["large"], self.models[small_key]
         if system == "large":
-            return Greedy(large, cfg.fast_path)
+            return Greedy(large, cfg.fast_path, cfg.device_loop)
         if system == "hf_generate":
             return HFGenerate(large)
         if system == "small":
-            return Greedy(small, cfg.fast_path)
+            return Greedy(small, cfg.fast_path, cfg.device_loop)
         if system == "assisted":
             return AssistedGeneration(large, small)
         if system in _BILD:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
-                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, batch_wait=cfg.batch_wait)
+                            max_small_steps=cfg.max_small_steps if cap is ... else cap, fast_path=cfg.fast_path,
+                            batch_wait=cfg.batch_wait,
+                            device_loop=cfg.device_loop)
             return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 
@@ -485,7 +493,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
                 progress.update(n)
                 continue
         try:
-            decoder = ev.decoder(system, small_key, fb, rb)
+            decoder = ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned))
             row = ev.run(name, decoder, all_idx, progress)
         except Exception as exc:  # a baseline that crashes is reported as such, never dropped; main() exits 1
             if system == "large":
@@ -501,9 +509,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         if system in _BILD:
             if tuned:
-                row["thresholds_tuned_on"] = f"{tuned['split']} (budget {tuned['budget']:g} {tuned['metric']})"
+                row["thresholds_tuned_on"] = (f"{tuned['split']} at batch size {tuned.get('batch_size', 1)} (budget "
+                                              f"{tuned['budget']:g} {tuned['metric']})")
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+            row["max_small_steps"] = decoder.config.max_small_steps
         rows.append(row)
     _repeat(ev, rows, plan, all_idx, progress)
     for row in rows:
@@ -561,8 +571,8 @@ def _repeat(ev: Evaluation, rows: list[dict], plan, indices: list[int], progress
         for name, system, small_key in plan:
             if name not in by_name:
                 continue
-            fb, rb, _ = _row_thresholds(ev, system, small_key)
-            again = ev.run(name, ev.decoder(system, small_key, fb, rb), indices, progress)
+            fb, rb, tuned = _row_thresholds(ev, system, small_key)
+            again = ev.run(name, ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned)), indices, progress)
             passes[name].append(ev.latencies[name])
             by_name[name]["new_tokens"] = again["new_tokens"]
             if ev.outputs[name] != first[name]:
@@ -611,6 +621,11 @@ def _row_thresholds(ev: Evaluation, system: str, small_key: str):
     return fb, rb, tuned
 
 
+def _tuned_cap(tuned: dict | None):
+    """The step cap of a tuned point (None: no cap), or ... (the config's) where nothing was tuned."""
+    return tuned["max_small_steps"] if tuned and "max_small_steps" in tuned else ...
+
+
 def _throughput(ev: Evaluation, plan, indices, progress) -> list[dict]:
     """The throughput table: every batch size, the large model first, `repeats` interleaved passes. A row is its
     median pass (by total time); its speedup is the median of the per-pass speedups, each against the large
@@ -635,8 +650,8 @@ def _throughput(ev: Evaluation, plan, indices, progress) -> list[dict]:
 def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batch: int, indices, progress) -> dict:
     """One row of the throughput table: `system` over `indices` in calls of `batch` rows, against the large
     model at the same batch size (decoded first) and, for agreement, the large model's batch-1 outputs."""
-    fb, rb, _ = _row_thresholds(ev, system, small_key)
-    decoder = ev.decoder(system, small_key, fb, rb)
+    fb, rb, tuned = _row_thresholds(ev, system, small_key)
+    decoder = ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned))
     row = ev.run(f"{name} @ batch {batch}", decoder, indices, progress, batch)
     outputs = ev.outputs[row["system"]]
     row.update(ev.quality(outputs, indices), base=name, path=_path(decoder, batch))
@@ -646,6 +661,7 @@ def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batc
     if system in _BILD:
         row["fallback_threshold"] = decoder.config.fallback_threshold
         row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+        row["max_small_steps"] = decoder.config.max_small_steps
     return row
 
 
@@ -741,8 +757,10 @@ def sweep_table(results: dict) -> str:
 
 def _tuned_note(results: dict) -> str:
     """Which rows ran at tuned thresholds instead of the config's (decode.tune), read from the rows."""
+    cfg_cap = results["config"]["max_small_steps"]
     tuned = sorted({f"{r['system']} at fallback {r['fallback_threshold']:g}, rollback "
-                    f"{r['rollback_threshold']:g} ({r['thresholds_tuned_on']})"
+                    f"{r['rollback_threshold']:g}, max small steps {r.get('max_small_steps', cfg_cap)} "
+                    f"({r['thresholds_tuned_on']})"
                     for r in results["rows"] if r.get("thresholds_tuned_on") and r.get("rollback_threshold") is not None})
     return ("; tuned points instead: " + "; ".join(tuned)) if tuned else ""
 
@@ -758,7 +776,8 @@ def report(results: dict) -> str:
         + (f"; {cfg['repeats']} timed passes per row, interleaved: speedups are the median of the per-pass speedups, "
            "their range in brackets; latencies are per-example medians" if cfg.get("repeats", 1) > 1 else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
-        f"{cfg['max_small_steps']}" + _tuned_note(results),
+        f"{cfg['max_small_steps']}" + _tuned_note(results)
+        + ("" if cfg.get("device_loop", True) else "; device draft loop off (device_loop=false)"),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

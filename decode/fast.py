@@ -6,6 +6,7 @@ position, and one CUDA graph per input length.
     confidence, token = runner.step(tokens)              # one graph replay, one host read of (confidence, token)
     cut, argmax = runner.check(tokens, k, "ce", 3.0)     # the large model's pass over k pending tokens + 1
     runner.rewind(length)                                # a rollback moves the position; nothing is copied
+    steps, tokens = runner.draft(tokens, k, budget, 0.4, eos)  # up to k greedy small steps, state on the device
 
 Why: at batch size 1, eager PyTorch spends a decoding step launching kernels and running Python, so a
 model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.md). Here, as in gpt-fast:
@@ -22,8 +23,12 @@ model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.m
   (the prompt prefill, long drafts with no step cap) run the same code without a graph.
 - The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
   functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
-  So does sampling's (decode.sampling: the warpers, the draw, the rejection rule), from uniforms the host
-  writes into a static buffer from the caller's generator before each replay.
+- The draft loop's state can live on the device (`draft`): each row's budget, next position and next input
+  stay there, and every small step after the first is one replay of the same graph, which decides each
+  row's fallback (confidence at or under the threshold), its end (an EOS token, or its budget: the step cap
+  or max_new_tokens) and its next input in the pass. Between steps the host writes nothing and reads only
+  the rows' budgets, to stop the loop; the tokens come back once per draft. The decisions are the host
+  loop's own.
 
 Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama, Qwen2 and Mistral (decoder-only, sliding
 windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
@@ -43,6 +48,8 @@ from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast
 from decode.sampling import noise_size, sample_step, verify
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
+MAX_DRAFT_STEPS = 16  # small steps one `draft` takes at most
+MAX_EOS_IDS = 8  # EOS ids the device draft loop compares with (more: the host loop)
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
 _SRC_BUCKET = 16  # encoder inputs are padded to a multiple of this: one encoder graph per bucket
 
@@ -494,6 +501,18 @@ class FastRunner:
         self._drafts = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
         self._slot = torch.zeros((), dtype=torch.long, device=self.device)
         self._q_in = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
+        # the device draft loop (`draft`): per row its tokens still allowed (0: stopped), next position and next
+        # input; its output, per row [tokens kept, the kept tokens...]; the fallback threshold and the EOS ids
+        # (padded with -1), as the host last wrote them
+        rows = self.batch
+        self._left = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._nxt = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._tok = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._conf = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        self._draft_out = torch.zeros(rows, 1 + MAX_DRAFT_STEPS + 1, dtype=torch.long, device=self.device)
+        self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
+        self._draft_settings: tuple | None = None
         # what the device buffers hold, as far as the host knows (None: unknown)
         self._pos_on_device: int | None = None
         self._ids_on_device: tuple | None = None
@@ -559,6 +578,51 @@ class FastRunner:
         values = self._check_out[: n + 1].tolist()  # note: the one host-device sync per large call
         self._checked(n)
         return values[0], values[1:]
+
+    @torch.inference_mode()
+    def draft(self, tokens: list[int], k: int, budget: int, threshold: float, eos: list[int]) -> tuple[int, list[int]]:
+        """Up to k greedy small steps with the loop's state on the device: feeds `tokens`, then each kept token in
+        turn. A step keeps its token when its top probability is over `threshold`; the draft stops at the first
+        step that does not (a fallback), after an EOS token or after `budget` kept tokens. Returns (steps taken,
+        kept tokens): a fallback when steps > len(tokens). Decides exactly as `step` called in a loop would."""
+        n = len(tokens)
+        if n > MAX_GRAPH_TOKENS:  # catch up without a graph, then draft from the last token
+            self._eager_catch_up(tokens[:-1])
+            tokens, n = tokens[-1:], 1
+        self._load(tokens)
+        self._set_draft(threshold, eos)
+        self._left.fill_(budget)
+        steps = self._draft_loop(n, k, [budget])[0]
+        out = self._draft_out[0, : 1 + k].tolist()  # note: the draft's tokens come back once
+        self.length += n + steps - 1
+        self._forget_device_state()
+        return steps, out[1 : 1 + out[0]]
+
+    def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1) -> list[int]:
+        """The first step (over n fed tokens), then one step at a time while at least `need` rows run and fewer
+        than k steps were taken; each step the host reads the rows' budgets (0: stopped), nothing else. Returns
+        each row's steps taken."""
+        steps = [0] * len(left)
+        self._run(("draft", n))
+        for j in range(k):
+            for r, was in enumerate(left):
+                if was > 0:
+                    steps[r] += 1
+            left = self._left.tolist()  # note: one small read per step, to stop the loop
+            if j + 1 == k or sum(x > 0 for x in left) < need:
+                return steps
+            self._run(("draft_next", 1))
+        return steps
+
+    def _set_draft(self, threshold: float, eos: list[int]) -> None:
+        """Writes the draft loop's threshold and EOS ids where they changed."""
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"the device draft loop compares with at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
+        settings = (float(threshold), tuple(eos))
+        if settings != self._draft_settings:
+            self._fallback.fill_(float(threshold))
+            self._eos.copy_(torch.tensor(list(eos) + [-1] * (MAX_EOS_IDS - len(eos))))
+            self._draft_settings = settings
 
     # -- speculative sampling (decode/sampling.py): the draw and the rejection rule inside the graphs ----------
 
@@ -688,7 +752,44 @@ class FastRunner:
             self._check_out[1] = token
             self._pos0 += n
 
+        def draft():  # key: ("draft", n): the first step over the fed tokens; the budget is in _left
+            pos = self._pos0 + self._arange[:n]
+            logits = self._forward(self._ids[None, :n], pos[None], last_only=True)[:, -1].float()  # [1, V]
+            self._draft_first(logits, self._pos0 + n)
+
+        if key[0] == "draft":
+            return draft
+        if key[0] == "draft_next":
+            return self._draft_step
         return {"step": step, "check": check, "encode": encode, "sample": sample, "sample_check": sample_check}[key[0]]
+
+    # -- the device draft loop --------------------------------------------------------------------------
+
+    def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
+        """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
+        self._draft_out.zero_()
+        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
+        self._nxt.copy_(nxt)
+        self._draft_record(self._left > 0)
+
+    def _draft_step(self) -> None:
+        """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
+        row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
+        run = self._left > 0
+        pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
+        logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
+        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
+        self._nxt.add_(run)
+        self._draft_record(run)
+
+    def _draft_record(self, run: torch.Tensor) -> None:
+        """Applies a step's verdicts (_conf, _tok): a running row keeps its token when confident, and stops at a
+        fallback, an EOS token or its budget (_left reaches 0)."""
+        keep = run & (self._conf > self._fallback)
+        kept = self._draft_out[:, 0]
+        self._draft_out[:, 1:].scatter_(1, kept[:, None], self._tok[:, None])  # a row's kept tokens, in order
+        kept.add_(keep)
+        self._left.sub_(1).mul_(keep & (self._tok[:, None] != self._eos).all(dim=-1))
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)
@@ -782,3 +883,4 @@ class FastRunner:
         self.length += len(tokens)
         self._forget_device_state()
         return values[0], values[1:]
+

@@ -8,6 +8,10 @@ point lost 11.5 BLEU), so each pair needs its own. This decodes the split with t
 with BiLD at every point of the config's grid (`sweep_fallback` x `sweep_rollback`, `max_small_steps`),
 on the path that will run them (the fast path on CUDA), and keeps the fastest point whose score is within
 `--budget` of the large model's (BLEU or ROUGE-L points; perplexity: within that much, lower is better).
+`sweep_max_small_steps=[4,10]` adds the step cap to the grid. The speed is measured at the config's
+`batch_size` (against the large model at the same batch size): tune at the batch size you will serve
+(`batch_size=16`), since the fastest point of batch 1 is not the fastest of a batch, whose every round lasts as
+long as its longest draft.
 
 Exit status 3 when no point is within the budget (nothing is written). Writes `<small model>/bild_thresholds.json` (the point, the budget, split, dataset, scores, speedup,
 device, date). `BiLD.from_pretrained` and `decode.eval` use it when no thresholds are given. The test
@@ -45,15 +49,16 @@ def tune(cfg, small_key: str, budget: float) -> dict:
 
     ev = Evaluation(cfg, cfg.aligned if small_key == "aligned" else None)
     indices = list(range(len(ev.examples)))
-    grid = [(fb, rb) for fb in cfg.sweep_fallback for rb in cfg.sweep_rollback]
+    caps = cfg.sweep_max_small_steps or [cfg.max_small_steps]
+    grid = [(fb, rb, cap) for fb in cfg.sweep_fallback for rb in cfg.sweep_rollback for cap in caps]
     progress = tqdm(total=len(indices) * (len(grid) + 1), desc="decode.tune", unit="ex")
     ev.run("large", ev.decoder("large"), indices, progress)
     large_score = ev.quality(ev.outputs["large"], indices)[ev.metric]
     rows = []
-    for fb, rb in grid:
-        decoder = ev.decoder("bild", small_key, fb, rb)
-        row = ev.run(f"fb={fb:g} rb={rb:g}", decoder, indices, progress)
-        row.update(fallback_threshold=fb, rollback_threshold=rb, path=decoder.path)
+    for fb, rb, cap in grid:
+        decoder = ev.decoder("bild", small_key, fb, rb, cap)
+        row = ev.run(f"fb={fb:g} rb={rb:g} cap={cap}", decoder, indices, progress)
+        row.update(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=cap, path=decoder.path)
         rows.append(ev.finish_row(row, indices))
     progress.close()
     best = operating_points(rows, ev.metric, large_score, tolerances=(budget,), higher_is_better=ev.higher_is_better)
@@ -63,12 +68,12 @@ def tune(cfg, small_key: str, budget: float) -> dict:
                                   f"({large_score:.2f} on {cfg.split}); widen the grid or the budget")
     return {
         "fallback_threshold": best["fallback_threshold"], "rollback_threshold": best["rollback_threshold"],
-        "max_small_steps": cfg.max_small_steps, "budget": budget, "metric": ev.metric,
+        "max_small_steps": best["max_small_steps"], "batch_size": cfg.batch_size, "budget": budget, "metric": ev.metric,
         "score": best[ev.metric], "large_score": large_score, "speedup_vs_large": best["speedup_vs_large"],
         "tokens_per_large_call": best.get("tokens_per_large_call"), "path": best.get("path"),
         "dataset": cfg.dataset, "split": cfg.split, "examples": len(indices), "large": cfg.large,
-        "grid": [{k: r[k] for k in ("fallback_threshold", "rollback_threshold", ev.metric, "speedup_vs_large")}
-                 for r in rows],
+        "grid": [{k: r[k] for k in ("fallback_threshold", "rollback_threshold", "max_small_steps", ev.metric,
+                                    "speedup_vs_large")} for r in rows],
         **{k: v for k, v in _environment().items() if k in ("device", "date", "git_commit")},
     }
 
@@ -110,7 +115,8 @@ def main(argv=None) -> int:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
-    print(f"fallback_threshold={record['fallback_threshold']:g} rollback_threshold={record['rollback_threshold']:g}: "
+    print(f"fallback_threshold={record['fallback_threshold']:g} rollback_threshold={record['rollback_threshold']:g} "
+          f"max_small_steps={record['max_small_steps']} at batch size {record['batch_size']}: "
           f"{record['metric']} {record['score']:.2f} (large {record['large_score']:.2f}), "
           f"{record['speedup_vs_large']:.2f}x on {record['split']} ({record['examples']} examples); wrote {path}")
     return 0

@@ -9,6 +9,8 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
 - fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
 - graph only: the same step graph replayed --steps times back to back (each replay feeds the token the last one
   wrote on the device), one host read at the end: the GPU's own time per step, without the host round trip;
+- device draft: FastRunner.draft (decode/fast.py), the loop's state on the device, one small host read per step
+  and the tokens once per 16 steps; per step;
 - fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
 - fast sample step / sample check k=10: the same passes for speculative sampling at temperature 1 (the draw, or
   the rejection rule over 10 drafts, inside the graph; uniforms written before each replay);
@@ -17,7 +19,7 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
   prompt prefill), eager and fast;
 - with --batches B...: a second table, per batch size, of the batched passes (decode/batch.py) with every row
   feeding: a step (host inputs written and verdicts read back, as the batched loop does), the same step graph
-  replayed without the host, and a check of 4 pending tokens + 1 per row; ms per pass and per row;
+  replayed without the host, the device draft loop's cost per step (16 per draft), and a check of 4 pending tokens + 1 per row; ms per pass and per row;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 Prints one table last (markdown).
@@ -161,6 +163,19 @@ def measure(name, args, device, dtype, bandwidth):
     row["graph_ms"], row["graph_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
     fast._forget_device_state()
 
+    # the device draft loop: the state on the device, one small read per step (a threshold nothing falls under)
+    fast.plan([("draft", 1), ("draft_next", 1)])
+
+    def drafted():
+        fast.start(prompt, steps + k + 2)
+        token = 5
+        for _ in range(steps // 16):
+            _, kept = fast.draft([token], 16, 16, -1.0, [-1])
+            token = kept[-1]
+
+    med, lo, hi = timed(drafted, args.repeats, device)
+    row["draft_ms"], row["draft_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+
     def check():
         for _ in range(steps):
             fast.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
@@ -235,8 +250,16 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
                 for b in range(batch):
                     runner.rewind(b, runner.lengths[b] - 5)
 
+        def drafted():  # 16 steps per draft, every row running throughout
+            runner.start(prompts, steps + 8)
+            for _ in range(steps // 16):
+                runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1])
+
         row = {"shape": name, "batch": batch}
-        for key, fn in (("step", stepped), ("graph", replays), ("check", checked)):
+        timings = [("step", stepped), ("graph", replays), ("check", checked)]
+        runner.plan([("draft", 1), ("draft_next", 1)])
+        timings.append(("draft", drafted))
+        for key, fn in timings:
             med, lo, hi = timed(fn, args.repeats, device)
             row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
         out.append(row)
@@ -274,13 +297,15 @@ def main():
     print(f"\ndevice: {torch.cuda.get_device_name()}; {args.dtype}; batch 1; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
     best = "compiled" if args.compile else "fast"
-    print("| shape | params (M) | floor | eager step | fast step | graph only | " + ("compiled step | " if args.compile else "")
+    print("| shape | params (M) | floor | eager step | fast step | graph only | device draft, per step | "
+          + ("compiled step | " if args.compile else "")
           + f"{best} / floor | {best} check k=10 | fast sample step | fast sample check k=10 | generate / token | "
           "start eager / fast |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     for r in rows:
         print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
               f"{spread(r, 'graph')} | "
+              + f"{spread(r, 'draft')} | "
               + (f"{spread(r, 'compiled')} | " if args.compile else "")
               + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'sample')} | "
               f"{spread(r, 'sample_check')} | {spread(r, 'generate')} | "
@@ -289,12 +314,14 @@ def main():
         batched = [r for name in args.shapes for r in measure_batches(name, args, device, dtype)]
         print(f"\nbatched passes (decode/batch.py), every row feeding; ms per pass, median of {args.repeats} runs of "
               f"{args.steps} passes (min-max); per row: ms per pass / batch")
-        print("| shape | batch | step (host in/out) | step graph only | host share | check k=4 | step per row | check per row |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| shape | batch | step (host in/out) | step graph only | host share | device draft, per step | check k=4 | "
+              "step per row | check per row |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in batched:
             step, graph, check = r["step"], r["graph"], r["check"]
+            draft = f"{r['draft'][0]:.3f} ({r['draft'][1]:.3f}-{r['draft'][2]:.3f})"
             print(f"| {r['shape']} | {r['batch']} | {step[0]:.3f} ({step[1]:.3f}-{step[2]:.3f}) | {graph[0]:.3f} | "
-                  f"{1 - graph[0] / step[0]:.0%} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
+                  f"{1 - graph[0] / step[0]:.0%} | {draft} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
                   f"{step[0] / r['batch']:.4f} | {check[0] / r['batch']:.4f} |")
 
 

@@ -12,6 +12,9 @@
 # BATCH_WAITS="0 0.5": the greedy throughput table again at each of these batch_wait settings.
 # AB=1 instead: after tuning, scripts/bench_step.py with the batched passes (--batches 1 4 16 64), then the greedy
 # throughput table at batch 4, 16 and 64 twice, batch_compact=true and false (what compaction saves).
+# LOOP=1 instead: after tuning, bench_step --batches; the greedy throughput table (large, BiLD) at 1/4/16/64 with the
+# device draft loop; thresholds tuned again at batch size 16 (step cap 4 or 10 in the grid) on copies of both small
+# models and the throughput table at 4/16/64 with them; the table at 4/16/64 with device_loop=false.
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -25,7 +28,20 @@ PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh fu
 EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final
     aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k repeats=${REPEATS:-3}
     "throughput_batch_sizes=[1, 4, 16, 64]")
-if [[ -n "${AB:-}" ]]; then
+if [[ -n "${LOOP:-}" ]]; then
+  python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput_loop_true
+  for m in small small_aligned; do  # the same models, thresholds tuned for batches of 16 (step cap in the grid)
+    rm -rf $R/\${m}_b16 && cp -r $R/\$m/final $R/\${m}_b16 && rm -f $R/\${m}_b16/bild_thresholds.json
+  done
+  TUNE16=(python3 -m decode.tune --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small_b16
+          dataset=\${DATA_DIR:-.gpu/data}/multi30k batch_size=16 "sweep_max_small_steps=[4, 10]")
+  "\${TUNE16[@]}"; "\${TUNE16[@]}" --aligned $R/small_aligned_b16
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" \
+    small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_tuned16
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" device_loop=false \
+    out=$R/throughput_loop_false
+elif [[ -n "${AB:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
   for c in true false; do
     "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_compact=\$c \
@@ -47,7 +63,7 @@ JOB
 fi
 detached_wait $W $JOB $LOG; rc=$?
 [[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/batch_wait_* $R/*/final/metrics.json \
-  $R/*/final/bild_thresholds.json $R/*.log 2>/dev/null
+  $R/*/final/bild_thresholds.json $R/*_b16/bild_thresholds.json $R/*.log 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
 [[ -f runs/bench_step.log ]] && grep -E "^\| |^device|^batched" runs/bench_step.log

@@ -247,3 +247,35 @@ def test_edge_batches_one_token_prompts_one_new_token_and_growing_buffers(arch):
     else:
         check(long_ids, long_mask.flip(1), 2 * capacity)
     assert runner.capacity > capacity
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5", "llama", "mistral"))
+def test_the_device_draft_loop_decides_as_the_host_loop(arch):
+    """BiLDConfig.device_loop (the draft loop's state on the device: each row's fallback, step cap and end decided in
+    the pass, the host reading only the budgets between steps) against the host loop: the same tokens and the same
+    statistics, passes and compactions included, for every policy and batch_wait, a batch and a row alone; Greedy's
+    steps on the device likewise."""
+    check_device_loop(*tiny_pair(arch, 5))
+
+
+def check_device_loop(large, small):
+    """The device-loop test's body, on the models' device (test_gpu runs it through CUDA graphs)."""
+    ids, mask = (t.to(large.device) for t in ragged_batch(5, left_pad=not large.config.is_encoder_decoder))
+    for name, policy in POLICIES.items():
+        for wait in (0.0, 0.5, 1.0):
+            runs = []
+            for loop in (True, False):
+                bild = BiLD(large, small, BiLDConfig(fast_path=True, device_loop=loop, batch_wait=wait, **policy))
+                together = bild.generate(ids, mask, max_new_tokens=24)
+                alone = bild.generate(ids[2:3], mask[2:3], max_new_tokens=24)
+                runs.append([(o.sequences.tolist(), {k: v for k, v in o.stats.as_dict().items() if k != "seconds"})
+                             for o in (together, alone)])
+            assert runs[0] == runs[1], (name, wait)
+            assert runs[0][0][1]["small_steps"] > runs[0][0][1]["small_passes"] > 0  # rows drafted together
+    assert {("draft", 1), ("draft_next", 1)} <= BatchRunner.for_model(small, len(ids))._wanted
+    greedy = [Greedy(large, fast_path=True, device_loop=loop) for loop in (True, False)]
+    for rows, rows_mask in ((ids, mask), (ids[1:2], mask[1:2])):
+        outs = [g.generate(rows, rows_mask, max_new_tokens=24) for g in greedy]
+        assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+        assert outs[0].stats.large_calls == outs[1].stats.large_calls == sum(outs[0].new_lengths)
+        assert outs[0].stats.large_passes == outs[1].stats.large_passes

@@ -166,22 +166,26 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
     shutil.copytree(toy_models["small"], aligned)
     assert tune_main(["--config", str(eval_config), "--limit", "6", "split=test"]) == 2  # never the test split
     assert "never `test`" in capsys.readouterr().err
-    assert tune_main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "6", "--budget", "100"]) == 0
+    # the step cap in the grid (null: none), speed measured in calls of 2 rows
+    assert tune_main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "6", "--budget", "100",
+                      "sweep_max_small_steps=[2, null]", "batch_size=2"]) == 0
     record = json.loads((aligned / THRESHOLDS_FILE).read_text())
-    assert record["split"] == "valid" and record["budget"] == 100 and len(record["grid"]) == 4
+    assert record["split"] == "valid" and record["budget"] == 100 and len(record["grid"]) == 8
+    assert record["batch_size"] == 2 and {r["max_small_steps"] for r in record["grid"]} == {2, None}
     # within a budget of 100 BLEU every point qualifies: the choice is the fastest of the grid
     fastest = max(record["grid"], key=lambda r: r["speedup_vs_large"])
-    assert (record["fallback_threshold"], record["rollback_threshold"]) == (fastest["fallback_threshold"],
-                                                                            fastest["rollback_threshold"])
+    point = ("fallback_threshold", "rollback_threshold", "max_small_steps")
+    assert [record[k] for k in point] == [fastest[k] for k in point]
     bild = BiLD.from_pretrained(toy_models["large"], str(aligned))
-    assert (bild.config.fallback_threshold, bild.config.rollback_threshold) == (record["fallback_threshold"],
-                                                                                record["rollback_threshold"])
+    assert (bild.config.fallback_threshold, bild.config.rollback_threshold, bild.config.max_small_steps) == \
+        tuple(record[k] for k in point)
     assert BiLD.from_pretrained(toy_models["large"], toy_models["small"]).config.fallback_threshold == 0.5  # defaults
     out = tmp_path / "eval"
     assert main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "2", "--out", str(out),
                  "systems=[bild]"]) == 0
     rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["BiLD (aligned)"]["fallback_threshold"] == record["fallback_threshold"]
+    assert rows["BiLD (aligned)"]["max_small_steps"] == record["max_small_steps"]
     assert rows["BiLD (aligned)"]["thresholds_tuned_on"].startswith("valid")
     assert "thresholds_tuned_on" not in rows["BiLD (unaligned)"]
     assert "tuned points instead: BiLD (aligned) at fallback" in (out / "report.md").read_text()

@@ -183,3 +183,17 @@ def test_batched_sampling_through_graphs_is_distributed_as_the_large_models_samp
 
     check_bild([m.cuda() for m in noisy_pair()], "t1", dict(fallback_threshold=0.5, max_small_steps=4), fast_path=True,
                batch=64)
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_the_device_draft_loop_decides_as_the_host_loop_on_cuda(arch):
+    """The device draft loop through CUDA graphs (fp32): the same tokens and statistics as the host loop, batches and
+    rows alone (tests/test_batch.py), and its graphs were captured."""
+    from test_batch import check_device_loop
+
+    from decode.batch import BatchRunner
+
+    large, small = cuda_pair(arch, 5)
+    check_device_loop(large, small)
+    for runner in (BatchRunner.for_model(small, 5), FastRunner.for_model(small)):
+        assert {("draft", 1), ("draft_next", 1)} <= runner._graphs.keys()
