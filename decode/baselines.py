@@ -17,22 +17,26 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-from decode.bild import check_pair, greedy_generation_config
+from decode.bild import check_pair, device_loop_on, greedy_generation_config
 from decode.batch import BatchRunner, rows_to_stay, should_compact
-from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, FastRunner, make_runner
+from decode.fast import MAX_DRAFT_STEPS, FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 
 class Greedy(RowDecoder):
     """A single model decoding greedily with the same runner BiLD uses."""
 
-    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None, device_loop: bool = True):
+    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None, device_loop: bool | None = None):
         super().__init__(model)
         self.model = model.eval()
         self._runner = make_runner(self.model, fast_path)  # the same path BiLD takes, so speedups compare like with like
-        # the loop's state on the device, as BiLD's draft loop (BiLDConfig.device_loop): a draft that never falls back
-        self.device_loop = device_loop and hasattr(self._runner, "draft") and len(self.eos_token_ids) <= MAX_EOS_IDS
-        self._runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self.device_loop else []))
+        # the loop's state on the device, as BiLD's draft loop (BiLDConfig.device_loop, the same setting): a draft that
+        # never falls back
+        self.device_loop = device_loop
+        self._runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self._on_device(self._runner) else []))
+
+    def _on_device(self, runner) -> bool:
+        return device_loop_on(self.device_loop, runner, self.eos_token_ids)
         self.path = self._runner.path
 
     def _steps(self, runner, feeds, budgets, *need):
@@ -48,7 +52,7 @@ class Greedy(RowDecoder):
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
         while not self._finished(seq, prefix_len, max_new_tokens):
-            if sampling is None and self.device_loop:
+            if sampling is None and self._on_device(runner):
                 _, kept = self._steps(runner, seq[runner.length :], max_new_tokens - (len(seq) - prefix_len))
                 seq.extend(kept)
                 stats.large_calls += len(kept)
@@ -76,7 +80,7 @@ class Greedy(RowDecoder):
         if sampling is not None:
             runner.plan([("sample", 1, sampling.key)])
         else:
-            runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self.device_loop else []))
+            runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self._on_device(runner) else []))
         runner.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
         prefix_len = [len(s) for s in seqs]
@@ -93,7 +97,7 @@ class Greedy(RowDecoder):
             feeds = [[] for _ in order]
             for r in live:
                 feeds[r] = seqs[order[r]][runner.lengths[r] :]
-            if sampling is None and self.device_loop:
+            if sampling is None and self._on_device(runner):
                 budgets = [max_new_tokens - (len(seqs[order[r]]) - prefix_len[order[r]]) if f else 0
                            for r, f in enumerate(feeds)]
                 # stop where the host loop would compact: once the running rows fit a batch half the size

@@ -13,6 +13,7 @@ before its own queries read it. So a row that sits out a pass is all padding, an
 ragged prompts need no copies, as with one row. Positions are clamped to the buffers, so padding near the end of
 a long row lands in the last slot, which no real position reaches.
 
+    drafted = runner.draft(feeds, k, budgets, 0.4, eos)  # per row (steps, kept tokens): the loop's state on the device
     runner = runner.compact(rows)                      # the live rows, moved into the runner of a smaller batch
     verdicts = runner.sample_step(feeds, sampling)     # speculative sampling: per row (q's top probability, a draw)
     results = large.sample_check(feeds, runner.drafts(), sampling)  # per row: (first rejection, the token there)
@@ -66,6 +67,8 @@ def should_compact(live: int, runner: "BatchRunner") -> bool:
 
 class BatchRunner(FastRunner):
     """One model on the fast path with `batch` rows in every pass; the verbs of FastRunner, per row."""
+
+    prefers_device_loop = True  # BiLDConfig.device_loop=None: per-step host work grows with the rows (BENCHMARKS.md)
 
     def __init__(self, model: PreTrainedModel, batch: int):
         if batch < 1:

@@ -70,11 +70,12 @@ class BiLDConfig:
     """Batches (decoded together on the fast path): rows that need the large model wait, while the others keep
     drafting, until this fraction of the unfinished rows waits; then one large pass checks every waiting row.
     0: a large pass as soon as any row needs it; 1: only once no row can draft. No effect on any row's tokens."""
-    device_loop: bool = True
+    device_loop: bool | None = None
     """Greedy decoding on the fast path: the small model's draft loop keeps its state on the device (FastRunner.draft):
     each row's fallback, step cap and end are decided inside the pass, the host reads only the rows' budgets between
-    steps and the tokens once per draft; False: the host writes each step's inputs and reads its verdicts. No
-    effect on any token or count."""
+    steps and the tokens once per draft. None: in batches decoded together (measured faster there, BENCHMARKS.md),
+    not at batch size 1 (measured slower: its host loop is already lean); True: always; False: never. No effect on
+    any token or count."""
     fast_path: bool | None = None
     """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
     eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
@@ -182,7 +183,7 @@ class BiLD(RowDecoder):
 
     def _drafts_on_device(self, small) -> bool:
         """Whether the small model drafts greedily on the device (BiLDConfig.device_loop) with this runner."""
-        return self.config.device_loop and hasattr(small, "draft") and len(self.eos_token_ids) <= MAX_EOS_IDS
+        return device_loop_on(self.config.device_loop, small, self.eos_token_ids)
 
     def _draft_chunk(self) -> int:
         """Small steps per device draft: the step cap, at most MAX_DRAFT_STEPS."""
@@ -433,6 +434,13 @@ class BiLD(RowDecoder):
                 else:
                     seqs[b].append(token)
         return [seq[n:] for seq, n in zip(seqs, prefix_len)]
+
+
+def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
+    """Whether greedy steps on `runner` keep the loop's state on the device (BiLDConfig.device_loop: None means on
+    the runners of batches decoded together, decode/batch.py, only)."""
+    wanted = setting if setting is not None else getattr(runner, "prefers_device_loop", False)
+    return bool(wanted) and hasattr(runner, "draft") and len(eos_token_ids) <= MAX_EOS_IDS
 
 
 def _token_after(cut: int, argmax: list[int], n_pending: int, final: bool) -> int | None:

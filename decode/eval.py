@@ -127,9 +127,9 @@ class EvalConfig(PromptConfig):
     batch_compact: bool = True
     """Batches move their unfinished rows into a smaller batch's runners as rows finish (decode/batch.py); false:
     finished rows stay as padding, to measure what compaction saves."""
-    device_loop: bool = True
-    """Greedy steps on the device, several per host round trip (BiLDConfig.device_loop), for BiLD's small model and
-    for the large/small rows alike; false: one host round trip per step, to measure what the device loop saves."""
+    device_loop: bool | None = None
+    """The greedy loop's state on the device (BiLDConfig.device_loop), for BiLD's small model and the large/small rows
+    alike: null (in batches only), true, or false (the host loop everywhere, to measure what it saves)."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -777,7 +777,8 @@ def report(results: dict) -> str:
            "their range in brackets; latencies are per-example medians" if cfg.get("repeats", 1) > 1 else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
         f"{cfg['max_small_steps']}" + _tuned_note(results)
-        + ("" if cfg.get("device_loop", True) else "; device draft loop off (device_loop=false)"),
+        + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
+           False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")],
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

@@ -470,6 +470,7 @@ class FastRunner:
     """
 
     batch = 1  # rows of the static buffers
+    prefers_device_loop = False  # BiLDConfig.device_loop=None: one row's host loop is lean, the device loop measured slower
 
     def __init__(self, model: PreTrainedModel, compile: bool = False):
         prefer_fast_attention()

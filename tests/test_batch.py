@@ -279,3 +279,19 @@ def check_device_loop(large, small):
         assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
         assert outs[0].stats.large_calls == outs[1].stats.large_calls == sum(outs[0].new_lengths)
         assert outs[0].stats.large_passes == outs[1].stats.large_passes
+
+
+def test_the_device_loop_by_default_runs_in_batches_only():
+    """BiLDConfig.device_loop=None (and Greedy's): the draft passes are planned on the batch runners, not on the
+    one-row runner, whose host loop measured faster (BENCHMARKS.md)."""
+    from decode.fast import FastRunner
+
+    large, small = tiny_pair("bart", 6)
+    ids, mask = ragged_batch(6, rows=3, left_pad=False)
+    bild, greedy = BiLD(large, small, BiLDConfig(fast_path=True)), Greedy(large, fast_path=True)
+    for decoder in (bild, greedy):
+        decoder.generate(ids, mask, max_new_tokens=8)
+        decoder.generate(ids[:1], mask[:1], max_new_tokens=8)
+    for model in (small, large):
+        assert ("draft_next", 1) in BatchRunner.for_model(model, 3)._wanted
+        assert ("draft_next", 1) not in FastRunner.for_model(model)._wanted
