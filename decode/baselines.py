@@ -34,10 +34,10 @@ class Greedy(RowDecoder):
         # never falls back
         self.device_loop = device_loop
         self._runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self._on_device(self._runner) else []))
+        self.path = self._runner.path
 
     def _on_device(self, runner) -> bool:
         return device_loop_on(self.device_loop, runner, self.eos_token_ids)
-        self.path = self._runner.path
 
     def _steps(self, runner, feeds, budgets, *need):
         """Greedy steps, each row until EOS or its budget, the state on the device: a draft that never falls back."""
