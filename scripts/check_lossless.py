@@ -8,6 +8,7 @@ large model's greedy `generate` token for token, for every architecture and seve
 with them on CUDA, where --device cuda also moves the models there). GPT-2 has no fast path and is skipped then.
 --batch N (with --fast-path): every pair decodes N ragged prompts together (decode/batch.py, a batch_wait the seed
 picks), and every row must equal the large model's greedy `generate` on that prompt alone; rows are counted.
+--device-loop on|off|auto: BiLDConfig.device_loop (the draft loop's state on the device; auto: in batches only).
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
 """
@@ -47,6 +48,8 @@ def main():
     parser.add_argument("--early-exit", action="store_true", help="check early-exit BiLD (decode/early_exit.py)")
     parser.add_argument("--batch", type=int, default=1, help="with --fast-path: rows decoded together per pair")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device-loop", choices=("auto", "on", "off"), default="auto",
+                        help="BiLDConfig.device_loop: auto (in batches only), on, off")
     args = parser.parse_args()
     if args.batch > 1 and not args.fast_path:
         parser.error("--batch needs --fast-path (batches are decoded together on the fast path only)")
@@ -64,7 +67,8 @@ def main():
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
-                             fast_path=True if args.fast_path else False, batch_wait=(0.0, 0.5, 1.0)[seed % 3])
+                             fast_path=True if args.fast_path else False, batch_wait=(0.0, 0.5, 1.0)[seed % 3],
+                             device_loop={"auto": None, "on": True, "off": False}[args.device_loop])
             bild = BiLD.early_exit(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
             if args.batch > 1:
                 prompts = [random_prompt(1000 + seed * args.batch + i, length=3 + (seed + 3 * i) % 8)[0]
