@@ -15,6 +15,8 @@
 # LOOP=1 instead: after tuning, bench_step --batches; the greedy throughput table (large, BiLD) at 1/4/16/64 with the
 # device draft loop; thresholds tuned again at batch size 16 (step cap 4 or 10 in the grid) on copies of both small
 # models and the throughput table at 4/16/64 with them; the table at 4/16/64 with device_loop=false.
+# WAITS="0.9 0.75" instead: after tuning, the greedy table (large, BiLD, lossless BiLD; throughput of BiLD at
+# 1/4/16/64) at the defaults, then the throughput table at 4/16/64 at each of these batch_wait settings.
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -41,6 +43,12 @@ if [[ -n "${LOOP:-}" ]]; then
     small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_tuned16
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" device_loop=false \
     out=$R/throughput_loop_false
+elif [[ -n "${WAITS:-}" ]]; then
+  "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
+  for w in ${WAITS}; do
+    "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_wait=\$w \
+      out=$R/batch_wait_\$w
+  done
 elif [[ -n "${AB:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
   for c in true false; do
