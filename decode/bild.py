@@ -185,11 +185,6 @@ class BiLD(RowDecoder):
         """Whether the small model drafts greedily on the device (BiLDConfig.device_loop) with this runner."""
         return device_loop_on(self.config.device_loop, small, self.eos_token_ids)
 
-    def _draft_chunk(self) -> int:
-        """Small steps per device draft: the step cap, at most MAX_DRAFT_STEPS."""
-        cap = self.config.max_small_steps
-        return min(cap, MAX_DRAFT_STEPS) if cap is not None else MAX_DRAFT_STEPS
-
     def _budget(self, seq: list[int], prefix_len: int, n_pending: int, max_new_tokens: int) -> int:
         """Tokens a row may still draft before the loop would stop it: max_new_tokens, and the step cap."""
         budget = max_new_tokens - (len(seq) - prefix_len)
@@ -261,7 +256,7 @@ class BiLD(RowDecoder):
         cap = cfg.max_small_steps
         if sampling is not None:  # the draw and the rejection rule run inside the passes (decode/sampling.py)
             cap = self._plan_sampling(small, large)
-        draft_on_device, chunk = sampling is None and self._drafts_on_device(small), self._draft_chunk()
+        draft_on_device = sampling is None and self._drafts_on_device(small)
         self._start_row(prompt, max_new_tokens)
         seq = self._decoder_prefix(prompt)
         prefix_len = len(seq)
@@ -279,8 +274,9 @@ class BiLD(RowDecoder):
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
 
-            if draft_on_device:  # up to a chunk of steps in one replay, the same decisions as the branch below
-                steps, kept = small.draft(seq[small.length :], chunk, self._budget(seq, prefix_len, n_pending, max_new_tokens),
+            if draft_on_device:  # the loop's state on the device (FastRunner.draft): the decisions of the branch below
+                steps, kept = small.draft(seq[small.length :], MAX_DRAFT_STEPS,
+                                          self._budget(seq, prefix_len, n_pending, max_new_tokens),
                                           cfg.fallback_threshold, self.eos_token_ids)
                 stats.small_steps += steps
                 seq.extend(kept)
@@ -349,7 +345,7 @@ class BiLD(RowDecoder):
             self._plan(small, large)
         else:
             cap = self._plan_sampling(small, large)
-        draft_on_device, chunk = sampling is None and self._drafts_on_device(small), self._draft_chunk()
+        draft_on_device = sampling is None and self._drafts_on_device(small)
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
@@ -410,7 +406,7 @@ class BiLD(RowDecoder):
                 budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
                            if b in drafting else 0 for b in order]
                 need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
-                drafted = small.draft(feeds, chunk, budgets, cfg.fallback_threshold, self.eos_token_ids, need)
+                drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need)
                 stats.small_passes += max(d[0] for d in drafted if d is not None)
                 for r, b in enumerate(order):
                     if b in drafting:

@@ -769,9 +769,8 @@ class FastRunner:
     def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
         self._draft_out.zero_()
-        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
         self._nxt.copy_(nxt)
-        self._draft_record(self._left > 0)
+        self._draft_record(logits, self._left > 0)
 
     def _draft_step(self) -> None:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
@@ -779,13 +778,13 @@ class FastRunner:
         run = self._left > 0
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
         logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
-        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
         self._nxt.add_(run)
-        self._draft_record(run)
+        self._draft_record(logits, run)
 
-    def _draft_record(self, run: torch.Tensor) -> None:
-        """Applies a step's verdicts (_conf, _tok): a running row keeps its token when confident, and stops at a
-        fallback, an EOS token or its budget (_left reaches 0)."""
+    def _draft_record(self, logits: torch.Tensor, run: torch.Tensor) -> None:
+        """Applies a step's verdicts: a running row keeps its argmax when its top probability is over the threshold,
+        and stops at a fallback, an EOS token or its budget (_left reaches 0)."""
+        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
         keep = run & (self._conf > self._fallback)
         kept = self._draft_out[:, 0]
         self._draft_out[:, 1:].scatter_(1, kept[:, None], self._tok[:, None])  # a row's kept tokens, in order
