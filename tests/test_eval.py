@@ -166,11 +166,14 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
     shutil.copytree(toy_models["small"], aligned)
     assert tune_main(["--config", str(eval_config), "--limit", "6", "split=test"]) == 2  # never the test split
     assert "never `test`" in capsys.readouterr().err
-    # the step cap in the grid (null: none), speed measured in calls of 2 rows
-    assert tune_main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "6", "--budget", "100",
-                      "sweep_max_small_steps=[2, null]", "batch_size=2"]) == 0
+    # the step cap in the grid (null: none), speed measured in calls of 2 rows, two timed passes per point
+    assert tune_main(["--config", str(eval_config), "--aligned", str(aligned), "--limit", "4", "--budget", "100",
+                      "sweep_max_small_steps=[2, null]", "batch_size=2", "repeats=2"]) == 0
     record = json.loads((aligned / THRESHOLDS_FILE).read_text())
     assert record["split"] == "valid" and record["budget"] == 100 and len(record["grid"]) == 8
+    for point in record["grid"]:  # the median of two passes is their mean
+        assert len(point["speedup_passes"]) == 2
+        assert point["speedup_vs_large"] == pytest.approx(sum(point["speedup_passes"]) / 2)
     assert record["batch_size"] == 2 and {r["max_small_steps"] for r in record["grid"]} == {2, None}
     # within a budget of 100 BLEU every point qualifies: the choice is the fastest of the grid
     fastest = max(record["grid"], key=lambda r: r["speedup_vs_large"])
