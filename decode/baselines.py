@@ -54,17 +54,13 @@ class Greedy(RowDecoder):
         while not self._finished(seq, prefix_len, max_new_tokens):
             if sampling is None and self._on_device(runner):
                 _, kept = self._steps(runner, seq[runner.length :], max_new_tokens - (len(seq) - prefix_len))
-                seq.extend(kept)
-                stats.large_calls += len(kept)
-                stats.large_tokens += len(kept)
-                continue
-            if sampling is None:
-                _, token = runner.step(seq[runner.length :])  # note: sync point
+            elif sampling is None:
+                kept = [runner.step(seq[runner.length :])[1]]  # note: sync point
             else:
-                _, token = runner.sample_step(seq[runner.length :], sampling, draft=False)  # note: sync point
-            seq.append(token)
-            stats.large_calls += 1
-            stats.large_tokens += 1
+                kept = [runner.sample_step(seq[runner.length :], sampling, draft=False)[1]]  # note: sync point
+            seq.extend(kept)
+            stats.large_calls += len(kept)
+            stats.large_tokens += len(kept)
         return seq[prefix_len:]
 
     def _batch_blocker(self) -> str | None:
@@ -103,19 +99,15 @@ class Greedy(RowDecoder):
                 # stop where the host loop would compact: once the running rows fit a batch half the size
                 drafted = self._steps(runner, feeds, budgets, rows_to_stay(runner))
                 stats.large_passes += max(d[0] for d in drafted if d is not None)
-                for r, d in enumerate(drafted):
-                    if d is not None:
-                        seqs[order[r]].extend(d[1])
-                        stats.large_calls += len(d[1])
-                        stats.large_tokens += len(d[1])
-                continue
-            verdicts = runner.step(feeds) if sampling is None else runner.sample_step(feeds, sampling)
-            stats.large_passes += 1
-            for r, verdict in enumerate(verdicts):
-                if verdict is not None:
-                    seqs[order[r]].append(verdict[1])
-                    stats.large_calls += 1
-                    stats.large_tokens += 1
+            else:
+                verdicts = runner.step(feeds) if sampling is None else runner.sample_step(feeds, sampling)
+                drafted = [v and (1, [v[1]]) for v in verdicts]
+                stats.large_passes += 1
+            for r, d in enumerate(drafted):
+                if d is not None:
+                    seqs[order[r]].extend(d[1])
+                    stats.large_calls += len(d[1])
+                    stats.large_tokens += len(d[1])
         return [seq[n:] for seq, n in zip(seqs, prefix_len)]
 
 

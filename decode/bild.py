@@ -274,27 +274,21 @@ class BiLD(RowDecoder):
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
                 continue
 
-            if draft_on_device:  # the loop's state on the device (FastRunner.draft): the decisions of the branch below
+            if draft_on_device:  # the loop's state on the device (FastRunner.draft): the host loop's decisions
                 steps, kept = small.draft(seq[small.length :], MAX_DRAFT_STEPS,
                                           self._budget(seq, prefix_len, n_pending, max_new_tokens),
                                           cfg.fallback_threshold, self.eos_token_ids)
-                stats.small_steps += steps
-                seq.extend(kept)
-                if steps > len(kept):
-                    stats.fallbacks += 1
-                    pending_start = self._large_step(seq, pending_start, stats, final=False)
-                continue
-            # the loop's control flow lives on the host
-            if sampling is None:
-                confidence, token = small.step(seq[small.length :])
-            else:  # drawn from q whatever the verdict: a fallback depends on q alone, so discarding it biases nothing
-                confidence, token = small.sample_step(seq[small.length :], sampling)
-            stats.small_steps += 1
-            if confidence <= cfg.fallback_threshold:
+            else:  # the loop's control flow lives on the host: one step
+                if sampling is None:
+                    confidence, token = small.step(seq[small.length :])
+                else:  # drawn from q whatever the verdict: a fallback depends on q alone, so discarding it biases nothing
+                    confidence, token = small.sample_step(seq[small.length :], sampling)
+                steps, kept = _one_step(confidence, token, cfg.fallback_threshold)
+            stats.small_steps += steps
+            seq.extend(kept)
+            if steps > len(kept):  # the last step fell back
                 stats.fallbacks += 1
                 pending_start = self._large_step(seq, pending_start, stats, final=False)
-                continue
-            seq.append(token)
         return seq[prefix_len:]
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -402,33 +396,24 @@ class BiLD(RowDecoder):
                 waiting.clear()
                 continue
             feeds = [seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)]
-            if draft_on_device:  # steps until fewer rows run than keep the large pass away; the decisions below
+            if draft_on_device:  # steps until fewer rows run than keep the large pass away; the host loop's decisions
                 budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
                            if b in drafting else 0 for b in order]
                 need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
                 drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need)
                 stats.small_passes += max(d[0] for d in drafted if d is not None)
-                for r, b in enumerate(order):
-                    if b in drafting:
-                        steps, kept = drafted[r]
-                        stats.small_steps += steps
-                        seqs[b].extend(kept)
-                        if steps > len(kept):
-                            stats.fallbacks += 1
-                            waiting[b] = False
-                continue
-            verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
-            stats.small_passes += 1
+            else:
+                verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
+                drafted = [v and _one_step(*v, cfg.fallback_threshold) for v in verdicts]
+                stats.small_passes += 1
             for r, b in enumerate(order):
-                if b not in drafting:
-                    continue
-                confidence, token = verdicts[r]
-                stats.small_steps += 1
-                if confidence <= cfg.fallback_threshold:
-                    stats.fallbacks += 1
-                    waiting[b] = False
-                else:
-                    seqs[b].append(token)
+                if b in drafting:
+                    steps, kept = drafted[r]
+                    stats.small_steps += steps
+                    seqs[b].extend(kept)
+                    if steps > len(kept):  # the last step fell back
+                        stats.fallbacks += 1
+                        waiting[b] = False
         return [seq[n:] for seq, n in zip(seqs, prefix_len)]
 
 
@@ -437,6 +422,11 @@ def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
     the runners of batches decoded together, decode/batch.py, only)."""
     wanted = setting if setting is not None else getattr(runner, "prefers_device_loop", False)
     return bool(wanted) and hasattr(runner, "draft") and len(eos_token_ids) <= MAX_EOS_IDS
+
+
+def _one_step(confidence: float, token: int, fallback_threshold: float) -> tuple[int, list[int]]:
+    """A host-loop step as a draft: (1 step, [token]), or (1, []) for a fallback (confidence at or under the threshold)."""
+    return 1, ([token] if confidence > fallback_threshold else [])
 
 
 def _token_after(cut: int, argmax: list[int], n_pending: int, final: bool) -> int | None:

@@ -23,6 +23,8 @@ model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.m
   (the prompt prefill, long drafts with no step cap) run the same code without a graph.
 - The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
   functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
+  So does sampling's (decode.sampling: the warpers, the draw, the rejection rule), from uniforms the host
+  writes into a static buffer from the caller's generator before each replay.
 - The draft loop's state can live on the device (`draft`): each row's budget, next position and next input
   stay there, and every small step after the first is one replay of the same graph, which decides each
   row's fallback (confidence at or under the threshold), its end (an EOS token, or its budget: the step cap
@@ -510,6 +512,7 @@ class FastRunner:
         self._nxt = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._conf = torch.zeros(rows, dtype=torch.float32, device=self.device)
+        # (one spare column: a row that keeps nothing writes its step's token just past its kept ones)
         self._draft_out = torch.zeros(rows, 1 + MAX_DRAFT_STEPS + 1, dtype=torch.long, device=self.device)
         self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
@@ -606,12 +609,10 @@ class FastRunner:
         steps = [0] * len(left)
         self._run(("draft", n))
         for j in range(k):
-            for r, was in enumerate(left):
-                if was > 0:
-                    steps[r] += 1
+            steps = [s + (was > 0) for s, was in zip(steps, left)]  # the rows that ran this step
             left = self._left.tolist()  # note: one small read per step, to stop the loop
             if j + 1 == k or sum(x > 0 for x in left) < need:
-                return steps
+                break
             self._run(("draft_next", 1))
         return steps
 
