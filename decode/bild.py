@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner, should_compact
-from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, FastRunner, make_runner, notice
+from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, MAX_GRAPH_TOKENS, FastRunner, make_runner, notice
 from decode.generation import DecodeStats, RowDecoder
 
 ROLLBACK_MODES = ("ce", "exact")
@@ -76,6 +76,12 @@ class BiLDConfig:
     steps and the tokens once per draft. None: in batches decoded together (measured faster there, BENCHMARKS.md),
     not at batch size 1 (measured slower: its host loop is already lean); True: always; False: never. No effect on
     any token or count."""
+    lookahead: bool | None = None
+    """Batches decoded together with the device draft loop: a row that needs the large model keeps drafting while
+    it waits for the other rows, its fallback token kept as a guess (and a guess forced at the step cap); the large
+    pass confirms a guess only where it equals the large model's argmax, so every row's tokens and policy counts
+    stay those of decoding it alone, while a confirmed guess saves the large pass decoding it alone would make
+    there. None: on wherever the device draft loop drafts a batch with a step cap (max_small_steps); False: off."""
     fast_path: bool | None = None
     """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
     eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
@@ -92,6 +98,10 @@ class BiLDConfig:
         if self.batch_wait is None or not 0.0 <= float(self.batch_wait) <= 1.0:
             raise ValueError(f"batch_wait must be in [0, 1], got {self.batch_wait}")
         self.batch_wait = float(self.batch_wait)
+        if self.lookahead not in (None, True, False):
+            raise ValueError(f"lookahead must be None (auto), True or False, got {self.lookahead!r}")
+        if self.lookahead and self.device_loop is False:
+            raise ValueError("lookahead drafts in the device draft loop: it needs device_loop None or True")
         if self.fast_path not in (None, True, False):
             raise ValueError(f"fast_path must be None (auto), True or False, got {self.fast_path!r}")
         self.fallback_threshold = float(self.fallback_threshold)
@@ -174,16 +184,29 @@ class BiLD(RowDecoder):
     def _plan(self, small=None, large=None) -> None:
         """The pass shapes the loop uses (on this decoder's runners, or the given ones): small steps of 1 token (2
         after a step-cap fallback), and large checks of k pending tokens + 1."""
-        cap = self.config.max_small_steps
         small = small or self._small
         small.plan([("step", 1), ("step", 2)])
         if self._drafts_on_device(small):
             small.plan([("draft", 1), ("draft", 2), ("draft_next", 1)])
-        (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range((cap if cap is not None else 15) + 1)])
+        (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range(self._most_pending(small) + 1)])
 
     def _drafts_on_device(self, small) -> bool:
         """Whether the small model drafts greedily on the device (BiLDConfig.device_loop) with this runner."""
         return device_loop_on(self.config.device_loop, small, self.eos_token_ids)
+
+    def _looks_ahead(self, small) -> bool:
+        """Whether rows waiting for the large model keep drafting (BiLDConfig.lookahead): batches, the device loop,
+        a step cap (which bounds the pending tokens of the rows that do not wait)."""
+        return (self.config.lookahead is not False and self.config.max_small_steps is not None
+                and isinstance(small, BatchRunner) and self._drafts_on_device(small))
+
+    def _most_pending(self, small) -> int:
+        """The most pending tokens a row holds before its check: the step cap (15 without one: more are checked
+        without a graph), one more when it looks ahead (a guess forced at the cap), no more than a graph takes."""
+        cap = self.config.max_small_steps
+        if cap is None:
+            return MAX_GRAPH_TOKENS - 1
+        return min(cap + 1, MAX_GRAPH_TOKENS - 1) if self._looks_ahead(small) else cap
 
     def _budget(self, seq: list[int], prefix_len: int, n_pending: int, max_new_tokens: int) -> int:
         """Tokens a row may still draft before the loop would stop it: max_new_tokens, and the step cap."""
@@ -340,6 +363,8 @@ class BiLD(RowDecoder):
         else:
             cap = self._plan_sampling(small, large)
         draft_on_device = sampling is None and self._drafts_on_device(small)
+        lookahead = sampling is None and self._looks_ahead(small)
+        most = self._most_pending(small)
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
         seqs = [self._decoder_prefix(p) for p in prompts]
@@ -348,6 +373,10 @@ class BiLD(RowDecoder):
         order = list(range(len(prompts)))  # the sequence in each runner row
         done = [False] * len(prompts)
         waiting: dict[int, bool] = {}  # sequences waiting for the large model -> whether the check is their last
+        # lookahead: per sequence its guesses (pending index, whether the step cap forced it) and where its tokens
+        # since the large model's last one start (the step cap counts them; a guess counts as the large model's)
+        guesses: dict[int, list[tuple[int, bool]]] = {}
+        since_large = list(prefix_len)
         while True:
             drafting = set()
             for b in order:
@@ -360,8 +389,8 @@ class BiLD(RowDecoder):
                         done[b] = True
                     else:
                         waiting[b] = True
-                elif cap is not None and n_pending >= cap:
-                    stats.step_cap_fallbacks += 1
+                elif cap is not None and len(seq) - (since_large[b] if lookahead else pending_start[b]) >= cap:
+                    stats.step_cap_fallbacks += not lookahead  # (looking ahead, counted at the check)
                     waiting[b] = False
                 else:
                     drafting.add(b)
@@ -375,7 +404,8 @@ class BiLD(RowDecoder):
             if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * len(live))):
                 feeds = [seqs[b][large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)]
                 if sampling is None:
-                    results = large.check(feeds, cfg.rollback, cfg.rollback_threshold)
+                    bits = [sum(1 << i for i, _ in guesses.get(b, ())) for b in order] if lookahead else None
+                    results = large.check(feeds, cfg.rollback, cfg.rollback_threshold, bits)
                 else:
                     results = large.sample_check(feeds, small.drafts(), sampling)
                 stats.large_passes += 1
@@ -383,33 +413,60 @@ class BiLD(RowDecoder):
                     if b not in waiting:
                         continue
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
+                    final, ahead = waiting[b], None
+                    if lookahead:  # its end may have come while it looked ahead; without a fallback or the step cap
+                        # after its last token (its last guess confirmed), the large model writes nothing there
+                        final = final or self._finished(seq, prefix_len[b], max_new_tokens)
+                        at_cap = not final and len(seq) - since_large[b] >= cap
+                        ahead = (guesses.pop(b, []), at_cap)
                     if sampling is None:
                         cut, argmax = results[r]
-                        token = _token_after(cut, argmax, n_pending, waiting[b])
+                        token = _token_after(cut, argmax, n_pending, final or (ahead is not None and not ahead[1]))
                     else:
                         cut, token = results[r]
-                        token = _drawn_token_after(cut, token, n_pending, waiting[b])
-                    if _settle(seq, pending_start[b], cut, token, stats):
+                        token = _drawn_token_after(cut, token, n_pending, final)
+                    if _settle(seq, pending_start[b], cut, token, stats, ahead):
+                        since_large[b] = len(seq)
                         large.rewind(r, len(seq) - 1)
                         small.rewind(r, len(seq) - 1)
+                    elif lookahead and not final:  # its last token is fed again, for the next check's first verdict
+                        large.rewind(r, len(seq) - 1)
                     pending_start[b] = len(seq)
                 waiting.clear()
                 continue
-            feeds = [seqs[b][small.lengths[r] :] if b in drafting else [] for r, b in enumerate(order)]
+            room = {}  # lookahead: the tokens each row may still draft (max_new_tokens, the most pending tokens)
+            if lookahead:
+                for b in order:
+                    if b in drafting or (b in waiting and not self._finished(seqs[b], prefix_len[b], max_new_tokens)):
+                        n_pending = len(seqs[b]) - pending_start[b]
+                        room[b] = min(max_new_tokens - (len(seqs[b]) - prefix_len[b]), most - n_pending)
+                room = {b: n for b, n in room.items() if n > 0}
+            feeds = [seqs[b][small.lengths[r] :] if b in drafting or b in room else [] for r, b in enumerate(order)]
             if draft_on_device:  # steps until fewer rows run than keep the large pass away; the host loop's decisions
-                budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
-                           if b in drafting else 0 for b in order]
+                budgets = [room.get(b, 0) if lookahead else self._budget(
+                    seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens) if b in drafting else 0
+                    for b in order]
                 need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
-                drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need)
+                ahead = None
+                if lookahead:  # the rows that wait look ahead; the step cap forces a guess
+                    ahead = (cap, [b in waiting for b in order], [cap - (len(seqs[b]) - since_large[b]) for b in order])
+                drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need,
+                                      ahead)
                 stats.small_passes += max(d[0] for d in drafted if d is not None)
             else:
                 verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
                 drafted = [v and _one_step(*v, cfg.fallback_threshold) for v in verdicts]
                 stats.small_passes += 1
             for r, b in enumerate(order):
-                if b in drafting:
-                    steps, kept = drafted[r]
+                if drafted[r] is not None:
+                    steps, kept, *marks = drafted[r]
                     stats.small_steps += steps
+                    if lookahead and marks[0]:
+                        for i in marks[0]:
+                            forced = len(seqs[b]) + i - since_large[b] >= cap
+                            guesses.setdefault(b, []).append((len(seqs[b]) + i - pending_start[b], forced))
+                            since_large[b] = len(seqs[b]) + i + 1
+                        waiting.setdefault(b, False)  # its first guess: it fell back (counted at its check)
                     seqs[b].extend(kept)
                     if steps > len(kept):  # the last step fell back
                         stats.fallbacks += 1
@@ -441,21 +498,57 @@ def _drawn_token_after(cut: int, token: int, n_pending: int, final: bool) -> int
     return None if final and cut == n_pending else token
 
 
-def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, stats: DecodeStats) -> bool:
+def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, stats: DecodeStats,
+            ahead: tuple[list[tuple[int, bool]], bool] | None = None) -> bool:
     """Applies a large-model check to `seq`: drops the pending tokens from `cut` on, appends `token` (if any) and
-    counts. Returns whether a token was appended."""
+    counts. ahead, when the row looked ahead: its guesses (pending index, whether the step cap forced it) and
+    whether the step cap ends its pending tokens. Returns whether a token was appended."""
     n_pending = len(seq) - pending_start
     stats.large_calls += 1
-    if cut < n_pending:
-        stats.rollbacks += 1
-        stats.rolled_back_tokens += n_pending - cut
-        del seq[pending_start + cut :]
-    stats.small_tokens += cut
+    if ahead is None:
+        if cut < n_pending:
+            stats.rollbacks += 1
+            stats.rolled_back_tokens += n_pending - cut
+        stats.small_tokens += cut
+    else:
+        _count_lookahead(n_pending, cut, *ahead, stats)
+    del seq[pending_start + cut :]
     if token is None:
         return False
     seq.append(token)
     stats.large_tokens += 1
     return True
+
+
+def _count_lookahead(n_pending: int, cut: int, guesses: list[tuple[int, bool]], at_cap: bool,
+                     stats: DecodeStats) -> None:
+    """A check's counts for a row that looked ahead, counting the policy's events as decoding it alone would: a
+    confirmed guess stands for a fallback (or a step-cap fallback) and the large model's token there; the cut
+    ends the run of tokens it falls in, at the next guess (a fallback decided before the check) or at the end of
+    the pending tokens (the step cap, if `at_cap`); it is a rollback unless it is that guess. A rollback in the run
+    after the last guess counts no fallback when none came yet: the row alone would have drafted on to one,
+    and rolled back those drafts too."""
+    def count(forced: bool) -> None:
+        if forced:
+            stats.step_cap_fallbacks += 1
+        else:
+            stats.fallbacks += 1
+
+    confirmed = [forced for g, forced in guesses if g < cut]
+    later = [(g, forced) for g, forced in guesses if g >= cut]
+    for forced in confirmed:
+        count(forced)
+    end = later[0][0] if later else n_pending
+    if later:
+        count(later[0][1])
+    elif at_cap:
+        stats.step_cap_fallbacks += 1
+    if cut < end:
+        stats.rollbacks += 1
+        stats.rolled_back_tokens += end - cut
+    stats.small_tokens += cut - len(confirmed)
+    stats.large_tokens += len(confirmed)
+    stats.lookahead_tokens += max(0, cut - guesses[0][0] - 1) if guesses else 0
 
 
 def tuned_config(small: str) -> BiLDConfig:

@@ -130,6 +130,9 @@ class EvalConfig(PromptConfig):
     device_loop: bool | None = None
     """The greedy loop's state on the device (BiLDConfig.device_loop), for BiLD's small model and the large/small rows
     alike: null (in batches only), true, or false (the host loop everywhere, to measure what it saves)."""
+    lookahead: bool | None = None
+    """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
+    fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -339,8 +342,7 @@ class Evaluation:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
                             max_small_steps=cfg.max_small_steps if cap is ... else cap, fast_path=cfg.fast_path,
-                            batch_wait=cfg.batch_wait,
-                            device_loop=cfg.device_loop)
+                            batch_wait=cfg.batch_wait, device_loop=cfg.device_loop, lookahead=cfg.lookahead)
             return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 
@@ -778,7 +780,8 @@ def report(results: dict) -> str:
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
         f"{cfg['max_small_steps']}" + _tuned_note(results)
         + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
-           False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")],
+           False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")]
+        + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else ""),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

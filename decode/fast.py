@@ -51,6 +51,7 @@ from decode.sampling import noise_size, sample_step, verify
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
 MAX_DRAFT_STEPS = 16  # small steps one `draft` takes at most
+NO_CAP = 1 << 40  # a draft's step cap when there is none
 MAX_EOS_IDS = 8  # EOS ids the device draft loop compares with (more: the host loop)
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
 _SRC_BUCKET = 16  # encoder inputs are padded to a multiple of this: one encoder graph per bucket
@@ -504,17 +505,23 @@ class FastRunner:
         self._drafts = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
         self._slot = torch.zeros((), dtype=torch.long, device=self.device)
         self._q_in = torch.zeros(MAX_GRAPH_TOKENS, vocab, dtype=torch.float32, device=self.device)
-        # the device draft loop (`draft`): per row its tokens still allowed (0: stopped), next position and next
-        # input; its output, per row [tokens kept, the kept tokens...]; the fallback threshold and the EOS ids
-        # (padded with -1), as the host last wrote them
+        # the device draft loop (`draft`): per row its tokens still allowed (0: stopped), whether it looks ahead
+        # (BatchRunner.draft) and its tokens until the step cap forces a guess, in one buffer the host reads whole;
+        # next position and next input; its output, per row [tokens kept, the kept tokens...] and which of them are
+        # guesses; the fallback threshold, the step cap (lookahead) and the EOS ids (padded with -1), as the host
+        # last wrote them
         rows = self.batch
-        self._left = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._loop = torch.zeros(3, rows, dtype=torch.long, device=self.device)
+        self._left, self._ahead, self._seg = self._loop
         self._nxt = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._conf = torch.zeros(rows, dtype=torch.float32, device=self.device)
         # (one spare column: a row that keeps nothing writes its step's token just past its kept ones)
         self._draft_out = torch.zeros(rows, 1 + MAX_DRAFT_STEPS + 1, dtype=torch.long, device=self.device)
+        self._guessed = torch.zeros(rows, MAX_DRAFT_STEPS + 1, dtype=torch.bool, device=self.device)
         self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._lookahead = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._cap = torch.zeros((), dtype=torch.long, device=self.device)
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
         self._draft_settings: tuple | None = None
         # what the device buffers hold, as far as the host knows (None: unknown)
@@ -596,6 +603,8 @@ class FastRunner:
         self._load(tokens)
         self._set_draft(threshold, eos)
         self._left.fill_(budget)
+        self._ahead.zero_()
+        self._seg.fill_(NO_CAP)
         steps = self._draft_loop(n, k, [budget])[0]
         out = self._draft_out[0, : 1 + k].tolist()  # note: the draft's tokens come back once
         self.length += n + steps - 1
@@ -603,27 +612,29 @@ class FastRunner:
         return steps, out[1 : 1 + out[0]]
 
     def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1) -> list[int]:
-        """The first step (over n fed tokens), then one step at a time while at least `need` rows run and fewer
-        than k steps were taken; each step the host reads the rows' budgets (0: stopped), nothing else. Returns
-        each row's steps taken."""
+        """The first step (over n fed tokens), then one step at a time while at least `need` rows run that do not
+        look ahead, and fewer than k steps were taken; each step the host reads the rows' budgets (0: stopped) and
+        whether they look ahead, nothing else. Returns each row's steps taken."""
         steps = [0] * len(left)
         self._run(("draft", n))
         for j in range(k):
             steps = [s + (was > 0) for s, was in zip(steps, left)]  # the rows that ran this step
-            left = self._left.tolist()  # note: one small read per step, to stop the loop
-            if j + 1 == k or sum(x > 0 for x in left) < need:
+            left, ahead = self._loop[:2].tolist()  # note: one small read per step, to stop the loop
+            if j + 1 == k or sum(x > 0 and not a for x, a in zip(left, ahead)) < need:
                 break
             self._run(("draft_next", 1))
         return steps
 
-    def _set_draft(self, threshold: float, eos: list[int]) -> None:
-        """Writes the draft loop's threshold and EOS ids where they changed."""
+    def _set_draft(self, threshold: float, eos: list[int], cap: int | None = None, lookahead: bool = False) -> None:
+        """Writes the draft loop's threshold, EOS ids, step cap and lookahead switch where they changed."""
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"the device draft loop compares with at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
-        settings = (float(threshold), tuple(eos))
+        settings = (float(threshold), tuple(eos), cap, bool(lookahead))
         if settings != self._draft_settings:
             self._fallback.fill_(float(threshold))
             self._eos.copy_(torch.tensor(list(eos) + [-1] * (MAX_EOS_IDS - len(eos))))
+            self._cap.fill_(NO_CAP if cap is None else int(cap))
+            self._lookahead.fill_(bool(lookahead))
             self._draft_settings = settings
 
     # -- speculative sampling (decode/sampling.py): the draw and the rejection rule inside the graphs ----------
@@ -769,7 +780,7 @@ class FastRunner:
 
     def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
-        self._draft_out.zero_()
+        self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
         self._draft_record(logits, self._left > 0)
 
@@ -784,12 +795,18 @@ class FastRunner:
 
     def _draft_record(self, logits: torch.Tensor, run: torch.Tensor) -> None:
         """Applies a step's verdicts: a running row keeps its argmax when its top probability is over the threshold,
-        and stops at a fallback, an EOS token or its budget (_left reaches 0)."""
+        and stops at a fallback, an EOS token or its budget (_left reaches 0). With lookahead on, a fallback (or the
+        step cap: _seg reached 0) keeps the token as a guess instead, which the large model's check must match; the
+        row then looks ahead, and its step cap counts again from there."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
-        keep = run & (self._conf > self._fallback)
+        guess = (self._conf <= self._fallback) | (self._seg == 0)
+        keep = run & (guess <= self._lookahead)  # (not a guess, or lookahead on)
         kept = self._draft_out[:, 0]
         self._draft_out[:, 1:].scatter_(1, kept[:, None], self._tok[:, None])  # a row's kept tokens, in order
+        self._guessed.scatter_(1, kept[:, None], guess[:, None])
         kept.add_(keep)
+        self._ahead.add_(keep & guess)
+        self._seg.sub_(1).masked_fill_(guess, self._cap)
         self._left.sub_(1).mul_(keep & (self._tok[:, None] != self._eos).all(dim=-1))
 
     def _run(self, key: tuple) -> None:

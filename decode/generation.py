@@ -38,6 +38,7 @@ class DecodeStats:
     rolled_back_tokens: int = 0  # small-model tokens discarded by rollbacks
     small_passes: int = 0  # small-model passes: one per small step row by row, one per batch step together
     large_passes: int = 0  # large-model passes after the prompt: one pass may check several rows of a batch
+    lookahead_tokens: int = 0  # tokens a check kept that a row drafted after its first guess (BiLDConfig.lookahead)
     compactions: int = 0  # a batch's unfinished rows moved into the runners of a smaller batch (decode/batch.py)
     seconds: float = 0.0  # wall time inside generate, device synchronised
 

@@ -197,3 +197,17 @@ def test_the_device_draft_loop_decides_as_the_host_loop_on_cuda(arch):
     check_device_loop(large, small)
     for runner in (BatchRunner.for_model(small, 5), FastRunner.for_model(small)):
         assert {("draft", 1), ("draft_next", 1)} <= runner._graphs.keys()
+
+
+@pytest.mark.parametrize("arch", ("bart", "llama", "qwen2"))
+def test_rows_that_wait_look_ahead_on_cuda(arch):
+    """Lookahead through CUDA graphs (fp32): every row's tokens as decoding it alone, the policy's counts as without
+    lookahead, guesses confirmed (tests/test_batch.py); the guess-forcing draft graphs were captured."""
+    from test_batch import check_lookahead
+
+    from decode.batch import BatchRunner
+
+    large, small = cuda_pair(arch, 4)
+    check_lookahead(large, small)
+    assert ("draft_next", 1) in BatchRunner.for_model(small, 6)._graphs
+    assert ("check", 12, "ce") in BatchRunner.for_model(large, 6)._graphs  # step cap 10 + a forced guess + 1
