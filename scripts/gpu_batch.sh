@@ -53,7 +53,7 @@ elif [[ -n "${AHEAD:-}" ]]; then
     lookahead=false out=$R/throughput_lookahead_false
 elif [[ -n "${WAITS:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
-  for w in ${WAITS}; do
+  for w in ${WAITS:-}; do
     "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_wait=\$w \
       out=$R/batch_wait_\$w
   done
