@@ -806,7 +806,7 @@ class FastRunner:
         self._guessed.scatter_(1, kept[:, None], guess[:, None])
         kept.add_(keep)
         self._ahead.add_(keep & guess)
-        self._seg.sub_(1).masked_fill_(guess, self._cap)
+        self._seg.copy_(torch.where(guess, self._cap, self._seg - 1))  # (masked_fill_ would read the cap on the host)
         self._left.sub_(1).mul_(keep & (self._tok[:, None] != self._eos).all(dim=-1))
 
     def _run(self, key: tuple) -> None:

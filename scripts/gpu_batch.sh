@@ -17,9 +17,9 @@
 # models and the throughput table at 4/16/64 with them; the table at 4/16/64 with device_loop=false.
 # WAITS="0.9 0.75" instead: after tuning, the greedy table (large, BiLD, lossless BiLD; throughput of BiLD at
 # 1/4/16/64) at the defaults, then the throughput table at 4/16/64 at each of these batch_wait settings.
-# AHEAD=1 instead: after tuning, bench_step --batches; the greedy table (large, BiLD, lossless BiLD; throughput of both
-# at 1/4/16/64) at the defaults (waiting rows look ahead in batches), then the throughput table at 4/16/64 with
-# lookahead=false (what lookahead saves).
+# AHEAD=1 instead: after tuning, the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64) at the defaults
+# (waiting rows look ahead in batches), then BiLD's throughput at 4/16/64 with lookahead=false (what lookahead
+# saves), then bench_step --batches on the demo small shape.
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -47,10 +47,10 @@ if [[ -n "${LOOP:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" device_loop=false \
     out=$R/throughput_loop_false
 elif [[ -n "${AHEAD:-}" ]]; then
-  python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
-  "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" out=$R/throughput
-  "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" "throughput_batch_sizes=[4, 16, 64]" \
-    lookahead=false out=$R/throughput_lookahead_false
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput
+  "\${EV[@]}" "systems=[large]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" lookahead=false \
+    out=$R/throughput_lookahead_false
+  python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
 elif [[ -n "${WAITS:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
   for w in ${WAITS:-}; do
