@@ -212,8 +212,8 @@ class BatchRunner(FastRunner):
         tail = [[budgets[b], int(b < len(ahead) and bool(ahead[b])),
                  to_cap[b] if b < len(to_cap) and to_cap[b] is not None else NO_CAP] for b in rows]
         self._inputs(feeds, n, static=True, tail=tail)
-        self._set_draft(threshold, eos, cap, lookahead is not None)
-        steps = self._draft_loop(n, k, budgets, need)
+        self._set_draft(threshold, eos, cap)
+        steps = self._draft_loop(n, k, budgets, need, lookahead is not None)
         out = self._draft_out[:, : 1 + k].tolist()  # note: the draft's tokens come back once
         guessed = self._guessed[:, :k].tolist() if lookahead is not None else None
         results = []
@@ -343,14 +343,14 @@ class BatchRunner(FastRunner):
             self._checks[:, 0] = cut
             self._checks[:, 1] = token
 
-        def draft():  # key: ("draft", n): the first step over each row's fed tokens; their loop state comes with them
+        def draft():  # key: ("draft", n[, "ahead"]): the first step over each row's fed tokens, with their loop state
             self._loop.copy_(self._in[:, -3:].T)
-            self._draft_first(self._next_logits(inp, n), inp[:, 0] + inp[:, 1])
+            self._draft_first(self._next_logits(inp, n), inp[:, 0] + inp[:, 1], key[2:] == ("ahead",))
 
         if key[0].startswith("sample"):
             self._sampling_buffers(check=key[0] == "sample_check")
         if key[0] == "draft_next":
-            return self._draft_step
+            return lambda: self._draft_step(key[2:] == ("ahead",))
         return {"step": step, "check": check, "sample": sample, "sample_check": sample_check, "draft": draft}[key[0]]
 
     def _sampling_buffers(self, check: bool = False) -> torch.Tensor:

@@ -186,8 +186,9 @@ class BiLD(RowDecoder):
         after a step-cap fallback), and large checks of k pending tokens + 1."""
         small = small or self._small
         small.plan([("step", 1), ("step", 2)])
-        if self._drafts_on_device(small):
-            small.plan([("draft", 1), ("draft", 2), ("draft_next", 1)])
+        if self._drafts_on_device(small):  # the lookahead graphs where rows look ahead
+            mode = ("ahead",) if self._looks_ahead(small) else ()
+            small.plan([("draft", 1, *mode), ("draft", 2, *mode), ("draft_next", 1, *mode)])
         (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range(self._most_pending(small) + 1)])
 
     def _drafts_on_device(self, small) -> bool:

@@ -520,7 +520,6 @@ class FastRunner:
         self._draft_out = torch.zeros(rows, 1 + MAX_DRAFT_STEPS + 1, dtype=torch.long, device=self.device)
         self._guessed = torch.zeros(rows, MAX_DRAFT_STEPS + 1, dtype=torch.bool, device=self.device)
         self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._lookahead = torch.zeros((), dtype=torch.bool, device=self.device)
         self._cap = torch.zeros((), dtype=torch.long, device=self.device)
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
         self._draft_settings: tuple | None = None
@@ -611,30 +610,31 @@ class FastRunner:
         self._forget_device_state()
         return steps, out[1 : 1 + out[0]]
 
-    def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1) -> list[int]:
+    def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1, ahead: bool = False) -> list[int]:
         """The first step (over n fed tokens), then one step at a time while at least `need` rows run that do not
         look ahead, and fewer than k steps were taken; each step the host reads the rows' budgets (0: stopped) and
-        whether they look ahead, nothing else. Returns each row's steps taken."""
+        whether they look ahead, nothing else. ahead: the lookahead graphs (BatchRunner.draft). Returns each row's
+        steps taken."""
+        mode = ("ahead",) if ahead else ()
         steps = [0] * len(left)
-        self._run(("draft", n))
+        self._run(("draft", n, *mode))
         for j in range(k):
             steps = [s + (was > 0) for s, was in zip(steps, left)]  # the rows that ran this step
             left, ahead = self._loop[:2].tolist()  # note: one small read per step, to stop the loop
             if j + 1 == k or sum(x > 0 and not a for x, a in zip(left, ahead)) < need:
                 break
-            self._run(("draft_next", 1))
+            self._run(("draft_next", 1, *mode))
         return steps
 
-    def _set_draft(self, threshold: float, eos: list[int], cap: int | None = None, lookahead: bool = False) -> None:
-        """Writes the draft loop's threshold, EOS ids, step cap and lookahead switch where they changed."""
+    def _set_draft(self, threshold: float, eos: list[int], cap: int | None = None) -> None:
+        """Writes the draft loop's threshold, EOS ids and step cap (lookahead's) where they changed."""
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"the device draft loop compares with at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
-        settings = (float(threshold), tuple(eos), cap, bool(lookahead))
+        settings = (float(threshold), tuple(eos), cap)
         if settings != self._draft_settings:
             self._fallback.fill_(float(threshold))
             self._eos.copy_(torch.tensor(list(eos) + [-1] * (MAX_EOS_IDS - len(eos))))
             self._cap.fill_(NO_CAP if cap is None else int(cap))
-            self._lookahead.fill_(bool(lookahead))
             self._draft_settings = settings
 
     # -- speculative sampling (decode/sampling.py): the draw and the rejection rule inside the graphs ----------
@@ -773,40 +773,43 @@ class FastRunner:
         if key[0] == "draft":
             return draft
         if key[0] == "draft_next":
-            return self._draft_step
+            return lambda: self._draft_step(key[2:] == ("ahead",))
         return {"step": step, "check": check, "encode": encode, "sample": sample, "sample_check": sample_check}[key[0]]
 
     # -- the device draft loop --------------------------------------------------------------------------
 
-    def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
+    def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor, ahead: bool = False) -> None:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
         self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
-        self._draft_record(logits, self._left > 0)
+        self._draft_record(logits, self._left > 0, ahead)
 
-    def _draft_step(self) -> None:
+    def _draft_step(self, ahead: bool = False) -> None:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
         row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
         run = self._left > 0
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
         logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
         self._nxt.add_(run)
-        self._draft_record(logits, run)
+        self._draft_record(logits, run, ahead)
 
-    def _draft_record(self, logits: torch.Tensor, run: torch.Tensor) -> None:
+    def _draft_record(self, logits: torch.Tensor, run: torch.Tensor, ahead: bool = False) -> None:
         """Applies a step's verdicts: a running row keeps its argmax when its top probability is over the threshold,
-        and stops at a fallback, an EOS token or its budget (_left reaches 0). With lookahead on, a fallback (or the
-        step cap: _seg reached 0) keeps the token as a guess instead, which the large model's check must match; the
-        row then looks ahead, and its step cap counts again from there."""
+        and stops at a fallback, an EOS token or its budget (_left reaches 0). Looking ahead (the "ahead" graphs), a
+        fallback (or the step cap: _seg reached 0) keeps the token as a guess instead, which the large model's
+        check must match; the row then looks ahead, and its step cap counts again from there."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
-        guess = (self._conf <= self._fallback) | (self._seg == 0)
-        keep = run & (guess <= self._lookahead)  # (not a guess, or lookahead on)
         kept = self._draft_out[:, 0]
+        if ahead:
+            keep = run  # a running row keeps every token, a fallback's as a guess
+            guess = (self._conf <= self._fallback) | (self._seg == 0)
+            self._guessed.scatter_(1, kept[:, None], guess[:, None])
+            self._ahead.add_(keep & guess)
+            self._seg.copy_(torch.where(guess, self._cap, self._seg - 1))  # (masked_fill_ would read the cap on the host)
+        else:
+            keep = run & (self._conf > self._fallback)
         self._draft_out[:, 1:].scatter_(1, kept[:, None], self._tok[:, None])  # a row's kept tokens, in order
-        self._guessed.scatter_(1, kept[:, None], guess[:, None])
         kept.add_(keep)
-        self._ahead.add_(keep & guess)
-        self._seg.copy_(torch.where(guess, self._cap, self._seg - 1))  # (masked_fill_ would read the cap on the host)
         self._left.sub_(1).mul_(keep & (self._tok[:, None] != self._eos).all(dim=-1))
 
     def _run(self, key: tuple) -> None:

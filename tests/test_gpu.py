@@ -209,5 +209,5 @@ def test_rows_that_wait_look_ahead_on_cuda(arch):
 
     large, small = cuda_pair(arch, 4)
     check_lookahead(large, small)
-    assert ("draft_next", 1) in BatchRunner.for_model(small, 6)._graphs
+    assert ("draft_next", 1, "ahead") in BatchRunner.for_model(small, 6)._graphs
     assert ("check", 12, "ce") in BatchRunner.for_model(large, 6)._graphs  # step cap 10 + a forced guess + 1
