@@ -414,15 +414,15 @@ class BiLD(RowDecoder):
                     if b not in waiting:
                         continue
                     seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
-                    final, ahead = waiting[b], None
-                    if lookahead:  # its end may have come while it looked ahead; without a fallback or the step cap
-                        # after its last token (its last guess confirmed), the large model writes nothing there
+                    final, ahead, ends_here = waiting[b], None, not waiting[b]
+                    if lookahead:  # its end may have come while it looked ahead; its pending tokens end a run of its
+                        # own only at the step cap (its fallbacks are guesses), else the large model writes nothing
                         final = final or self._finished(seq, prefix_len[b], max_new_tokens)
-                        at_cap = not final and len(seq) - since_large[b] >= cap
-                        ahead = (guesses.pop(b, []), at_cap)
+                        ends_here = not final and len(seq) - since_large[b] >= cap
+                        ahead = (guesses.pop(b, []), ends_here)
                     if sampling is None:
                         cut, argmax = results[r]
-                        token = _token_after(cut, argmax, n_pending, final or (ahead is not None and not ahead[1]))
+                        token = _token_after(cut, argmax, n_pending, not ends_here)
                     else:
                         cut, token = results[r]
                         token = _drawn_token_after(cut, token, n_pending, final)
@@ -444,9 +444,11 @@ class BiLD(RowDecoder):
                 room = {b: n for b, n in room.items() if n > 0}
             feeds = [seqs[b][small.lengths[r] :] if b in drafting or b in room else [] for r, b in enumerate(order)]
             if draft_on_device:  # steps until fewer rows run than keep the large pass away; the host loop's decisions
-                budgets = [room.get(b, 0) if lookahead else self._budget(
-                    seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens) if b in drafting else 0
-                    for b in order]
+                if lookahead:
+                    budgets = [room.get(b, 0) for b in order]
+                else:
+                    budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
+                               if b in drafting else 0 for b in order]
                 need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
                 ahead = None
                 if lookahead:  # the rows that wait look ahead; the step cap forces a guess
@@ -487,10 +489,10 @@ def _one_step(confidence: float, token: int, fallback_threshold: float) -> tuple
     return 1, ([token] if confidence > fallback_threshold else [])
 
 
-def _token_after(cut: int, argmax: list[int], n_pending: int, final: bool) -> int | None:
-    """The large model's token after a greedy check: its argmax at the cut, or after the pending tokens (none at
-    the end of the sequence when nothing was cut)."""
-    return argmax[cut] if cut < n_pending else (None if final else argmax[n_pending])
+def _token_after(cut: int, argmax: list[int], n_pending: int, none_after: bool) -> int | None:
+    """The large model's token after a greedy check: its argmax at the cut, or after the pending tokens (none there
+    with none_after: the end of the sequence, or a lookahead run that has not ended)."""
+    return argmax[cut] if cut < n_pending else (None if none_after else argmax[n_pending])
 
 
 def _drawn_token_after(cut: int, token: int, n_pending: int, final: bool) -> int | None:

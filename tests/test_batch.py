@@ -323,7 +323,7 @@ def check_device_loop(large, small):
     for name, policy in POLICIES.items():
         for wait in (0.0, 0.5, 1.0):
             runs = []
-            for loop, lookahead in ((True, False), (False, False), (True, None)):
+            for loop, lookahead in ((True, False), (False, False), (True, None))[: 3 if wait == 1.0 else 2]:
                 config = BiLDConfig(fast_path=True, device_loop=loop, batch_wait=wait, lookahead=lookahead, **policy)
                 bild = BiLD(large, small, config)
                 together = bild.generate(ids, mask, max_new_tokens=24)
@@ -333,9 +333,10 @@ def check_device_loop(large, small):
                     for o in (together, alone)])
             assert runs[0] == runs[1], (name, wait)
             assert runs[0][0][1]["small_steps"] > runs[0][0][1]["small_passes"] > 0  # rows drafted together
-            ahead, host = runs[2], runs[1]  # lookahead: the same tokens and policy counts, in batches
-            assert ahead[0][0] == host[0][0] and ahead[1] == host[1], (name, wait)
-            assert per_row_counts_of(ahead[0][1]) == per_row_counts_of(host[0][1]), (name, wait)
+            if len(runs) == 3:  # lookahead: the same tokens and policy counts, in batches
+                ahead, host = runs[2], runs[1]
+                assert ahead[0][0] == host[0][0] and ahead[1] == host[1], (name, wait)
+                assert per_row_counts_of(ahead[0][1]) == per_row_counts_of(host[0][1]), (name, wait)
     assert {("draft", 1), ("draft_next", 1)} <= BatchRunner.for_model(small, len(ids))._wanted
     greedy = [Greedy(large, fast_path=True, device_loop=loop) for loop in (True, False)]
     for rows, rows_mask in ((ids, mask), (ids[1:2], mask[1:2])):
@@ -360,3 +361,25 @@ def test_the_device_loop_by_default_runs_in_batches_only():
         assert {k[:2] for k in BatchRunner.for_model(model, 3)._wanted} >= {("draft_next", 1)}
         assert not any(k[0] == "draft_next" for k in FastRunner.for_model(model)._wanted)
     assert ("draft_next", 1, "ahead") in BatchRunner.for_model(small, 3)._wanted
+
+
+def test_lookahead_counts_a_check_as_decoding_alone_would():
+    """_count_lookahead on hand-made checks of 6 pending tokens, guesses at 1 (a fallback) and 4 (forced by a step cap
+    of 2): what decoding the row alone counts for the same tokens."""
+    from decode.bild import _count_lookahead
+
+    def counts(cut, guesses=((1, False), (4, True)), at_cap=False):
+        stats = DecodeStats()
+        _count_lookahead(6, cut, list(guesses), at_cap, stats)
+        return (stats.fallbacks, stats.step_cap_fallbacks, stats.rollbacks, stats.rolled_back_tokens,
+                stats.small_tokens, stats.large_tokens, stats.lookahead_tokens)
+
+    # all kept: both guesses confirmed (the large model's tokens), no fallback after the last run yet
+    assert counts(6) == (1, 1, 0, 0, 4, 2, 4)
+    assert counts(6, at_cap=True) == (1, 2, 0, 0, 4, 2, 4)  # the run after the last guess reached the step cap
+    assert counts(4) == (1, 1, 0, 0, 3, 1, 2)  # the forced guess is not the argmax: the large model writes its own
+    assert counts(3) == (1, 1, 1, 1, 2, 1, 1)  # a rollback in the run that the forced guess ended
+    assert counts(1) == (1, 0, 0, 0, 1, 0, 0)  # the first guess rejected: a fallback, as alone
+    assert counts(0) == (1, 0, 1, 1, 0, 0, 0)  # a rollback before the first fallback
+    assert counts(5) == (1, 1, 1, 1, 3, 2, 3)  # a rollback after the last guess: no fallback came yet
+    assert counts(2, guesses=()) == (0, 0, 1, 4, 2, 0, 0)  # no guess: a row that reached its end (or the step cap)
