@@ -601,9 +601,7 @@ class FastRunner:
             tokens, n = tokens[-1:], 1
         self._load(tokens)
         self._set_draft(threshold, eos)
-        self._left.fill_(budget)
-        self._ahead.zero_()
-        self._seg.fill_(NO_CAP)
+        self._left.fill_(budget)  # (_ahead stays 0 and _seg unread: one row never looks ahead)
         steps = self._draft_loop(n, k, [budget])[0]
         out = self._draft_out[0, : 1 + k].tolist()  # note: the draft's tokens come back once
         self.length += n + steps - 1
