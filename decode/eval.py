@@ -133,6 +133,9 @@ class EvalConfig(PromptConfig):
     lookahead: bool | None = None
     """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
     fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
+    fuse_bookkeeping: bool = True
+    """The device draft loop's per-step bookkeeping compiled into one kernel on CUDA (decode.fast.FUSE_BOOKKEEPING);
+    false: its dozen small kernels unfused, to measure what fusing saves."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
     dtype: str = "auto"
@@ -242,8 +245,10 @@ class Evaluation:
 
         self.cfg = cfg
         import decode.batch
+        import decode.fast
 
         decode.batch.COMPACT = cfg.batch_compact
+        decode.fast.FUSE_BOOKKEEPING = cfg.fuse_bookkeeping
         self.higher_is_better = TASKS[cfg.task][1]
         self.metric = TASKS[cfg.task][0]
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -781,7 +786,8 @@ def report(results: dict) -> str:
         f"{cfg['max_small_steps']}" + _tuned_note(results)
         + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
            False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")]
-        + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else ""),
+        + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else "")
+        + ("; draft-step bookkeeping unfused (fuse_bookkeeping=false)" if cfg.get("fuse_bookkeeping") is False else ""),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

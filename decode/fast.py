@@ -464,6 +464,71 @@ def _family(model) -> type[_Decoder]:
 _RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.WeakKeyDictionary()
 
 
+# -- a draft step's bookkeeping (the device draft loop), one fused kernel on CUDA ------------------------------
+
+FUSE_BOOKKEEPING = True  # False: the bookkeeping's dozen small kernels as they are (decode.eval fuse_bookkeeping=false)
+
+
+def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance: bool) -> None:
+    """Applies a draft step's verdicts [B] (top probability, argmax) to the loop's state: a running row (budget
+    loop[0] over 0) keeps its argmax when its top probability is over the threshold, and stops at a fallback, an
+    EOS token or its budget (loop[0] reaches 0). out[:, 0]: tokens kept; out[:, 1:]: the kept tokens, in order (a
+    row that keeps nothing writes its token just past them). advance: a running row's next position moves on."""
+    left, kept = loop[0], out[:, 0]
+    run = left > 0
+    if advance:
+        nxt.add_(run)
+    keep = run & (conf > fallback)
+    out[:, 1:].scatter_(1, kept[:, None], tok[:, None])
+    kept.add_(keep)
+    left.sub_(1).mul_(keep & (tok[:, None] != eos).all(dim=-1))
+
+
+def lookahead_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, cap, guessed, advance: bool) -> None:
+    """draft_bookkeeping's, looking ahead (BatchRunner.draft): a running row keeps every token; a fallback's (or the
+    step cap's: loop[2] reaches 0) is a guess (`guessed`), which the large model's check must match; the row then
+    looks ahead (loop[1] counts its guesses), and its step cap counts again from there."""
+    left, ahead, seg, kept = loop[0], loop[1], loop[2], out[:, 0]
+    run = left > 0
+    if advance:
+        nxt.add_(run)
+    guess = (conf <= fallback) | (seg == 0)
+    guessed.scatter_(1, kept[:, None], guess[:, None])
+    ahead.add_(run & guess)
+    seg.copy_(torch.where(guess, cap, seg - 1))  # (masked_fill_ with a tensor value reads it on the host)
+    out[:, 1:].scatter_(1, kept[:, None], tok[:, None])
+    kept.add_(run)
+    left.sub_(1).mul_(run & (tok[:, None] != eos).all(dim=-1))
+
+
+class _CompiledOrEager:
+    """fn through torch.compile; its eager self where compiling fails (say, no Triton), with a notice."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compile failure: the eager function decides the same
+                notice(f"the draft step's bookkeeping runs unfused: torch.compile failed ({type(err).__name__}: {err})")
+                self.compiled = None
+        return self.fn(*args)
+
+
+_FUSED: dict = {}
+
+
+def _bookkeeping(fn, device: torch.device):
+    """fn, compiled into one kernel on CUDA (where the graphs replay it) when FUSE_BOOKKEEPING is on."""
+    if device.type != "cuda" or not FUSE_BOOKKEEPING:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = _CompiledOrEager(fn)
+    return _FUSED[fn]
+
+
 class FastRunner:
     """One model on the fast path: `start`, `step`, `check`, `rewind`, as decode.cache.ModelRunner.
 
@@ -780,35 +845,24 @@ class FastRunner:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
         self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
-        self._draft_record(logits, self._left > 0, ahead)
+        self._draft_record(logits, ahead, advance=False)
 
     def _draft_step(self, ahead: bool = False) -> None:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
         row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
-        run = self._left > 0
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
         logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
-        self._nxt.add_(run)
-        self._draft_record(logits, run, ahead)
+        self._draft_record(logits, ahead, advance=True)
 
-    def _draft_record(self, logits: torch.Tensor, run: torch.Tensor, ahead: bool = False) -> None:
-        """Applies a step's verdicts: a running row keeps its argmax when its top probability is over the threshold,
-        and stops at a fallback, an EOS token or its budget (_left reaches 0). Looking ahead (the "ahead" graphs), a
-        fallback (or the step cap: _seg reached 0) keeps the token as a guess instead, which the large model's
-        check must match; the row then looks ahead, and its step cap counts again from there."""
-        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))  # decode.cache.step_verdict
-        kept = self._draft_out[:, 0]
+    def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: bool) -> None:
+        """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
+        (draft_bookkeeping / lookahead_bookkeeping), fused into one kernel on CUDA."""
+        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))
+        state = (self._conf, self._tok, self._fallback, self._eos, self._loop, self._nxt, self._draft_out)
         if ahead:
-            keep = run  # a running row keeps every token, a fallback's as a guess
-            guess = (self._conf <= self._fallback) | (self._seg == 0)
-            self._guessed.scatter_(1, kept[:, None], guess[:, None])
-            self._ahead.add_(keep & guess)
-            self._seg.copy_(torch.where(guess, self._cap, self._seg - 1))  # (masked_fill_ would read the cap on the host)
+            _bookkeeping(lookahead_bookkeeping, self.device)(*state, self._cap, self._guessed, advance)
         else:
-            keep = run & (self._conf > self._fallback)
-        self._draft_out[:, 1:].scatter_(1, kept[:, None], self._tok[:, None])  # a row's kept tokens, in order
-        kept.add_(keep)
-        self._left.sub_(1).mul_(keep & (self._tok[:, None] != self._eos).all(dim=-1))
+            _bookkeeping(draft_bookkeeping, self.device)(*state, advance)
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)

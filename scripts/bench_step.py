@@ -19,7 +19,8 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
   prompt prefill), eager and fast;
 - with --batches B...: a second table, per batch size, of the batched passes (decode/batch.py) with every row
   feeding: a step (host inputs written and verdicts read back, as the batched loop does), the same step graph
-  replayed without the host, the device draft loop's cost per step (16 per draft), and a check of 4 pending tokens + 1 per row; ms per pass and per row;
+  replayed without the host, the device draft loop's cost per step (16 per draft), plain and looking
+  ahead, with its bookkeeping fused into one kernel (the default) and unfused, and a check of 4 pending tokens + 1 per row; ms per pass and per row;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 Prints one table last (markdown).
@@ -224,6 +225,7 @@ def measure(name, args, device, dtype, bandwidth):
 @torch.inference_mode()
 def measure_batches(name, args, device, dtype) -> list[dict]:
     """Batched passes by batch size: what a row costs in a pass of B rows, and the host's share of a step."""
+    import decode.fast
     from decode.batch import BatchRunner
 
     model = build(name, device, dtype)
@@ -250,22 +252,35 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
                 for b in range(batch):
                     runner.rewind(b, runner.lengths[b] - 5)
 
-        def drafted():  # 16 steps per draft, every row running throughout
-            runner.start(prompts, steps + 8)
-            for _ in range(steps // 16):
-                runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1])
+        def drafted(runner, lookahead=None):  # 16 steps per draft, every row running throughout
+            def run():
+                runner.start(prompts, steps + 8)
+                for _ in range(steps // 16):
+                    runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1], lookahead=lookahead)
+            return run
 
+        # the draft loop's steps, plain and looking ahead (its own graphs; nothing is guessed here, which costs the
+        # same kernels), with the bookkeeping fused and, in a second runner, unfused
+        draft_keys = [("draft", 1), ("draft_next", 1), ("draft", 1, "ahead"), ("draft_next", 1, "ahead")]
+        ahead = (None, [False] * batch, [None] * batch)
+        runner.plan(draft_keys)
+        unfused = BatchRunner(model, batch)
+        unfused.plan(draft_keys)
         row = {"shape": name, "batch": batch}
-        timings = [("step", stepped), ("graph", replays), ("check", checked)]
-        runner.plan([("draft", 1), ("draft_next", 1)])
-        timings.append(("draft", drafted))
+        timings = [("step", stepped), ("graph", replays), ("check", checked), ("draft", drafted(runner)),
+                   ("draft_ahead", drafted(runner, ahead))]
         for key, fn in timings:
             med, lo, hi = timed(fn, args.repeats, device)
             row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
+        decode.fast.FUSE_BOOKKEEPING = False  # read when a graph is captured, at the runner's first start
+        for key, fn in (("draft_unfused", drafted(unfused)), ("draft_ahead_unfused", drafted(unfused, ahead))):
+            med, lo, hi = timed(fn, args.repeats, device)
+            row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
+        decode.fast.FUSE_BOOKKEEPING = True
         out.append(row)
         print(f"{name} batch {batch}: step {row['step'][0]:.3f} graph only {row['graph'][0]:.3f} "
               f"check k=4 {row['check'][0]:.3f} ms per pass", flush=True)
-        del runner
+        del runner, unfused
     del model
     torch.cuda.empty_cache()
     return out
@@ -314,14 +329,16 @@ def main():
         batched = [r for name in args.shapes for r in measure_batches(name, args, device, dtype)]
         print(f"\nbatched passes (decode/batch.py), every row feeding; ms per pass, median of {args.repeats} runs of "
               f"{args.steps} passes (min-max); per row: ms per pass / batch")
-        print("| shape | batch | step (host in/out) | step graph only | host share | device draft, per step | check k=4 | "
+        print("| shape | batch | step (host in/out) | step graph only | host share | device draft, per step | "
+              "device draft, unfused bookkeeping | lookahead draft | lookahead draft, unfused | check k=4 | "
               "step per row | check per row |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in batched:
             step, graph, check = r["step"], r["graph"], r["check"]
-            draft = f"{r['draft'][0]:.3f} ({r['draft'][1]:.3f}-{r['draft'][2]:.3f})"
+            drafts = " | ".join(f"{r[k][0]:.3f} ({r[k][1]:.3f}-{r[k][2]:.3f})"
+                                for k in ("draft", "draft_unfused", "draft_ahead", "draft_ahead_unfused"))
             print(f"| {r['shape']} | {r['batch']} | {step[0]:.3f} ({step[1]:.3f}-{step[2]:.3f}) | {graph[0]:.3f} | "
-                  f"{1 - graph[0] / step[0]:.0%} | {draft} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
+                  f"{1 - graph[0] / step[0]:.0%} | {drafts} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
                   f"{step[0] / r['batch']:.4f} | {check[0] / r['batch']:.4f} |")
 
 

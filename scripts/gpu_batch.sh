@@ -20,6 +20,10 @@
 # AHEAD=1 instead: after tuning, the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64) at the defaults
 # (waiting rows look ahead in batches), then BiLD's throughput at 4/16/64 with lookahead=false (what lookahead
 # saves), then bench_step --batches on the demo small shape.
+# FUSE=1 instead: after tuning, bench_step --batches on the demo small shape (the draft step's bookkeeping fused and
+# unfused), the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64, bookkeeping fused: the default), BiLD's
+# throughput at 4/16/64 with fuse_bookkeeping=false, then speculative sampling at temperature 1, batch 1, 2 passes, at
+# each of SAMPLE_SETTINGS (comma-joined overrides; default fallback 0.7, 0.9, and no fallback with a step cap of 3).
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -48,9 +52,18 @@ if [[ -n "${LOOP:-}" ]]; then
     out=$R/throughput_loop_false
 elif [[ -n "${AHEAD:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput
-  "\${EV[@]}" "systems=[large]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" lookahead=false \
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" lookahead=false \
     out=$R/throughput_lookahead_false
   python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
+elif [[ -n "${FUSE:-}" ]]; then
+  python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" fuse_bookkeeping=false \
+    out=$R/throughput_unfused
+  for s in ${SAMPLE_SETTINGS:-fallback_threshold=0.7 fallback_threshold=0.9 fallback_threshold=0,max_small_steps=3}; do
+    "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 \${s//,/ } "systems=[large,bild_exact]" \
+      "throughput_batch_sizes=[]" repeats=2 out=$R/sampling_\${s//[=,]/_}
+  done
 elif [[ -n "${WAITS:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
   for w in ${WAITS:-}; do
@@ -78,11 +91,11 @@ JOB
   detached_start $W $JOB $LOG
 fi
 detached_wait $W $JOB $LOG; rc=$?
-[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/batch_wait_* $R/*/final/metrics.json \
+[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/batch_wait_* $R/sampling_* $R/*/final/metrics.json \
   $R/*/final/bild_thresholds.json $R/*_b16/bild_thresholds.json $R/*.log 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
 [[ -f runs/bench_step.log ]] && grep -E "^\| |^device|^batched" runs/bench_step.log
-(( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/batch_wait_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
+(( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/batch_wait_* $R/sampling_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^## |^- device" $d/report.md | cut -c1-230; }; done; }
 exit 0

@@ -211,3 +211,29 @@ def test_rows_that_wait_look_ahead_on_cuda(arch):
     check_lookahead(large, small)
     assert ("draft_next", 1, "ahead") in BatchRunner.for_model(small, 6)._graphs
     assert ("check", 12, "ce") in BatchRunner.for_model(large, 6)._graphs  # step cap 10 + a forced guess + 1
+
+
+@pytest.mark.parametrize("rows", (1, 4, 16))
+def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows):
+    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, on in the graphs) writes every
+    buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones; and it did
+    compile (no silent fallback to the eager ops)."""
+    import decode.fast as fast
+
+    g = torch.Generator().manual_seed(rows)
+    for trial in range(6):
+        conf = torch.rand(rows, generator=g)
+        conf[: rows // 2] = 0.4  # exactly at the threshold: a fallback
+        state = [conf, torch.randint(0, 9, (rows,), generator=g), torch.tensor(0.4), torch.tensor([3, 7, -1, -1]),
+                 torch.randint(0, 3, (3, rows), generator=g), torch.randint(0, 30, (rows,), generator=g),
+                 torch.randint(0, 9, (rows, 18), generator=g), torch.tensor(4), torch.rand(rows, 17, generator=g) < 0.5]
+        state[6][:, 0] = torch.randint(0, 16, (rows,), generator=g)
+        advance = trial % 2 == 0
+        for fn, args in ((fast.draft_bookkeeping, slice(0, 7)), (fast.lookahead_bookkeeping, slice(0, 9))):
+            eager = [t.cuda() for t in state[args]]
+            fused = [t.clone() for t in eager]
+            with torch.inference_mode():
+                fn(*eager, advance)
+                fast._bookkeeping(fn, eager[0].device)(*fused, advance)
+            assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (fn.__name__, trial)
+            assert fast._FUSED[fn].compiled is not None
