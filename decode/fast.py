@@ -510,7 +510,10 @@ class _CompiledOrEager:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                # one compiled variant per batch shape (first, then dynamic), `advance` and kind of buffers (inference
+                # tensors or not, as the runner was made): more than dynamo's default of 8 in a long process
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    return self.compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compile failure: the eager function decides the same
                 notice(f"the draft step's bookkeeping runs unfused: torch.compile failed ({type(err).__name__}: {err})")
                 self.compiled = None

@@ -24,6 +24,9 @@
 # unfused), the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64, bookkeeping fused: the default), BiLD's
 # throughput at 4/16/64 with fuse_bookkeeping=false, then speculative sampling at temperature 1, batch 1, 2 passes, at
 # each of SAMPLE_SETTINGS (comma-joined overrides; default fallback 0.7, 0.9, and no fallback with a step cap of 3).
+# B16=1 instead: after tuning, both small models copied and tuned again at batch 16 (step cap 4 or 10 in the grid,
+# 3 interleaved passes per point) with a BLEU budget of BUDGET16 (default 0: no lower than the large model on valid);
+# then the greedy table (large, BiLD, lossless BiLD; throughput of both BiLD rows at 1/4/16) at those points.
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k). Results are packed into $OUT at every call.
 set -uo pipefail
 source scripts/detached.sh
@@ -64,6 +67,16 @@ elif [[ -n "${FUSE:-}" ]]; then
     "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 \${s//,/ } "systems=[large,bild_exact]" \
       "throughput_batch_sizes=[]" repeats=2 out=$R/sampling_\${s//[=,]/_}
   done
+elif [[ -n "${B16:-}" ]]; then
+  for m in small small_aligned; do  # the same models, thresholds tuned at batch 16, no BLEU below the large model on valid
+    rm -rf $R/\${m}_b16 && cp -r $R/\$m/final $R/\${m}_b16 && rm -f $R/\${m}_b16/bild_thresholds.json
+  done
+  TUNE16=(python3 -m decode.tune --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small_b16
+          dataset=\${DATA_DIR:-.gpu/data}/multi30k batch_size=16 "sweep_max_small_steps=[4, 10]" repeats=3
+          --budget ${BUDGET16:-0})
+  "\${TUNE16[@]}"; "\${TUNE16[@]}" --aligned $R/small_aligned_b16
+  "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" "throughput_batch_sizes=[1, 4, 16]" \
+    small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_b16_tuned
 elif [[ -n "${WAITS:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
   for w in ${WAITS:-}; do
