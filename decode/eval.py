@@ -48,7 +48,7 @@ import torch
 
 from data.config import ConfigError, load_config, to_dict
 from data.sources import PromptConfig, load_examples
-from decode.metrics import TASKS, continuation_perplexity, score
+from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
 
 LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
 SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted", "bild_fallback_only", "bild_rollback_only",
@@ -419,9 +419,20 @@ class Evaluation:
     def quality(self, outputs: list[list[int]], indices: list[int]) -> dict:
         if self.cfg.task == "lm":
             return continuation_perplexity(self.models["large"], [self.inputs[i] for i in indices], outputs)
+        return score(self.cfg.task, self._texts(outputs), [self.references[i] for i in indices])
+
+    def _texts(self, outputs: list[list[int]]) -> list[str]:
         eos = set(self.tokenizer.all_special_ids)
-        hyps = [self.tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True).strip() for o in outputs]
-        return score(self.cfg.task, hyps, [self.references[i] for i in indices])
+        return [self.tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True).strip() for o in outputs]
+
+    def bleu_against_large(self, row: dict, indices: list[int]) -> dict:
+        """Translation rows: BLEU minus the large model's on the same examples, with its 95% paired bootstrap interval
+        (`bleu_vs_large`: [difference, low, high]); how far the test set can tell the two apart."""
+        if self.cfg.task == "translation" and row["system"] != "large":
+            row["bleu_vs_large"] = list(bleu_difference(
+                self._texts(self.outputs[row["system"]]), self._texts([self.outputs["large"][i] for i in indices]),
+                [self.references[i] for i in indices]))
+        return row
 
     def finish_row(self, row: dict, indices: list[int]) -> dict:
         """Quality, and agreement and speed against the large model on the same examples.
@@ -525,7 +536,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     _repeat(ev, rows, plan, all_idx, progress)
     for row in rows:
         if "error" not in row and "unsupported" not in row:
-            ev.finish_row(row, all_idx)
+            ev.bleu_against_large(ev.finish_row(row, all_idx), all_idx)
     _repeat_spread(rows)
     assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
     for row in rows:
@@ -697,6 +708,11 @@ def _f(v, digits=2):
     return str(v)
 
 
+def _interval(v) -> str:
+    """"-0.38 [-1.32, +0.54]" from [difference, low, high]."""
+    return "-" if v is None else f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
+
+
 def _spread(values) -> str:
     """" (min-max over N passes)" of per-pass speedups, or nothing with one pass."""
     if not values or len(values) < 2:
@@ -707,7 +723,9 @@ def _spread(values) -> str:
 def table(results: dict) -> str:
     m = results["metric"]
     extra = "chrf" if results["config"]["task"] == "translation" else ("rouge2" if results["config"]["task"] == "summarization" else None)
-    head = ["system", m] + ([extra] if extra else []) + ["identical to large", "median ms/example", "tokens/s",
+    interval = any("bleu_vs_large" in r for r in results["rows"])
+    head = ["system", m] + ([extra] if extra else []) + (["BLEU vs large [95% paired bootstrap]"] if interval else []) + [
+                                                          "identical to large", "median ms/example", "tokens/s",
                                                           "speedup vs large", "speedup vs assisted", "fallback rate",
                                                           "rollback rate", "tokens/large call", "path"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -718,7 +736,8 @@ def table(results: dict) -> str:
         if "unsupported" in r:
             lines.append(f"| {r['system']} | not supported: {r['unsupported']} |" + " |" * (len(head) - 2))
             continue
-        cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + [
+        cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + (
+            [_interval(r.get("bleu_vs_large"))] if interval else []) + [
             _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
             _f(r.get("speedup_vs_large")) + "x" + _spread(r.get("speedup_passes")), (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
             _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call")),

@@ -39,8 +39,14 @@ def test_cli_end_to_end_writes_every_output(eval_config, tmp_path, capsys):
     assert len(results["sweep"]) == 2 * 2 * 2
     assert set(results["operating_points"]) >= {"small", "aligned", "large_score_on_sweep_examples"}
     assert results["device"] and results["versions"]["torch"] and results["examples"] == 6
+    # every row but the large model's: its BLEU difference to the large model and a 95% interval around it
+    assert "bleu_vs_large" not in rows["large"]
+    for r in results["rows"]:
+        if r["system"] != "large":
+            diff, low, high = r["bleu_vs_large"]
+            assert low <= high and abs(diff - (r["bleu"] - rows["large"]["bleu"])) < 1e-9
     report = (out / "report.md").read_text()
-    assert "BiLD (aligned)" in report and "operating point" in report
+    assert "BiLD (aligned)" in report and "operating point" in report and "95% paired bootstrap" in report
     assert (out / "frontier.png").stat().st_size > 1000
     assert "speedup vs large" in capsys.readouterr().out
 
@@ -55,6 +61,24 @@ def test_bleu_and_rouge_wrappers_agree_with_the_libraries():
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     expected = 100 * sum(scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hyps, refs)) / 3
     assert r["rougeL"] == pytest.approx(expected)
+
+
+def test_bleu_difference_is_sacrebleus_and_its_interval_widens_with_fewer_sentences():
+    """bleu_difference: the corpus BLEU difference exactly as sacrebleu scores both systems; 0 with a zero-width
+    interval for identical outputs; a better system's interval above 0 on many sentences, wider on fewer."""
+    import sacrebleu
+
+    from decode.metrics import bleu_difference
+
+    refs = [f"a man number {i} rides a brown horse on the beach today" for i in range(200)]
+    good = [f"a man number {i} rides a brown horse on the beach" for i in range(200)]
+    poor = [f"man {i} rides horse at beach" if i % 2 else f"a man number {i} rides a horse" for i in range(200)]
+    diff, low, high = bleu_difference(good, poor, refs, samples=200)
+    expected = sacrebleu.corpus_bleu(good, [refs]).score - sacrebleu.corpus_bleu(poor, [refs]).score
+    assert diff == pytest.approx(expected) and 0 < low <= diff <= high
+    assert bleu_difference(poor, poor, refs, samples=50) == (0.0, 0.0, 0.0)
+    _, low_few, high_few = bleu_difference(good[:20], poor[:20], refs[:20], samples=200)
+    assert high_few - low_few > high - low
 
 
 def test_frontier_and_operating_points_on_hand_made_rows():
