@@ -469,29 +469,28 @@ _RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.Wea
 FUSE_BOOKKEEPING = True  # False: the bookkeeping's dozen small kernels as they are (decode.eval fuse_bookkeeping=false)
 
 
-def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance: bool) -> None:
+def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance) -> None:
     """Applies a draft step's verdicts [B] (top probability, argmax) to the loop's state: a running row (budget
     loop[0] over 0) keeps its argmax when its top probability is over the threshold, and stops at a fallback, an
     EOS token or its budget (loop[0] reaches 0). out[:, 0]: tokens kept; out[:, 1:]: the kept tokens, in order (a
-    row that keeps nothing writes its token just past them). advance: a running row's next position moves on."""
+    row that keeps nothing writes its token just past them). advance (a bool tensor, so that the first step and the
+    later ones share one compiled kernel): a running row's next position moves on."""
     left, kept = loop[0], out[:, 0]
     run = left > 0
-    if advance:
-        nxt.add_(run)
+    nxt.add_(run & advance)
     keep = run & (conf > fallback)
     out[:, 1:].scatter_(1, kept[:, None], tok[:, None])
     kept.add_(keep)
     left.sub_(1).mul_(keep & (tok[:, None] != eos).all(dim=-1))
 
 
-def lookahead_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, cap, guessed, advance: bool) -> None:
+def lookahead_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, cap, guessed, advance) -> None:
     """draft_bookkeeping's, looking ahead (BatchRunner.draft): a running row keeps every token; a fallback's (or the
     step cap's: loop[2] reaches 0) is a guess (`guessed`), which the large model's check must match; the row then
     looks ahead (loop[1] counts its guesses), and its step cap counts again from there."""
     left, ahead, seg, kept = loop[0], loop[1], loop[2], out[:, 0]
     run = left > 0
-    if advance:
-        nxt.add_(run)
+    nxt.add_(run & advance)
     guess = (conf <= fallback) | (seg == 0)
     guessed.scatter_(1, kept[:, None], guess[:, None])
     ahead.add_(run & guess)
@@ -505,13 +504,13 @@ class _CompiledOrEager:
     """fn through torch.compile; its eager self where compiling fails (say, no Triton), with a notice."""
 
     def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn, fullgraph=True)
+        self.fn, self.compiled = fn, torch.compile(fn, fullgraph=True, dynamic=True)
 
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                # one compiled variant per batch shape (first, then dynamic), `advance` and kind of buffers (inference
-                # tensors or not, as the runner was made): more than dynamo's default of 8 in a long process
+                # one compiled variant per batch shape (one row, or any other) and kind of buffers (inference tensors
+                # or not, as the runner was made): a long process with many runners may pass dynamo's default of 8
                 with torch._dynamo.config.patch(recompile_limit=64):
                     return self.compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compile failure: the eager function decides the same
@@ -590,6 +589,8 @@ class FastRunner:
         self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
         self._cap = torch.zeros((), dtype=torch.long, device=self.device)
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
+        self._no = torch.zeros((), dtype=torch.bool, device=self.device)  # the bookkeeping's `advance`
+        self._yes = torch.ones((), dtype=torch.bool, device=self.device)
         self._draft_settings: tuple | None = None
         # what the device buffers hold, as far as the host knows (None: unknown)
         self._pos_on_device: int | None = None
@@ -848,16 +849,16 @@ class FastRunner:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
         self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
-        self._draft_record(logits, ahead, advance=False)
+        self._draft_record(logits, ahead, self._no)
 
     def _draft_step(self, ahead: bool = False) -> None:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
         row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
         logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
-        self._draft_record(logits, ahead, advance=True)
+        self._draft_record(logits, ahead, self._yes)
 
-    def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: bool) -> None:
+    def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: torch.Tensor) -> None:
         """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
         (draft_bookkeeping / lookahead_bookkeeping), fused into one kernel on CUDA."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))

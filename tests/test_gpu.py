@@ -228,7 +228,7 @@ def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows):
                  torch.randint(0, 3, (3, rows), generator=g), torch.randint(0, 30, (rows,), generator=g),
                  torch.randint(0, 9, (rows, 18), generator=g), torch.tensor(4), torch.rand(rows, 17, generator=g) < 0.5]
         state[6][:, 0] = torch.randint(0, 16, (rows,), generator=g)
-        advance = trial % 2 == 0
+        advance = torch.tensor(trial % 2 == 0).cuda()
         for fn, args in ((fast.draft_bookkeeping, slice(0, 7)), (fast.lookahead_bookkeeping, slice(0, 9))):
             eager = [t.cuda() for t in state[args]]
             fused = [t.clone() for t in eager]
