@@ -466,7 +466,10 @@ _RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.Wea
 
 # -- a draft step's bookkeeping (the device draft loop), one fused kernel on CUDA ------------------------------
 
-FUSE_BOOKKEEPING = True  # False: the bookkeeping's dozen small kernels as they are (decode.eval fuse_bookkeeping=false)
+# True: the bookkeeping compiled into one kernel on CUDA (decode.eval fuse_bookkeeping=true). Off by default: compiling
+# costs about 12 s once per process (scripts/bench_first_draft.py, H100), and it saved 6-15% of a draft step at batch
+# 4-16 but nothing measurable end to end (BENCHMARKS.md)
+FUSE_BOOKKEEPING = False
 
 
 def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance) -> None:

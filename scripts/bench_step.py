@@ -20,7 +20,7 @@ device synchronised, warm-up discarded, the median of --repeats runs (the spread
 - with --batches B...: a second table, per batch size, of the batched passes (decode/batch.py) with every row
   feeding: a step (host inputs written and verdicts read back, as the batched loop does), the same step graph
   replayed without the host, the device draft loop's cost per step (16 per draft), plain and looking
-  ahead, with its bookkeeping fused into one kernel (the default) and unfused, and a check of 4 pending tokens + 1 per row; ms per pass and per row;
+  ahead, with its bookkeeping fused into one kernel (decode.fast.FUSE_BOOKKEEPING) and unfused (the default), and a check of 4 pending tokens + 1 per row; ms per pass and per row;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 Prints one table last (markdown).
@@ -267,16 +267,18 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
         unfused = BatchRunner(model, batch)
         unfused.plan(draft_keys)
         row = {"shape": name, "batch": batch}
+        default = decode.fast.FUSE_BOOKKEEPING
+        decode.fast.FUSE_BOOKKEEPING = True  # read when a graph is captured, at the runner's first start
         timings = [("step", stepped), ("graph", replays), ("check", checked), ("draft", drafted(runner)),
                    ("draft_ahead", drafted(runner, ahead))]
         for key, fn in timings:
             med, lo, hi = timed(fn, args.repeats, device)
             row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
-        decode.fast.FUSE_BOOKKEEPING = False  # read when a graph is captured, at the runner's first start
+        decode.fast.FUSE_BOOKKEEPING = False
         for key, fn in (("draft_unfused", drafted(unfused)), ("draft_ahead_unfused", drafted(unfused, ahead))):
             med, lo, hi = timed(fn, args.repeats, device)
             row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
-        decode.fast.FUSE_BOOKKEEPING = True
+        decode.fast.FUSE_BOOKKEEPING = default
         out.append(row)
         print(f"{name} batch {batch}: step {row['step'][0]:.3f} graph only {row['graph'][0]:.3f} "
               f"check k=4 {row['check'][0]:.3f} ms per pass", flush=True)

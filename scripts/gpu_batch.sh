@@ -21,7 +21,7 @@
 # (waiting rows look ahead in batches), then BiLD's throughput at 4/16/64 with lookahead=false (what lookahead
 # saves), then bench_step --batches on the demo small shape.
 # FUSE=1 instead: after tuning, bench_step --batches on the demo small shape (the draft step's bookkeeping fused and
-# unfused), the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64, bookkeeping fused: the default), BiLD's
+# unfused), the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64, bookkeeping fused), BiLD's
 # throughput at 4/16/64 with fuse_bookkeeping=false, then speculative sampling at temperature 1, batch 1, 2 passes, at
 # each of SAMPLE_SETTINGS (comma-joined overrides; default fallback 0.7, 0.9, and no fallback with a step cap of 3).
 # B16=1 instead: after tuning, both small models copied and tuned again at batch 16 (step cap 4 or 10 in the grid,
@@ -60,7 +60,7 @@ elif [[ -n "${AHEAD:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
 elif [[ -n "${FUSE:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
-  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" fuse_bookkeeping=true out=$R/throughput
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" fuse_bookkeeping=false \
     out=$R/throughput_unfused
   for s in ${SAMPLE_SETTINGS:-fallback_threshold=0.7 fallback_threshold=0.9 fallback_threshold=0,max_small_steps=3}; do

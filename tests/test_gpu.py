@@ -214,11 +214,13 @@ def test_rows_that_wait_look_ahead_on_cuda(arch):
 
 
 @pytest.mark.parametrize("rows", (1, 4, 16))
-def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows):
-    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, on in the graphs) writes every
+def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows, monkeypatch):
+    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, FUSE_BOOKKEEPING on) writes every
     buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones; and it did
     compile (no silent fallback to the eager ops)."""
     import decode.fast as fast
+
+    monkeypatch.setattr(fast, "FUSE_BOOKKEEPING", True)
 
     g = torch.Generator().manual_seed(rows)
     for trial in range(6):
@@ -237,3 +239,17 @@ def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows):
                 fast._bookkeeping(fn, eager[0].device)(*fused, advance)
             assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (fn.__name__, trial)
             assert fast._FUSED[fn].compiled is not None
+
+
+@pytest.mark.parametrize("arch", ("bart", "qwen2"))
+def test_the_device_loop_with_fused_bookkeeping_decides_as_the_host_loop_on_cuda(arch, monkeypatch):
+    """With the bookkeeping compiled into the draft graphs (FUSE_BOOKKEEPING on): the device loop's tokens and
+    statistics as the host loop's, and lookahead's as decoding each row alone (tests/test_batch.py)."""
+    from test_batch import check_device_loop, check_lookahead
+
+    import decode.fast as fast
+
+    monkeypatch.setattr(fast, "FUSE_BOOKKEEPING", True)
+    check_device_loop(*cuda_pair(arch, 5))
+    check_lookahead(*cuda_pair(arch, 4))
+    assert all(f.compiled is not None for f in fast._FUSED.values())
