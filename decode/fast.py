@@ -464,7 +464,7 @@ def _family(model) -> type[_Decoder]:
 _RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.WeakKeyDictionary()
 
 
-# -- a draft step's bookkeeping (the device draft loop), one fused kernel on CUDA ------------------------------
+# -- a draft step's bookkeeping (the device draft loop), fused into one kernel on CUDA on request ----------------
 
 # True: the bookkeeping compiled into one kernel on CUDA (decode.eval fuse_bookkeeping=true). Off by default: compiling
 # costs about 12 s once per process (scripts/bench_first_draft.py, H100), and it saved 6-15% of a draft step at batch
@@ -863,7 +863,7 @@ class FastRunner:
 
     def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: torch.Tensor) -> None:
         """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
-        (draft_bookkeeping / lookahead_bookkeeping), fused into one kernel on CUDA."""
+        (draft_bookkeeping / lookahead_bookkeeping; one fused kernel on CUDA when FUSE_BOOKKEEPING is on)."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))
         state = (self._conf, self._tok, self._fallback, self._eos, self._loop, self._nxt, self._draft_out)
         if ahead:
