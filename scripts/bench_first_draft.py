@@ -65,7 +65,8 @@ def main():
     for setting in ("fused", "unfused"):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-            cmd = [sys.executable, __file__, "--child", setting, "--shape", args.shape, "--device", args.device, "--batches", *map(str, args.batches)]
+            cmd = [sys.executable, __file__, "--child", setting, "--shape", args.shape, "--device", args.device,
+                   "--batches", *map(str, args.batches)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:

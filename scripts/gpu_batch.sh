@@ -40,15 +40,19 @@ PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh fu
 EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final
     aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k repeats=${REPEATS:-3}
     "throughput_batch_sizes=[1, 4, 16, 64]")
+retune16() {  # the same small models copied to <model>_b16, thresholds tuned there for batches of 16 (step cap in the
+  # grid); arguments: more decode.tune arguments
+  for m in small small_aligned; do
+    rm -rf $R/\${m}_b16 && cp -r $R/\$m/final $R/\${m}_b16 && rm -f $R/\${m}_b16/bild_thresholds.json
+  done
+  local tune=(python3 -m decode.tune --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small_b16
+              dataset=\${DATA_DIR:-.gpu/data}/multi30k batch_size=16 "sweep_max_small_steps=[4, 10]" "\$@")
+  "\${tune[@]}"; "\${tune[@]}" --aligned $R/small_aligned_b16
+}
 if [[ -n "${LOOP:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput_loop_true
-  for m in small small_aligned; do  # the same models, thresholds tuned for batches of 16 (step cap in the grid)
-    rm -rf $R/\${m}_b16 && cp -r $R/\$m/final $R/\${m}_b16 && rm -f $R/\${m}_b16/bild_thresholds.json
-  done
-  TUNE16=(python3 -m decode.tune --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small_b16
-          dataset=\${DATA_DIR:-.gpu/data}/multi30k batch_size=16 "sweep_max_small_steps=[4, 10]")
-  "\${TUNE16[@]}"; "\${TUNE16[@]}" --aligned $R/small_aligned_b16
+  retune16
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" \
     small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_tuned16
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" device_loop=false \
@@ -68,13 +72,7 @@ elif [[ -n "${FUSE:-}" ]]; then
       "throughput_batch_sizes=[]" repeats=2 out=$R/sampling_\${s//[=,]/_}
   done
 elif [[ -n "${B16:-}" ]]; then
-  for m in small small_aligned; do  # the same models, thresholds tuned at batch 16, no BLEU below the large model on valid
-    rm -rf $R/\${m}_b16 && cp -r $R/\$m/final $R/\${m}_b16 && rm -f $R/\${m}_b16/bild_thresholds.json
-  done
-  TUNE16=(python3 -m decode.tune --config configs/multi30k_eval.yaml large=$R/large/final small=$R/small_b16
-          dataset=\${DATA_DIR:-.gpu/data}/multi30k batch_size=16 "sweep_max_small_steps=[4, 10]" repeats=3
-          --budget ${BUDGET16:-0})
-  "\${TUNE16[@]}"; "\${TUNE16[@]}" --aligned $R/small_aligned_b16
+  retune16 repeats=3 --budget ${BUDGET16:-0}  # no BLEU below the large model on valid by default
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" "throughput_batch_sizes=[1, 4, 16]" \
     small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_b16_tuned
 elif [[ -n "${WAITS:-}" ]]; then
