@@ -309,21 +309,19 @@ class ExitTraining(torch.nn.Module):
 
     forward returns (the full model's logits, the exit's logits). Layer k's states are read with a forward
     hook on the layer itself, and the exit logits come from the same function early-exit decoding uses
-    (ExitHead.logits over the model's compact decoder), so training and decoding cannot drift apart.
+    (ExitHead.logits over the model's own head, decode.compact.output_logits), so training and decoding cannot drift
+    apart.
     """
 
     def __init__(self, model, exit_layer: int, mode: str):
+        from decode.compact import decoder_layer_modules
         from decode.early_exit import ExitHead
-        from decode.fast import _family
 
         super().__init__()
         self.model, self.mode = model, mode
         self.exit_head = ExitHead(model, exit_layer)
         self.exit_layer = exit_layer
-        decoder = _family(model)(model)
-        self._decoder = [decoder]  # a list: not a registered submodule (it only points at the model's own)
-        layers = getattr(decoder, "layers", None) or decoder.blocks
-        self._layer = [layers[exit_layer - 1]]
+        self._layer = [decoder_layer_modules(model)[exit_layer - 1]]  # a list: not a registered submodule
         if mode == "frozen":
             model.requires_grad_(False)
 
@@ -349,7 +347,7 @@ class ExitTraining(torch.nn.Module):
                 logits = self.model(**inputs).logits
         finally:
             handle.remove()
-        return logits, self.exit_head.logits(self._decoder[0], captured[-1])
+        return logits, self.exit_head.logits(self.model, captured[-1])
 
 
 def _lora_config(cfg: TrainConfig, model):

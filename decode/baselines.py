@@ -26,10 +26,12 @@ from decode.generation import DecodeStats, RowDecoder
 class Greedy(RowDecoder):
     """A single model decoding greedily with the same runner BiLD uses."""
 
-    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None, device_loop: bool | None = None):
+    def __init__(self, model: PreTrainedModel, fast_path: bool | None = None, device_loop: bool | None = None,
+                 compile: bool | None = None):
         super().__init__(model)
         self.model = model.eval()
-        self._runner = make_runner(self.model, fast_path)  # the same path BiLD takes, so speedups compare like with like
+        self.compile = compile
+        self._runner = make_runner(self.model, fast_path, compile)  # the same path BiLD takes: speedups compare like with like
         # the loop's state on the device, as BiLD's draft loop (BiLDConfig.device_loop, the same setting): a draft that
         # never falls back
         self.device_loop = device_loop
@@ -71,7 +73,7 @@ class Greedy(RowDecoder):
     def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
         """One pass per token for every unfinished row; finished rows sit out, and the runner compacts as BiLD's
         do (decode/batch.py), so batched speedups compare like with like."""
-        runner = BatchRunner.for_model(self.model, len(prompts))
+        runner = BatchRunner.for_model(self.model, len(prompts), self.compile)
         sampling = self._sampling
         if sampling is not None:
             runner.plan([("sample", 1, sampling.key)])

@@ -41,7 +41,7 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.cache import first_cuts, step_verdict
-from decode.fast import MAX_GRAPH_TOKENS, NO_CAP, FastRunner, _src_bucket
+from decode.fast import MAX_GRAPH_TOKENS, NO_CAP, FastRunner, _src_bucket, compile_wanted
 from decode.sampling import noise_size, sample_steps, verify_rows
 
 _BATCH_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[int, BatchRunner]]" = weakref.WeakKeyDictionary()
@@ -70,11 +70,11 @@ class BatchRunner(FastRunner):
 
     prefers_device_loop = True  # BiLDConfig.device_loop=None: per-step host work grows with the rows (BENCHMARKS.md)
 
-    def __init__(self, model: PreTrainedModel, batch: int):
+    def __init__(self, model: PreTrainedModel, batch: int, compile: bool | None = None):
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         self.batch = batch
-        super().__init__(model)
+        super().__init__(model, compile)
         self.path = self.path.replace("fast (", f"fast batched, {batch} rows (")
         # every pass reads _in: per row [start position, token count, tokens..., then in the last three columns a
         # draft's budget, lookahead flag and tokens to the step cap, or in the last one a check's guess bits]
@@ -89,14 +89,16 @@ class BatchRunner(FastRunner):
         self._noise = self._drafts = self._q_in = None
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, rows: int) -> "BatchRunner":
-        """The model's runner for `rows` rows, made on first use (or anew when the model moved)."""
+    def for_model(cls, model: PreTrainedModel, rows: int, compile: bool | None = None) -> "BatchRunner":
+        """The model's runner for `rows` rows, made on first use (or anew when the model moved, its weights were
+        replaced or `compile` differs; None: compiled on CUDA)."""
         batch = batch_size_for(rows)
         runners = _BATCH_RUNNERS.setdefault(model, {})
         runner = runners.get(batch)
         param = next(model.parameters())
-        if runner is None or (runner.device, runner.dtype) != (param.device, param.dtype):
-            runner = runners[batch] = cls(model, batch)
+        if (runner is None or (runner.device, runner.dtype) != (param.device, param.dtype)
+                or runner.compiled != compile_wanted(compile, param.device) or runner.passes.stale()):
+            runner = runners[batch] = cls(model, batch, compile)
         return runner
 
     # -- the verbs ------------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ class BatchRunner(FastRunner):
         """The model's runner for len(rows) rows with rows `rows` of this one moved into its first rows, in that
         order; self when that runner is this one. The target's graphs (this runner's shapes) are captured first,
         since a capture writes junk into the caches. This runner is left as it was."""
-        target = BatchRunner.for_model(self._model(), len(rows))
+        target = BatchRunner.for_model(self._model(), len(rows), self.compiled)
         if target is self:
             return self
         target._wanted |= self._wanted

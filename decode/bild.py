@@ -85,6 +85,10 @@ class BiLDConfig:
     fast_path: bool | None = None
     """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
     eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
+    compile: bool | None = None
+    """The fast path's passes through torch.compile (decode/compact.py): True: compiled; None: uncompiled unless
+    BILD_COMPILE=1 is set (then compiled on CUDA); False: uncompiled. Compiling costs up to about a minute per model
+    and process; the GPU figures with and without it are in BENCHMARKS.md."""
 
     def __post_init__(self):
         if self.fallback_threshold is None or not 0.0 <= float(self.fallback_threshold) <= 1.0:
@@ -104,6 +108,8 @@ class BiLDConfig:
             raise ValueError("lookahead drafts in the device draft loop: it needs device_loop None or True")
         if self.fast_path not in (None, True, False):
             raise ValueError(f"fast_path must be None (auto), True or False, got {self.fast_path!r}")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"compile must be None (auto), True or False, got {self.compile!r}")
         self.fallback_threshold = float(self.fallback_threshold)
         self.rollback_threshold = float(self.rollback_threshold)
 
@@ -175,8 +181,8 @@ class BiLD(RowDecoder):
         warn_on_processors(large)
         self.large, self.small = large.eval(), small.eval()
         self.config = config if config is not None else BiLDConfig()
-        self._large = make_runner(self.large, self.config.fast_path)
-        self._small = make_runner(self.small, self.config.fast_path)
+        self._large = make_runner(self.large, self.config.fast_path, self.config.compile)
+        self._small = make_runner(self.small, self.config.fast_path, self.config.compile)
         self._plan()
         self.path = self._large.path if self._large.path == self._small.path else \
             f"large {self._large.path}, small {self._small.path}"
@@ -356,8 +362,8 @@ class BiLD(RowDecoder):
         rows fit half the runners' batch, both runners compact (decode/batch.py). Sampling: the small model draws,
         the large model's pass applies the rejection rule per row."""
         cfg, sampling = self.config, self._sampling
-        large = BatchRunner.for_model(self.large, len(prompts))
-        small = BatchRunner.for_model(self.small, len(prompts))
+        large = BatchRunner.for_model(self.large, len(prompts), self.config.compile)
+        small = BatchRunner.for_model(self.small, len(prompts), self.config.compile)
         cap = cfg.max_small_steps
         if sampling is None:
             self._plan(small, large)

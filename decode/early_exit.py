@@ -35,7 +35,8 @@ from transformers import PreTrainedModel
 
 from decode.bild import BiLD, BiLDConfig, load_model, warn_on_processors
 from decode.cache import first_cut, step_verdict
-from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _family, notice, unsupported_reason
+from decode.compact import decoder_layers, final_norm_module, output_logits
+from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice, unsupported_reason
 from decode.generation import RowDecoder
 
 EXIT_HEAD_WEIGHTS = "exit_head.safetensors"
@@ -44,7 +45,7 @@ EXIT_HEAD_CONFIG = "exit_head.json"
 
 def decoder_depth(model: PreTrainedModel) -> int:
     """The number of decoder layers, as the compact decoder counts them (T5's may differ from its encoder's)."""
-    return _family(model)(model).n_layers
+    return decoder_layers(model)
 
 
 def check_exit_layer(model: PreTrainedModel, exit_layer) -> int:
@@ -77,14 +78,14 @@ class ExitHead(nn.Module):
         self.adapter = nn.Sequential(nn.Linear(d, 2 * d, **kw), nn.GELU(), nn.Linear(2 * d, d, **kw))
         nn.init.zeros_(self.adapter[-1].weight)  # zero output at initialisation: the model's own head
         nn.init.zeros_(self.adapter[-1].bias)
-        final_norm = _family(model)(model).final_norm_module()
+        final_norm = final_norm_module(model)
         self.norm = copy.deepcopy(final_norm) if final_norm is not None else None
         if self.norm is not None:
             self.norm.requires_grad_(True)
 
-    def logits(self, decoder, h: torch.Tensor) -> torch.Tensor:
-        """decoder: the model's compact decoder (decode.fast); h: [B, n, d] -> logits [B, n, V]."""
-        return decoder.head(h + self.adapter(h), self.norm)
+    def logits(self, model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+        """h: layer k's states [B, n, d] -> logits [B, n, V] through the model's own LM head."""
+        return output_logits(model, h + self.adapter(h), self.norm)
 
     def save(self, folder: str | Path, state_dict: dict | None = None, **info) -> None:
         from safetensors.torch import save_file
@@ -120,8 +121,9 @@ class EarlyExitRunner(FastRunner):
     exit head; `_LargeView`: layers k+1..L), which point at the runner and not back. `length` counts the
     positions layers 1..k hold, `high_length` those layers k+1..L hold; high_length <= length always."""
 
-    def __init__(self, model: PreTrainedModel, exit_layer: int, exit_head: ExitHead | None = None, graphs: bool = True):
-        super().__init__(model)
+    def __init__(self, model: PreTrainedModel, exit_layer: int, exit_head: ExitHead | None = None, graphs: bool = True,
+                 compile: bool | None = None):
+        super().__init__(model, compile)
         self.exit_layer = check_exit_layer(model, exit_layer)
         self.exit_head = exit_head
         self._width = model.config.get_text_config(decoder=True).hidden_size
@@ -129,8 +131,8 @@ class EarlyExitRunner(FastRunner):
         if not self.use_graphs:
             self._pool = None
         depth = self.decoder.n_layers
-        self.path = (f"early exit after layer {exit_layer} of {depth}, "
-                     + ("fast (static cache, CUDA graphs)" if self.use_graphs else "fast (static cache, no graphs)"))
+        self.path = (f"early exit after layer {exit_layer} of {depth}, fast (static cache, "
+                     + ("CUDA graphs" if self.use_graphs else "no graphs") + (", compiled)" if self.compiled else ")"))
         self.high_length = 0
         self._hpos0 = torch.zeros(1, dtype=torch.long, device=self.device)  # position of the upper pass's first token
         self._hpos_on_device: int | None = None
@@ -208,7 +210,7 @@ class EarlyExitRunner(FastRunner):
     def _exit_logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.exit_head is None:
             return self.decoder.head(h)[0]  # the model's own final norm and LM head
-        return self.exit_head.logits(self.decoder, h)[0]
+        return self.exit_head.logits(self.passes.model_ref(), h)[0]
 
     def _step_core(self, ids, pos):
         h = self._lower(ids, pos)
@@ -271,6 +273,10 @@ class EarlyExitRunner(FastRunner):
     def _eager_catch_up(self, tokens: list[int]) -> None:
         """The decoder-only prompt prefill: every layer, both lengths (nothing reads its exit states)."""
         super()._eager_catch_up(tokens)
+        self.high_length = self.length
+
+    def _prefill(self, tokens: list[int], bucket: int | None) -> None:
+        super()._prefill(tokens, bucket)
         self.high_length = self.length
 
     def _zero_positions(self) -> None:
@@ -359,7 +365,8 @@ class EarlyExitBiLD(BiLD):
         self.large = self.small = model.eval()
         self.config = config if config is not None else BiLDConfig()
         on_cuda = next(model.parameters()).device.type == "cuda"
-        self.runner = EarlyExitRunner(model, exit_layer, exit_head, graphs=self.config.fast_path is not False and on_cuda)
+        self.runner = EarlyExitRunner(model, exit_layer, exit_head, graphs=self.config.fast_path is not False and on_cuda,
+                                      compile=self.config.compile)
         self._large, self._small = _LargeView(self.runner), _SmallView(self.runner)
         self.exit_layer, self.exit_head = exit_layer, exit_head
         self._plan()

@@ -133,11 +133,11 @@ class EvalConfig(PromptConfig):
     lookahead: bool | None = None
     """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
     fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
-    fuse_bookkeeping: bool = False
-    """The device draft loop's per-step bookkeeping compiled into one kernel on CUDA (decode.fast.FUSE_BOOKKEEPING):
-    about 12 s of compiling once per process; false (default): its dozen small kernels."""
     fast_path: bool | None = None
     """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
+    compile: bool | None = None
+    """The fast path's passes through torch.compile for BiLD and the large/small rows (BiLDConfig.compile): true,
+    false, or null (uncompiled unless BILD_COMPILE=1)."""
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 3
@@ -248,7 +248,6 @@ class Evaluation:
         import decode.fast
 
         decode.batch.COMPACT = cfg.batch_compact
-        decode.fast.FUSE_BOOKKEEPING = cfg.fuse_bookkeeping
         self.higher_is_better = TASKS[cfg.task][1]
         self.metric = TASKS[cfg.task][0]
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -327,7 +326,8 @@ class Evaluation:
             model_key, layer, head, _ = self.exits[small_key]
             settings = dict(fallback_threshold=_first(fallback, cfg.exit_fallback_threshold, cfg.fallback_threshold),
                             rollback_threshold=_first(rollback, cfg.exit_rollback_threshold, cfg.rollback_threshold),
-                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, device_loop=cfg.device_loop)
+                            max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, device_loop=cfg.device_loop,
+                            compile=cfg.compile)
             return BiLD.early_exit(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}),
                                    exit_head=head)
         if system == "hf_early_exit":
@@ -336,18 +336,19 @@ class Evaluation:
             return HFEarlyExit(self.models["large"], self.exits[small_key][1])
         large, small = self.models["large"], self.models[small_key]
         if system == "large":
-            return Greedy(large, cfg.fast_path, cfg.device_loop)
+            return Greedy(large, cfg.fast_path, cfg.device_loop, cfg.compile)
         if system == "hf_generate":
             return HFGenerate(large)
         if system == "small":
-            return Greedy(small, cfg.fast_path, cfg.device_loop)
+            return Greedy(small, cfg.fast_path, cfg.device_loop, cfg.compile)
         if system == "assisted":
             return AssistedGeneration(large, small)
         if system in _BILD:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
                             max_small_steps=cfg.max_small_steps if cap is ... else cap, fast_path=cfg.fast_path,
-                            batch_wait=cfg.batch_wait, device_loop=cfg.device_loop, lookahead=cfg.lookahead)
+                            batch_wait=cfg.batch_wait, device_loop=cfg.device_loop, lookahead=cfg.lookahead,
+                            compile=cfg.compile)
             return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
         raise ValueError(system)
 
@@ -806,7 +807,7 @@ def report(results: dict) -> str:
         + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
            False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")]
         + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else "")
-        + ("; draft-step bookkeeping fused (fuse_bookkeeping=true)" if cfg.get("fuse_bookkeeping") else ""),
+        + ("; passes compiled (compile=true)" if cfg.get("compile") else ""),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
          if cfg.get("do_sample") else "- decoding: greedy"),

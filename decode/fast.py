@@ -1,26 +1,25 @@
-"""The GPU fast path: compact decoder passes over the Hugging Face weights, static KV caches indexed by
-position, and one CUDA graph per input length.
+"""The GPU fast path: a runner over a model's compact passes (decode/compact.py), static KV caches indexed by
+position, and one CUDA graph per pass shape.
 
     runner = make_runner(model)                          # FastRunner on CUDA where supported, else ModelRunner
-    runner.start(prompt, max_new_tokens)                 # encoder once; cross-attention K/V into static buffers
+    runner.start(prompt, max_new_tokens)                 # encoder (or prompt prefill) once, as a graph
     confidence, token = runner.step(tokens)              # one graph replay, one host read of (confidence, token)
     cut, argmax = runner.check(tokens, k, "ce", 3.0)     # the large model's pass over k pending tokens + 1
     runner.rewind(length)                                # a rollback moves the position; nothing is copied
     steps, tokens = runner.draft(tokens, k, budget, 0.4, eos)  # up to k greedy small steps, state on the device
 
-Why: at batch size 1, eager PyTorch spends a decoding step launching kernels and running Python, so a
-model 12x smaller by layers x width was only 2.7x cheaper per step (BENCHMARKS.md). Here, as in gpt-fast:
-- The decoder pass is written out over the model's own modules (its linear layers, norms, MLPs,
-  embeddings): no transformers cache objects, no mask helpers, nothing that syncs or allocates by value.
-- Each layer's keys and values live in two preallocated buffers [1, H_kv, capacity, D]; `index_copy_`
-  writes the new positions, and a mask built from the positions hides every slot past them (and outside
-  a sliding window). Rolling back is moving the position.
+Why: at batch size 1 a decoding step is bound by kernel launches and by reading the weights once, not by
+arithmetic. Here, as in gpt-fast:
+- The passes are the project's own (decode/compact.py: fused projections, one pure function per layer, compiled
+  by torch.compile with `compile=True`): no transformers cache objects, no mask helpers, nothing that syncs or
+  allocates by value.
 - The start position lives in a device scalar that each pass advances itself; the small step writes its
   argmax into the input buffer, so the next step needs nothing from the host.
 - Each (verb, number of tokens) is captured once as a CUDA graph on the first `start` and replayed;
   every tensor a graph reads is a static buffer of the runner. A longer input than the buffers hold
-  grows them and captures again (never a wrong answer). Passes of more than MAX_GRAPH_TOKENS tokens
-  (the prompt prefill, long drafts with no step cap) run the same code without a graph.
+  grows them and captures again (never a wrong answer; the compiled passes take any capacity). A decoder-only
+  prompt is padded to a length bucket (PREFILL_BUCKETS) and prefilled by that bucket's graph; passes of more
+  tokens than a graph takes run the same code without one.
 - The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
   functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
   So does sampling's (decode.sampling: the warpers, the draw, the rejection rule), from uniforms the host
@@ -39,14 +38,14 @@ windows included). Anything else, or T5 in float16, runs on the eager path (`uns
 from __future__ import annotations
 
 import gc
-import sys
+import os
 import weakref
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast_attention, step_verdict
+from decode.compact import model_passes, notice, unsupported_reason  # noqa: F401 - notice, unsupported_reason: re-exported
 from decode.sampling import noise_size, sample_step, verify
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room
@@ -55,42 +54,21 @@ NO_CAP = 1 << 40  # a draft's step cap when there is none
 MAX_EOS_IDS = 8  # EOS ids the device draft loop compares with (more: the host loop)
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
 _SRC_BUCKET = 16  # encoder inputs are padded to a multiple of this: one encoder graph per bucket
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # decoder-only prompts padded to one of these run as a graph
 
 
 def _src_bucket(n: int) -> int:
     return -(-n // _SRC_BUCKET) * _SRC_BUCKET
 
-_DECODER_ONLY = ("llama", "qwen2", "mistral")
-_ENC_DEC = ("bart", "marian", "t5", "mt5")
+
+def _prefill_bucket(n: int) -> int | None:
+    return next((b for b in PREFILL_BUCKETS if b >= n), None)
 
 
-def unsupported_reason(model: PreTrainedModel) -> str | None:
-    """Why the fast path cannot run this model, or None when it can."""
-    cfg = model.config
-    kind = getattr(cfg, "model_type", "")
-    if kind not in _DECODER_ONLY + _ENC_DEC:
-        return f"no compact decoder for model type {kind!r} (fast path: {', '.join(_DECODER_ONLY + _ENC_DEC)})"
-    if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
-        return "T5 in float16 needs transformers' activation clamping; use bfloat16 or float32"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        return f"rope type {rope.get('rope_type', rope.get('type'))!r} changes with the sequence length"
-    return None
-
-
-_SAID: set[str] = set()
-
-
-def notice(message: str) -> None:
-    """Prints a one-line notice once per process (which decoding path runs)."""
-    if message not in _SAID:
-        _SAID.add(message)
-        print(f"[bild] {message}", file=sys.stderr)
-
-
-def make_runner(model: PreTrainedModel, fast_path: bool | None = None):
+def make_runner(model: PreTrainedModel, fast_path: bool | None = None, compile: bool | None = None):
     """The runner a decoder uses for `model`. fast_path None: the fast path on CUDA where supported;
-    True: the fast path (without graphs off CUDA), an error where unsupported; False: the eager path."""
+    True: the fast path (without graphs off CUDA), an error where unsupported; False: the eager path.
+    compile (the fast path's passes through torch.compile) None: off (on CUDA with BILD_COMPILE=1); True: on; False: off."""
     reason = unsupported_reason(model)
     device = next(model.parameters()).device
     if fast_path is None:
@@ -101,360 +79,22 @@ def make_runner(model: PreTrainedModel, fast_path: bool | None = None):
         use = True
     else:
         use = False
-    runner = FastRunner.for_model(model) if use else ModelRunner(model)
+    runner = FastRunner.for_model(model, compile) if use else ModelRunner(model)
     why = "" if use or fast_path is False or device.type != "cuda" else f" ({reason})"
     notice(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) decodes on the "
            f"{runner.path} path{why}")
     return runner
 
 
-# --------------------------------------------------------------------------------------------------
-# Static caches and attention
+# compile=None (the default everywhere): uncompiled, unless BILD_COMPILE=1 in the environment (then on CUDA). Compiling
+# is not yet the default: it costs about a minute per model and process (the on-disk cache did not shorten it), and
+# it has not yet passed the whole GPU test suite (BENCHMARKS.md).
+COMPILE_BY_DEFAULT = os.environ.get("BILD_COMPILE", "0") == "1"
 
 
-class StaticKV:
-    """Keys and values of every layer: [layers, B, H_kv, capacity, D] each, written by position, each row at
-    its own positions."""
-
-    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device, batch: int = 1):
-        # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN would be NaN
-        self.k = torch.zeros(layers, batch, heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self._rows = torch.arange(batch, device=device)[:, None]
-
-    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """pos: [B, n]; k, v: [B, H_kv, n, D]. Returns the layer's whole buffers."""
-        if pos.shape[0] == 1:
-            self.k[layer].index_copy_(2, pos[0], k)
-            self.v[layer].index_copy_(2, pos[0], v)
-        else:  # row b's n tokens go to its own positions pos[b]
-            self.k[layer][self._rows, :, pos] = k.transpose(1, 2)
-            self.v[layer][self._rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer], self.v[layer]
-
-
-def attend(q, k, v, mask, scale, gqa: bool = False):
-    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, broadcastable to
-    [B, H, n, L]. Returns [B, n, H * D]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-
-
-def causal_mask(pos: torch.Tensor, capacity: int, window: int | None = None) -> torch.Tensor:
-    """pos [B, n] -> [B, 1, n, capacity]: slot j is visible from position p when j <= p (and p - j < window)."""
-    slots = torch.arange(capacity, device=pos.device)
-    visible = slots <= pos[..., None]
-    if window is not None:
-        visible &= slots > pos[..., None] - window  # transformers' sliding_window_overlay
-    return visible[:, None]
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, n, H * D] -> [B, H, n, D]"""
-    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Compact decoder passes, one class per family; each reads the model's own modules
-
-
-class _Decoder:
-    is_encoder_decoder = False
-
-    def __init__(self, model: PreTrainedModel):
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
-
-    def allocate(self, capacity: int, src_capacity: int, batch: int = 1) -> None:
-        self.kv = StaticKV(self.n_layers, self.n_kv_heads, self.head_dim, capacity, self.dtype, self.device, batch)
-        self.capacity = capacity
-
-    def row_buffers(self) -> list[tuple[torch.Tensor, int]]:
-        """The per-row state the passes read, each with its batch dimension: what moving a row moves."""
-        return [(self.kv.k, 1), (self.kv.v, 1)]
-
-    def take_rows(self, other: "_Decoder", rows: list[int]) -> None:
-        """Copies rows `rows` of `other`'s state (same model, buffers no larger than these) into this decoder's
-        first len(rows) rows, in that order. The rest of the buffers keep what they held: slots past a row's
-        position are masked, and so are the rows no pass reads."""
-        index = torch.tensor(rows, device=self.device)
-        for (mine, dim), (theirs, _) in zip(self.row_buffers(), other.row_buffers()):
-            src = theirs.index_select(dim, index)
-            mine[tuple(slice(0, n) for n in src.shape)].copy_(src)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """ids, pos: [B, n]. Writes the caches at pos; returns logits [B, n, V] (or [B, 1, V] with last_only)."""
-        h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
-        return self.head(h[:, -1:] if last_only else h)
-
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids, pos: [B, n] -> the first layer's input [B, n, d]."""
-        raise NotImplementedError
-
-    def run_layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Layers start .. stop - 1 over h [B, n, d] at positions pos [B, n], writing their caches there."""
-        raise NotImplementedError
-
-    def head(self, h: torch.Tensor, norm=None) -> torch.Tensor:
-        """The output head over the last layer's states [B, n, d] -> logits [B, n, V]. `norm` replaces the final
-        norm (an early exit's own copy); the LM head is always the model's."""
-        raise NotImplementedError
-
-    def final_norm_module(self):
-        """The decoder's final norm, or None (BART and Marian have none: each layer ends normalised)."""
-        raise NotImplementedError
-
-
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class _LlamaFamily(_Decoder):
-    """Llama, Qwen2, Mistral: pre-norm, rotary positions, grouped-query attention, optional sliding window."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        cfg = model.config
-        self.inner, self.lm_head = model.model, model.lm_head
-        self.layers = list(self.inner.layers)
-        self.n_layers = len(self.layers)
-        self.n_kv_heads = cfg.num_key_value_heads
-        self.head_dim = self.layers[0].self_attn.head_dim
-        self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
-        layer_types = getattr(cfg, "layer_types", None)
-        window = getattr(cfg, "sliding_window", None)
-        if layer_types is not None:
-            self.windows = [window if t == "sliding_attention" else None for t in layer_types]
-        else:  # Mistral: one window for every layer, or none
-            self.windows = [window] * self.n_layers
-
-    def allocate(self, capacity, src_capacity, batch=1):
-        super().allocate(capacity, src_capacity, batch)
-        # the model's own rotary module, once over every position: cos, sin [capacity, D]
-        pos = torch.arange(capacity, device=self.device)[None]
-        cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
-        self.cos, self.sin = cos[0], sin[0]
-
-    def embed(self, ids, pos):
-        return self.inner.embed_tokens(ids)  # [B, n, d]
-
-    def run_layers(self, h, pos, start, stop):
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, n, D]
-        masks = {w: causal_mask(pos, self.capacity, w) for w in set(self.windows[start:stop])}
-        for i in range(start, stop):
-            layer = self.layers[i]
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            keys, values = self.kv.write(i, pos, k, v)
-            h = h + attn.o_proj(attend(q, keys, values, masks[self.windows[i]], attn.scaling, self.gqa))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h
-
-    def head(self, h, norm=None):
-        return self.lm_head((self.inner.norm if norm is None else norm)(h))
-
-    def final_norm_module(self):
-        return self.inner.norm
-
-
-class _EncoderDecoder(_Decoder):
-    """Shared by the encoder-decoder families: the encoder once, cross-attention K/V in static buffers."""
-
-    is_encoder_decoder = True
-
-    def allocate(self, capacity, src_capacity, batch=1):
-        super().allocate(capacity, src_capacity, batch)
-        self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device, batch)
-        self.src_visible = torch.zeros(batch, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
-        self.src_capacity = src_capacity
-
-    def row_buffers(self):
-        return super().row_buffers() + [(self.cross.k, 1), (self.cross.v, 1), (self.src_visible, 0)]
-
-    def take_rows(self, other, rows):
-        # source slots past the other's buffers are hidden; every row keeps one visible slot, as a batch's rows
-        # past the input do: a fully masked attention row would be NaN
-        self.src_visible.zero_()
-        self.src_visible[..., 0] = True
-        super().take_rows(other, rows)
-
-    def encode(self, src_ids: torch.Tensor, src_len: torch.Tensor) -> None:
-        """src_ids: [B, S_b], the inputs right-padded to a bucket length; src_len: [B], their real lengths (on
-        the device). Runs the encoder and writes every layer's cross-attention keys and values; positions past
-        a row's src_len hold finite junk that `src_visible` hides."""
-        bucket = src_ids.shape[1]
-        key_visible = torch.arange(bucket, device=self.device) < src_len[:, None]  # [B, S_b]
-        hidden = self.encoder_forward(src_ids, key_visible)  # [B, S_b, d]
-        for i, (k_proj, v_proj) in enumerate(self.cross_projections()):
-            self.cross.k[i][:, :, :bucket] = _heads(k_proj(hidden), self.head_dim)
-            self.cross.v[i][:, :, :bucket] = _heads(v_proj(hidden), self.head_dim)
-        slots = torch.arange(self.src_capacity, device=self.device)
-        self.src_visible.copy_((slots < src_len[:, None])[:, None, None])
-
-
-class _BartFamily(_EncoderDecoder):
-    """BART and Marian: post-norm layers, learned (BART, offset 2) or sinusoidal (Marian) positions."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.encoder, dec = model.get_encoder(), model.get_decoder()
-        self.dec, self.lm_head = dec, model.lm_head
-        # a buffer, replaced (not moved in place) when the model moves: read it from the model each time
-        self._model = weakref.ref(model)
-        self.layers = list(dec.layers)
-        self.n_layers = len(self.layers)
-        attn = self.layers[0].self_attn
-        self.n_heads = self.n_kv_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.embed_scale = getattr(dec, "embed_scale", 1.0)  # Marian scales here, BART inside its embedding
-        self.pos_offset = getattr(dec.embed_positions, "offset", 0)
-        self.layernorm_embedding = getattr(dec, "layernorm_embedding", None)
-        self.final_norm = getattr(dec, "layer_norm", None)
-
-    @property
-    def logits_bias(self):
-        return self._model().final_logits_bias
-
-    def cross_projections(self):
-        return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in self.layers]
-
-    def encoder_forward(self, ids, key_visible):
-        """ids: [B, S]; key_visible: [B, S]. The encoder's layers written out (post-norm, as the decoder's)."""
-        enc = self.encoder
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        h = enc.embed_tokens(ids) * getattr(enc, "embed_scale", 1.0) + enc.embed_positions.weight[pos + self.pos_offset][None]
-        if getattr(enc, "layernorm_embedding", None) is not None:
-            h = enc.layernorm_embedding(h)
-        mask = key_visible[:, None, None, :]
-        for layer in enc.layers:
-            attn = layer.self_attn
-            q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            h = layer.self_attn_layer_norm(h + attn.out_proj(attend(q, k, v, mask, attn.scaling)))
-            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
-        if getattr(enc, "layer_norm", None) is not None:
-            h = enc.layer_norm(h)
-        return h
-
-    def embed(self, ids, pos):
-        dec = self.dec
-        table = dec.embed_positions.weight
-        # clamped: a batch's padding tokens sit past their row's end and may run past the table (never read)
-        h = dec.embed_tokens(ids) * self.embed_scale + table[(pos + self.pos_offset).clamp(max=table.shape[0] - 1)]
-        if self.layernorm_embedding is not None:
-            h = self.layernorm_embedding(h)
-        return h
-
-    def run_layers(self, h, pos, start, stop):
-        mask = causal_mask(pos, self.capacity)
-        for i in range(start, stop):
-            layer = self.layers[i]
-            attn = layer.self_attn
-            q, k, v = (_heads(proj(h), self.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            keys, values = self.kv.write(i, pos, k, v)
-            h = layer.self_attn_layer_norm(h + attn.out_proj(attend(q, keys, values, mask, attn.scaling)))
-            cross = layer.encoder_attn
-            q = _heads(cross.q_proj(h), self.head_dim)
-            out = attend(q, self.cross.k[i], self.cross.v[i], self.src_visible, cross.scaling)
-            h = layer.encoder_attn_layer_norm(h + cross.out_proj(out))
-            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
-        return h
-
-    def head(self, h, norm=None):
-        norm = self.final_norm if norm is None else norm
-        if norm is not None:
-            h = norm(h)
-        return self.lm_head(h) + self.logits_bias
-
-    def final_norm_module(self):
-        return self.final_norm
-
-
-class _T5Family(_EncoderDecoder):
-    """T5 and mT5: pre-norm (RMS) layers, a relative position bias shared by every layer, no attention scaling."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.encoder, dec = model.get_encoder(), model.get_decoder()
-        self.dec, self.lm_head = dec, model.lm_head
-        self.blocks = list(dec.block)  # the decoder's depth, which may differ from the encoder's
-        self.n_layers = len(self.blocks)
-        self.rel = self.blocks[0].layer[0].SelfAttention
-        self.n_heads = self.n_kv_heads = self.rel.n_heads
-        self.head_dim = self.rel.key_value_proj_dim
-        scale = getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings)
-        self.output_scale = model.config.d_model**-0.5 if scale else None
-
-    def cross_projections(self):
-        return [(b.layer[1].EncDecAttention.k, b.layer[1].EncDecAttention.v) for b in self.blocks]
-
-    def encoder_forward(self, ids, key_visible):
-        """ids: [B, S]; key_visible: [B, S]. The encoder's blocks written out, with its bidirectional position bias."""
-        enc = self.encoder
-        rel = enc.block[0].layer[0].SelfAttention
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        bucket = rel._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=True,
-                                               num_buckets=rel.relative_attention_num_buckets,
-                                               max_distance=rel.relative_attention_max_distance)
-        bias = rel.relative_attention_bias(bucket).permute(2, 0, 1)[None]  # [1, H, S, S]
-        bias = bias.masked_fill(~key_visible[:, None, None, :], torch.finfo(bias.dtype).min)  # [B, H, S, S]
-        h = enc.embed_tokens(ids)
-        for block in enc.block:
-            sa, ff = block.layer[0], block.layer[-1]
-            attn = sa.SelfAttention
-            x = sa.layer_norm(h)
-            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q, attn.k, attn.v))
-            h = h + attn.o(attend(q, k, v, bias, 1.0))
-            h = h + ff.DenseReluDense(ff.layer_norm(h))
-        return enc.final_layer_norm(h)
-
-    def self_bias(self, pos):
-        """Relative position bias plus the causal mask, additive: pos [B, n] -> [B, H, n, capacity]."""
-        slots = torch.arange(self.capacity, device=pos.device)
-        bucket = self.rel._relative_position_bucket(
-            slots - pos[..., None], bidirectional=False,
-            num_buckets=self.rel.relative_attention_num_buckets, max_distance=self.rel.relative_attention_max_distance)
-        bias = self.rel.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # [B, H, n, L]
-        return bias.masked_fill(~causal_mask(pos, self.capacity), torch.finfo(bias.dtype).min)
-
-    def embed(self, ids, pos):
-        return self.dec.embed_tokens(ids)
-
-    def run_layers(self, h, pos, start, stop):
-        bias = self.self_bias(pos)
-        cross_bias = torch.zeros((), dtype=h.dtype, device=h.device).masked_fill(~self.src_visible, torch.finfo(h.dtype).min)
-        for i in range(start, stop):
-            block = self.blocks[i]
-            sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
-            attn = sa.SelfAttention
-            x = sa.layer_norm(h)
-            q, k, v = (_heads(proj(x), self.head_dim) for proj in (attn.q, attn.k, attn.v))
-            keys, values = self.kv.write(i, pos, k, v)
-            h = h + attn.o(attend(q, keys, values, bias, 1.0))
-            cross = ca.EncDecAttention
-            q = _heads(cross.q(ca.layer_norm(h)), self.head_dim)
-            h = h + cross.o(attend(q, self.cross.k[i], self.cross.v[i], cross_bias, 1.0))
-            h = h + ff.DenseReluDense(ff.layer_norm(h))
-        return h
-
-    def head(self, h, norm=None):
-        h = (self.dec.final_layer_norm if norm is None else norm)(h)
-        if self.output_scale is not None:
-            h = h * self.output_scale
-        return self.lm_head(h)
-
-    def final_norm_module(self):
-        return self.dec.final_layer_norm
-
-
-def _family(model) -> type[_Decoder]:
-    kind = model.config.model_type
-    if kind in _DECODER_ONLY:
-        return _LlamaFamily
-    return _T5Family if kind in ("t5", "mt5") else _BartFamily
+def compile_wanted(compile: bool | None, device: torch.device) -> bool:
+    """Whether the fast path compiles its passes: `compile` as set, None meaning on CUDA if BILD_COMPILE=1."""
+    return (device.type == "cuda" and COMPILE_BY_DEFAULT) if compile is None else bool(compile)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,13 +104,7 @@ def _family(model) -> type[_Decoder]:
 _RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, FastRunner]" = weakref.WeakKeyDictionary()
 
 
-# -- a draft step's bookkeeping (the device draft loop), fused into one kernel on CUDA on request ----------------
-
-# True: the bookkeeping compiled into one kernel on CUDA (decode.eval fuse_bookkeeping=true). Off by default: compiling
-# costs about 12 s once per process (scripts/bench_first_draft.py, H100), and it saved 6-15% of a draft step at batch
-# 4-16 but nothing measurable end to end (BENCHMARKS.md)
-FUSE_BOOKKEEPING = False
-
+# -- a draft step's bookkeeping (the device draft loop), compiled into one kernel where the runner compiles -------
 
 def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance) -> None:
     """Applies a draft step's verdicts [B] (top probability, argmax) to the loop's state: a running row (budget
@@ -525,9 +159,9 @@ class _CompiledOrEager:
 _FUSED: dict = {}
 
 
-def _bookkeeping(fn, device: torch.device):
-    """fn, compiled into one kernel on CUDA (where the graphs replay it) when FUSE_BOOKKEEPING is on."""
-    if device.type != "cuda" or not FUSE_BOOKKEEPING:
+def _bookkeeping(fn, compiled: bool):
+    """fn, compiled into one kernel (inside the graphs) when the runner's passes are compiled."""
+    if not compiled:
         return fn
     if fn not in _FUSED:
         _FUSED[fn] = _CompiledOrEager(fn)
@@ -545,18 +179,19 @@ class FastRunner:
     batch = 1  # rows of the static buffers
     prefers_device_loop = False  # BiLDConfig.device_loop=None: one row's host loop is lean, the device loop measured slower
 
-    def __init__(self, model: PreTrainedModel, compile: bool = False):
-        prefer_fast_attention()
-        self.decoder = _family(model)(model)
-        # torch.compile fuses the many small kernels of a layer (norms, rotary, residuals); the graphs then
-        # replay the fused kernels. Compiling costs time once per model and pass shape.
-        self.compiled = bool(compile)
-        self._forward = torch.compile(self.decoder.forward, fullgraph=True) if compile else self.decoder.forward
+    def __init__(self, model: PreTrainedModel, compile: bool | None = None):
+        prefer_fast_attention()  # the uncompiled passes' attention (the compiled ones pick their own backend)
+        device = next(model.parameters()).device
+        self.compiled = compile_wanted(compile, device)
+        self.passes = model_passes(model, self.compiled)  # shared by every runner over the model
+        self.decoder = self.passes.decoder()  # this runner's buffers over them
+        self._forward = self.decoder.forward
+        self._compile_said = 0.0  # compile time already reported
         self.device, self.dtype = self.decoder.device, self.decoder.dtype
         self.is_encoder_decoder = is_encoder_decoder(model)
         self.use_graphs = self.device.type == "cuda"
-        self.path = ("fast (static cache, CUDA graphs" + (", compiled)" if compile else ")") if self.use_graphs
-                     else "fast (static cache, no graphs)")
+        self.path = ("fast (static cache, " + ("CUDA graphs" if self.use_graphs else "no graphs")
+                     + (", compiled)" if self.compiled else ")"))
         self.capacity = self.src_capacity = 0
         self.length = 0
         # static inputs and outputs of every pass; the graphs read and write only these
@@ -568,6 +203,9 @@ class FastRunner:
         self._step_out = torch.zeros(2, dtype=torch.float32, device=self.device)  # confidence, token
         self._check_out = torch.zeros(MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax...
         self._host_ids = torch.zeros(MAX_GRAPH_TOKENS, dtype=torch.long, pin_memory=self.use_graphs)
+        self._prefill_ids = torch.zeros(PREFILL_BUCKETS[-1], dtype=torch.long, device=self.device)
+        self._prefill_host = torch.zeros(PREFILL_BUCKETS[-1], dtype=torch.long, pin_memory=self.use_graphs)
+        self._arange_prefill = torch.arange(PREFILL_BUCKETS[-1], device=self.device)
         # speculative sampling: uniforms written before each pass, the small model's draft distributions (row
         # _slot next), and the large model's copy of the drafts it checks
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -606,13 +244,14 @@ class FastRunner:
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, compile: bool | None = None) -> "FastRunner":
-        """The model's runner, made on first use (or anew when the model moved or `compile` differs;
-        None: whichever exists)."""
+        """The model's runner, made on first use (or anew when the model moved, its weights were replaced or
+        `compile` differs; None: compiled on CUDA)."""
         runner = _RUNNERS.get(model)
         param = next(model.parameters())
-        if (runner is None or (runner.device, runner.dtype) != (param.device, param.dtype)
-                or (compile is not None and runner.compiled != compile)):
-            runner = _RUNNERS[model] = cls(model, bool(compile))
+        want = compile_wanted(compile, param.device)
+        if (runner is None or (runner.device, runner.dtype) != (param.device, param.dtype) or runner.compiled != want
+                or runner.passes.stale()):
+            runner = _RUNNERS[model] = cls(model, want)
         return runner
 
     def plan(self, keys) -> None:
@@ -625,7 +264,15 @@ class FastRunner:
     def start(self, prompt: list[int], max_new_tokens: int) -> None:
         """Begins a sequence. prompt: the encoder input, or the decoder-only prompt."""
         prefix = 1 if self.is_encoder_decoder else len(prompt)
-        self._ensure_capacity(prefix + max_new_tokens + 1, len(prompt) if self.is_encoder_decoder else 0)
+        bucket = None
+        if not self.is_encoder_decoder and len(prompt) > 1 and self.use_graphs:
+            bucket = _prefill_bucket(len(prompt) - 1)
+            if bucket is not None:
+                self._wanted.add(("prefill", bucket))
+        self._ensure_capacity(max(prefix + max_new_tokens + 1, bucket or 0), len(prompt) if self.is_encoder_decoder else 0)
+        if self.compiled and not self.passes.compile_seconds:
+            notice(f"compiling the passes of {self.passes.name} (torch.compile, once per process; later processes "
+                   "start from the on-disk cache)")
         self._capture_wanted()
         self.length = 0
         self._forget_device_state()
@@ -637,7 +284,29 @@ class FastRunner:
             self._src_len.fill_(n)
             self._run(("encode", _src_bucket(n)))
         elif len(prompt) > 1:  # prefill all but the last prompt token, which the first step or check feeds
-            self._eager_catch_up(prompt[:-1])
+            self._prefill(prompt[:-1], bucket)
+        self._say_compile_time()
+
+    def _prefill(self, tokens: list[int], bucket: int | None) -> None:
+        """Feeds a prompt's tokens from position 0: padded to `bucket` and replayed as that bucket's graph (the padding
+        lands past the prompt, where the next pass writes before any query reads), else without a graph."""
+        if ("prefill", bucket) not in self._graphs:
+            self._eager_catch_up(tokens)
+            return
+        n = len(tokens)
+        self._prefill_host[:n] = torch.tensor(tokens)
+        self._prefill_host[n:bucket] = 0
+        self._prefill_ids[:bucket].copy_(self._prefill_host[:bucket], non_blocking=True)
+        self._pos0.fill_(self.length)
+        self._run(("prefill", bucket))
+        self.length += n
+        self._forget_device_state()
+
+    def _say_compile_time(self) -> None:
+        spent = self.passes.compile_seconds
+        if spent - self._compile_said > 0.5:
+            notice(f"compiled the passes of {self.passes.name} in {spent:.1f} s")
+            self._compile_said = spent
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> tuple[float, int]:
@@ -807,6 +476,11 @@ class FastRunner:
         def encode():  # the encoder over the input padded to the bucket, then the cross-attention K/V
             self.decoder.encode(self._src_ids[:, :n], self._src_len)
 
+        def prefill():  # key: ("prefill", bucket): a padded prompt through every layer; nothing read back
+            pos = (self._pos0 + self._arange_prefill[:n])[None]
+            dec = self.decoder
+            dec.run_layers(dec.embed(self._prefill_ids[None, :n], pos), pos, 0, dec.n_layers)
+
         def check():
             pos = self._pos0 + self._arange[:n]
             logits = self._forward(self._ids[None, :n], pos[None])[0].float()  # [n, V]
@@ -844,7 +518,8 @@ class FastRunner:
             return draft
         if key[0] == "draft_next":
             return lambda: self._draft_step(key[2:] == ("ahead",))
-        return {"step": step, "check": check, "encode": encode, "sample": sample, "sample_check": sample_check}[key[0]]
+        return {"step": step, "check": check, "encode": encode, "prefill": prefill, "sample": sample,
+                "sample_check": sample_check}[key[0]]
 
     # -- the device draft loop --------------------------------------------------------------------------
 
@@ -863,13 +538,14 @@ class FastRunner:
 
     def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: torch.Tensor) -> None:
         """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
-        (draft_bookkeeping / lookahead_bookkeeping; one fused kernel on CUDA when FUSE_BOOKKEEPING is on)."""
+        (draft_bookkeeping / lookahead_bookkeeping; one fused kernel where a batch runner compiles: one row's
+        host loop is the default at batch size 1, and compiling it there would cost seconds for a rare setting)."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))
         state = (self._conf, self._tok, self._fallback, self._eos, self._loop, self._nxt, self._draft_out)
         if ahead:
-            _bookkeeping(lookahead_bookkeeping, self.device)(*state, self._cap, self._guessed, advance)
+            _bookkeeping(lookahead_bookkeeping, self.compiled and self.batch > 1)(*state, self._cap, self._guessed, advance)
         else:
-            _bookkeeping(draft_bookkeeping, self.device)(*state, advance)
+            _bookkeeping(draft_bookkeeping, self.compiled and self.batch > 1)(*state, advance)
 
     def _run(self, key: tuple) -> None:
         graph = self._graphs.get(key)

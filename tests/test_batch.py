@@ -240,9 +240,9 @@ def test_batched_output_is_laid_out_as_generate(arch):
 
 
 def test_runners_per_batch_size_and_what_stays_row_by_row(capsys, monkeypatch):
-    import decode.fast
+    import decode.compact
 
-    monkeypatch.setattr(decode.fast, "_SAID", set())  # notices are said once per process: an earlier test may have said this one
+    monkeypatch.setattr(decode.compact, "_SAID", set())  # notices are said once per process: an earlier test may have said this one
     large, small = tiny_pair("bart", 1)
     ids, mask = ragged_batch(2, rows=3, left_pad=False)
     assert [batch_size_for(r) for r in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]

@@ -27,16 +27,6 @@ def _model(arch, seed=3):
     return tiny_model(arch, seed, width=32, layers=LAYERS)
 
 
-def first_layer_module(model, layer: int):
-    """A module that runs once per pass over decoder layer `layer` in the compact passes."""
-    kind = model.config.model_type
-    if kind in ("t5", "mt5"):
-        return model.get_decoder().block[layer].layer[0].layer_norm
-    if kind in ("bart", "marian"):
-        return model.get_decoder().layers[layer].self_attn.q_proj
-    return model.model.layers[layer].input_layernorm
-
-
 def truncated(model, k: int):
     """The model's first k decoder layers and its own final norm and head, as a separate model: the small model
     that untrained early exit stands for."""
@@ -89,42 +79,44 @@ def test_same_tokens_and_decisions_as_two_model_bild_with_the_truncated_model(ar
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_no_position_recomputed_beyond_rollbacks(arch):
+def test_no_position_recomputed_beyond_rollbacks(arch, monkeypatch):
     """Layer 1 sees each position once plus what rollbacks re-feed; the first upper layer likewise; the encoder
     runs once per input."""
     model = _model(arch)
     k = 2
     seen = {"low": 0, "high": 0, "encoder": 0}
+    runner = BiLD.early_exit(model, k, BiLDConfig(**POLICIES["ce"])).runner
+    decoder_type, passes_type = type(runner.decoder), type(runner.passes)
+    run_layers, encoder_forward = decoder_type.run_layers, passes_type.__dict__.get("encoder_forward")
 
-    def counter(key):
-        def hook(module, args, output):
-            seen[key] += args[0].shape[-2]  # [1, n, d]: the positions of this pass
-        return hook
+    def counting_layers(self, h, pos, start, stop):  # the positions a pass takes through layer 1 and layer k + 1
+        seen["low"] += pos.shape[-1] if start == 0 else 0
+        seen["high"] += pos.shape[-1] if start <= k < stop else 0
+        return run_layers(self, h, pos, start, stop)
 
-    handles = [first_layer_module(model, 0).register_forward_hook(counter("low")),
-               first_layer_module(model, k).register_forward_hook(counter("high"))]
-    if model.config.is_encoder_decoder:
-        handles.append(model.get_encoder().embed_tokens.register_forward_hook(lambda *a: seen.__setitem__("encoder", seen["encoder"] + 1)))
-    try:
-        for policy in ("ce", "exact_no_fallback", "ce_no_cap"):
-            bild = BiLD.early_exit(model, k, BiLDConfig(**POLICIES[policy]))
-            for key in seen:
-                seen[key] = 0
-            ids = random_prompt(11, length=7)
-            out = bild.generate(ids, max_new_tokens=24)
-            runner, stats = bild.runner, out.stats
-            assert stats.large_calls > 0 and stats.small_steps > 0
-            assert seen["low"] == runner.length + stats.rolled_back_tokens, policy
-            assert seen["high"] == runner.high_length + stats.rolled_back_tokens, policy
-            # every position the decoder holds was fed once: the prefix and the kept tokens (the last one at most
-            # not yet fed)
-            prefix = 1 if model.config.is_encoder_decoder else ids.shape[1]
-            assert prefix + out.stats.new_tokens - 1 <= runner.length <= prefix + out.stats.new_tokens
-            if model.config.is_encoder_decoder:
-                assert seen["encoder"] == 1
-    finally:
-        for h in handles:
-            h.remove()
+    def counting_encoder(self, *args):
+        seen["encoder"] += 1
+        return encoder_forward(self, *args)
+
+    monkeypatch.setattr(decoder_type, "run_layers", counting_layers)
+    if encoder_forward is not None:
+        monkeypatch.setattr(passes_type, "encoder_forward", counting_encoder)
+    for policy in ("ce", "exact_no_fallback", "ce_no_cap"):
+        bild = BiLD.early_exit(model, k, BiLDConfig(**POLICIES[policy]))
+        for key in seen:
+            seen[key] = 0
+        ids = random_prompt(11, length=7)
+        out = bild.generate(ids, max_new_tokens=24)
+        runner, stats = bild.runner, out.stats
+        assert stats.large_calls > 0 and stats.small_steps > 0
+        assert seen["low"] == runner.length + stats.rolled_back_tokens, policy
+        assert seen["high"] == runner.high_length + stats.rolled_back_tokens, policy
+        # every position the decoder holds was fed once: the prefix and the kept tokens (the last one at most
+        # not yet fed)
+        prefix = 1 if model.config.is_encoder_decoder else ids.shape[1]
+        assert prefix + out.stats.new_tokens - 1 <= runner.length <= prefix + out.stats.new_tokens
+        if model.config.is_encoder_decoder:
+            assert seen["encoder"] == 1
 
 
 @pytest.mark.parametrize("bad", (0, LAYERS, LAYERS + 1, -1, 1.5, True, "2"))

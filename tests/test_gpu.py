@@ -22,17 +22,26 @@ def test_compact_forward_equals_transformers_on_cuda(arch):
     assert compact_vs_transformers(tiny_model(arch, 0).cuda(), "cuda") < 1e-4
 
 
-@pytest.mark.parametrize("arch", FAST_ARCHS)
-@pytest.mark.parametrize("seed", range(4))
-def test_exact_rollback_equals_large_greedy_on_cuda_fp32(arch, seed):
-    """The default path on CUDA (graphs) in exact mode is the large model's greedy generate."""
+def check_exact_equals_greedy(arch, seed, compile):
     large, small = cuda_pair(arch, seed)
     ids = random_prompt(seed, length=4 + 2 * seed).cuda()
     ref = hf_greedy(large, ids, max_new_tokens=24).cpu()
     for cap in (None, 10, 4):
-        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, max_small_steps=cap))
-        assert bild.path == "fast (static cache, CUDA graphs)"
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, max_small_steps=cap, compile=compile))
+        assert bild.path == "fast (static cache, CUDA graphs" + (", compiled)" if compile else ")")
         assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences, ref), cap
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_rollback_equals_large_greedy_on_cuda_fp32(arch, seed):
+    """The default path on CUDA (graphs) in exact mode is the large model's greedy generate."""
+    check_exact_equals_greedy(arch, seed, None)
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_exact_rollback_on_the_compiled_passes_equals_large_greedy_fp32(arch):
+    check_exact_equals_greedy(arch, 1, True)
 
 
 @pytest.mark.parametrize("arch", FAST_ARCHS)
@@ -214,13 +223,11 @@ def test_rows_that_wait_look_ahead_on_cuda(arch):
 
 
 @pytest.mark.parametrize("rows", (1, 4, 16))
-def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows, monkeypatch):
-    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, FUSE_BOOKKEEPING on) writes every
-    buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones; and it did
-    compile (no silent fallback to the eager ops)."""
+def test_compiled_bookkeeping_equals_the_eager_ops_on_cuda(rows):
+    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, as a compiled runner uses it)
+    writes every buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones;
+    and it did compile (no silent fallback to the eager ops)."""
     import decode.fast as fast
-
-    monkeypatch.setattr(fast, "FUSE_BOOKKEEPING", True)
 
     g = torch.Generator().manual_seed(rows)
     for trial in range(6):
@@ -236,20 +243,105 @@ def test_fused_bookkeeping_equals_the_eager_ops_on_cuda(rows, monkeypatch):
             fused = [t.clone() for t in eager]
             with torch.inference_mode():
                 fn(*eager, advance)
-                fast._bookkeeping(fn, eager[0].device)(*fused, advance)
+                fast._bookkeeping(fn, True)(*fused, advance)
             assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (fn.__name__, trial)
             assert fast._FUSED[fn].compiled is not None
 
 
-@pytest.mark.parametrize("arch", ("bart", "qwen2"))
-def test_the_device_loop_with_fused_bookkeeping_decides_as_the_host_loop_on_cuda(arch, monkeypatch):
-    """With the bookkeeping compiled into the draft graphs (FUSE_BOOKKEEPING on): the device loop's tokens and
-    statistics as the host loop's, and lookahead's as decoding each row alone (tests/test_batch.py)."""
-    from test_batch import check_device_loop, check_lookahead
+def decode_compiled_and_not(large, small, ids, mask=None):
+    """BiLD in both rollback modes, with and without a step cap, and Greedy, on the compiled passes and on the same
+    passes uncompiled (both as CUDA graphs): sequences and statistics."""
+    results = []
+    for compile in (True, False):
+        out = {}
+        for name, cfg in {"exact": dict(rollback="exact", fallback_threshold=0.4),
+                          "ce": dict(fallback_threshold=0.4, rollback_threshold=1.5),
+                          "ce_nocap": dict(fallback_threshold=0.2, rollback_threshold=3.0, max_small_steps=None)}.items():
+            bild = BiLD(large, small, BiLDConfig(compile=compile, **cfg))
+            assert ("compiled" in bild.path) == compile
+            o = bild.generate(ids, mask, max_new_tokens=24)
+            stats = o.stats.as_dict()
+            stats.pop("seconds")
+            out[name] = (o.sequences.tolist(), stats)
+        out["greedy"] = Greedy(large, compile=compile).generate(ids, mask, max_new_tokens=24).sequences.tolist()
+        results.append(out)
+    return results
 
-    import decode.fast as fast
 
-    monkeypatch.setattr(fast, "FUSE_BOOKKEEPING", True)
-    check_device_loop(*cuda_pair(arch, 5))
-    check_lookahead(*cuda_pair(arch, 4))
-    assert all(f.compiled is not None for f in fast._FUSED.values())
+@pytest.mark.parametrize("arch", FAST_ARCHS)
+def test_compiled_passes_equal_the_uncompiled_ones_fp32(arch):
+    """torch.compile changes no token and no count (float32): one row, and a ragged batch decoded together."""
+    from test_batch import ragged_batch
+
+    large, small = cuda_pair(arch, 6)
+    compiled, plain = decode_compiled_and_not(large, small, random_prompt(6, length=9).cuda())
+    assert compiled == plain
+    ids, mask = (t.cuda() for t in ragged_batch(2, left_pad=not large.config.is_encoder_decoder))
+    compiled, plain = decode_compiled_and_not(large, small, ids, mask)
+    assert compiled == plain
+
+
+def test_nothing_compiles_again_while_decoding():
+    """After a first input, inputs of other lengths, prompts past the first prefill bucket and a cache that grows
+    compile nothing (dynamo's graph count stays), for BiLD one row at a time and in batches."""
+    from torch._dynamo.utils import counters
+
+    for arch in ("qwen2", "bart"):
+        large, small = cuda_pair(arch, 7)
+        bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.4, rollback_threshold=1.5, compile=True))
+        bild.generate(random_prompt(0, length=5).cuda(), max_new_tokens=16)
+        bild.generate(random_prompt(1, batch=3, length=6).cuda(), max_new_tokens=16)
+        graphs = counters["stats"]["unique_graphs"]
+        for length, new in ((3, 10), (30, 16), (70, 200)):
+            bild.generate(random_prompt(length, length=length).cuda(), max_new_tokens=new)
+            bild.generate(random_prompt(length, batch=3, length=length).cuda(), max_new_tokens=new)
+        assert counters["stats"]["unique_graphs"] == graphs, arch
+
+
+def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
+    """Compiling fuses a layer's norms, rotary, cache write, attention and residuals: one step of a 4-layer Qwen2
+    (without its graph) launches at most 12 kernels per layer plus the head's (the uncompiled passes: about 40)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model("qwen2", 0, width=64, layers=4).cuda()
+    counts = {}
+    for compile in (True, False):
+        runner = FastRunner(model, compile=compile)
+        runner.plan([("step", 1)])
+        with torch.inference_mode():
+            runner.start(random_prompt(0, length=6)[0].tolist(), 20)
+            step = runner._pass(("step", 1))
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+        counts[compile] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert counts[True] <= 12 * 4 + 8, counts
+    assert counts[True] < counts[False] / 2, counts
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5", "qwen2"))
+def test_compiled_early_exit_and_sampling_equal_the_uncompiled_ones_fp32(arch):
+    """Early exit (every policy) and speculative sampling (the same generator) on the compiled passes: the tokens and
+    counts of the uncompiled ones, float32."""
+    from test_early_exit import POLICIES
+
+    model = tiny_model(arch, 3, width=32, layers=4).cuda()
+    ids = random_prompt(4, length=7).cuda()
+    for name, policy in POLICIES.items():
+        outs = []
+        for compile in (True, False):
+            o = BiLD.early_exit(model, 2, BiLDConfig(compile=compile, **policy)).generate(ids, max_new_tokens=24)
+            stats = o.stats.as_dict()
+            stats.pop("seconds")
+            outs.append((o.sequences.tolist(), stats))
+        assert outs[0] == outs[1], name
+    large, small = cuda_pair(arch, 2)
+    sampled = []
+    for compile in (True, False):
+        gen = torch.Generator("cuda").manual_seed(5)
+        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.3, compile=compile))
+        sampled.append([bild.generate(ids, max_new_tokens=24, do_sample=True, generator=gen, temperature=0.8).sequences
+                        for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(*sampled))
