@@ -1,32 +1,34 @@
 """Per-step cost of decoding, per model shape, against the bytes floor: the numbers BiLD's speedup is made of.
 
-    python scripts/bench_step.py [--shapes demo_large demo_small t5_small t5_large qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b]
-                                 [--dtype bfloat16] [--steps 64] [--repeats 5]
+    python scripts/bench_step.py [--shapes demo_large demo_small qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b ...]
+                                 [--repeats 5] [--steps 64] [--uncompiled] [--eager] [--pairs] [--profile]
+                                 [--attention math cudnn efficient] [--batches 4 16 64]
+    python scripts/bench_step.py --compile-only qwen2.5_7b    # a fresh process's compile time (warm disk cache)
 
-Each shape is built from a config with random weights (no download), in bf16 at batch 1, then timed with the
-device synchronised, warm-up discarded, the median of --repeats runs (the spread is min-max over them):
-- eager step: one token through decode.cache.ModelRunner (transformers forward, DynamicCache), host read each step;
-- fast step: one token through decode.fast.FastRunner (static cache, one CUDA graph), host read each step;
-- graph only: the same step graph replayed --steps times back to back (each replay feeds the token the last one
-  wrote on the device), one host read at the end: the GPU's own time per step, without the host round trip;
-- device draft: FastRunner.draft (decode/fast.py), the loop's state on the device, one small host read per step
-  and the tokens once per 16 steps; per step;
-- fast check k=10: the large model's pass over 10 pending tokens + 1, as a CUDA graph;
-- fast sample step / sample check k=10: the same passes for speculative sampling at temperature 1 (the draw, or
-  the rejection rule over 10 drafts, inside the graph; uniforms written before each replay);
-- generate/token: transformers `generate` greedy, per new token;
-- start: beginning a sequence of a 20-token input (encoder and cross-attention keys and values, or the
-  prompt prefill), eager and fast;
-- with --batches B...: a second table, per batch size, of the batched passes (decode/batch.py) with every row
-  feeding: a step (host inputs written and verdicts read back, as the batched loop does), the same step graph
-  replayed without the host, the device draft loop's cost per step (16 per draft), plain and looking
-  ahead, with its bookkeeping fused into one kernel (decode.fast.FUSE_BOOKKEEPING) and unfused (the default), and a check of 4 pending tokens + 1 per row; ms per pass and per row;
+Each shape is built from a config with random weights (no download), in bf16 at batch 1, then timed with the device
+synchronised, warm-up discarded, the median of --repeats runs (the spread is min-max over them):
+- step: one token through decode.fast.FastRunner (compact passes compiled, one CUDA graph), host read each step, as
+  the decoding loop does; `graph only`: the same graph replayed --steps times back to back, one read at the end;
+  `device draft`: FastRunner.draft (the loop's state on the device), per step; with --uncompiled the same step on
+  the uncompiled passes, with --eager through transformers' own forward (decode.cache.ModelRunner);
+- check k: the large model's pass over k pending tokens + 1 (k = 10, and 1, 3, 5 with --pairs), as a graph;
+- start: beginning a sequence of a 20-token input (the prompt prefill as a graph, or the encoder), and for
+  decoder-only shapes a 512-token prompt, against its floor (max of bytes over bandwidth and FLOPs over the
+  measured matrix rate);
+- compile: the seconds the first start of a fresh compiled runner took (compiling and capturing its passes);
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
-Prints one table last (markdown).
+--pairs adds, for a 0.5B and a 1.5B drafter with a 7B large model (Qwen2.5 shapes), what BiLD and lossless
+speculative decoding reach at 2, 4 and 6 tokens per large call: arithmetic over the measured passes (t tokens per
+large call: BiLD runs t small steps, one of them the fallback, speculative decoding t - 1, and one check over t
+tokens), not a decoding run. --profile counts the kernels of one compiled step (without its graph) and lists the
+costliest. --attention times the compiled step and check with each attention backend traced into the passes.
+Prints the tables last (markdown).
 """
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -38,10 +40,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: E402
 
+import decode.compact  # noqa: E402
 from decode.cache import ModelRunner  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 from decode.generation import device_sync  # noqa: E402
-from decode.sampling import Sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QWEN = dict(model_type="qwen2", rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6, hidden_act="silu")
@@ -57,6 +59,8 @@ SHAPES = {  # name: (config fields, vocabulary)
     "qwen2.5_7b": (dict(QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False), 152064),
 }
+PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b")]
+BACKENDS = {"math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
 
 def build(name, device, dtype):
@@ -105,6 +109,19 @@ def copy_bandwidth(device) -> float:
     return 2 * 2**31 / statistics.median(times[2:])
 
 
+def matmul_rate(device, dtype) -> float:
+    """FLOP per second of an 8192^3 product on random data."""
+    a, b = torch.randn(8192, 8192, device=device, dtype=dtype), torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t)
+
+
 def timed(fn, repeats, device):
     fn()  # warm-up
     times = []
@@ -117,40 +134,53 @@ def timed(fn, repeats, device):
     return statistics.median(times), min(times), max(times)
 
 
-def measure(name, args, device, dtype, bandwidth):
+def per(result, n):
+    """(median, min, max) seconds -> ms per unit."""
+    return tuple(1000 * x / n for x in result)
+
+
+def fmt(t):
+    return f"{t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f})"
+
+
+def compiled_runner(model, prompt, keys, capacity):
+    """A fresh compiled runner and the seconds its first start took (compiling and capturing `keys`)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    runner = FastRunner(model, compile=True)
+    runner.plan(keys)
+    runner.start(prompt, capacity)
+    torch.cuda.synchronize()
+    return runner, time.perf_counter() - t
+
+
+def step_loop(runner, prompt, steps, capacity):
+    def run():
+        runner.start(prompt, capacity)
+        token = 5
+        for _ in range(steps):
+            _, token = runner.step([token])  # host read per step, as in the decoding loop
+    return run
+
+
+@torch.inference_mode()
+def measure(name, args, device, dtype, bandwidth, rate):
     model = build(name, device, dtype)
     enc_dec = model.config.is_encoder_decoder
     prompt = torch.randint(3, 1000, (20,)).tolist()
     steps, k = args.steps, 10
-    row = {"shape": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-           "floor_ms": 1000 * step_bytes(model) / bandwidth}
+    capacity = steps + 2 * k + 2
+    params = sum(p.numel() for p in model.parameters())
+    row = {"shape": name, "params_M": params / 1e6, "floor_ms": 1000 * step_bytes(model) / bandwidth}
+    checks = [10] + ([1, 3, 5] if args.pairs else [])
+    keys = [("step", 1), ("draft", 1), ("draft_next", 1)] + [("check", c + 1, "exact") for c in checks]
+    fast, row["compile_s"] = compiled_runner(model, prompt, keys, capacity)
+    row["compile_log"] = fast.passes.compile_log
+    print(f"{name}: compiled in {row['compile_s']:.1f} s: " + ", ".join(f"{p} ({v}) {s:.1f}" for p, v, s in fast.passes.compile_log),
+          flush=True)
+    row["step"] = per(timed(step_loop(fast, prompt, steps, capacity), args.repeats, device), steps)
 
-    def decode(runner):
-        def run():
-            runner.start(prompt, steps + k + 2)
-            token = 5
-            for _ in range(steps):
-                _, token = runner.step([token])  # host read per step, as in the decoding loop
-        return run
-
-    eager, fast = ModelRunner(model), FastRunner(model)
-    runners = [("eager", eager), ("fast", fast)]
-    if args.compile:
-        compiled = FastRunner(model, compile=True)
-        runners.append(("compiled", compiled))
-        t = time.perf_counter()
-        compiled.plan([("step", 1), ("check", k + 1, "exact")])
-        compiled.start(prompt, steps + k + 2)
-        row["compile_s"] = time.perf_counter() - t
-    fast.plan([("step", 1), ("check", k + 1, "exact")])
-    for label, runner in runners:
-        med, lo, hi = timed(decode(runner), args.repeats, device)
-        row[f"{label}_ms"], row[f"{label}_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
-        # a sequence's start: the encoder and cross-attention K/V (encoder-decoder), or the prompt prefill
-        med, lo, hi = timed(lambda: [runner.start(prompt, steps + k + 2) for _ in range(steps)], args.repeats, device)
-        row[f"{label}_start_ms"] = 1000 * med / steps
-
-    fast.start(prompt, steps + k + 2)
+    fast.start(prompt, capacity)
     fast.step([5])
     graph, base = fast._graphs[("step", 1)], fast.length
 
@@ -160,79 +190,110 @@ def measure(name, args, device, dtype, bandwidth):
             graph.replay()
         fast._step_out.tolist()
 
-    med, lo, hi = timed(replays, args.repeats, device)
-    row["graph_ms"], row["graph_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+    row["graph"] = per(timed(replays, args.repeats, device), steps)
     fast._forget_device_state()
 
-    # the device draft loop: the state on the device, one small read per step (a threshold nothing falls under)
-    fast.plan([("draft", 1), ("draft_next", 1)])
-
     def drafted():
-        fast.start(prompt, steps + k + 2)
+        fast.start(prompt, capacity)
         token = 5
         for _ in range(steps // 16):
             _, kept = fast.draft([token], 16, 16, -1.0, [-1])
             token = kept[-1]
 
-    med, lo, hi = timed(drafted, args.repeats, device)
-    row["draft_ms"], row["draft_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+    row["draft"] = per(timed(drafted, args.repeats, device), steps)
 
-    def check():
-        for _ in range(steps):
-            fast.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
-            fast.rewind(fast.length - k - 1)
+    for c in checks:
+        def check(c=c):
+            for _ in range(steps):
+                fast.check(list(range(5, 5 + c + 1)), c, "exact", 0.0)
+                fast.rewind(fast.length - c - 1)
 
-    if args.compile:
-        fast = compiled
-    fast.start(prompt, steps + k + 2)
-    fast.step([5])
-    med, lo, hi = timed(check, args.repeats, device)
-    row["check_ms"], row["check_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+        fast.start(prompt, capacity)
+        fast.step([5])
+        row[f"check{c}"] = per(timed(check, args.repeats, device), steps)
 
-    # speculative sampling's passes (temperature 1): the draw, and the rejection rule over k drafts, in the graphs
-    sampling = Sampling(1.0, generator=torch.Generator(device).manual_seed(0))
-    fast.plan([("sample", 1, sampling.key), ("sample_check", k + 1, sampling.key)])
-    fast.start(prompt, steps + k + 2)
+    row["start"] = per(timed(lambda: [fast.start(prompt, capacity) for _ in range(steps)], args.repeats, device), steps)
+    if not enc_dec:  # a long prompt: its prefill graph, against max(bytes, FLOPs) over the measured rates
+        long_prompt = torch.randint(3, 1000, (512,)).tolist()
+        fast.start(long_prompt, 8)  # captures the 512 bucket
+        row["start512"] = per(timed(lambda: [fast.start(long_prompt, 8) for _ in range(8)], args.repeats, device), 8)
+        flops = 2 * (params - model.get_input_embeddings().weight.numel()) * 511
+        row["start512_floor"] = 1000 * max(step_bytes(model) / bandwidth, flops / rate)
 
-    def sample():
-        fast.start(prompt, steps + k + 2)
-        token = 5
-        for _ in range(steps):
-            _, token = fast.sample_step([token], sampling, draft=False)
+    if args.uncompiled:
+        plain = FastRunner(model, compile=False)
+        plain.plan([("step", 1)])
+        row["uncompiled"] = per(timed(step_loop(plain, prompt, steps, capacity), args.repeats, device), steps)
+        del plain
+    if args.eager:
+        row["eager"] = per(timed(step_loop(ModelRunner(model), prompt, steps, capacity), max(3, args.repeats // 2), device), steps)
 
-    med, lo, hi = timed(sample, args.repeats, device)
-    row["sample_ms"], row["sample_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
-    fast.step([5])
-    drafts = torch.softmax(torch.randn(k, fast._drafts.shape[-1], device=device), dim=-1)
+    if args.profile:
+        row["profile"] = profile_step(fast)
+    for backend in args.attention:
+        decode.compact.COMPILED_ATTENTION = [getattr(torch.nn.attention.SDPBackend, BACKENDS[backend])]
+        decode.compact._PASSES.pop(model, None)  # passes traced anew with this backend
+        try:
+            runner, secs = compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
+            fast_graph = runner._graphs[("step", 1)]
 
-    def sample_check():
-        for _ in range(steps):
-            fast.sample_check(list(range(5, 5 + k + 1)), k, drafts, sampling)
-            fast.rewind(fast.length - k - 1)
+            def graph_only():
+                for _ in range(steps):
+                    fast_graph.replay()
+                runner._step_out.tolist()
 
-    med, lo, hi = timed(sample_check, args.repeats, device)
-    row["sample_check_ms"], row["sample_check_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
+            def check():
+                for _ in range(steps):
+                    runner.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
+                    runner.rewind(runner.length - k - 1)
 
-    ids = torch.tensor([prompt], device=device)
-    gen_kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1, eos_token_id=1, pad_token_id=0)
-    med, lo, hi = timed(lambda: model.generate(ids, **gen_kwargs), max(3, args.repeats // 2), device)
-    row["generate_ms"], row["generate_spread"] = 1000 * med / steps, (1000 * lo / steps, 1000 * hi / steps)
-    del model, eager, fast
+            runner.step([5])
+            row[f"attn_{backend}"] = (per(timed(graph_only, args.repeats, device), steps),
+                                      per(timed(check, args.repeats, device), steps), secs)
+            del runner, fast_graph
+        except Exception as err:  # noqa: BLE001 - a backend that cannot trace these shapes: say so in the table
+            row[f"attn_{backend}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+        decode.compact.COMPILED_ATTENTION = [torch.nn.attention.SDPBackend.MATH]
+        decode.compact._PASSES.pop(model, None)
+        torch.cuda.empty_cache()
+    del model, fast, graph
     torch.cuda.empty_cache()
     return row
+
+
+def profile_step(runner) -> dict:
+    """Kernels of one compiled step run without its graph: how many, and the costliest by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = runner._pass(("step", 1))
+    for _ in range(3):
+        runner._pos0.fill_(30)
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner._pos0.fill_(30)
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {"kernels_per_step": len(kernels) / 5, "device_us_per_step": sum(sum(v) for v in by_name.values()) / 5,
+            "top": [(name[:90], len(v) / 5, sum(v) / 5) for name, v in top]}
 
 
 @torch.inference_mode()
 def measure_batches(name, args, device, dtype) -> list[dict]:
     """Batched passes by batch size: what a row costs in a pass of B rows, and the host's share of a step."""
-    import decode.fast
     from decode.batch import BatchRunner
 
     model = build(name, device, dtype)
     steps, out = args.steps, []
     for batch in args.batches:
-        runner = BatchRunner(model, batch)
-        runner.plan([("step", 1), ("check", 5, "exact")])
+        runner = BatchRunner(model, batch, compile=True)
+        runner.plan([("step", 1), ("check", 5, "exact"), ("draft", 1), ("draft_next", 1)])
         prompts = [torch.randint(3, 1000, (20,)).tolist() for _ in range(batch)]
 
         def stepped():
@@ -252,96 +313,118 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
                 for b in range(batch):
                     runner.rewind(b, runner.lengths[b] - 5)
 
-        def drafted(runner, lookahead=None):  # 16 steps per draft, every row running throughout
-            def run():
-                runner.start(prompts, steps + 8)
-                for _ in range(steps // 16):
-                    runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1], lookahead=lookahead)
-            return run
+        def drafted():  # 16 steps per draft, every row running throughout
+            runner.start(prompts, steps + 8)
+            for _ in range(steps // 16):
+                runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1])
 
-        # the draft loop's steps, plain and looking ahead (its own graphs; nothing is guessed here, which costs the
-        # same kernels), with the bookkeeping fused and, in a second runner, unfused
-        draft_keys = [("draft", 1), ("draft_next", 1), ("draft", 1, "ahead"), ("draft_next", 1, "ahead")]
-        ahead = (None, [False] * batch, [None] * batch)
-        runner.plan(draft_keys)
-        unfused = BatchRunner(model, batch)
-        unfused.plan(draft_keys)
         row = {"shape": name, "batch": batch}
-        default = decode.fast.FUSE_BOOKKEEPING
-        decode.fast.FUSE_BOOKKEEPING = True  # read when a graph is captured, at the runner's first start
-        timings = [("step", stepped), ("graph", replays), ("check", checked), ("draft", drafted(runner)),
-                   ("draft_ahead", drafted(runner, ahead))]
-        for key, fn in timings:
-            med, lo, hi = timed(fn, args.repeats, device)
-            row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
-        decode.fast.FUSE_BOOKKEEPING = False
-        for key, fn in (("draft_unfused", drafted(unfused)), ("draft_ahead_unfused", drafted(unfused, ahead))):
-            med, lo, hi = timed(fn, args.repeats, device)
-            row[key] = (1000 * med / steps, 1000 * lo / steps, 1000 * hi / steps)
-        decode.fast.FUSE_BOOKKEEPING = default
+        for key, fn in (("step", stepped), ("graph", replays), ("check", checked), ("draft", drafted)):
+            row[key] = per(timed(fn, args.repeats, device), steps)
         out.append(row)
         print(f"{name} batch {batch}: step {row['step'][0]:.3f} graph only {row['graph'][0]:.3f} "
               f"check k=4 {row['check'][0]:.3f} ms per pass", flush=True)
-        del runner, unfused
+        del runner
     del model
     torch.cuda.empty_cache()
     return out
 
 
+def pair_table(rows: dict) -> list[str]:
+    lines = ["| small -> large | small step | large step | check t=2 / 4 / 6 (k=1 / 3 / 5) | BiLD at 2 / 4 / 6 tokens "
+             "per large call | speculative decoding at 2 / 4 / 6 |", "|---|---|---|---|---|---|"]
+    for small, large in PAIRS:
+        if small not in rows or large not in rows or "check1" not in rows[large]:
+            continue
+        s = min(rows[small]["step"][0], rows[small]["draft"][0])  # the cheaper of the host and the device loop
+        big = rows[large]["step"][0]
+        check = {2: rows[large]["check1"][0], 4: rows[large]["check3"][0], 6: rows[large]["check5"][0]}
+        bild = [t * big / (t * s + check[t]) for t in (2, 4, 6)]
+        spec = [t * big / ((t - 1) * s + check[t]) for t in (2, 4, 6)]
+        lines.append(f"| {small} -> {large} | {s:.3f} | {big:.3f} | " + " / ".join(f"{check[t]:.3f}" for t in (2, 4, 6))
+                     + " | " + " / ".join(f"{x:.2f}x" for x in bild) + " | " + " / ".join(f"{x:.2f}x" for x in spec) + " |")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="*", default=["demo_large", "demo_small", "qwen2.5_0.5b", "qwen2.5_1.5b", "qwen2.5_7b"],
+                   choices=list(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time the fast path with torch.compile (its check then)")
+    p.add_argument("--uncompiled", action="store_true", help="also time the step on the uncompiled passes")
+    p.add_argument("--eager", action="store_true", help="also time transformers' own forward (ModelRunner)")
+    p.add_argument("--pairs", action="store_true", help="checks of 1, 3, 5 pending tokens and the pair table")
+    p.add_argument("--profile", action="store_true", help="count the kernels of one compiled step")
+    p.add_argument("--attention", nargs="*", default=[], choices=list(BACKENDS), help="time these attention backends")
     p.add_argument("--batches", nargs="*", type=int, default=[], help="also time the batched passes at these batch sizes")
+    p.add_argument("--compile-only", metavar="SHAPE", help="only time a fresh compiled runner's first start")
+    p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_step.py measures CUDA graphs: it needs a CUDA device")
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    bandwidth = copy_bandwidth(device)
-    rows = []
+    if args.compile_only:
+        model = build(args.compile_only, device, dtype)
+        prompt = torch.randint(3, 1000, (20,)).tolist()
+        with torch.inference_mode():
+            runner, secs = compiled_runner(model, prompt, [("step", 1), ("draft", 1), ("draft_next", 1), ("check", 11, "exact")], 100)
+        print(f"{args.compile_only}: a fresh runner's first start (compile and capture) took {secs:.1f} s "
+              f"(cache dir {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}): "
+              + ", ".join(f"{p} ({v}) {s:.1f}" for p, v, s in runner.passes.compile_log))
+        return
+    bandwidth, rate = copy_bandwidth(device), matmul_rate(device, dtype)
+    rows = {}
     for name in args.shapes:
-        rows.append(measure(name, args, device, dtype, bandwidth))
-        r = rows[-1]
-        print(f"{name}: start eager {r['eager_start_ms']:.3f} fast {r['fast_start_ms']:.3f}; "
-              f"eager {r['eager_ms']:.3f} fast {r['fast_ms']:.3f} graph only {r['graph_ms']:.3f} check {r['check_ms']:.3f} "
-              + (f"compiled {r['compiled_ms']:.3f} (compile {r['compile_s']:.0f} s) " if args.compile else "") +
-              f"sample step {r['sample_ms']:.3f} sample check {r['sample_check_ms']:.3f} "
-              f"generate {r['generate_ms']:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
-    spread = lambda r, key: f"{r[key + '_ms']:.3f} ({r[key + '_spread'][0]:.3f}-{r[key + '_spread'][1]:.3f})"  # noqa: E731
-    print(f"\ndevice: {torch.cuda.get_device_name()}; {args.dtype}; batch 1; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"ms per token, median of {args.repeats} runs of {args.steps} steps (min-max)")
-    best = "compiled" if args.compile else "fast"
-    print("| shape | params (M) | floor | eager step | fast step | graph only | device draft, per step | "
-          + ("compiled step | " if args.compile else "")
-          + f"{best} / floor | {best} check k=10 | fast sample step | fast sample check k=10 | generate / token | "
-          "start eager / fast |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
-    for r in rows:
-        print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {spread(r, 'eager')} | {spread(r, 'fast')} | "
-              f"{spread(r, 'graph')} | "
-              + f"{spread(r, 'draft')} | "
-              + (f"{spread(r, 'compiled')} | " if args.compile else "")
-              + f"{r[best + '_ms'] / r['floor_ms']:.2f}x | {spread(r, 'check')} | {spread(r, 'sample')} | "
-              f"{spread(r, 'sample_check')} | {spread(r, 'generate')} | "
-              f"{r['eager_start_ms']:.3f} / {r['fast_start_ms']:.3f} |")
+        rows[name] = r = measure(name, args, device, dtype, bandwidth, rate)
+        print(f"{name}: step {r['step'][0]:.3f} graph only {r['graph'][0]:.3f} draft {r['draft'][0]:.3f} check k=10 "
+              f"{r['check10'][0]:.3f} start {r['start'][0]:.3f} floor {r['floor_ms']:.3f} ms", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"\ndevice: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}; batch 1; copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s; matrix rate {rate / 1e12:.0f} TFLOP/s; ms, median of {args.repeats} runs of "
+          f"{args.steps} steps (min-max)")
+    extra = (["uncompiled step"] if args.uncompiled else []) + (["transformers forward"] if args.eager else [])
+    print("| shape | params (M) | floor | step (compiled, host read) | step / floor | graph only | device draft, per step "
+          "| check k=10 | check / step | start (20 tokens) | start 512 (floor) | compile (s) | " + " | ".join(extra)
+          + (" |" if extra else ""))
+    print("|---" * (12 + len(extra)) + "|")
+    for r in rows.values():
+        s512 = f"{r['start512'][0]:.2f} ({r['start512_floor']:.2f})" if "start512" in r else "-"
+        cells = [fmt(r["uncompiled"])] if args.uncompiled else []
+        cells += [fmt(r["eager"])] if args.eager else []
+        print(f"| {r['shape']} | {r['params_M']:.0f} | {r['floor_ms']:.3f} | {fmt(r['step'])} | "
+              f"{r['step'][0] / r['floor_ms']:.2f}x | {fmt(r['graph'])} | {fmt(r['draft'])} | {fmt(r['check10'])} | "
+              f"{r['check10'][0] / r['step'][0]:.2f} | {fmt(r['start'])} | {s512} | {r['compile_s']:.0f} | "
+              + " | ".join(cells) + (" |" if cells else ""))
+    if args.attention:
+        print("\nattention backend traced into the compiled passes: graph-only step / check k=10 ms (compile s)")
+        for r in rows.values():
+            cells = []
+            for b in args.attention:
+                v = r[f"attn_{b}"]
+                cells.append(v if isinstance(v, str) else f"{v[0][0]:.3f} / {v[1][0]:.3f} ({v[2]:.0f} s)")
+            print(f"| {r['shape']} | " + " | ".join(f"{b}: {c}" for b, c in zip(args.attention, cells)) + " |")
+    if args.profile:
+        for r in rows.values():
+            pr = r["profile"]
+            print(f"\n{r['shape']}: {pr['kernels_per_step']:.0f} kernels per compiled step, {pr['device_us_per_step']:.0f} us "
+                  "of kernel time (no graph)")
+            for name, count, us in pr["top"]:
+                print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
+    if args.pairs:
+        print("\nper pair, ms from the rows above; arithmetic over the measured passes, not a decoding run")
+        print("\n".join(pair_table(rows)))
     if args.batches:
         batched = [r for name in args.shapes for r in measure_batches(name, args, device, dtype)]
-        print(f"\nbatched passes (decode/batch.py), every row feeding; ms per pass, median of {args.repeats} runs of "
-              f"{args.steps} passes (min-max); per row: ms per pass / batch")
-        print("| shape | batch | step (host in/out) | step graph only | host share | device draft, per step | "
-              "device draft, unfused bookkeeping | lookahead draft | lookahead draft, unfused | check k=4 | "
-              "step per row | check per row |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"\nbatched passes (decode/batch.py, compiled), every row feeding; ms per pass, median of {args.repeats} "
+              f"runs (min-max)")
+        print("| shape | batch | step (host in/out) | step graph only | device draft, per step | check k=4 | step per row |")
+        print("|---|---|---|---|---|---|---|")
         for r in batched:
-            step, graph, check = r["step"], r["graph"], r["check"]
-            drafts = " | ".join(f"{r[k][0]:.3f} ({r[k][1]:.3f}-{r[k][2]:.3f})"
-                                for k in ("draft", "draft_unfused", "draft_ahead", "draft_ahead_unfused"))
-            print(f"| {r['shape']} | {r['batch']} | {step[0]:.3f} ({step[1]:.3f}-{step[2]:.3f}) | {graph[0]:.3f} | "
-                  f"{1 - graph[0] / step[0]:.0%} | {drafts} | {check[0]:.3f} ({check[1]:.3f}-{check[2]:.3f}) | "
-                  f"{step[0] / r['batch']:.4f} | {check[0] / r['batch']:.4f} |")
+            print(f"| {r['shape']} | {r['batch']} | {fmt(r['step'])} | {fmt(r['graph'])} | {fmt(r['draft'])} | "
+                  f"{fmt(r['check'])} | {r['step'][0] / r['batch']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,6 @@
 # AHEAD=1 instead: after tuning, the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64) at the defaults
 # (waiting rows look ahead in batches), then BiLD's throughput at 4/16/64 with lookahead=false (what lookahead
 # saves), then bench_step --batches on the demo small shape.
-# FUSE=1 instead: after tuning, bench_step --batches on the demo small shape (the draft step's bookkeeping fused and
-# unfused), the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64, bookkeeping fused), BiLD's
-# throughput at 4/16/64 with fuse_bookkeeping=false, then speculative sampling at temperature 1, batch 1, 2 passes, at
-# each of SAMPLE_SETTINGS (comma-joined overrides; default fallback 0.7, 0.9, and no fallback with a step cap of 3).
 # B16=1 instead: after tuning, both small models copied and tuned again at batch 16 (step cap 4 or 10 in the grid,
 # 3 interleaved passes per point) with a BLEU budget of BUDGET16 (default 0: no lower than the large model on valid);
 # then the greedy table (large, BiLD, lossless BiLD; throughput of both BiLD rows at 1/4/16) at those points.
@@ -62,15 +58,6 @@ elif [[ -n "${AHEAD:-}" ]]; then
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" lookahead=false \
     out=$R/throughput_lookahead_false
   python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
-elif [[ -n "${FUSE:-}" ]]; then
-  python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
-  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" fuse_bookkeeping=true out=$R/throughput
-  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" fuse_bookkeeping=false \
-    out=$R/throughput_unfused
-  for s in ${SAMPLE_SETTINGS:-fallback_threshold=0.7 fallback_threshold=0.9 fallback_threshold=0,max_small_steps=3}; do
-    "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 \${s//,/ } "systems=[large,bild_exact]" \
-      "throughput_batch_sizes=[]" repeats=2 out=$R/sampling_\${s//[=,]/_}
-  done
 elif [[ -n "${B16:-}" ]]; then
   retune16 repeats=3 --budget ${BUDGET16:-0}  # no BLEU below the large model on valid by default
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" "throughput_batch_sizes=[1, 4, 16]" \
