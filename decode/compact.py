@@ -48,6 +48,10 @@ INDUCTOR_OPTIONS = {True: {"online_softmax": False}, False: {"online_softmax": F
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
+# The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
+# path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
+UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH]
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -217,7 +221,10 @@ class Pass:
         one = x.shape[0] == 1 and x.shape[1] == 1
         compiled = self.variants.get(one)
         if compiled is None:
-            return self.fn(x, *args)
+            if x.device.type != "cuda":
+                return self.fn(x, *args)
+            with sdpa_kernel(UNCOMPILED_ATTENTION):
+                return self.fn(x, *args)
         first = one in self._first
         start = time.perf_counter()
         try:

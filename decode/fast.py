@@ -44,7 +44,7 @@ import weakref
 import torch
 from transformers import PreTrainedModel
 
-from decode.cache import ModelRunner, first_cut, is_encoder_decoder, prefer_fast_attention, step_verdict
+from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdict
 from decode.compact import model_passes, notice, unsupported_reason  # noqa: F401 - notice, unsupported_reason: re-exported
 from decode.sampling import noise_size, sample_step, verify
 
@@ -180,7 +180,6 @@ class FastRunner:
     prefers_device_loop = False  # BiLDConfig.device_loop=None: one row's host loop is lean, the device loop measured slower
 
     def __init__(self, model: PreTrainedModel, compile: bool | None = None):
-        prefer_fast_attention()  # the uncompiled passes' attention (the compiled ones pick their own backend)
         device = next(model.parameters()).device
         self.compiled = compile_wanted(compile, device)
         self.passes = model_passes(model, self.compiled)  # shared by every runner over the model
