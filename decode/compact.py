@@ -372,7 +372,7 @@ class LlamaPasses(Passes):
         cfg = model.config
         inner = model.model
         self.rotary = inner.rotary_emb
-        self.embed_tokens, self.lm_head, self.final_norm = inner.embed_tokens, model.lm_head, inner.norm
+        self.embed_tokens, self.final_norm = inner.embed_tokens, inner.norm
         layers = list(inner.layers)
         self.n_layers = len(layers)
         attn = layers[0].self_attn
@@ -514,18 +514,20 @@ def _cross_kv(n_heads):
     return cross_kv
 
 
-class BartPasses(Passes):
-    """BART and Marian: post-norm layers, learned (BART, offset 2) or sinusoidal (Marian) positions."""
-
+class _EncoderDecoderPasses(Passes):
     is_encoder_decoder = True
 
     def __init__(self, model, compile):
         super().__init__(model, compile)
-        cfg = model.config
-        self.encoder, dec = model.get_encoder(), model.get_decoder()
-        self.dec, self.lm_head = dec, model.lm_head
-        # a buffer, replaced (not moved in place) when the model moves: read it from the model each time
-        self._model = weakref.ref(model)
+        self.encoder, self.dec = model.get_encoder(), model.get_decoder()
+
+
+class BartPasses(_EncoderDecoderPasses):
+    """BART and Marian: post-norm layers, learned (BART, offset 2) or sinusoidal (Marian) positions."""
+
+    def __init__(self, model, compile):
+        super().__init__(model, compile)
+        cfg, dec = model.config, self.dec
         layers = list(dec.layers)
         self.n_layers = len(layers)
         attn = layers[0].self_attn
@@ -579,8 +581,8 @@ class BartPasses(Passes):
         self._embed = self._pass(_bart_embed(eps), "embedding")
 
     @property
-    def logits_bias(self):
-        return self._model().final_logits_bias
+    def logits_bias(self):  # a buffer, replaced (not moved in place) when the model moves: read from the model
+        return self.model_ref().final_logits_bias
 
     def embed(self, ids, pos):
         dec = self.dec
@@ -658,16 +660,12 @@ class BartDecoder(EncoderDecoderDecoder):
         return h
 
 
-class T5Passes(Passes):
+class T5Passes(_EncoderDecoderPasses):
     """T5 and mT5: pre-norm (RMS) layers, a relative position bias shared by every layer, no attention scaling."""
-
-    is_encoder_decoder = True
 
     def __init__(self, model, compile):
         super().__init__(model, compile)
-        cfg = model.config
-        self.encoder, dec = model.get_encoder(), model.get_decoder()
-        self.dec, self.lm_head = dec, model.lm_head
+        cfg, dec = model.config, self.dec
         blocks = list(dec.block)  # the decoder's depth, which may differ from the encoder's
         self.n_layers = len(blocks)
         self.rel = blocks[0].layer[0].SelfAttention
