@@ -91,7 +91,7 @@ class BatchRunner(FastRunner):
     @classmethod
     def for_model(cls, model: PreTrainedModel, rows: int, compile: bool | None = None) -> "BatchRunner":
         """The model's runner for `rows` rows, made on first use (or anew when the model moved, its weights were
-        replaced or `compile` differs; None: compiled on CUDA)."""
+        replaced or `compile` differs; None: decode.fast.compile_wanted's default)."""
         batch = batch_size_for(rows)
         runners = _BATCH_RUNNERS.setdefault(model, {})
         runner = runners.get(batch)
@@ -134,7 +134,7 @@ class BatchRunner(FastRunner):
         if n:
             inp = self._inputs(feeds, n, static=False)
             ids, pos = self._ids_pos(inp, n)
-            self.decoder.forward(ids, pos, last_only=True)
+            self.decoder.feed(ids, pos)
             self._advance(feeds)
 
     @torch.inference_mode()

@@ -26,12 +26,14 @@ Covered: Llama, Qwen2, Mistral (decoder-only, sliding windows included); BART, M
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import types
 import weakref
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
@@ -228,7 +230,10 @@ class Pass:
         first = one in self._first
         start = time.perf_counter()
         try:
-            with sdpa_kernel(COMPILED_ATTENTION) if x.device.type == "cuda" else _nothing():
+            # no duck sizing: sizes that happen to be equal (a head dimension and a source length of 16) are not tied
+            # together, which would compile again once they differ
+            with sdpa_kernel(COMPILED_ATTENTION) if x.device.type == "cuda" else contextlib.nullcontext(), \
+                    fx_config.patch(use_duck_shape=False):
                 out = compiled(x, *args)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -243,14 +248,6 @@ class Pass:
             owner.compile_seconds += spent
             owner.compile_log.append((self.label, "one token" if one else "any shape", spent))
         return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class Passes:
@@ -337,8 +334,13 @@ class Decoder:
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """ids, pos: [B, n]. Writes the caches at pos; returns logits [B, n, V] (or [B, 1, V] with last_only)."""
-        h = self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
+        h = self.feed(ids, pos)
         return self.head(h[:, -1:] if last_only else h)
+
+    def feed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids, pos: [B, n]. Writes the caches at pos (a prompt, a catch-up) and computes no logits; returns the last
+        layer's states [B, n, d]."""
+        return self.run_layers(self.embed(ids, pos), pos, 0, self.n_layers)
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids, pos: [B, n] -> the first layer's input [B, n, d]."""
@@ -354,10 +356,6 @@ class Decoder:
         if norm is None:
             return self.passes.head(h)
         return output_logits(self.passes.model_ref(), h, norm)
-
-    def final_norm_module(self):
-        """The decoder's final norm, or None (BART and Marian have none: each layer ends normalised)."""
-        return self.passes.final_norm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -718,14 +716,16 @@ class T5Passes(_EncoderDecoderPasses):
         self._head = self._pass(head, "head")
         rel = self.rel
 
-        def self_bias(pos, table, capacity_row):
-            """Relative position bias plus the causal mask, additive: pos [B, n] -> [B, H, n, capacity]."""
-            slots = torch.arange(capacity_row.shape[-1], device=pos.device)
+        def self_bias(pos, table, k_cache):
+            """Relative position bias plus the causal mask, additive: pos [B, n] -> [B, H, n, capacity]; the capacity is
+            read off a layer's key cache [B, H, capacity, D], whose size the compiled pass takes as dynamic."""
+            capacity = k_cache.shape[2]
+            slots = torch.arange(capacity, device=pos.device)
             bucket = rel._relative_position_bucket(
                 slots - pos[..., None], bidirectional=False, num_buckets=rel.relative_attention_num_buckets,
                 max_distance=rel.relative_attention_max_distance)
             bias = F.embedding(bucket, table).permute(0, 3, 1, 2)  # [B, H, n, L]
-            return bias.masked_fill(~causal_mask(pos, capacity_row.shape[-1]), torch.finfo(bias.dtype).min)
+            return bias.masked_fill(~causal_mask(pos, capacity), torch.finfo(bias.dtype).min)
 
         self._self_bias = self._pass(self_bias, "position bias")
 
@@ -739,8 +739,8 @@ class T5Passes(_EncoderDecoderPasses):
             wi = self._keep(dense.wi.weight)
         return self._keep(ff.layer_norm.weight), wi, self._keep(dense.wo.weight)
 
-    def self_bias(self, pos, capacity_row):
-        return self._self_bias(pos, self.bias_table, capacity_row)
+    def self_bias(self, pos, k_cache):
+        return self._self_bias(pos, self.bias_table, k_cache)
 
     def embed(self, ids, pos):
         return F.embedding(ids, self.embed_weight)
@@ -803,8 +803,9 @@ def _t5_encoder_layer(n_heads, eps, act, gated):
 class T5Decoder(EncoderDecoderDecoder):
     def run_layers(self, h, pos, start, stop):
         p = self.passes
-        bias = p.self_bias(pos, self.kv.k[0, 0, 0, :, 0])
+        bias = p.self_bias(pos, self.kv.layers[0][0])
         cross_bias = torch.zeros((), dtype=h.dtype, device=h.device).masked_fill(~self.src_visible, torch.finfo(h.dtype).min)
+        torch._dynamo.maybe_mark_dynamic(cross_bias, 3)  # the source capacity, as src_visible's
         for i in range(start, stop):
             k_cache, v_cache = self.kv.layers[i]
             cross_k, cross_v = self.cross.layers[i]

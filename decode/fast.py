@@ -244,7 +244,7 @@ class FastRunner:
     @classmethod
     def for_model(cls, model: PreTrainedModel, compile: bool | None = None) -> "FastRunner":
         """The model's runner, made on first use (or anew when the model moved, its weights were replaced or
-        `compile` differs; None: compiled on CUDA)."""
+        `compile` differs; None: decode.fast.compile_wanted's default)."""
         runner = _RUNNERS.get(model)
         param = next(model.parameters())
         want = compile_wanted(compile, param.device)
@@ -477,8 +477,7 @@ class FastRunner:
 
         def prefill():  # key: ("prefill", bucket): a padded prompt through every layer; nothing read back
             pos = (self._pos0 + self._arange_prefill[:n])[None]
-            dec = self.decoder
-            dec.run_layers(dec.embed(self._prefill_ids[None, :n], pos), pos, 0, dec.n_layers)
+            self.decoder.feed(self._prefill_ids[None, :n], pos)
 
         def check():
             pos = self._pos0 + self._arange[:n]
@@ -624,7 +623,7 @@ class FastRunner:
     def _eager_catch_up(self, tokens: list[int]) -> None:
         """Feeds `tokens` without a graph (any number of them) and reads nothing back."""
         ids = torch.tensor([tokens], device=self.device)
-        self.decoder.forward(ids, self.length + torch.arange(len(tokens), device=self.device)[None], last_only=True)
+        self.decoder.feed(ids, self.length + torch.arange(len(tokens), device=self.device)[None])
         self.length += len(tokens)
         self._forget_device_state()
 

@@ -378,13 +378,13 @@ def test_no_prefix_is_recomputed(arch, fast_path):
     ids = random_prompt(2, length=9)
     bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.1, rollback_threshold=2.0, fast_path=fast_path))
     fed = []
-    if fast_path:  # the runner's passes (graphed on CUDA) and its prompt prefill
+    if fast_path:  # the runner's passes (graphed on CUDA) and its prompt prefill, where they enter the layers
         runner = bild._large
 
         def counting(forward):
             return lambda ids_, pos, **kw: fed.append(ids_.shape[-1]) or forward(ids_, pos, **kw)
 
-        runner._forward, runner.decoder.forward = counting(runner._forward), counting(runner.decoder.forward)
+        runner.decoder.feed = counting(runner.decoder.feed)  # every pass (step, check, prefill) enters the layers here
     else:
         def hook(module, args, kwargs):
             fed.append((kwargs.get("decoder_input_ids") if large.config.is_encoder_decoder else kwargs["input_ids"]).shape[1])

@@ -286,7 +286,7 @@ def test_nothing_compiles_again_while_decoding():
     compile nothing (dynamo's graph count stays), for BiLD one row at a time and in batches."""
     from torch._dynamo.utils import counters
 
-    for arch in ("qwen2", "bart"):
+    for arch in ("qwen2", "bart", "t5"):
         large, small = cuda_pair(arch, 7)
         bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.4, rollback_threshold=1.5, compile=True))
         bild.generate(random_prompt(0, length=5).cuda(), max_new_tokens=16)
