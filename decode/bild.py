@@ -37,6 +37,7 @@ from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner, should_compact
 from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, MAX_GRAPH_TOKENS, FastRunner, make_runner, notice
 from decode.generation import DecodeStats, RowDecoder
+from decode.thresholds import THRESHOLDS_FILE, load_tuned
 
 ROLLBACK_MODES = ("ce", "exact")
 
@@ -562,8 +563,6 @@ def _count_lookahead(n_pending: int, cut: int, guesses: list[tuple[int, bool]], 
 
 def tuned_config(small: str) -> BiLDConfig:
     """The thresholds `python -m decode.tune` wrote beside a local small model, else the defaults (said once)."""
-    from decode.tune import THRESHOLDS_FILE, load_tuned
-
     tuned = load_tuned(small)
     if tuned is None:
         notice(f"{small} has no {THRESHOLDS_FILE} (python -m decode.tune): BiLD uses the default thresholds")

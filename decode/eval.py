@@ -260,7 +260,7 @@ class Evaluation:
                        "small": load_model(cfg.small, dtype=dtype, device=device)}
         if aligned:
             self.models["aligned"] = load_model(aligned, dtype=dtype, device=device)
-        from decode.tune import load_tuned
+        from decode.thresholds import load_tuned
 
         paths = {"small": cfg.small, "aligned": aligned}
         self.tuned = {k: load_tuned(p) for k, p in paths.items() if p and cfg.use_tuned}

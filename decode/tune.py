@@ -23,25 +23,18 @@ split is refused: a point chosen on test would flatter the test score.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from data.config import ConfigError, load_config
+from decode.thresholds import THRESHOLDS_FILE, save_tuned  # noqa: F401 - THRESHOLDS_FILE: re-exported
 
-THRESHOLDS_FILE = "bild_thresholds.json"
 NONE_WITHIN_BUDGET = 3  # exit status when no grid point is good enough (./launch.sh then keeps the defaults)
 
 
 class NoPointWithinBudget(ValueError):
     pass
-
-
-def load_tuned(small: str) -> dict | None:
-    """The tuned point written beside a local small model, or None."""
-    path = Path(small) / THRESHOLDS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def tune(cfg, small_key: str, budget: float) -> dict:
@@ -122,10 +115,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = Path(target) / THRESHOLDS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    path = save_tuned(target, record)
     print(f"fallback_threshold={record['fallback_threshold']:g} rollback_threshold={record['rollback_threshold']:g} "
           f"max_small_steps={record['max_small_steps']} at batch size {record['batch_size']}: "
           f"{record['metric']} {record['score']:.2f} (large {record['large_score']:.2f}), "
