@@ -50,6 +50,9 @@ INDUCTOR_OPTIONS = {True: {"online_softmax": False}, False: {"online_softmax": F
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
+# Whether the compiled passes group query heads over their shared key/value head (grouped_attention) or hand every
+# attention to SDPA as the uncompiled passes do (measured against each other: BENCHMARKS.md).
+GROUPED_ATTENTION = True
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -120,10 +123,36 @@ def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def attend(q, k, v, mask, scale, gqa: bool = False) -> torch.Tensor:
-    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, broadcastable to
-    [B, H, n, L]. Returns [B, n, H * D]."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, [B, 1 or H, n, L].
+    Returns [B, n, H * D]."""
+    if GROUPED_ATTENTION and torch.compiler.is_compiling():
+        out = grouped_attention(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def grouped_attention(q, k, v, mask, scale) -> torch.Tensor:
+    """The compiled passes' attention, [B, H, n, D] out. The G query heads that share a key/value head are read as
+    one head of G * n queries, so the cache is read where it lies: SDPA's math path, which inductor traces, first
+    expands the cache to every query head and copies it to float32 (half of a 0.5B model's attention time on an H200,
+    BENCHMARKS.md). One token per row (the decode step) is written as two float32 reductions and a softmax that
+    inductor fuses with the casts and the mask; longer queries (checks, prompts) take SDPA."""
+    b, h, n, d = q.shape
+    h_kv, slots = k.shape[1], k.shape[2]
+    g = h // h_kv
+    q = q.reshape(b, h_kv, g * n, d)
+    if mask.shape[1] == 1:
+        mask = mask[:, :, None].expand(b, 1, g, n, slots).reshape(b, 1, g * n, slots)
+    else:
+        mask = mask.reshape(b, h_kv, g * n, slots)
+    if n == 1:
+        scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) * scale  # [B, H_kv, G, L]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        out = (scores.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, n, d)
 
 
 def causal_mask(pos: torch.Tensor, capacity: int, window: int | None = None) -> torch.Tensor:

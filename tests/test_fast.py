@@ -121,3 +121,23 @@ def test_path_choice_and_errors():
     assert make_runner(llama, fast_path=True) is make_runner(llama, fast_path=True)  # one runner per model
     with pytest.raises(ValueError, match="fast_path"):
         BiLDConfig(fast_path="yes")
+
+
+@pytest.mark.parametrize("n", (1, 3))
+@pytest.mark.parametrize("groups", (1, 4))
+def test_grouped_attention_equals_sdpa(n, groups):
+    """The compiled passes' attention (query heads grouped over their key/value head, one token written as
+    reductions) equals SDPA with grouped heads: boolean masks of live slots, and T5's additive per-head bias."""
+    import torch.nn.functional as F
+
+    from decode.compact import causal_mask, grouped_attention
+
+    g = torch.Generator().manual_seed(n * 10 + groups)
+    b, h_kv, slots, d = 2, 2, 9, 8
+    q = torch.randn(b, h_kv * groups, n, d, generator=g)
+    k, v = torch.randn(b, h_kv, slots, d, generator=g), torch.randn(b, h_kv, slots, d, generator=g)
+    pos = torch.tensor([[4 + i for i in range(n)], [1 + i for i in range(n)]])
+    masks = [causal_mask(pos, slots), torch.randn(b, h_kv * groups, n, slots, generator=g)]
+    for mask in masks:
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=groups > 1)
+        torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), ref, rtol=1e-5, atol=1e-6)
