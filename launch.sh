@@ -8,9 +8,11 @@
 #   ./launch.sh smoke      miniature settings, every stage, a few minutes on a CPU (the test suite runs it)
 #   ./launch.sh full       the full profile (one GPU)
 #
-# Every stage is skipped when its output exists; interrupted training resumes from its last checkpoint.
+# Every stage is skipped when its output exists; interrupted training resumes from its last checkpoint. A run folder
+# is only continued with the inputs it was made from (runs/<profile>/inputs.txt); other inputs are refused.
 # Outputs go to runs/<profile>/; the last stage prints the report (runs/<profile>/eval/report.md).
-# Environment: DATA_DIR (default ../shared/data; with internet, configs also take Hub dataset names),
+# Environment: DATA_DIR (default ../shared/data; where it has no multi30k/, Multi30k is fetched from the Hub, into
+# runs/data/multi30k or, with DATA_DIR set, into DATA_DIR/multi30k),
 # RUNS (default runs), PARALLEL_TRAIN=1 trains the large and small models at the same time (one GPU has room),
 # LARGE_EXTRA / EVAL_EXTRA: more key=value overrides for the large model's training / the main evaluation,
 # STOP_AFTER=train|calibrate|align|tune|eval: stop after that stage (eval: the main evaluation, before the sweep).
@@ -21,11 +23,33 @@ PROFILE=${1:-auto}
 if [[ "$PROFILE" == auto ]]; then
   if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then PROFILE=full; else PROFILE=cpu; fi
 fi
-DATA_DIR=${DATA_DIR:-../shared/data}
 R=${RUNS:-runs}/$PROFILE
-M30K=$DATA_DIR/multi30k
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-[[ -d "$M30K" ]] || { echo "error: no Multi30k data at $M30K (set DATA_DIR)" >&2; exit 2; }
+[[ -t 2 ]] || export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # into a log: a bar's line every 30 s, not every step
+case "$PROFILE" in full|cpu|smoke) ;; *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;; esac
+case "${STOP_AFTER:-}" in
+  ""|train|calibrate|align|tune|eval) ;;
+  *) echo "error: STOP_AFTER must be train, calibrate, align, tune or eval, got '$STOP_AFTER'" >&2; exit 2 ;;
+esac
+# The data: $DATA_DIR/multi30k; where it is absent, Multi30k from the Hub (into runs/data/ for the default DATA_DIR)
+if [[ -n ${DATA_DIR:-} ]]; then M30K=$DATA_DIR/multi30k
+elif [[ -f ../shared/data/multi30k/train.src ]]; then DATA_DIR=../shared/data; M30K=$DATA_DIR/multi30k
+else DATA_DIR=${RUNS:-runs}/data; M30K=$DATA_DIR/multi30k; fi
+if [[ ! -f $M30K/train.src ]]; then
+  echo "no Multi30k data at $M30K: fetching it from the Hugging Face Hub (${MULTI30K_HUB:-bentrevett/multi30k})"
+  HF_HUB_OFFLINE=0 python3 -m data.fetch --out "$M30K" || {
+    echo "error: no Multi30k data at $M30K ({train,valid,test}.{src,tgt}) and none from the Hub; set DATA_DIR to a folder holding multi30k/" >&2
+    exit 2; }
+fi
+# What this run was made from: a run folder is only ever continued with the same inputs
+INPUTS="profile=$PROFILE data=$(cd "$M30K" && pwd) LARGE_EXTRA=${LARGE_EXTRA:-} EVAL_EXTRA=${EVAL_EXTRA:-}"
+if [[ -f $R/inputs.txt && "$(cat "$R/inputs.txt")" != "$INPUTS" ]]; then
+  echo "error: $R was made from other inputs:" >&2
+  echo "  then: $(cat "$R/inputs.txt")" >&2
+  echo "  now:  $INPUTS" >&2
+  echo "remove $R, or set RUNS to another folder, to start a run with these" >&2
+  exit 2
+fi
 
 case "$PROFILE" in
   full)
@@ -42,17 +66,23 @@ case "$PROFILE" in
     SHAPE_L=(model_config.d_model=256 model_config.encoder_layers=2 model_config.decoder_layers=3
              model_config.encoder_attention_heads=4 model_config.decoder_attention_heads=4
              model_config.encoder_ffn_dim=512 model_config.decoder_ffn_dim=512)
-    SHAPE_S=(model_config.d_model=128 model_config.encoder_layers=2 model_config.decoder_layers=1
-             model_config.encoder_ffn_dim=256 model_config.decoder_ffn_dim=256)
     LARGE=("${SHAPE_L[@]}" limit=8000 epochs=3 batch_size=64 warmup_steps=100 lr=1e-3 mixed_precision=no eval_limit=200)
-    SMALL=("${SHAPE_S[@]}" limit=8000 epochs=3 batch_size=64 warmup_steps=100 lr=2e-3 mixed_precision=no eval_limit=200)
-    CALIB=(limit=4000 batch_size=64 max_new_tokens=48)
-    ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=4000)
-    EVAL=(--limit 100 warmup=2 max_new_tokens=48)
-    SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48)
+    # The small model: the large one with its first decoder layer only, fine-tuned (shrink and fine-tune). Trained
+    # from scratch in the minutes a CPU has, a small model learned to ignore its input (the same sentence for every
+    # source) and alignment then taught it the large model's repetitions. A one-layer decoder step costs about a
+    # third of the large model's three-layer step on the compact passes (BENCHMARKS.md).
+    SMALL_FROM_LARGE=1
+    SMALL=(model="$R/large/final" model_config=null "keep_decoder_layers=[0]" limit=8000 epochs=1 batch_size=64
+           warmup_steps=20 lr=5e-4 mixed_precision=no eval_limit=200)
+    CALIB=(limit=3000 batch_size=64 max_new_tokens=48)
+    ALIGN=(epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=3000 warmup_steps=20 lr=5e-4)
+    # decoding on the compact passes (no CUDA graphs): on 2 cores a step of the small model took 0.6 ms there
+    # against 1.6 ms through transformers' forward (BENCHMARKS.md)
+    EVAL=(--limit 100 warmup=2 max_new_tokens=48 fast_path=true)
+    SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48 fast_path=true)
     OOD=()
-    EVAL_YAML=("limit: 100" "warmup: 2" "max_new_tokens: 48")
-    TUNE=(--limit 100 warmup=2 max_new_tokens=48)
+    EVAL_YAML=("limit: 100" "warmup: 2" "max_new_tokens: 48" "fast_path: true")
+    TUNE=(--limit 60 warmup=2 max_new_tokens=48 fast_path=true)
     ;;
   smoke)
     VOCAB=400
@@ -72,32 +102,30 @@ case "$PROFILE" in
     EVAL_YAML=("limit: 12" "warmup: 1" "max_new_tokens: 24")
     TUNE=(--limit 12 warmup=1 max_new_tokens=24 "sweep_fallback=[0.3, 0.9]" "sweep_rollback=[1.0, 5.0]")
     ;;
-  *) echo "usage: $0 [full|cpu|smoke]" >&2; exit 2 ;;
 esac
 
-case "${STOP_AFTER:-}" in
-  ""|train|calibrate|align|tune|eval) ;;
-  *) echo "error: STOP_AFTER must be train, calibrate, align, tune or eval, got '$STOP_AFTER'" >&2; exit 2 ;;
-esac
 source scripts/launchers.sh  # TRAIN, CALIBRATE
-stage() { echo; echo "=== [$PROFILE] $* ($(date +%H:%M:%S))"; }
+STAGES=7; [[ $PROFILE == full && -d $DATA_DIR/iwslt17_deen ]] && STAGES=8
+STAGE=0
+stage() { STAGE=$((STAGE + 1)); echo; echo "=== [$PROFILE] $STAGE/$STAGES $* ($(date +%H:%M:%S))"; }
 stop_after() { if [[ ${STOP_AFTER:-} == "$1" ]]; then echo "stopping after $1 (STOP_AFTER=$1)"; exit 0; fi; }
 mkdir -p "$R"
-ln -sfn "$PROFILE" "${RUNS:-runs}/latest"  # the configs' commands (runs/latest/...) work after any profile
 
 read -ra extra <<< "${LARGE_EXTRA:-}"; LARGE+=("${extra[@]}")
 read -ra extra <<< "${EVAL_EXTRA:-}"; EVAL+=("${extra[@]}")
-stage "1/6 shared tokenizer"
+stage "shared tokenizer"
 if [[ -f $R/tokenizer/tokenizer.json ]]; then echo "done: $R/tokenizer"
 else python3 -m data.tokenizer --dataset "$M30K" --split train --vocab-size $VOCAB --out "$R/tokenizer"; fi
+echo "$INPUTS" > "$R/inputs.txt"
+ln -sfn "$PROFILE" "${RUNS:-runs}/latest"  # the configs' commands (runs/latest/...) work after any profile's first stage
 
 train_model() {  # name config overrides...
   local name=$1 config=$2; shift 2
   if [[ -f $R/$name/final/config.json ]]; then echo "done: $R/$name/final"; return; fi
   "${TRAIN[@]}" --config "$config" --resume tokenizer="$R/tokenizer" dataset="$M30K" output_dir="$R/$name" "$@"
 }
-stage "2/6 train the large model and 3/6 the small model (from scratch, references)"
-if [[ ${PARALLEL_TRAIN:-0} == 1 ]]; then
+stage "train the large and the small model (on references)"
+if [[ ${PARALLEL_TRAIN:-0} == 1 && ${SMALL_FROM_LARGE:-0} != 1 ]]; then
   train_model large configs/multi30k_large.yaml "${LARGE[@]}" > "$R/train_large.log" 2>&1 &
   pid=$!
   train_model small configs/multi30k_small.yaml "${SMALL[@]}" > "$R/train_small.log" 2>&1 || { tail -20 "$R/train_small.log"; exit 1; }
@@ -110,7 +138,7 @@ fi
 
 stop_after train
 
-stage "4/6 calibration outputs of the large model (train inputs, and valid for held-out evaluation)"
+stage "calibration outputs of the large model (train inputs, and valid for held-out evaluation)"
 for split in train valid; do
   out=$R/calibration.$split.jsonl
   if [[ -f $out && ! -e $out.part0 ]]; then echo "done: $out"; continue; fi
@@ -122,7 +150,7 @@ done
 
 stop_after calibrate
 
-stage "5/6 prediction alignment of the small model (seq_kd)"
+stage "prediction alignment of the small model (seq_kd)"
 if [[ -f $R/small_aligned/final/config.json ]]; then echo "done: $R/small_aligned/final"
 else
   "${TRAIN[@]}" --config configs/multi30k_align.yaml --resume model="$R/small/final" teacher="$R/large/final" \
@@ -131,7 +159,7 @@ fi
 
 stop_after align
 
-stage "5/6 threshold tuning on the validation split (the fastest point within 0.1 BLEU of the large model)"
+stage "threshold tuning on the validation split (the fastest point within 0.1 BLEU of the large model)"
 tune() {  # model-folder tune-args...
   local folder=$1; shift
   if [[ -f $folder/bild_thresholds.json ]]; then echo "done: $folder/bild_thresholds.json"; return; fi
@@ -156,14 +184,14 @@ evaluate() {  # out config args...
   if [[ -f $out/report.md ]]; then echo "done: $out"; return; fi
   python3 -m decode.eval --config "$config" --aligned --out "$out" "${MODELS[@]}" "$@"
 }
-stage "6/6 evaluation on Multi30k test: large, small, BiLD unaligned and aligned, assisted generation"
+stage "evaluation on Multi30k test: large, small, BiLD unaligned and aligned, assisted generation"
 evaluate "$R/eval" configs/multi30k_eval.yaml dataset="$M30K" "${EVAL[@]}"
 [[ ${STOP_AFTER:-} == eval ]] && cat "$R/eval/report.md"
 stop_after eval
-stage "6/6 threshold sweep: speed-quality frontier and the paper's operating points"
+stage "threshold sweep: speed-quality frontier and the paper's operating points"
 evaluate "$R/sweep" configs/multi30k_eval.yaml --sweep "systems=[large]" dataset="$M30K" "${SWEEP[@]}"
 if [[ $PROFILE == full && -d $DATA_DIR/iwslt17_deen ]]; then
-  stage "6/6 out of domain: IWSLT2017 tst2010"
+  stage "out of domain: IWSLT2017 tst2010"
   evaluate "$R/eval_iwslt17" configs/iwslt17_eval.yaml dataset="$DATA_DIR/iwslt17_deen" "${OOD[@]}"
 fi
 

@@ -68,6 +68,10 @@ class TrainConfig(PromptConfig):
     """Small model to fine-tune: Hub name or local folder. Leave empty and set model_config to train from scratch."""
     model_config: dict | None = None
     """A transformers config as a mapping with `model_type` (e.g. bart), for training from scratch."""
+    keep_decoder_layers: list[int] | None = None
+    """With `model`: keep only these decoder layers (0-based, in order) before training, the embeddings, the encoder
+    and the head as they are: a small model made from the large one (DistilBART's shrink and fine-tune), which
+    starts out reading the source as the large model does."""
     tokenizer: str | None = None
     """Tokenizer folder or name; defaults to `model`."""
     teacher: str | None = None
@@ -78,6 +82,9 @@ class TrainConfig(PromptConfig):
     """Calibration JSONL from align.calibrate (targets for seq_kd / token_kd)."""
     eval_calibration: str | None = None
     """Held-out calibration JSONL for evaluation; without it every 50th calibration pair is held out."""
+    drop_unfinished: bool = False
+    """Leave out the calibration outputs the large model never finished (cut at max_new_tokens): from a weak large
+    model they are mostly repetition loops, which a small model then learns (seen on the CPU profile)."""
     dataset: str | None = None
     """Dataset for `references` (see data/sources.py)."""
     split: str = "train"
@@ -144,6 +151,11 @@ class TrainConfig(PromptConfig):
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if (self.model is None) == (self.model_config is None):
             raise ValueError("set exactly one of `model` (fine-tune) and `model_config` (train from scratch)")
+        if self.keep_decoder_layers is not None:
+            keep = self.keep_decoder_layers
+            if self.model is None or not keep or sorted(set(keep)) != list(keep) or min(keep) < 0:
+                raise ValueError("keep_decoder_layers needs `model` and distinct layer indices in increasing order, "
+                                 f"got {keep!r}")
         if self.model_config is not None and "model_type" not in self.model_config:
             raise ValueError("model_config needs a `model_type`, e.g. bart or t5")
         if self.model is None and self.tokenizer is None:
@@ -217,7 +229,10 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
             held_out = [r for r in records if r["index"] % 50 == 0]
             records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
     unfinished = sum(not r.get("finished", True) for r in records)
-    if unfinished:
+    if unfinished and cfg.drop_unfinished:
+        records = [r for r in records if r.get("finished", True)]
+        print(f"{which}: left out {unfinished} calibration outputs cut at max_new_tokens (drop_unfinished)")
+    elif unfinished:
         print(f"{which}: {unfinished} of {len(records)} calibration outputs were cut at max_new_tokens; they get no EOS target")
     return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"], finished=r.get("finished", True)))
             for r in records]
@@ -269,6 +284,13 @@ class Collator:
 # Models
 
 
+def _bar_label(cfg) -> str:
+    """The progress bar's name: what this run trains (the output folder's name, as launch.sh names its stages)."""
+    what = {"references": "train", "early_exit": "exit head"}.get(cfg.objective, f"align ({cfg.objective})")
+    folder = Path(cfg.output_dir).name if cfg.output_dir else ""
+    return f"{what} {folder}".strip()
+
+
 def _neutral_generation_config(model, tokenizer) -> None:
     """Plain greedy defaults with the tokenizer's special tokens (BART configs force EOS by default)."""
     from decode.bild import make_plain_greedy
@@ -287,7 +309,10 @@ def build_model(cfg: TrainConfig, tokenizer):
     if cfg.model is not None:
         from decode.bild import load_model
 
-        return load_model(cfg.model).train()
+        model = load_model(cfg.model).train()
+        if cfg.keep_decoder_layers is not None:
+            keep_decoder_layers(model, cfg.keep_decoder_layers)
+        return model
     spec = dict(cfg.model_config)
     model_type = spec.pop("model_type")
     start = tokenizer.pad_token_id if model_type == "t5" else tokenizer.eos_token_id
@@ -302,6 +327,32 @@ def build_model(cfg: TrainConfig, tokenizer):
     model = auto.from_config(config)
     _neutral_generation_config(model, tokenizer)
     return model
+
+
+def keep_decoder_layers(model, keep: list[int]) -> None:
+    """Drops every decoder layer of `model` but those in `keep`, in place, and sets the config's layer count and each
+    attention's cache index to match."""
+    from decode.compact import decoder_layer_modules
+
+    layers = decoder_layer_modules(model)
+    if max(keep) >= len(layers):
+        raise ValueError(f"keep_decoder_layers {keep} but the model has {len(layers)} decoder layers")
+    kind = model.config.model_type
+    if kind in ("t5", "mt5") and keep[0] != 0:
+        raise ValueError("T5 keeps its relative position bias in decoder layer 0: keep_decoder_layers must start at 0")
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and list(m) == layers)
+    parent, attribute = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+    kept = [layers[i] for i in keep]
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    setattr(parent, attribute, torch.nn.ModuleList(kept))
+    field = {"t5": "num_decoder_layers", "mt5": "num_decoder_layers"}.get(
+        kind, "decoder_layers" if model.config.is_encoder_decoder else "num_hidden_layers")
+    setattr(model.config, field, len(kept))
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
 
 
 class ExitTraining(torch.nn.Module):
@@ -560,6 +611,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"mixed precision {accelerator.mixed_precision}")
+    from decode.bild import check_model_location
+
+    check_model_location(cfg.tokenizer or cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -642,7 +696,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             with (output_dir / "log.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    progress = tqdm(total=total_updates, initial=state["step"], desc="align", disable=not accelerator.is_main_process)
+    progress = tqdm(total=total_updates, initial=state["step"], desc=_bar_label(cfg), disable=not accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
     model.train()
     running = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens

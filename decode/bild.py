@@ -29,9 +29,11 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig,
+                          PreTrainedModel)
 
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner, should_compact
@@ -45,7 +47,8 @@ ROLLBACK_MODES = ("ce", "exact")
 _PROCESSOR_SETTINGS = {
     "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
-    "min_length": 0,
+    "min_length": GenerationConfig().min_length,  # the library's default (None in 5.24): a set value, even 0, makes
+    # generate warn on every assisted step ("Both min_new_tokens and min_length seem to have been set")
     "min_new_tokens": None,
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
@@ -581,8 +584,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_model_location(name_or_path: str) -> None:
+    """A local model folder that does not exist is reported as not found, with its path, before transformers takes
+    it for a Hub name (its message then is about the form of repository ids). A Hub id is `name` or `org/name`."""
+    name = str(name_or_path)
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/"):
+        hint = "; ./launch.sh writes the run's models under runs/<profile>/" if "runs/" in name else ""
+        raise FileNotFoundError(f"model not found: {name} (no such folder{hint})")
+
+
 def load_model(name_or_path: str, dtype=None, device=None, **kwargs) -> PreTrainedModel:
     """Loads a causal or seq2seq LM by Hub name or local folder, picking the auto class from its config."""
+    check_model_location(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")})
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     if isinstance(dtype, str) and dtype != "auto":

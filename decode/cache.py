@@ -117,6 +117,9 @@ class ModelRunner:
         prefer_fast_attention()
         # Decoder-only heads can skip the LM head on prompt positions whose logits nobody reads.
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name still works, with a
+        # deprecation warning on every call); earlier 5.x releases take only the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.device = next(model.parameters()).device
         self.cache = None
         self.length = 0
@@ -159,13 +162,13 @@ class ModelRunner:
             out = self.model(
                 encoder_outputs=self.encoder_outputs,
                 decoder_input_ids=ids,
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self._cache_arg: self.cache},
                 **kwargs,
             )
         else:
-            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **kwargs)
-        self.cache = out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: self.cache}, **kwargs)
+        self.cache = getattr(out, self._cache_arg)
         self.length += len(tokens)
         logits = out.logits[0]  # [n or k, V]
         if logits_to_keep is not None:

@@ -241,7 +241,7 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig, aligned: str | None):
         from transformers import AutoTokenizer
 
-        from decode.bild import load_model, resolve_dtype
+        from decode.bild import check_model_location, load_model, resolve_dtype
 
         self.cfg = cfg
         import decode.batch
@@ -254,6 +254,9 @@ class Evaluation:
                               ("cpu" if cfg.device == "auto" else cfg.device))
         dtype = resolve_dtype(cfg.dtype, device)
         self.device, self.dtype = device, str(dtype).removeprefix("torch.")
+        for name in (cfg.large, cfg.small, aligned, cfg.tokenizer):
+            if name:
+                check_model_location(name)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.large)
         self.examples, self.inputs, self.truncated, self.references = self._load_inputs()
         self.models = {"large": load_model(cfg.large, dtype=dtype, device=device),
@@ -540,8 +543,8 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             ev.bleu_against_large(ev.finish_row(row, all_idx), all_idx)
     _repeat_spread(rows)
     assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
-    for row in rows:
-        if "error" in row or "unsupported" in row:
+    for row in rows:  # BiLD's rows only: transformers' assisted generation is their baseline, not the others'
+        if "error" in row or "unsupported" in row or "fallback_threshold" not in row:
             continue
         match = [a for a in assisted.values() if ("(aligned)" in a["system"]) == ("(aligned)" in row["system"])]
         if match:
@@ -747,6 +750,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def main_table(results: dict) -> str:
+    """The table a reader looks at first: quality and its interval against the large model, latency, speedup, and
+    tokens per large-model call."""
+    m = results["metric"]
+    interval = any("bleu_vs_large" in r for r in results["rows"])
+    head = ["system", m] + (["vs large [95% CI]"] if interval else []) + ["ms/example", "speedup vs large",
+                                                                          "tokens/large call"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        if "error" in r or "unsupported" in r:
+            lines.append(f"| {r['system']} | {'failed' if 'error' in r else 'not supported'} (below) |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["system"], _f(r.get(m))] + ([_interval(r.get("bleu_vs_large"))] if interval else []) + [
+            _f(r.get("latency_median_ms"), 1), _f(r.get("speedup_vs_large")) + "x", _f(r.get("tokens_per_large_call"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SPEEDUP_NOTE = ("Speedup: the large model's total decoding time over the system's, on the same examples, so one slow "
+                "example weighs in; ms/example is the median, so a row can show a lower median than the large model "
+                "and a speedup under 1.")
+CPU_NOTE = ("On a CPU: this run shows the pipeline end to end and the method's behaviour at small scale; the speed of "
+            "the method at the shapes it is meant for is measured on GPUs (BENCHMARKS.md).")
+
+
 def throughput_table(results: dict) -> str:
     """Tokens per second by batch size: every system against the large model at the same batch size."""
     m = results["metric"]
@@ -813,6 +841,12 @@ def report(results: dict) -> str:
          if cfg.get("do_sample") else "- decoding: greedy"),
         f"- inputs truncated to {cfg['max_source_length']} tokens: {results['truncated_inputs']}",
         f"- {results['date']}; git {results['git_commit']}; " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v),
+        "",
+        main_table(results),
+        "",
+        SPEEDUP_NOTE + (" " + CPU_NOTE if str(results["device"]).startswith("cpu") else ""),
+        "",
+        "## All columns",
         "",
         table(results),
     ]

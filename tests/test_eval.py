@@ -47,6 +47,13 @@ def test_cli_end_to_end_writes_every_output(eval_config, tmp_path, capsys):
             assert low <= high and abs(diff - (r["bleu"] - rows["large"]["bleu"])) < 1e-9
     report = (out / "report.md").read_text()
     assert "BiLD (aligned)" in report and "operating point" in report and "95% paired bootstrap" in report
+    # first the short table (6 columns), the line on how speedup is computed, on a CPU where the GPU figures are
+    short = next(b for b in report.split("\n\n") if b.startswith("| system |")).splitlines()
+    assert short[0] == "| system | bleu | vs large [95% CI] | ms/example | speedup vs large | tokens/large call |"
+    assert len(short) == 2 + len(results["rows"]) and "Speedup: the large model's total decoding time" in report
+    assert ("BENCHMARKS.md" in report) == results["device"].startswith("cpu") and "## All columns" in report
+    # speedup over assisted generation only on BiLD's rows
+    assert "speedup_vs_assisted" not in rows["large"] and "speedup_vs_assisted" in rows["BiLD (aligned)"]
     assert (out / "frontier.png").stat().st_size > 1000
     assert "speedup vs large" in capsys.readouterr().out
 
@@ -109,6 +116,8 @@ def test_frontier_and_operating_points_on_hand_made_rows():
         ([], ["split=missing"], "no split"),
         ([], ["systems=[large, magic]"], "unknown system"),
         ([], ["fallback_threshold=2"], "fallback_threshold"),
+        ([], ["large=runs/nowhere/large/final"], "model not found: runs/nowhere/large/final"),
+        ([], ["small=./missing_small"], "model not found: ./missing_small"),
     ],
 )
 def test_bad_input_fails_cleanly(eval_config, tmp_path, capsys, args, overrides, match):

@@ -31,15 +31,55 @@ def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     names = {r["system"] for r in results["rows"]}
     assert {"large", "small (aligned)", "BiLD (aligned)", "assisted generation (unaligned)"} <= names
     assert "| large |" in first.stdout  # the report is printed last
+    labels = [line.split()[2] for line in (part.stdout + first.stdout).splitlines() if line.startswith("=== [smoke]")]
+    assert labels == [f"{i}/7" for i in range(1, 3)] + [f"{i}/7" for i in range(1, 8)], labels
     # a new user's next command: no --config evaluates the run's own models on its data (runs/latest/eval.yaml)
     again = subprocess.run(["python3", "-m", "decode.eval", "--aligned", "systems=[large,bild]"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (runs / "eval_again" / "report.md").is_file() and (tmp_path / "latest").resolve() == runs.resolve()
 
+    # the README's Decoding example, as written, from a folder whose runs/ is this run's
+    example = (ROOT / "README.md").read_text().split("## Decoding")[1].split("```python\n")[1].split("```")[0]
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "runs").symlink_to(tmp_path)
+    shown = subprocess.run(["python3", "-c", example], cwd=tmp_path / "here", env={**env, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and shown.stdout.startswith("['"), shown.stderr[-2000:]
+
     second = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("done:") >= 8
+
+    # the same run folder with other data is refused, not skipped over, and runs/latest stays where it was
+    other = tmp_path / "other_data"
+    (other / "multi30k").mkdir(parents=True)
+    for f in (DATA / "multi30k").glob("*.s*"):
+        (other / "multi30k" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "latest").unlink()
+    changed = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env={**env, "DATA_DIR": str(other)},
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "was made from other inputs" in changed.stderr, changed.stderr[-2000:]
+    assert not (tmp_path / "latest").exists()
+
+
+def test_launch_fetches_multi30k_where_the_data_is_absent(tmp_path):
+    """No multi30k/ in DATA_DIR: the data comes from the Hub (a local stand-in here); unreachable, a clear error and
+    runs/latest untouched."""
+    from test_fetch import standin
+
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "STOP_AFTER": "train"}
+    failed = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**env, "MULTI30K_HUB": str(tmp_path / "nowhere")})
+    assert failed.returncode == 2 and "no Multi30k data" in failed.stderr, failed.stderr[-2000:]
+    assert not (tmp_path / "runs" / "latest").exists() and not (tmp_path / "data" / "multi30k").exists()
+    out = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**env, "MULTI30K_HUB": str(standin(tmp_path, n=(80, 12, 12)))})
+    assert out.returncode == 0 and "fetching it from the Hugging Face Hub" in out.stdout, out.stderr[-2000:]
+    assert (tmp_path / "data" / "multi30k" / "valid.tgt").read_text().count("\n") == 12
+    assert (tmp_path / "runs" / "smoke" / "small" / "final" / "config.json").is_file()
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "smoke").resolve()
 
 
 def test_launch_rejects_unknown_profile_and_stage():

@@ -259,3 +259,29 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
         main(["--config", str(path), "learning_rate=1"])
     assert exit_info.value.code == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5", "qwen2"))
+def test_keep_decoder_layers_makes_a_smaller_model_of_the_same_family(arch, tmp_path):
+    """A small model made from a large one (shrink and fine-tune): the kept layers' weights, a config that says how
+    many, and a saved checkpoint that loads and decodes as transformers does (the compact passes agree with it)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_fast import compact_vs_transformers
+    from tiny_models import tiny_model
+
+    from align.train import keep_decoder_layers
+    from decode.bild import load_model
+    from decode.compact import decoder_layer_modules
+
+    model = tiny_model(arch, 0, layers=3)
+    last = {k: v.clone() for k, v in decoder_layer_modules(model)[2].state_dict().items()}
+    keep_decoder_layers(model, [0, 2])
+    model.save_pretrained(tmp_path)
+    small = load_model(str(tmp_path))
+    layers = decoder_layer_modules(small)
+    assert len(layers) == 2 and all(torch.equal(v, last[k]) for k, v in layers[1].state_dict().items())
+    assert compact_vs_transformers(small) < 1e-5
+    with pytest.raises(ValueError, match="decoder layers"):
+        keep_decoder_layers(tiny_model(arch, 0, layers=3), [0, 5])
