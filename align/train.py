@@ -82,9 +82,6 @@ class TrainConfig(PromptConfig):
     """Calibration JSONL from align.calibrate (targets for seq_kd / token_kd)."""
     eval_calibration: str | None = None
     """Held-out calibration JSONL for evaluation; without it every 50th calibration pair is held out."""
-    drop_unfinished: bool = False
-    """Leave out the calibration outputs the large model never finished (cut at max_new_tokens): from a weak large
-    model they are mostly repetition loops, which a small model then learns (seen on the CPU profile)."""
     dataset: str | None = None
     """Dataset for `references` (see data/sources.py)."""
     split: str = "train"
@@ -229,10 +226,7 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
             held_out = [r for r in records if r["index"] % 50 == 0]
             records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
     unfinished = sum(not r.get("finished", True) for r in records)
-    if unfinished and cfg.drop_unfinished:
-        records = [r for r in records if r.get("finished", True)]
-        print(f"{which}: left out {unfinished} calibration outputs cut at max_new_tokens (drop_unfinished)")
-    elif unfinished:
+    if unfinished:
         print(f"{which}: {unfinished} of {len(records)} calibration outputs were cut at max_new_tokens; they get no EOS target")
     return [(cfg.encode(tokenizer, r["source"])[0], _encode_target(tokenizer, cfg, ids=r["output_ids"], finished=r.get("finished", True)))
             for r in records]
