@@ -152,7 +152,9 @@ def test_bleu_and_rouge_wrappers_give_known_scores():
     assert summarization_scores(["the cat sat"], ["the cat sat on the mat"])["rougeL"] == pytest.approx(200 / 3)
 
 
-def test_a_failed_system_exits_nonzero_and_keeps_the_other_rows(eval_config, tmp_path, monkeypatch, capsys):
+def test_a_failed_transformers_baseline_is_reported_and_keeps_the_other_rows(eval_config, tmp_path, monkeypatch, capsys):
+    """transformers' own baselines may fail in a transformers release (assisted generation did in 5.25): the row
+    says why, the run warns and still counts as done (the project's own rows failing is exit 1: below)."""
     import decode
 
     def broken(*args, **kwargs):
@@ -160,10 +162,10 @@ def test_a_failed_system_exits_nonzero_and_keeps_the_other_rows(eval_config, tmp
 
     monkeypatch.setattr(decode, "AssistedGeneration", broken)
     out = tmp_path / "failed"
-    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "systems=[large,assisted]"]) == 1
+    assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "systems=[large,assisted]"]) == 0
     rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert "assistant exploded" in rows["assisted generation"]["error"] and rows["large"]["bleu"] >= 0
-    assert "assisted generation" in capsys.readouterr().err
+    assert "warning: 1 system(s) failed: assisted generation" in capsys.readouterr().err
 
 
 def test_aligned_rows_use_the_aligned_thresholds(eval_config, tmp_path):
