@@ -126,9 +126,13 @@ class HFGenerate(RowDecoder):
         """Extra `generate` arguments (assisted generation adds its assistant)."""
         return {}
 
+    def _generation_settings(self) -> dict:
+        """Extra generation-config fields (transformers warns when they come as `generate` arguments beside a config)."""
+        return {}
+
     def _decode_row(self, prompt: list[int], max_new_tokens: int, stats: DecodeStats) -> list[int]:
         ids = torch.tensor([prompt], device=self.device)
-        settings = {"max_new_tokens": max_new_tokens}
+        settings = {"max_new_tokens": max_new_tokens, **self._generation_settings()}
         if self._sampling is not None:
             s = self._sampling
             if s.generator is not None:
@@ -164,11 +168,11 @@ class AssistedGeneration(HFGenerate):
         self.assistant_confidence_threshold = assistant_confidence_threshold
 
     def _generate_kwargs(self) -> dict:
-        return {
-            "assistant_model": self.small,
-            "num_assistant_tokens": self.num_assistant_tokens,
-            "assistant_confidence_threshold": self.assistant_confidence_threshold,
-        }
+        return {"assistant_model": self.small}
+
+    def _generation_settings(self) -> dict:
+        return {"num_assistant_tokens": self.num_assistant_tokens,
+                "assistant_confidence_threshold": self.assistant_confidence_threshold}
 
 
 def hf_early_exit_unsupported(model: PreTrainedModel) -> str | None:
