@@ -4,8 +4,8 @@
 # the validation split -> evaluation on test at the tuned points, threshold sweep.
 #
 #   ./launch.sh            full profile with a GPU, the reduced CPU profile without one
-#   ./launch.sh cpu        the reduced profile (about 20 minutes on 2 cores)
-#   ./launch.sh smoke      miniature settings, every stage, a few minutes on a CPU (the test suite runs it)
+#   ./launch.sh cpu        the reduced profile (15 minutes on 2 cores, BENCHMARKS.md)
+#   ./launch.sh smoke      miniature settings, every stage, about a minute on a CPU (the test suite runs it)
 #   ./launch.sh full       the full profile (one GPU)
 #
 # Every stage is skipped when its output exists; interrupted training resumes from its last checkpoint. A run folder
