@@ -69,8 +69,8 @@ case "$PROFILE" in
     LARGE=("${SHAPE_L[@]}" limit=8000 epochs=3 batch_size=64 warmup_steps=100 lr=1e-3 mixed_precision=no eval_limit=200)
     # The small model: the large one with its first decoder layer only, fine-tuned (shrink and fine-tune). Trained
     # from scratch in the minutes a CPU has, a small model learned to ignore its input (the same sentence for every
-    # source) and alignment then taught it the large model's repetitions. A one-layer decoder step costs about a
-    # third of the large model's three-layer step on the compact passes (BENCHMARKS.md).
+    # source) and alignment then taught it the large model's repetitions. A one-layer decoder step costs 43% of the
+    # large model's three-layer step on the compact passes here (BENCHMARKS.md).
     SMALL_FROM_LARGE=1
     SMALL=(model="$R/large/final" model_config=null "keep_decoder_layers=[0]" limit=8000 epochs=1 batch_size=64
            warmup_steps=20 lr=5e-4 mixed_precision=no eval_limit=200)
@@ -79,8 +79,8 @@ case "$PROFILE" in
     # and a small model trained on them as targets loops too (10.71 -> 5.94 BLEU alone; token_kd: 9.10; BENCHMARKS.md)
     ALIGN_OBJECTIVE=token_kd
     ALIGN=(objective=token_kd epochs=2 batch_size=64 mixed_precision=no eval_limit=200 limit=3000 warmup_steps=20 lr=5e-4)
-    # decoding on the compact passes (no CUDA graphs): on 2 cores a step of the small model took 0.6 ms there
-    # against 1.6 ms through transformers' forward (BENCHMARKS.md)
+    # decoding on the compact passes (no CUDA graphs): on 2 cores a step of the small model took 2.4 ms there
+    # against 4.4 ms through transformers' forward (BENCHMARKS.md)
     EVAL=(--limit 100 warmup=2 max_new_tokens=48 fast_path=true)
     SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48 fast_path=true)
     OOD=()
