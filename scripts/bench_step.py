@@ -163,6 +163,35 @@ def step_loop(runner, prompt, steps, capacity):
     return run
 
 
+def graph_only(runner, prompt, capacity, steps, repeats, device):
+    """ms per step of the step's CUDA graph replayed alone, the host reading once at the end."""
+    runner.start(prompt, capacity)
+    runner.step([5])
+    graph, base = runner._graphs[("step", 1)], runner.length
+
+    def replays():
+        runner._pos0.fill_(base)  # each replay advances the position on the device
+        for _ in range(steps):
+            graph.replay()
+        runner._step_out.tolist()
+
+    ms = per(timed(replays, repeats, device), steps)
+    runner._forget_device_state()
+    return ms
+
+
+def checked(runner, prompt, capacity, pending, steps, repeats, device):
+    """ms per check of `pending` tokens (and the one before them), rewound after each."""
+    def check():
+        for _ in range(steps):
+            runner.check(list(range(5, 5 + pending + 1)), pending, "exact", 0.0)
+            runner.rewind(runner.length - pending - 1)
+
+    runner.start(prompt, capacity)
+    runner.step([5])
+    return per(timed(check, repeats, device), steps)
+
+
 @torch.inference_mode()
 def measure(name, args, device, dtype, bandwidth, rate):
     model = build(name, device, dtype)
@@ -180,18 +209,7 @@ def measure(name, args, device, dtype, bandwidth, rate):
           flush=True)
     row["step"] = per(timed(step_loop(fast, prompt, steps, capacity), args.repeats, device), steps)
 
-    fast.start(prompt, capacity)
-    fast.step([5])
-    graph, base = fast._graphs[("step", 1)], fast.length
-
-    def replays():
-        fast._pos0.fill_(base)  # each replay advances the position on the device
-        for _ in range(steps):
-            graph.replay()
-        fast._step_out.tolist()
-
-    row["graph"] = per(timed(replays, args.repeats, device), steps)
-    fast._forget_device_state()
+    row["graph"] = graph_only(fast, prompt, capacity, steps, args.repeats, device)
 
     def drafted():
         fast.start(prompt, capacity)
@@ -203,14 +221,7 @@ def measure(name, args, device, dtype, bandwidth, rate):
     row["draft"] = per(timed(drafted, args.repeats, device), steps)
 
     for c in checks:
-        def check(c=c):
-            for _ in range(steps):
-                fast.check(list(range(5, 5 + c + 1)), c, "exact", 0.0)
-                fast.rewind(fast.length - c - 1)
-
-        fast.start(prompt, capacity)
-        fast.step([5])
-        row[f"check{c}"] = per(timed(check, args.repeats, device), steps)
+        row[f"check{c}"] = checked(fast, prompt, capacity, c, steps, args.repeats, device)
 
     row["start"] = per(timed(lambda: [fast.start(prompt, capacity) for _ in range(steps)], args.repeats, device), steps)
     if not enc_dec:  # a long prompt: its prefill graph, against max(bytes, FLOPs) over the measured rates
@@ -236,33 +247,16 @@ def measure(name, args, device, dtype, bandwidth, rate):
         decode.compact._PASSES.pop(model, None)  # passes traced anew with this backend
         try:
             runner, secs = compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
-            runner.step([5])
-            fast_graph, base = runner._graphs[("step", 1)], runner.length
-
-            def graph_only():
-                runner._pos0.fill_(base)  # each replay advances the position on the device
-                for _ in range(steps):
-                    fast_graph.replay()
-                runner._step_out.tolist()
-
-            def check():
-                for _ in range(steps):
-                    runner.check(list(range(5, 5 + k + 1)), k, "exact", 0.0)
-                    runner.rewind(runner.length - k - 1)
-
-            graph_ms = per(timed(graph_only, args.repeats, device), steps)
-            runner._forget_device_state()
-            runner.start(prompt, capacity)
-            runner.step([5])
-            row[f"attn_{backend}"] = (graph_ms, per(timed(check, args.repeats, device), steps), secs)
-            del runner, fast_graph
+            row[f"attn_{backend}"] = (graph_only(runner, prompt, capacity, steps, args.repeats, device),
+                                      checked(runner, prompt, capacity, k, steps, args.repeats, device), secs)
+            del runner
         except Exception as err:  # noqa: BLE001 - a backend that cannot trace these shapes: say so in the table
             row[f"attn_{backend}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
         decode.compact.COMPILED_ATTENTION = [torch.nn.attention.SDPBackend.MATH]
         decode.compact.GROUPED_ATTENTION = True
         decode.compact._PASSES.pop(model, None)
         torch.cuda.empty_cache()
-    del model, fast, graph
+    del model, fast
     torch.cuda.empty_cache()
     return row
 
