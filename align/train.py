@@ -16,7 +16,7 @@ Objectives (`objective`):
   trains and the model is unchanged, so its lossless output is the original's; `exit_mode=joint`: the whole
   model trains on cross-entropy over the targets plus `exit_weight` x the exit loss (the paper's joint
   training; the full model's quality changes, and is reported). The head is saved with the model
-  (exit_head.safetensors, exit_head.json), where `BiLD.early_exit(<final folder>)` finds it. Held-out
+  (exit_head.safetensors, exit_head.json), where `decode.EarlyExitBiLD(<final folder>)` finds it. Held-out
   metrics: eval_loss is the full model's cross-entropy, eval_top1_agreement the exit's argmax agreeing
   with the full model's.
 

@@ -2,6 +2,7 @@
 
 from decode.baselines import AssistedGeneration, Greedy, HFGenerate
 from decode.bild import BiLD, BiLDConfig, load_model
+from decode.early_exit import EarlyExitBiLD
 from decode.generation import DecodeStats, GenerateOutput
 
-__all__ = ["BiLD", "BiLDConfig", "Greedy", "HFGenerate", "AssistedGeneration", "DecodeStats", "GenerateOutput", "load_model"]
+__all__ = ["BiLD", "BiLDConfig", "Greedy", "HFGenerate", "AssistedGeneration", "DecodeStats", "GenerateOutput", "load_model", "EarlyExitBiLD"]

@@ -236,20 +236,6 @@ class BiLD(RowDecoder):
         return cap
 
     @classmethod
-    def early_exit(cls, model, exit_layer: int | None = None, config: BiLDConfig | None = None, *, exit_head="auto",
-                   **load_kwargs) -> "BiLD":
-        """BiLD over one model (the paper's early exit): the small decoder is its first `exit_layer` decoder
-        layers and an exit head, the large one the whole stack; no partner model. See decode/early_exit.py.
-
-        model: a loaded model, or a Hub name or folder (loaded with `load_kwargs`: dtype, device, ...).
-        exit_head: "auto" (a trained head saved in the model's folder, else the model's own final norm and LM
-        head), None (always the model's own), a folder, or an ExitHead.
-        """
-        from decode.early_exit import EarlyExitBiLD
-
-        return EarlyExitBiLD(model, exit_layer, config, exit_head, **load_kwargs)
-
-    @classmethod
     def from_pretrained(
         cls,
         large: str,

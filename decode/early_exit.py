@@ -1,9 +1,9 @@
 """Early-exit BiLD (the paper's RQ4): one model is both decoders. The small model is the first `exit_layer`
 decoder layers followed by an exit head; the large model is the whole stack.
 
-    from decode import BiLD, BiLDConfig
-    bild = BiLD.early_exit(model, exit_layer=2, config=BiLDConfig(fallback_threshold=0.5, rollback_threshold=3.0))
-    bild = BiLD.early_exit("runs/latest/exit_frozen/final")   # a trained exit head, saved with its model
+    from decode import BiLDConfig, EarlyExitBiLD
+    bild = EarlyExitBiLD(model, exit_layer=2, config=BiLDConfig(fallback_threshold=0.5, rollback_threshold=3.0))
+    bild = EarlyExitBiLD("runs/latest/exit_frozen/final")   # a trained exit head, saved with its model
     out = bild.generate(input_ids, max_new_tokens=64); out.sequences, out.stats
 
 Nothing is computed twice. Layers 1..k keep one KV cache for both roles, and every small step also keeps
@@ -327,8 +327,13 @@ class _LargeView(_SmallView):
 
 
 class EarlyExitBiLD(BiLD):
-    """BiLD over one model: the small decoder is its first `exit_layer` decoder layers and an exit head.
-    Made by `BiLD.early_exit`; the same `generate` contract and `.stats` as BiLD."""
+    """BiLD over one model (the paper's early exit): the small decoder is its first `exit_layer` decoder layers and
+    an exit head, the large one the whole stack; no partner model. The same `generate` contract and `.stats` as BiLD.
+
+    model: a loaded model, or a Hub name or folder (loaded with `load_kwargs`: dtype, device, ...).
+    exit_head: "auto" (a trained head saved in the model's folder, else the model's own final norm and LM
+    head), None (always the model's own), a folder, or an ExitHead.
+    """
 
     def __init__(self, model, exit_layer: int | None = None, config: BiLDConfig | None = None, exit_head="auto",
                  **load_kwargs):
@@ -380,3 +385,4 @@ class EarlyExitBiLD(BiLD):
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
         self.runner.start(prompt, max_new_tokens)  # one model, one start: the encoder runs once
+

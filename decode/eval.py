@@ -322,7 +322,7 @@ class Evaluation:
 
     def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None, cap=...):
         """The decoder of a row. cap: BiLD's max_small_steps (None: no cap; default: the config's)."""
-        from decode import AssistedGeneration, BiLD, BiLDConfig, Greedy, HFGenerate
+        from decode import AssistedGeneration, BiLD, BiLDConfig, EarlyExitBiLD, Greedy, HFGenerate
 
         cfg = self.cfg
         if system in _EXIT:
@@ -331,8 +331,7 @@ class Evaluation:
                             rollback_threshold=_first(rollback, cfg.exit_rollback_threshold, cfg.rollback_threshold),
                             max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, device_loop=cfg.device_loop,
                             compile=cfg.compile)
-            return BiLD.early_exit(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}),
-                                   exit_head=head)
+            return EarlyExitBiLD(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}), exit_head=head)
         if system == "hf_early_exit":
             from decode.baselines import HFEarlyExit
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_model, tiny_pair  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from decode import BiLD, BiLDConfig  # noqa: E402
+from decode import BiLD, BiLDConfig, EarlyExitBiLD  # noqa: E402
 
 
 def pad(prompts: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +69,7 @@ def main():
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
                              fast_path=True if args.fast_path else False, batch_wait=(0.0, 0.5, 1.0)[seed % 3],
                              device_loop={"auto": None, "on": True, "off": False}[args.device_loop])
-            bild = BiLD.early_exit(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
+            bild = EarlyExitBiLD(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
             if args.batch > 1:
                 prompts = [random_prompt(1000 + seed * args.batch + i, length=3 + (seed + 3 * i) % 8)[0]
                            for i in range(args.batch)]

@@ -6,7 +6,7 @@ import torch
 from test_fast import FAST_ARCHS
 from tiny_models import PAD, VOCAB, hf_greedy, tiny_pair
 
-from decode import BiLD, BiLDConfig, Greedy
+from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
 from decode.batch import _BATCH_RUNNERS, BatchRunner, batch_size_for
 from decode.generation import DecodeStats
 from decode.sampling import Sampling
@@ -262,7 +262,7 @@ def test_runners_per_batch_size_and_what_stays_row_by_row(capsys, monkeypatch):
     assert "decodes a batch row after row" in capsys.readouterr().err
     bild._sampling = Sampling()  # sampling decodes a batch together too
     assert bild._batch_blocker() is None
-    early = BiLD.early_exit(large, 1, BiLDConfig(fast_path=True, rollback="exact"))
+    early = EarlyExitBiLD(large, 1, BiLDConfig(fast_path=True, rollback="exact"))
     assert early._batch_blocker() is not None
     assert early.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
         Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=12).sequences.tolist()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import ENCODER_DECODER, DECODER_ONLY, hf_greedy, random_prompt, tiny_model
 
-from decode import BiLD, BiLDConfig
+from decode import BiLD, BiLDConfig, EarlyExitBiLD
 from decode.early_exit import EXIT_HEAD_CONFIG, ExitHead
 
 ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2")
@@ -54,7 +54,7 @@ def test_exact_mode_equals_greedy_generate(arch, exit_layer):
         ids = random_prompt(seed, length=4 + 3 * seed)
         reference = hf_greedy(model, ids, max_new_tokens=20).tolist()
         for name in ("exact", "exact_no_fallback", "exact_no_cap"):
-            out = BiLD.early_exit(model, exit_layer, BiLDConfig(**POLICIES[name])).generate(ids, max_new_tokens=20)
+            out = EarlyExitBiLD(model, exit_layer, BiLDConfig(**POLICIES[name])).generate(ids, max_new_tokens=20)
             assert out.sequences.tolist() == reference, (name, seed)
             s = out.stats
             assert s.new_tokens == s.small_tokens + s.large_tokens
@@ -70,7 +70,7 @@ def test_same_tokens_and_decisions_as_two_model_bild_with_the_truncated_model(ar
     for name, policy in POLICIES.items():
         for seed in range(2):
             ids = random_prompt(seed + 5, length=5)
-            ee = BiLD.early_exit(model, k, BiLDConfig(**policy)).generate(ids, max_new_tokens=20)
+            ee = EarlyExitBiLD(model, k, BiLDConfig(**policy)).generate(ids, max_new_tokens=20)
             two = BiLD(model, small, BiLDConfig(fast_path=False, **policy)).generate(ids, max_new_tokens=20)
             assert ee.sequences.tolist() == two.sequences.tolist(), (name, seed)
             a, b = ee.stats.as_dict(), two.stats.as_dict()
@@ -85,7 +85,7 @@ def test_no_position_recomputed_beyond_rollbacks(arch, monkeypatch):
     model = _model(arch)
     k = 2
     seen = {"low": 0, "high": 0, "encoder": 0}
-    runner = BiLD.early_exit(model, k, BiLDConfig(**POLICIES["ce"])).runner
+    runner = EarlyExitBiLD(model, k, BiLDConfig(**POLICIES["ce"])).runner
     decoder_type, passes_type = type(runner.decoder), type(runner.passes)
     run_layers, encoder_forward = decoder_type.run_layers, passes_type.__dict__.get("encoder_forward")
 
@@ -102,7 +102,7 @@ def test_no_position_recomputed_beyond_rollbacks(arch, monkeypatch):
     if encoder_forward is not None:
         monkeypatch.setattr(passes_type, "encoder_forward", counting_encoder)
     for policy in ("ce", "exact_no_fallback", "ce_no_cap"):
-        bild = BiLD.early_exit(model, k, BiLDConfig(**POLICIES[policy]))
+        bild = EarlyExitBiLD(model, k, BiLDConfig(**POLICIES[policy]))
         for key in seen:
             seen[key] = 0
         ids = random_prompt(11, length=7)
@@ -123,14 +123,14 @@ def test_no_position_recomputed_beyond_rollbacks(arch, monkeypatch):
 def test_exit_layer_out_of_range_is_a_clear_error(bad):
     model = _model("llama")
     with pytest.raises(ValueError, match=f"exit_layer must be an integer from 1 to {LAYERS - 1}"):
-        BiLD.early_exit(model, bad)
+        EarlyExitBiLD(model, bad)
 
 
 def test_unsupported_architecture_and_missing_exit_layer():
     with pytest.raises(ValueError, match="compact decoder"):
-        BiLD.early_exit(tiny_model("gpt2", 0), 1)
+        EarlyExitBiLD(tiny_model("gpt2", 0), 1)
     with pytest.raises(ValueError, match="exit_layer is needed"):
-        BiLD.early_exit(_model("bart"))
+        EarlyExitBiLD(_model("bart"))
 
 
 @pytest.mark.parametrize("arch", ("bart", "t5", "qwen2"))
@@ -138,26 +138,26 @@ def test_exit_head_saved_with_the_checkpoint_and_loaded_on_the_same_path(arch, t
     model = _model(arch)
     ids = random_prompt(4, length=6)
     policy = BiLDConfig(**POLICIES["ce"])
-    untrained = BiLD.early_exit(model, 2, policy).generate(ids, max_new_tokens=16)
+    untrained = EarlyExitBiLD(model, 2, policy).generate(ids, max_new_tokens=16)
     # a fresh head (zero adapter, copy of the final norm) is the model's own head
     head = ExitHead(model, 2)
-    fresh = BiLD.early_exit(model, 2, policy, exit_head=head).generate(ids, max_new_tokens=16)
+    fresh = EarlyExitBiLD(model, 2, policy, exit_head=head).generate(ids, max_new_tokens=16)
     assert fresh.sequences.tolist() == untrained.sequences.tolist()
     # a head that differs changes the small model's decisions, not the exact output
     with torch.no_grad():
         head.adapter[-1].weight.normal_(0, 0.5)
     model.save_pretrained(tmp_path)
     head.save(tmp_path, mode="frozen")
-    bild = BiLD.early_exit(str(tmp_path), config=policy)
+    bild = EarlyExitBiLD(str(tmp_path), config=policy)
     assert bild.exit_layer == 2 and bild.exit_head is not None
     assert torch.equal(bild.exit_head.adapter[-1].weight, head.adapter[-1].weight)
     trained = bild.generate(ids, max_new_tokens=16)
     assert trained.stats.as_dict() != untrained.stats.as_dict()
-    exact = BiLD.early_exit(str(tmp_path), config=BiLDConfig(rollback="exact")).generate(ids, max_new_tokens=16)
+    exact = EarlyExitBiLD(str(tmp_path), config=BiLDConfig(rollback="exact")).generate(ids, max_new_tokens=16)
     assert exact.sequences.tolist() == hf_greedy(model, ids, max_new_tokens=16).tolist()
     with pytest.raises(ValueError, match="trained for exit_layer 2"):
-        BiLD.early_exit(str(tmp_path), 3)
-    assert BiLD.early_exit(str(tmp_path), 3, exit_head=None).exit_head is None
+        EarlyExitBiLD(str(tmp_path), 3)
+    assert EarlyExitBiLD(str(tmp_path), 3, exit_head=None).exit_head is None
     (tmp_path / EXIT_HEAD_CONFIG).unlink()
     with pytest.raises(FileNotFoundError):
-        BiLD.early_exit(model, 2, exit_head=tmp_path)
+        EarlyExitBiLD(model, 2, exit_head=tmp_path)

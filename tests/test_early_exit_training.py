@@ -10,7 +10,7 @@ from tiny_models import hf_greedy, random_prompt, tiny_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from align.train import ExitTraining, TrainConfig, train
-from decode import BiLD, BiLDConfig
+from decode import BiLDConfig, EarlyExitBiLD
 from decode.early_exit import EXIT_HEAD_CONFIG, EXIT_HEAD_WEIGHTS
 
 
@@ -59,8 +59,8 @@ def test_frozen_exit_leaves_the_model_unchanged_and_raises_agreement(toy_data, t
     shares = {}
     # exact rollback, drafts of 4 with no confidence fallback: the exit's share of the output is its agreement
     policy = BiLDConfig(rollback="exact", fallback_threshold=0.0, max_small_steps=4)
-    for name, bild in (("untrained", BiLD.early_exit(large, 1, policy)),
-                       ("trained", BiLD.early_exit(str(final), config=policy))):
+    for name, bild in (("untrained", EarlyExitBiLD(large, 1, policy)),
+                       ("trained", EarlyExitBiLD(str(final), config=policy))):
         small = new = 0
         for s in sources:
             ids = torch.tensor([tok(s)["input_ids"]])
@@ -79,7 +79,7 @@ def test_joint_training_changes_the_model_and_saves_both(toy_models, calibration
     assert json.loads((final / EXIT_HEAD_CONFIG).read_text())["mode"] == "joint"
     metrics = json.loads((final / "metrics.json").read_text())
     assert {"eval_loss", "eval_top1_agreement"} <= set(metrics["after"])
-    bild = BiLD.early_exit(str(final), config=BiLDConfig(rollback="exact"))
+    bild = EarlyExitBiLD(str(final), config=BiLDConfig(rollback="exact"))
     joint = AutoModelForSeq2SeqLM.from_pretrained(final).eval()
     ids = torch.tensor([[5, 9, 14, 22, 2]])
     assert bild.generate(ids, max_new_tokens=12).sequences.tolist() == hf_greedy(joint, ids, max_new_tokens=12).tolist()

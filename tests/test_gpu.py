@@ -6,7 +6,7 @@ import torch
 from test_fast import FAST_ARCHS, compact_vs_transformers, decode_all
 from tiny_models import hf_greedy, random_prompt, tiny_model, tiny_pair
 
-from decode import BiLD, BiLDConfig, Greedy
+from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
 from decode.fast import FastRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -114,10 +114,10 @@ def test_early_exit_graphs_equal_no_graphs_and_exact_equals_greedy_on_cuda(arch)
         ref = hf_greedy(model, ids, max_new_tokens=24).cpu()
         for k in (1, 3):
             for name, policy in POLICIES.items():
-                graphed = BiLD.early_exit(model, k, BiLDConfig(**policy))
+                graphed = EarlyExitBiLD(model, k, BiLDConfig(**policy))
                 assert "CUDA graphs" in graphed.path
                 a = graphed.generate(ids, max_new_tokens=24)
-                b = BiLD.early_exit(model, k, BiLDConfig(fast_path=False, **policy)).generate(ids, max_new_tokens=24)
+                b = EarlyExitBiLD(model, k, BiLDConfig(fast_path=False, **policy)).generate(ids, max_new_tokens=24)
                 assert torch.equal(a.sequences, b.sequences), (k, name)
                 sa, sb = a.stats.as_dict(), b.stats.as_dict()
                 sa.pop("seconds"), sb.pop("seconds")
@@ -332,7 +332,7 @@ def test_compiled_early_exit_and_sampling_equal_the_uncompiled_ones_fp32(arch):
     for name, policy in POLICIES.items():
         outs = []
         for compile in (True, False):
-            o = BiLD.early_exit(model, 2, BiLDConfig(compile=compile, **policy)).generate(ids, max_new_tokens=24)
+            o = EarlyExitBiLD(model, 2, BiLDConfig(compile=compile, **policy)).generate(ids, max_new_tokens=24)
             stats = o.stats.as_dict()
             stats.pop("seconds")
             outs.append((o.sequences.tolist(), stats))

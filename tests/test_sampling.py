@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from decode import BiLD, BiLDConfig, Greedy
+from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
 from decode.bild import make_plain_greedy
 from decode.generation import DecodeStats
 from decode.sampling import Sampling
@@ -184,7 +184,7 @@ def test_sampling_errors(pair):
     with pytest.raises(ValueError, match="top_p"):
         Greedy(large).generate(ids, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="greedy only"):
-        BiLD.early_exit(tiny_llama(2, 16).__class__(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+        EarlyExitBiLD(tiny_llama(2, 16).__class__(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
                                                                 num_hidden_layers=2, num_attention_heads=2,
                                                                 num_key_value_heads=1)), 1).generate(ids, do_sample=True)
 
