@@ -20,7 +20,8 @@ where a step is bound by the number of kernels and by reading the weights once:
 - The KV cache is one buffer per layer, written by position; a mask built from the positions hides every slot past
   them (and outside a sliding window). Rolling back is moving the position.
 
-Covered: Llama, Qwen2, Mistral (decoder-only, sliding windows included); BART, Marian, T5/mT5 (encoder-decoder).
+Covered: Llama (any static rope type), Qwen2, Mistral, Qwen3, Phi-3, Gemma 2, Gemma 3 text (decoder-only, sliding
+windows included); BART, Marian, T5/mT5 (encoder-decoder).
 `unsupported_reason` says why anything else runs on the eager path.
 """
 
@@ -39,7 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-_DECODER_ONLY = ("llama", "qwen2", "mistral")
+_GEMMA = ("gemma2", "gemma3_text")
+_DECODER_ONLY = ("llama", "qwen2", "mistral", "qwen3", "phi3") + _GEMMA
 _ENC_DEC = ("bart", "marian", "t5", "mt5")
 
 # Inductor settings for the compiled passes. No coordinate descent tuning (gpt-fast's setting, which turns one-token
@@ -63,6 +65,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     """Why the compact passes cannot run this model, or None when they can."""
     cfg = model.config
     kind = getattr(cfg, "model_type", "")
+    if kind == "gemma3":
+        return "Gemma 3 with its vision tower: load the text model alone (Gemma3ForCausalLM) for the fast path"
     if kind not in _DECODER_ONLY + _ENC_DEC:
         return f"no compact decoder for model type {kind!r} (fast path: {', '.join(_DECODER_ONLY + _ENC_DEC)})"
     if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
@@ -70,6 +74,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
         return f"rope type {rope.get('rope_type', rope.get('type'))!r} changes with the sequence length"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention (use_bidirectional_attention) is not a causal decoder"
     return None
 
 
@@ -122,22 +128,23 @@ def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
 
 
-def attend(q, k, v, mask, scale, gqa: bool = False) -> torch.Tensor:
-    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, [B, 1 or H, n, L].
-    Returns [B, n, H * D]."""
-    if GROUPED_ATTENTION and torch.compiler.is_compiling():
-        out = grouped_attention(q, k, v, mask, scale)
+def attend(q, k, v, mask, scale, gqa: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, [B, 1 or H, n, L]; softcap:
+    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2). Returns [B, n, H * D]."""
+    if softcap is not None or (GROUPED_ATTENTION and torch.compiler.is_compiling()):
+        out = grouped_attention(q, k, v, mask, scale, softcap)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def grouped_attention(q, k, v, mask, scale) -> torch.Tensor:
+def grouped_attention(q, k, v, mask, scale, softcap: float | None = None) -> torch.Tensor:
     """The compiled passes' attention, [B, H, n, D] out. The G query heads that share a key/value head are read as
     one head of G * n queries, so the cache is read where it lies: SDPA's math path, which inductor traces, first
     expands the cache to every query head and copies it to float32 (half of a 0.5B model's attention time on an H200,
     BENCHMARKS.md). One token per row (the decode step) is written as two float32 reductions and a softmax that
-    inductor fuses with the casts and the mask; longer queries (checks, prompts) take SDPA."""
+    inductor fuses with the casts and the mask; longer queries (checks, prompts) take SDPA, unless the scores are
+    soft-capped, which SDPA cannot do: then a float32 product, as for one token."""
     b, h, n, d = q.shape
     h_kv, slots = k.shape[1], k.shape[2]
     g = h // h_kv
@@ -146,10 +153,17 @@ def grouped_attention(q, k, v, mask, scale) -> torch.Tensor:
         mask = mask[:, :, None].expand(b, 1, g, n, slots).reshape(b, 1, g * n, slots)
     else:
         mask = mask.reshape(b, h_kv, g * n, slots)
-    if n == 1:
-        scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) * scale  # [B, H_kv, G, L]
+    if n == 1 or softcap is not None:
+        if n == 1:
+            scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) * scale  # [B, H_kv, G, L]
+        else:
+            scores = q.float() @ k.float().transpose(-1, -2) * scale  # [B, H_kv, G * n, L]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        out = (scores.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)
+        probs = scores.softmax(-1)
+        out = (probs[..., None] * v.float()[:, :, None]).sum(-2) if n == 1 else probs @ v.float()
+        out = out.to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, n, d)
@@ -388,11 +402,19 @@ class Decoder:
 
 
 # --------------------------------------------------------------------------------------------------
-# Llama, Qwen2, Mistral
+# Decoder-only: Llama, Qwen2, Mistral, Qwen3, Phi-3, Gemma 2, Gemma 3
 
 
 class LlamaPasses(Passes):
-    """Llama, Qwen2, Mistral: pre-norm, rotary positions, grouped-query attention, optional sliding windows."""
+    """The decoder-only families: pre-norm layers, rotary positions, grouped-query attention, optional sliding windows.
+    What differs between them is read off the model once, here, and handed to one layer function:
+    - Llama (any static rope type: llama3, linear, yarn), Qwen2, Mistral: the plain layer.
+    - Qwen3: an RMSNorm over each head of q and k before the rotary.
+    - Phi-3: q/k/v and gate/up already fused in the checkpoint; rotary over part of each head.
+    - Gemma 2 and Gemma 3 (text): norms that scale by 1 + weight, norms after attention and after the MLP as well as
+      before, scaled embeddings, the query scaled by `query_pre_attn_scalar`, soft-capped attention scores and logits
+      where configured, sliding and global layers interleaved; Gemma 3 has q/k norms and a rotary table per layer type.
+    """
 
     def __init__(self, model, compile):
         super().__init__(model, compile)
@@ -411,64 +433,125 @@ class LlamaPasses(Passes):
             self.windows = [window if t == "sliding_attention" else None for t in layer_types]
         else:  # Mistral: one window for every layer, or none
             self.windows = [window] * self.n_layers
+        # Gemma 3's rotary module keeps one table per layer type (local and global bases); the others, one
+        self.rope_keys = list(layer_types) if hasattr(self.rotary, "layer_types") else [None] * self.n_layers
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        # longrope switches every position to its long factors once a sequence passes the original length
+        self.rope_limit = (rope.get("original_max_position_embeddings") or cfg.max_position_embeddings
+                           if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope" else None)
+        norm = gemma_norm if cfg.model_type in _GEMMA else rms_norm
+        scale = getattr(self.embed_tokens, "embed_scale", None)
+        self.embed_scale = None if scale is None else float(scale)
         self.weights = []
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
-            qkv, qkv_bias = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
-            gate_up, gate_up_bias = fuse_linears([m.gate_proj, m.up_proj])
+            if hasattr(a, "qkv_proj"):  # Phi-3
+                qkv, qkv_bias = self._keep(a.qkv_proj.weight), self._keep(a.qkv_proj.bias)
+            else:
+                qkv, qkv_bias = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+                self._params.append((qkv, a.q_proj.weight))
+            if hasattr(m, "gate_up_proj"):
+                gate_up, gate_up_bias = self._keep(m.gate_up_proj.weight), self._keep(getattr(m.gate_up_proj, "bias", None))
+            else:
+                gate_up, gate_up_bias = fuse_linears([m.gate_proj, m.up_proj])
+                self._params.append((gate_up, m.gate_proj.weight))
+            sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma: pre_feedforward is the MLP's input norm
+            mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+            q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
             self.weights.append((
-                self._keep(layer.input_layernorm.weight), qkv, qkv_bias, self._keep(a.o_proj.weight),
-                self._keep(a.o_proj.bias), self._keep(layer.post_attention_layernorm.weight), gate_up, gate_up_bias,
-                self._keep(m.down_proj.weight), self._keep(m.down_proj.bias)))
-            self._params += [(qkv, a.q_proj.weight), (gate_up, m.gate_proj.weight)]
-        eps = layers[0].input_layernorm.variance_epsilon
-        final_eps = inner.norm.variance_epsilon
+                self._keep(layer.input_layernorm.weight), qkv, qkv_bias,
+                self._keep(q_norm.weight if q_norm is not None else None),
+                self._keep(k_norm.weight if k_norm is not None else None),
+                self._keep(a.o_proj.weight), self._keep(a.o_proj.bias),
+                self._keep(layer.post_attention_layernorm.weight if sandwich else None),
+                self._keep(mlp_norm.weight), gate_up, gate_up_bias,
+                self._keep(m.down_proj.weight), self._keep(m.down_proj.bias),
+                self._keep(layer.post_feedforward_layernorm.weight if sandwich else None)))
+        eps = _eps(layers[0].input_layernorm)
+        final_eps = _eps(inner.norm)
         self.final_weight = self._keep(inner.norm.weight)
-        act = ACT2FN[cfg.hidden_act]
-        self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w),
+        act = ACT2FN[getattr(cfg, "hidden_activation", None) or cfg.hidden_act]
+        softcap = getattr(cfg, "attn_logit_softcapping", None)
+        self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
+                                                 norm, softcap),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
         head_weight = self.head_weight
+        logit_cap = getattr(cfg, "final_logit_softcapping", None)
 
         def head(h, norm_weight):
-            return linear(rms_norm(h, norm_weight, final_eps), head_weight)
+            logits = linear(norm(h, norm_weight, final_eps), head_weight)
+            return logits if logit_cap is None else torch.tanh(logits / logit_cap) * logit_cap
 
         self._head = self._pass(head, "head")
 
     def embed(self, ids, pos):
-        return F.embedding(ids, self.embed_tokens.weight)  # [B, n, d]
+        weight = self.embed_tokens.weight
+        h = F.embedding(ids, weight)  # [B, n, d]
+        if self.embed_scale is not None:  # Gemma: sqrt(d), rounded to the weights' dtype first, as transformers does
+            h = h * torch.tensor(self.embed_scale, dtype=weight.dtype, device=weight.device)
+        return h
 
     def head(self, h):
         return self._head(h, self.final_weight)
 
-    def rotary_tables(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own rotary module over every position: cos, sin [capacity, D] (its scaling included)."""
+    def rotary_tables(self, capacity: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own rotary module over every position: cos, sin [capacity, D_rot] (its scaling included; D_rot is
+        the head dimension or, for Phi-3's partial rotary, less)."""
+        if self.rope_limit is not None and capacity > self.rope_limit:
+            raise ValueError(f"{self.name}: its longrope positions change past {self.rope_limit} tokens, and the fast "
+                             f"path covers sequences up to there ({capacity} asked); decode with fast_path=False")
         pos = torch.arange(capacity, device=self.device)[None]
-        cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
+        x = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(x, pos) if layer_type is None else self.rotary(x, pos, layer_type)
         return cos[0], sin[0]
 
     def decoder(self):
         return LlamaDecoder(self)
 
 
-def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window):
+def _eps(norm) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
+def gemma_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: float32 throughout, scaled by 1 + weight, cast back at the end."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D] rotated over its first cos.shape[-1] dimensions (all of them but for a partial rotary)."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot = x[..., :d]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., d:]), dim=-1)
+
+
+def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
     def layer(h, pos, cos, sin, k_cache, v_cache, w):
-        """One Llama-family layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D]; writes the caches."""
-        ln1, qkv_w, qkv_b, o_w, o_b, ln2, gate_up_w, gate_up_b, down_w, down_b = w
-        q, k, v = linear(rms_norm(h, ln1, eps), qkv_w, qkv_b).split(split, dim=-1)
+        """One decoder-only layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D_rot]; writes the caches.
+        The weights a family lacks (q/k norms, the norms after attention and MLP, biases) are None."""
+        ln1, qkv_w, qkv_b, q_ln, k_ln, o_w, o_b, attn_ln, ln2, gate_up_w, gate_up_b, down_w, down_b, mlp_ln = w
+        q, k, v = linear(norm(h, ln1, eps), qkv_w, qkv_b).split(split, dim=-1)
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
-        c, s = cos[pos][:, None], sin[pos][:, None]  # [B, 1, n, D]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        if q_ln is not None:
+            q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)
+        c, s = cos[pos][:, None], sin[pos][:, None]  # [B, 1, n, D_rot]
+        q, k = rotary(q, c, s), rotary(k, c, s)
         write_cache(k_cache, v_cache, pos, k, v)
         mask = causal_mask(pos, k_cache.shape[2], window)
-        h = h + linear(attend(q, k_cache, v_cache, mask, scale, gqa), o_w, o_b)
-        gate, up = linear(rms_norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-        return h + linear(act(gate) * up, down_w, down_b)
+        out = linear(attend(q, k_cache, v_cache, mask, scale, gqa, softcap), o_w, o_b)
+        h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
+        gate, up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
+        out = linear(act(gate) * up, down_w, down_b)
+        return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
 
     return layer
 
@@ -476,15 +559,16 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window):
 class LlamaDecoder(Decoder):
     def allocate(self, capacity, src_capacity, batch=1):
         super().allocate(capacity, src_capacity, batch)
-        self.cos, self.sin = self.passes.rotary_tables(capacity)
-        for t in (self.cos, self.sin):
+        self.tables = {key: self.passes.rotary_tables(capacity, key) for key in set(self.passes.rope_keys)}
+        for t in (t for pair in self.tables.values() for t in pair):
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
     def run_layers(self, h, pos, start, stop):
         p = self.passes
         for i in range(start, stop):
             k_cache, v_cache = self.kv.layers[i]
-            h = p.layer[p.windows[i]](h, pos, self.cos, self.sin, k_cache, v_cache, p.weights[i])
+            cos, sin = self.tables[p.rope_keys[i]]
+            h = p.layer[p.windows[i]](h, pos, cos, sin, k_cache, v_cache, p.weights[i])
         return h
 
 
@@ -878,4 +962,7 @@ def output_logits(model: PreTrainedModel, h: torch.Tensor, norm) -> torch.Tensor
             h = h * cfg.d_model**-0.5
         return model.lm_head(h)
     logits = model.lm_head(h)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma 2
+        logits = torch.tanh(logits / cap) * cap
     return logits + model.final_logits_bias if kind not in _DECODER_ONLY else logits

@@ -31,8 +31,8 @@ arithmetic. Here, as in gpt-fast:
   the rows' budgets, to stop the loop; the tokens come back once per draft. The decisions are the host
   loop's own.
 
-Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama, Qwen2 and Mistral (decoder-only, sliding
-windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
+Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama (any static rope type, Llama 3's included), Qwen2,
+Mistral, Qwen3, Phi-3, Gemma 2 and Gemma 3's text model (decoder-only, sliding windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ synchronised, warm-up discarded, the median of --repeats runs (the spread is min
   decoder-only shapes a 512-token prompt, against its floor (max of bytes over bandwidth and FLOPs over the
   measured matrix rate);
 - compile: the seconds the first start of a fresh compiled runner took (compiling and capturing its passes);
+- twins: a shape named `<shape>:llama` is a plain Llama with the sizes of <shape> (Qwen3 and Gemma 3 shapes); given
+  both, a table sets each family's step and check against its twin's;
 - floor: bytes of the weights one decoder step reads (decoder layers and LM head, not the encoder or the
   input embedding table) over the copy bandwidth measured on this device.
 --pairs adds, for a 0.5B and a 1.5B drafter with a 7B large model (Qwen2.5 shapes), what BiLD and lossless
@@ -59,7 +61,48 @@ SHAPES = {  # name: (config fields, vocabulary)
     "qwen2.5_7b": (dict(QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False), 152064),
 }
-PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b")]
+QWEN3 = dict(model_type="qwen3", rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu",
+             head_dim=128)
+LLAMA3 = dict(model_type="llama", max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", head_dim=64)
+GEMMA3 = dict(model_type="gemma3_text", head_dim=256, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+              hidden_activation="gelu_pytorch_tanh", max_position_embeddings=32768)
+
+
+def llama3_rope(factor):
+    return dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+
+
+def gemma3_rope(factor):
+    glob = dict(rope_type="linear", factor=factor, rope_theta=1e6) if factor else dict(rope_type="default", rope_theta=1e6)
+    return {"sliding_attention": dict(rope_type="default", rope_theta=10000.0), "full_attention": glob}
+
+
+SHAPES.update({  # the families users pick today, as their published configs give them
+    "qwen3_0.6b": (dict(QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                        num_key_value_heads=8, tie_word_embeddings=True), 151936),
+    "qwen3_8b": (dict(QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=False), 151936),
+    "llama3.2_1b": (dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=True, rope_parameters=llama3_rope(32.0)), 128256),
+    "llama3.1_8b": (dict(LLAMA3, head_dim=128, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+                         rope_parameters=llama3_rope(8.0)), 128256),
+    "gemma3_1b": (dict(GEMMA3, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                       num_key_value_heads=1, sliding_window=512, tie_word_embeddings=True,
+                       rope_parameters=gemma3_rope(None)), 262144),
+    "gemma3_12b": (dict(GEMMA3, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                        num_key_value_heads=8, sliding_window=1024, tie_word_embeddings=True,
+                        rope_parameters=gemma3_rope(8.0)), 262208),
+})
+TWIN_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "tie_word_embeddings")
+for _name, (_spec, _vocab) in list(SHAPES.items()):
+    if isinstance(_spec, dict) and _spec["model_type"] in ("qwen3", "gemma3_text"):
+        # the same sizes as a plain Llama: what the family's own parts (norms, rotary tables, embeddings) cost beyond it
+        SHAPES[f"{_name}:llama"] = (dict(model_type="llama", hidden_act="silu", **{f: _spec[f] for f in TWIN_FIELDS}), _vocab)
+PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b"), ("qwen3_0.6b", "qwen3_8b"),
+         ("llama3.2_1b", "llama3.1_8b"), ("gemma3_1b", "gemma3_12b")]
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
 
@@ -416,6 +459,14 @@ def main():
                   "of kernel time (no graph)")
             for name, count, us in pr["top"]:
                 print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
+    twins = [(r, rows[f"{r['shape']}:llama"]) for r in rows.values() if f"{r['shape']}:llama" in rows]
+    if twins:
+        print("\nfamily against a Llama of the same sizes (layers, width, heads, vocabulary): compiled step, host read, ms")
+        print("| shape | step | Llama twin | ratio | check k=10 | twin | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for r, t in twins:
+            print(f"| {r['shape']} | {fmt(r['step'])} | {fmt(t['step'])} | {r['step'][0] / t['step'][0]:.2f} | "
+                  f"{fmt(r['check10'])} | {fmt(t['check10'])} | {r['check10'][0] / t['check10'][0]:.2f} |")
     if args.pairs:
         print("\nper pair, ms from the rows above; arithmetic over the measured passes, not a decoding run")
         print("\n".join(pair_table(rows)))

@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 import torch  # noqa: E402
-from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_model, tiny_pair  # noqa: E402
+from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model, tiny_pair  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from decode import BiLD, BiLDConfig, EarlyExitBiLD  # noqa: E402
@@ -43,7 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--archs", nargs="*", default=list(ENCODER_DECODER + DECODER_ONLY))
+    parser.add_argument("--archs", nargs="*", default=list(ENCODER_DECODER + DECODER_ONLY + MORE_DECODER_ONLY))
     parser.add_argument("--fast-path", action="store_true", help="check the fast path (decode/fast.py)")
     parser.add_argument("--early-exit", action="store_true", help="check early-exit BiLD (decode/early_exit.py)")
     parser.add_argument("--batch", type=int, default=1, help="with --fast-path: rows decoded together per pair")

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from tiny_models import ENCODER_DECODER, DECODER_ONLY, hf_greedy, random_prompt, tiny_model
+from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model
 
 from decode import BiLD, BiLDConfig, EarlyExitBiLD
 from decode.early_exit import EXIT_HEAD_CONFIG, ExitHead
 
-ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2")
+ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2") + MORE_DECODER_ONLY
 LAYERS = 4
 POLICIES = {
     "exact": dict(rollback="exact", fallback_threshold=0.3),

@@ -5,12 +5,12 @@ tests/test_gpu.py runs the same checks on CUDA, where the passes are CUDA graphs
 
 import pytest
 import torch
-from tiny_models import DECODER_ONLY, ENCODER_DECODER, hf_greedy, random_prompt, tiny_model, tiny_pair
+from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy
 from decode.fast import FastRunner, make_runner, unsupported_reason
 
-FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2")
+FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2") + MORE_DECODER_ONLY
 
 
 def to(device, *models):

@@ -11,6 +11,10 @@ from transformers import (
     BartForConditionalGeneration,
     GenerationConfig,
     GPT2Config,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -18,9 +22,13 @@ from transformers import (
     MarianMTModel,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -32,6 +40,10 @@ VOCAB = 96
 PAD, EOS, BOS = 0, 1, 2
 ENCODER_DECODER = ("t5", "bart", "marian")
 DECODER_ONLY = ("gpt2", "llama", "qwen2", "mistral")
+# Families whose differences from Llama the compact passes reproduce, each with every option set: Qwen3's q/k norms,
+# Phi-3's fused checkpoint and partial rotary, Gemma 2's soft-capping and sandwich norms with sliding layers
+# interleaved, Gemma 3's per-layer-type rotary (linear scaling on the global layers), Llama 3's rope type
+MORE_DECODER_ONLY = ("qwen3", "phi3", "gemma2", "gemma3", "llama3")
 SLIDING_WINDOW = 8  # tiny Mistral: prompts plus new tokens run well past it
 
 
@@ -51,6 +63,26 @@ def _config(arch: str, width: int, layers: int, enc_layers: int | None = None) -
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=layers, n_head=2, n_positions=256,
                           initializer_range=0.3, **special)
+    if arch in MORE_DECODER_ONLY:
+        common = dict(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      initializer_range=0.3, tie_word_embeddings=False, **special)
+        if arch == "qwen3":
+            return Qwen3Config(head_dim=width // 2, **common)
+        if arch == "phi3":
+            return Phi3Config(partial_rotary_factor=0.5, **common)
+        if arch == "llama3":
+            rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=16)
+            return LlamaConfig(rope_parameters=rope, **common)
+        types = ["sliding_attention", "full_attention"] * layers
+        gemma = dict(head_dim=width // 2, sliding_window=SLIDING_WINDOW, layer_types=types[:layers],
+                     query_pre_attn_scalar=width // 4, **common)
+        if arch == "gemma2":
+            return Gemma2Config(attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **gemma)
+        rope = {"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6)}
+        return Gemma3TextConfig(rope_parameters=rope, final_logit_softcapping=3.0, **gemma)
     if arch in ("llama", "qwen2", "mistral"):
         cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
         extra = {"sliding_window": SLIDING_WINDOW} if arch == "mistral" else {}
@@ -62,7 +94,8 @@ def _config(arch: str, width: int, layers: int, enc_layers: int | None = None) -
 
 _MODEL = {"t5": T5ForConditionalGeneration, "bart": BartForConditionalGeneration, "marian": MarianMTModel,
           "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
-          "mistral": MistralForCausalLM}
+          "mistral": MistralForCausalLM, "qwen3": Qwen3ForCausalLM, "phi3": Phi3ForCausalLM, "llama3": LlamaForCausalLM,
+          "gemma2": Gemma2ForCausalLM, "gemma3": Gemma3ForCausalLM}
 
 
 def _plain_greedy(model):
