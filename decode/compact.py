@@ -72,8 +72,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
         return "T5 in float16 needs transformers' activation clamping; use bfloat16 or float32"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        return f"rope type {rope.get('rope_type', rope.get('type'))!r} changes with the sequence length"
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "rope type 'dynamic' changes with the sequence length"
     if getattr(cfg, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention) is not a causal decoder"
     return None

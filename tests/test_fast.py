@@ -49,6 +49,25 @@ def test_compact_forward_asymmetric_t5():
     assert compact_vs_transformers(tiny_model("t5", 7, layers=3, enc_layers=1)) < 1e-5
 
 
+def test_longrope_within_its_original_length():
+    """Phi-3's longrope: short factors while the sequence stays within its original length, as transformers does;
+    a capacity past it is refused with a message (transformers would switch every position to the long factors)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    rope = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 3.0],
+                long_factor=[2.0, 4.0, 8.0, 16.0])
+    cfg = Phi3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=512, original_max_position_embeddings=128,
+                     rope_parameters=rope, initializer_range=0.3, tie_word_embeddings=False, pad_token_id=0,
+                     eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(cfg).eval()
+    assert unsupported_reason(model) is None
+    assert compact_vs_transformers(model) < 1e-5
+    with pytest.raises(ValueError, match="longrope"):
+        FastRunner(model).start([5, 6, 7], 200)
+
+
 def decode_all(large, small, ids, fast_path, max_new_tokens=24):
     """Every decoder the fast path serves, on one input: sequences and statistics."""
     results = {}
