@@ -55,6 +55,10 @@ COMPILED_ATTENTION = [SDPBackend.MATH]
 # Whether the compiled passes group query heads over their shared key/value head (grouped_attention) or hand every
 # attention to SDPA as the uncompiled passes do (measured against each other: BENCHMARKS.md).
 GROUPED_ATTENTION = True
+# How the compiled one-token attention computes its scores and output: "reduce", as float32 sums that inductor writes
+# as reductions fused with the softmax (one program per query row), or "matmul", as two batched products in the
+# model's dtype around a float32 softmax (transformers' eager attention's arithmetic). Measured: BENCHMARKS.md.
+ONE_TOKEN_ATTENTION = "reduce"
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -154,7 +158,10 @@ def grouped_attention(q, k, v, mask, scale, softcap: float | None = None) -> tor
     else:
         mask = mask.reshape(b, h_kv, g * n, slots)
     if n == 1 or softcap is not None:
-        if n == 1:
+        matmul = n == 1 and ONE_TOKEN_ATTENTION == "matmul" and torch.compiler.is_compiling()
+        if matmul:
+            scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H_kv, G, L]
+        elif n == 1:
             scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) * scale  # [B, H_kv, G, L]
         else:
             scores = q.float() @ k.float().transpose(-1, -2) * scale  # [B, H_kv, G * n, L]
@@ -162,8 +169,10 @@ def grouped_attention(q, k, v, mask, scale, softcap: float | None = None) -> tor
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(-1)
-        out = (probs[..., None] * v.float()[:, :, None]).sum(-2) if n == 1 else probs @ v.float()
-        out = out.to(q.dtype)
+        if matmul:
+            out = probs.to(v.dtype) @ v
+        else:
+            out = ((probs[..., None] * v.float()[:, :, None]).sum(-2) if n == 1 else probs @ v.float()).to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, n, d)

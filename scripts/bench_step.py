@@ -103,6 +103,11 @@ for _name, (_spec, _vocab) in list(SHAPES.items()):
         SHAPES[f"{_name}:llama"] = (dict(model_type="llama", hidden_act="silu", **{f: _spec[f] for f in TWIN_FIELDS}), _vocab)
 PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b"), ("qwen3_0.6b", "qwen3_8b"),
          ("llama3.2_1b", "llama3.1_8b"), ("gemma3_1b", "gemma3_12b")]
+VARIANTS = {  # name: settings of decode.compact that a variant of the compiled passes runs with
+    "tuned": dict(tuning=True),  # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
+    "matmul": dict(attention="matmul"),  # the one-token attention as two batched products
+    "tuned+matmul": dict(tuning=True, attention="matmul"),
+}
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
 
@@ -284,6 +289,24 @@ def measure(name, args, device, dtype, bandwidth, rate):
 
     if args.profile:
         row["profile"] = profile_step(fast)
+    for variant in args.variants:
+        settings = VARIANTS[variant]
+        decode.compact.INDUCTOR_OPTIONS[True] = dict(decode.compact.INDUCTOR_OPTIONS[True],
+                                                     coordinate_descent_tuning=settings.get("tuning", False))
+        decode.compact.ONE_TOKEN_ATTENTION = settings.get("attention", "reduce")
+        decode.compact._PASSES.pop(model, None)
+        try:
+            runner, secs = compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
+            row[f"variant_{variant}"] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps),
+                                         graph_only(runner, prompt, capacity, steps, args.repeats, device),
+                                         checked(runner, prompt, capacity, k, steps, args.repeats, device), secs)
+            del runner
+        except Exception as err:  # noqa: BLE001 - say so in the table
+            row[f"variant_{variant}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+        decode.compact.INDUCTOR_OPTIONS[True].pop("coordinate_descent_tuning")
+        decode.compact.ONE_TOKEN_ATTENTION = "reduce"
+        decode.compact._PASSES.pop(model, None)
+        torch.cuda.empty_cache()
     for backend in args.attention:
         decode.compact.COMPILED_ATTENTION = [getattr(torch.nn.attention.SDPBackend, BACKENDS[backend])]
         decode.compact.GROUPED_ATTENTION = backend != "sdpa-math"  # sdpa-math: SDPA's math path for every pass
@@ -323,8 +346,11 @@ def profile_step(runner) -> dict:
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    first = sorted(kernels, key=lambda e: e.time_range.start)[: len(kernels) // 5]  # one step, in order
+    us = lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # noqa: E731
     return {"kernels_per_step": len(kernels) / 5, "device_us_per_step": sum(sum(v) for v in by_name.values()) / 5,
-            "top": [(name[:90], len(v) / 5, sum(v) / 5) for name, v in top]}
+            "top": [(name[:90], len(v) / 5, sum(v) / 5) for name, v in top],
+            "order": [(e.name[:90], us(e)) for e in first[:40]]}
 
 
 @torch.inference_mode()
@@ -401,6 +427,8 @@ def main():
     p.add_argument("--pairs", action="store_true", help="checks of 1, 3, 5 pending tokens and the pair table")
     p.add_argument("--profile", action="store_true", help="count the kernels of one compiled step")
     p.add_argument("--attention", nargs="*", default=[], choices=list(BACKENDS), help="time these attention backends")
+    p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                   help="also time the compiled step with these settings of decode/compact.py")
     p.add_argument("--batches", nargs="*", type=int, default=[], help="also time the batched passes at these batch sizes")
     p.add_argument("--compile-only", metavar="SHAPE", help="only time a fresh compiled runner's first start")
     p.add_argument("--json", help="write the rows here")
@@ -452,6 +480,17 @@ def main():
                 v = r[f"attn_{b}"]
                 cells.append(v if isinstance(v, str) else f"{v[0][0]:.3f} / {v[1][0]:.3f} ({v[2]:.0f} s)")
             print(f"| {r['shape']} | " + " | ".join(f"{b}: {c}" for b, c in zip(args.attention, cells)) + " |")
+    if args.variants:
+        print("\nvariants of the compiled passes: step (host read) / graph-only step / check k=10, ms (compile s); "
+              "the default is the step table's")
+        print("| shape | default | " + " | ".join(args.variants) + " |")
+        print("|---" * (2 + len(args.variants)) + "|")
+        for r in rows.values():
+            cells = [f"{r['step'][0]:.3f} / {r['graph'][0]:.3f} / {r['check10'][0]:.3f}"]
+            for v in args.variants:
+                x = r[f"variant_{v}"]
+                cells.append(x if isinstance(x, str) else f"{x[0][0]:.3f} / {x[1][0]:.3f} / {x[2][0]:.3f} ({x[3]:.0f} s)")
+            print(f"| {r['shape']} | " + " | ".join(cells) + " |")
     if args.profile:
         for r in rows.values():
             pr = r["profile"]
@@ -459,6 +498,9 @@ def main():
                   "of kernel time (no graph)")
             for name, count, us in pr["top"]:
                 print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
+            print("  the step's first kernels, in order (the embedding, then layer 0 and on):")
+            for name, us in pr["order"]:
+                print(f"  {us:8.1f} us  {name}")
     twins = [(r, rows[f"{r['shape']}:llama"]) for r in rows.values() if f"{r['shape']}:llama" in rows]
     if twins:
         print("\nfamily against a Llama of the same sizes (layers, width, heads, vocabulary): compiled step, host read, ms")
