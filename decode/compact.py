@@ -450,7 +450,9 @@ class LlamaPasses(Passes):
                            if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope" else None)
         norm = gemma_norm if cfg.model_type in _GEMMA else rms_norm
         scale = getattr(self.embed_tokens, "embed_scale", None)
-        self.embed_scale = None if scale is None else float(scale)
+        # Gemma: sqrt(d) rounded to the weights' dtype first, as transformers does (a Python number: graph capture
+        # allows no host-to-device copy)
+        self.embed_scale = None if scale is None else float(torch.as_tensor(float(scale)).to(self.dtype))
         self.weights = []
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
@@ -498,8 +500,8 @@ class LlamaPasses(Passes):
     def embed(self, ids, pos):
         weight = self.embed_tokens.weight
         h = F.embedding(ids, weight)  # [B, n, d]
-        if self.embed_scale is not None:  # Gemma: sqrt(d), rounded to the weights' dtype first, as transformers does
-            h = h * torch.tensor(self.embed_scale, dtype=weight.dtype, device=weight.device)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         return h
 
     def head(self, h):
