@@ -483,6 +483,12 @@ class LlamaPasses(Passes):
         self.final_weight = self._keep(inner.norm.weight)
         act = ACT2FN[getattr(cfg, "hidden_activation", None) or cfg.hidden_act]
         softcap = getattr(cfg, "attn_logit_softcapping", None)
+        if softcap is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
+            # transformers' SDPA attention drops the soft-capping (Gemma 2 loads with it by default in transformers
+            # before 5.2x): the passes compute what the model computes
+            notice(f"{self.name}: its attention (sdpa) skips attn_logit_softcapping, and so do the fast passes; "
+                   "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
+            softcap = None
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap),
                                     f"layer{' (sliding window)' if w is not None else ''}")

@@ -49,6 +49,18 @@ def test_compact_forward_asymmetric_t5():
     assert compact_vs_transformers(tiny_model("t5", 7, layers=3, enc_layers=1)) < 1e-5
 
 
+def test_gemma2_attention_as_loaded():
+    """Gemma 2's attention soft-capping where the model's attention implementation computes it (eager), and not
+    where it drops it (SDPA, Gemma 2's default before transformers 5.2x): the fast path decodes what the model does."""
+    model = tiny_model("gemma2", 0)
+    assert model.config._attn_implementation == "eager" and compact_vs_transformers(model) < 1e-5
+    model = tiny_model("gemma2", 0)
+    model.config._attn_implementation = "sdpa"  # what transformers 5.17 loads it with; its SDPA drops the softcap,
+    for layer in model.model.layers:  # where newer releases refuse it: drop it here as 5.17 does
+        layer.self_attn.attn_logit_softcapping = None
+    assert compact_vs_transformers(model) < 1e-5
+
+
 def test_longrope_within_its_original_length():
     """Phi-3's longrope: short factors while the sequence stays within its original length, as transformers does;
     a capacity past it is refused with a message (transformers would switch every position to the long factors)."""
