@@ -14,9 +14,10 @@ where a step is bound by the number of kernels and by reading the weights once:
 - Each layer is one pure function of tensors (norms, rotary, the cache write, attention, the MLP) that
   `torch.compile` turns into a few fused kernels. One compiled function serves every layer of a model (the weights
   are its arguments), so compiling costs seconds whatever the depth, in two variants: one token of one row (the
-  decode step; a matrix-vector product there becomes a Triton reduction tuned by coordinate descent, as gpt-fast
-  does) and any batch and length (checks, prefill, batches; cuBLAS products). The cache's capacity is a dynamic
-  dimension, so growing the buffers compiles nothing.
+  decode step; for narrow models its matrix-vector products become Triton reductions tuned by coordinate descent,
+  as gpt-fast does) and any batch and length (checks, prefill, batches; cuBLAS products). The cache's capacity is a
+  dynamic dimension, so growing the buffers compiles nothing. Which settings the one-token variant compiles with
+  depends on the model's width, by measurement (TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH).
 - The KV cache is one buffer per layer, written by position; a mask built from the positions hides every slot past
   them (and outside a sliding window). Rolling back is moving the position.
 
@@ -44,21 +45,28 @@ _GEMMA = ("gemma2", "gemma3_text")
 _DECODER_ONLY = ("llama", "qwen2", "mistral", "qwen3", "phi3") + _GEMMA
 _ENC_DEC = ("bart", "marian", "t5", "mt5")
 
-# Inductor settings for the compiled passes. No coordinate descent tuning (gpt-fast's setting, which turns one-token
-# matrix-vector products into tuned reductions): on an H200 those reductions, fused with the RMSNorm before them, ran
-# slower than cuBLAS at the Qwen2.5-1.5B shape (3.70 ms a step against 2.88 for an 11-token check; BENCHMARKS.md), and
-# the tuning cost half the compile time. No online softmax: inductor splits the long softmaxes here and says so.
+# Inductor settings for the compiled passes. No online softmax: inductor splits the long softmaxes here and says so.
 INDUCTOR_OPTIONS = {True: {"online_softmax": False}, False: {"online_softmax": False}}
+# Coordinate-descent tuning of the one-token pass (gpt-fast's setting: one-row products become Triton reductions,
+# fused with the norm before them) for models narrower than this. Measured on an H200 (BENCHMARKS.md): it shortened
+# the step of the demo BART (width 512, graph 0.326 -> 0.232 ms) and of Qwen2.5-0.5B (896, 1.156 -> 1.060), and
+# slowed Qwen2.5-1.5B (1536: 3.70 ms against 2.88 for an 11-token check). TUNE_ONE_TOKEN = True or False overrides it.
+TUNED_BELOW_WIDTH = 1024
+TUNE_ONE_TOKEN: bool | None = None
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
 # Whether the compiled passes group query heads over their shared key/value head (grouped_attention) or hand every
 # attention to SDPA as the uncompiled passes do (measured against each other: BENCHMARKS.md).
 GROUPED_ATTENTION = True
-# How the compiled one-token attention computes its scores and output: "reduce", as float32 sums that inductor writes
-# as reductions fused with the softmax (one program per query row), or "matmul", as two batched products in the
-# model's dtype around a float32 softmax (transformers' eager attention's arithmetic). Measured: BENCHMARKS.md.
-ONE_TOKEN_ATTENTION = "reduce"
+# How the compiled one-token attention of a decoder-only model computes its scores and output: as float32 sums that
+# inductor writes as reductions fused with the softmax (one program per query row), or, for models at least this
+# wide, as two batched products in the model's dtype around a float32 softmax (transformers' eager arithmetic).
+# Measured on an H200 (BENCHMARKS.md), graph-only step: Qwen2.5-7B (width 3584) 5.147 -> 4.675 ms with the products,
+# 1.5B (1536) 1.934 -> 1.910, 0.5B (896) 1.156 -> 1.188, the demo BART 0.326 -> 0.376. ONE_TOKEN_ATTENTION = "reduce"
+# or "matmul" overrides it.
+MATMUL_ATTENTION_FROM_WIDTH = 2048
+ONE_TOKEN_ATTENTION: str | None = None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -132,17 +140,18 @@ def heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], n_heads, -1).transpose(1, 2)
 
 
-def attend(q, k, v, mask, scale, gqa: bool = False, softcap: float | None = None) -> torch.Tensor:
+def attend(q, k, v, mask, scale, gqa: bool = False, softcap: float | None = None, matmul: bool = False) -> torch.Tensor:
     """q: [B, H, n, D]; k, v: [B, H_kv, L, D] (gqa: H_kv < H); mask: bool or additive, [B, 1 or H, n, L]; softcap:
-    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2). Returns [B, n, H * D]."""
+    scores become softcap * tanh(scores / softcap) before the mask (Gemma 2); matmul: a compiled one-token pass
+    computes the attention as batched products (grouped_attention). Returns [B, n, H * D]."""
     if softcap is not None or (GROUPED_ATTENTION and torch.compiler.is_compiling()):
-        out = grouped_attention(q, k, v, mask, scale, softcap)
+        out = grouped_attention(q, k, v, mask, scale, softcap, matmul)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def grouped_attention(q, k, v, mask, scale, softcap: float | None = None) -> torch.Tensor:
+def grouped_attention(q, k, v, mask, scale, softcap: float | None = None, matmul: bool = False) -> torch.Tensor:
     """The compiled passes' attention, [B, H, n, D] out. The G query heads that share a key/value head are read as
     one head of G * n queries, so the cache is read where it lies: SDPA's math path, which inductor traces, first
     expands the cache to every query head and copies it to float32 (half of a 0.5B model's attention time on an H200,
@@ -158,7 +167,7 @@ def grouped_attention(q, k, v, mask, scale, softcap: float | None = None) -> tor
     else:
         mask = mask.reshape(b, h_kv, g * n, slots)
     if n == 1 or softcap is not None:
-        matmul = n == 1 and ONE_TOKEN_ATTENTION == "matmul" and torch.compiler.is_compiling()
+        matmul = n == 1 and matmul and torch.compiler.is_compiling()
         if matmul:
             scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H_kv, G, L]
         elif n == 1:
@@ -267,8 +276,8 @@ class Pass:
         self.variants = {}
         if compile:
             for one, dynamic in ((True, None), (False, True)):
-                self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic,
-                                                   options=INDUCTOR_OPTIONS[one])
+                options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=one and owner.tune_one_token)
+                self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic, options=options)
         self._first = {True, False}  # variants not yet run (their first call compiles)
 
     def __call__(self, x, *args):
@@ -316,6 +325,11 @@ class Passes:
         self.model_ref = weakref.ref(model)
         self.compile_seconds = 0.0  # spent compiling so far (first calls of each compiled variant)
         self.compile_log: list[tuple[str, str, float]] = []  # (pass, variant, seconds) of each first call
+        cfg = model.config
+        width = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
+        self.tune_one_token = TUNE_ONE_TOKEN if TUNE_ONE_TOKEN is not None else width < TUNED_BELOW_WIDTH
+        self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
+                                 else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload
 
     def _pass(self, fn, label: str) -> Pass:
@@ -490,7 +504,7 @@ class LlamaPasses(Passes):
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap),
+                                                 norm, softcap, self.matmul_attention),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -548,7 +562,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., d:]), dim=-1)
 
 
-def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None):
+def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -564,7 +578,7 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         q, k = rotary(q, c, s), rotary(k, c, s)
         write_cache(k_cache, v_cache, pos, k, v)
         mask = causal_mask(pos, k_cache.shape[2], window)
-        out = linear(attend(q, k_cache, v_cache, mask, scale, gqa, softcap), o_w, o_b)
+        out = linear(attend(q, k_cache, v_cache, mask, scale, gqa, softcap, matmul), o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
         gate, up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
         out = linear(act(gate) * up, down_w, down_b)

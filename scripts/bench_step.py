@@ -103,7 +103,9 @@ for _name, (_spec, _vocab) in list(SHAPES.items()):
         SHAPES[f"{_name}:llama"] = (dict(model_type="llama", hidden_act="silu", **{f: _spec[f] for f in TWIN_FIELDS}), _vocab)
 PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b"), ("qwen3_0.6b", "qwen3_8b"),
          ("llama3.2_1b", "llama3.1_8b"), ("gemma3_1b", "gemma3_12b")]
-VARIANTS = {  # name: settings of decode.compact that a variant of the compiled passes runs with
+VARIANTS = {  # name: settings of decode.compact that a variant of the compiled passes runs with (the default row
+    # follows the model's width: TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH)
+    "plain": dict(),  # neither of the two below
     "tuned": dict(tuning=True),  # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
     "matmul": dict(attention="matmul"),  # the one-token attention as two batched products
     "tuned+matmul": dict(tuning=True, attention="matmul"),
@@ -291,8 +293,7 @@ def measure(name, args, device, dtype, bandwidth, rate):
         row["profile"] = profile_step(fast)
     for variant in args.variants:
         settings = VARIANTS[variant]
-        decode.compact.INDUCTOR_OPTIONS[True] = dict(decode.compact.INDUCTOR_OPTIONS[True],
-                                                     coordinate_descent_tuning=settings.get("tuning", False))
+        decode.compact.TUNE_ONE_TOKEN = settings.get("tuning", False)
         decode.compact.ONE_TOKEN_ATTENTION = settings.get("attention", "reduce")
         decode.compact._PASSES.pop(model, None)
         try:
@@ -303,8 +304,7 @@ def measure(name, args, device, dtype, bandwidth, rate):
             del runner
         except Exception as err:  # noqa: BLE001 - say so in the table
             row[f"variant_{variant}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-        decode.compact.INDUCTOR_OPTIONS[True].pop("coordinate_descent_tuning")
-        decode.compact.ONE_TOKEN_ATTENTION = "reduce"
+        decode.compact.TUNE_ONE_TOKEN = decode.compact.ONE_TOKEN_ATTENTION = None
         decode.compact._PASSES.pop(model, None)
         torch.cuda.empty_cache()
     for backend in args.attention:

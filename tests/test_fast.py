@@ -163,7 +163,6 @@ def test_grouped_attention_equals_sdpa(n, groups):
 
     from unittest import mock
 
-    from decode import compact
     from decode.compact import causal_mask, grouped_attention
 
     g = torch.Generator().manual_seed(n * 10 + groups)
@@ -175,6 +174,5 @@ def test_grouped_attention_equals_sdpa(n, groups):
     for mask in masks:
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=groups > 1)
         torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), ref, rtol=1e-5, atol=1e-6)
-        with mock.patch.object(compact, "ONE_TOKEN_ATTENTION", "matmul"), \
-                mock.patch.object(torch.compiler, "is_compiling", lambda: True):  # the compiled pass's alternative
-            torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), ref, rtol=1e-5, atol=1e-6)
+        with mock.patch.object(torch.compiler, "is_compiling", lambda: True):  # the compiled pass's alternative
+            torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3, matmul=True), ref, rtol=1e-5, atol=1e-6)
