@@ -47,22 +47,19 @@ from decode.sampling import noise_size, sample_steps, verify_rows
 _BATCH_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[int, BatchRunner]]" = weakref.WeakKeyDictionary()
 
 
-COMPACT = True  # False: never compact (decode.eval's batch_compact=false, to measure what compaction saves)
-
-
 def batch_size_for(rows: int) -> int:
     """The runner batch that serves `rows` rows: the next power of two."""
     return 1 << (int(rows) - 1).bit_length()
 
 
 def rows_to_stay(runner: "BatchRunner") -> int:
-    """The fewest live rows that keep `runner`'s batch (fewer fit a batch half the size, when compaction is on)."""
-    return runner.batch // 2 + 1 if COMPACT else 1
+    """The fewest live rows that keep `runner`'s batch (fewer fit a batch half the size)."""
+    return runner.batch // 2 + 1
 
 
 def should_compact(live: int, runner: "BatchRunner") -> bool:
-    """Whether `live` unfinished rows fit the runner of a smaller batch (and compaction is on)."""
-    return COMPACT and batch_size_for(live) < runner.batch
+    """Whether `live` unfinished rows fit the runner of a smaller batch."""
+    return batch_size_for(live) < runner.batch
 
 
 class BatchRunner(FastRunner):

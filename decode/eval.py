@@ -124,9 +124,6 @@ class EvalConfig(PromptConfig):
     """Examples for the throughput table (default: all)."""
     batch_wait: float = 1.0
     """BiLD in batches: the fraction of unfinished rows that wait for the large model before it runs (BiLDConfig)."""
-    batch_compact: bool = True
-    """Batches move their unfinished rows into a smaller batch's runners as rows finish (decode/batch.py); false:
-    finished rows stay as padding, to measure what compaction saves."""
     device_loop: bool | None = None
     """The greedy loop's state on the device (BiLDConfig.device_loop), for BiLD's small model and the large/small rows
     alike: null (in batches only), true, or false (the host loop everywhere, to measure what it saves)."""
@@ -244,10 +241,6 @@ class Evaluation:
         from decode.bild import check_model_location, load_model, resolve_dtype
 
         self.cfg = cfg
-        import decode.batch
-        import decode.fast
-
-        decode.batch.COMPACT = cfg.batch_compact
         self.higher_is_better = TASKS[cfg.task][1]
         self.metric = TASKS[cfg.task][0]
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else

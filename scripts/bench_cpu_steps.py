@@ -3,7 +3,7 @@ start, through transformers' forward (the eager path) and through the compact pa
 off CUDA), for the large model and the small one `./launch.sh cpu` makes from it. Random weights of the profile's
 shapes (speed does not depend on training). Prints a table; ms, median of --repeats runs of --steps steps.
 
-    python scripts/bench_cpu_steps.py [--threads 2]
+    python scripts/bench_cpu_steps.py [--threads 2] [--compiled]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compiled", action="store_true", help="also the compact passes under torch.compile (C++ kernels)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,14 +85,24 @@ def main():
     rows = []
     for name, shape in SHAPES.items():
         model = bart(**shape)
-        for path, runner in (("eager", ModelRunner(model)), ("compact", FastRunner(model))):
-            rows.append((name, path, measure(runner, args.steps, args.repeats)))
+        paths = [("eager", lambda: ModelRunner(model)), ("compact", lambda: FastRunner(model))]
+        if args.compiled:
+            paths.append(("compact, compiled", lambda: FastRunner(model, compile=True)))
+        for path, make in paths:
+            t = time.perf_counter()
+            runner = make()
+            with torch.inference_mode():  # the first start compiles (compiled path)
+                runner.start(list(range(5, 25)), 64)
+                runner.step([5])
+                runner.check([5] * 5, 4, "exact", 0.0)
+            first = time.perf_counter() - t
+            rows.append((name, path, measure(runner, args.steps, args.repeats) | {"first_s": first}))
             print(f"{name} {path}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1][2].items()), flush=True)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"threads, torch {torch.__version__}; float32, batch 1; ms, median of {args.repeats} runs of {args.steps}")
-    print("| model | path | step | check of 5 | start (20-token source) |\n|---|---|---|---|---|")
+    print("| model | path | step | check of 5 | start (20-token source) | first start, check (s) |\n|---|---|---|---|---|---|")
     for name, path, r in rows:
-        print(f"| {name} | {path} | {r['step']:.2f} | {r['check5']:.2f} | {r['start']:.2f} |")
+        print(f"| {name} | {path} | {r['step']:.2f} | {r['check5']:.2f} | {r['start']:.2f} | {r['first_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 # default 0.3); then scripts/bench_step.py on the demo shapes (batch 1's per-step cost).
 # BATCH_WAITS="0 0.5": the greedy throughput table again at each of these batch_wait settings.
 # AB=1 instead: after tuning, scripts/bench_step.py with the batched passes (--batches 1 4 16 64), then the greedy
-# throughput table at batch 4, 16 and 64 twice, batch_compact=true and false (what compaction saves).
+# throughput table at batch 4, 16 and 64.
 # LOOP=1 instead: after tuning, bench_step --batches; the greedy throughput table (large, BiLD) at 1/4/16/64 with the
 # device draft loop; thresholds tuned again at batch size 16 (step cap 4 or 10 in the grid) on copies of both small
 # models and the throughput table at 4/16/64 with them; the table at 4/16/64 with device_loop=false.
@@ -70,10 +70,7 @@ elif [[ -n "${WAITS:-}" ]]; then
   done
 elif [[ -n "${AB:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
-  for c in true false; do
-    "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_compact=\$c \
-      out=$R/throughput_compact_\$c
-  done
+  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" out=$R/throughput
 else
   "\${EV[@]}" "systems=[large,bild,bild_exact]" out=$R/throughput
   "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 fallback_threshold=${SAMPLE_FB:-0.3} "systems=[large,bild_exact]" \

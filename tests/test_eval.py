@@ -5,7 +5,6 @@ import sacrebleu
 import yaml
 from rouge_score import rouge_scorer
 
-import decode.batch
 from decode.eval import main, operating_points, pareto_frontier
 from decode.metrics import summarization_scores, translation_scores
 
@@ -289,15 +288,13 @@ def test_sampling_rows(eval_config, tmp_path):
 def test_batch_size_and_throughput_table(eval_config, tmp_path, monkeypatch):
     """Rows per call change nothing in what is decoded (the fast path without graphs on a CPU); the throughput
     table has the large model and each BiLD row at every batch size, against the large model at the same size."""
-    monkeypatch.setattr(decode.batch, "COMPACT", True)  # restored after the test: batch_compact=false sets it
     base = ["--config", str(eval_config), "--limit", "5", "fast_path=true", "systems=[large,small,bild,bild_exact]"]
     assert main([*base, "--out", str(tmp_path / "b1")]) == 0
     assert main([*base, "--out", str(tmp_path / "b2"), "batch_size=2", "throughput_batch_sizes=[1,3]"]) == 0
-    assert main([*base, "--out", str(tmp_path / "b3"), "batch_size=3", "batch_compact=false"]) == 0
-    assert decode.batch.COMPACT is False  # the switch reaches the decoders (the toy rows all end together here)
+    assert main([*base, "--out", str(tmp_path / "b3"), "batch_size=3"]) == 0
     one, two, three = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("b1", "b2", "b3"))
     assert one["hypotheses"] == two["hypotheses"] == three["hypotheses"]
-    assert not any(r["stats"]["compactions"] for r in three["rows"] if "stats" in r)
+    assert all("compactions" in r["stats"] for r in three["rows"] if "stats" in r)
     assert [r["batch_size"] for r in two["rows"]] == [2] * 4
     tp = two["throughput"]
     assert [(r["batch_size"], r["base"]) for r in tp] == [
