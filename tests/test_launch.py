@@ -45,7 +45,19 @@ def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     (tmp_path / "here" / "runs").symlink_to(tmp_path)
     shown = subprocess.run(["python3", "-c", example], cwd=tmp_path / "here", env={**env, "PYTHONPATH": str(ROOT)},
                            capture_output=True, text=True, timeout=300)
-    assert shown.returncode == 0 and shown.stdout.startswith("['"), shown.stderr[-2000:]
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    tuned, lossless = shown.stdout.splitlines()
+    assert tuned.startswith("['") and lossless.startswith("['")
+    # the lossless line is the large model's own greedy translation
+    from transformers import AutoTokenizer
+
+    from decode import Greedy
+    from decode.bild import load_model
+
+    tok = AutoTokenizer.from_pretrained(runs / "large" / "final")
+    enc = tok(["Ein Mann fährt Fahrrad."], return_tensors="pt")
+    greedy = Greedy(load_model(str(runs / "large" / "final"))).generate(enc.input_ids, enc.attention_mask, max_new_tokens=64)
+    assert lossless.startswith(repr(tok.batch_decode(greedy.sequences, skip_special_tokens=True))), lossless
 
     second = subprocess.run(["bash", "launch.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
