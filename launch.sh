@@ -82,7 +82,7 @@ case "$PROFILE" in
     # decoding on the compact passes (no CUDA graphs): on 2 cores a step of the small model took 2.4 ms there
     # against 4.4 ms through transformers' forward (BENCHMARKS.md)
     EVAL=(--limit 100 warmup=2 max_new_tokens=48 fast_path=true)
-    SWEEP=(--limit 100 sweep_limit=40 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48 fast_path=true)
+    SWEEP=(--limit 100 sweep_limit=30 "sweep_fallback=[0.3, 0.6, 0.9]" "sweep_rollback=[1.0, 3.0]" warmup=2 max_new_tokens=48 fast_path=true)
     OOD=()
     EVAL_YAML=("limit: 100" "warmup: 2" "max_new_tokens: 48" "fast_path: true")
     TUNE=(--limit 60 warmup=2 max_new_tokens=48 fast_path=true)
