@@ -31,189 +31,37 @@ report.md (paper-style tables) and frontier.png (with --sweep). Nothing is writt
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from data.config import ConfigError, load_config, to_dict
-from data.sources import PromptConfig, load_examples
+from data.sources import load_examples
+from decode.baselines import AssistedGeneration, Greedy, HFEarlyExit, HFGenerate, hf_early_exit_unsupported
+from decode.bild import BiLD, BiLDConfig, check_model_location, load_model, resolve_dtype
+from decode.early_exit import EarlyExitBiLD, check_exit_layer, find_exit_head
+from decode.generation import DecodeStats
+from decode.thresholds import load_tuned
+from decode.eval_config import BILD_ROWS, EXIT_ROWS, EvalConfig
 from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
+from decode.report import operating_points, pareto_frontier, sweep_table, table, throughput_table, write_outputs
 
 LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
-SYSTEMS = ("large", "hf_generate", "small", "bild", "bild_exact", "assisted", "bild_fallback_only", "bild_rollback_only",
-           "early_exit", "early_exit_exact", "hf_early_exit")
-DEFAULT_SYSTEMS = SYSTEMS[:6]
-# BiLD rows, each a BiLDConfig override at the row's thresholds: the paper's ablations switch one policy off
-_BILD = {"bild": {}, "bild_exact": {"rollback": "exact"},
-         "bild_fallback_only": {"rollback_threshold": math.inf},  # never roll back
-         "bild_rollback_only": {"fallback_threshold": 0.0}}  # never fall back on confidence (step cap only)
-_EXIT = {"early_exit": {}, "early_exit_exact": {"rollback": "exact"}}  # early-exit rows, the same overrides
-
-
-@dataclass
-class EvalConfig(PromptConfig):
-    task: str = "translation"
-    """translation (BLEU, chrF), summarization (ROUGE) or lm (perplexity of continuations)."""
-    large: str = ""
-    small: str = ""
-    aligned: str | None = None
-    """The aligned small model, used with --aligned."""
-    tokenizer: str | None = None
-    dataset: str = ""
-    split: str = "test"
-    limit: int | None = None
-    lm_prompt_tokens: int = 32
-    """lm task: tokens of each line given as the prompt."""
-    max_new_tokens: int = 128
-    fallback_threshold: float = 0.5
-    rollback_threshold: float = 3.0
-    max_small_steps: int | None = 10
-    aligned_fallback_threshold: float | None = None
-    """Thresholds for BiLD with the aligned model; default: the same as unaligned."""
-    aligned_rollback_threshold: float | None = None
-    use_tuned: bool = True
-    """Where a small model's folder holds bild_thresholds.json (python -m decode.tune), its BiLD rows use that
-    point instead of the thresholds above."""
-    systems: list = field(default_factory=lambda: list(DEFAULT_SYSTEMS))
-    """Rows to run; also bild_fallback_only and bild_rollback_only (the paper's ablations), early_exit,
-    early_exit_exact and hf_early_exit."""
-    exit_layers: list = field(default_factory=lambda: [1, 2, 3])
-    """Early-exit rows: the large model exiting after each of these decoder layers, with its own head."""
-    exit_checkpoints: list = field(default_factory=list)
-    """Early-exit rows: folders with a trained exit head (align/train.py objective=early_exit) and its model."""
-    exit_fallback_threshold: float | None = None
-    """Thresholds of the early-exit rows; default: fallback_threshold / rollback_threshold."""
-    exit_rollback_threshold: float | None = None
-    sweep_fallback: list = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    sweep_rollback: list = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 8.0])
-    sweep_max_small_steps: list | None = None
-    """decode.tune's grid of step caps (max_small_steps; None in the list: no cap); default: max_small_steps alone."""
-    sweep_models: list | None = None
-    """What --sweep sweeps: "small", "aligned", "exit<k>" (the untrained exit after layer k), "exit_ckpt<i>" (the
-    i-th of exit_checkpoints). Default: small, aligned with --aligned, and every early exit of the early_exit rows."""
-    sweep_limit: int | None = None
-    """Examples for each sweep point (default: all)."""
-    do_sample: bool = False
-    """Sample instead of decoding greedily (every row; BiLD rows need rollback exact: systems=[large, bild_exact])."""
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    """Sampling: example i of a row draws from a generator seeded with seed + i (a call of several rows: seeded by
-    its first example's, so the samples depend on the batch size; their distribution does not)."""
-    batch_size: int = 1
-    """Rows per generate call in the main table and the sweep (BiLD and the large/small rows decode a batch
-    together on the fast path; the others row after row). 1: the paper's setting."""
-    throughput_batch_sizes: list = field(default_factory=list)
-    """A throughput table: for each of these batch sizes, the large model alone and every BiLD row of
-    `throughput_systems` decode the same examples in calls of that many rows (e.g. [1, 4, 16, 64])."""
-    throughput_systems: list = field(default_factory=lambda: ["bild", "bild_exact"])
-    """BiLD rows of the throughput table (with --aligned, both the unaligned and the aligned variant)."""
-    throughput_limit: int | None = None
-    """Examples for the throughput table (default: all)."""
-    batch_wait: float = 1.0
-    """BiLD in batches: the fraction of unfinished rows that wait for the large model before it runs (BiLDConfig)."""
-    device_loop: bool | None = None
-    """The greedy loop's state on the device (BiLDConfig.device_loop), for BiLD's small model and the large/small rows
-    alike: null (in batches only), true, or false (the host loop everywhere, to measure what it saves)."""
-    lookahead: bool | None = None
-    """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
-    fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
-    fast_path: bool | None = None
-    """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
-    compile: bool | None = None
-    """The fast path's passes through torch.compile for BiLD and the large/small rows (BiLDConfig.compile): true,
-    false, or null (uncompiled unless BILD_COMPILE=1)."""
-    dtype: str = "auto"
-    device: str = "auto"
-    warmup: int = 3
-    repeats: int = 1
-    """Timed passes of every main-table row over the examples, interleaved (every row once, then again): a row's
-    time is the median of its passes' totals, its speedup the median of the per-pass speedups (pass i against the
-    large model's pass i), reported with their range; per-example latencies are medians over the passes."""
-    out: str = "runs/eval"
-
-    def __post_init__(self):
-        from decode.bild import BiLDConfig
-
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
-        if not self.large or not self.small:
-            raise ValueError("the config must name `large` and `small` models")
-        if not self.dataset:
-            raise ValueError("the config must name a `dataset`")
-        unknown = [s for s in self.systems if s not in SYSTEMS]
-        if unknown:
-            raise ValueError(f"unknown system(s) {unknown}; systems: {', '.join(SYSTEMS)}")
-        if "large" not in self.systems:
-            self.systems = ["large", *self.systems]  # every speedup is measured against it
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        for fb in [self.fallback_threshold, self.aligned_fallback_threshold, *self.sweep_fallback]:
-            for rb in [self.rollback_threshold, self.aligned_rollback_threshold, *self.sweep_rollback]:
-                if fb is not None and rb is not None:
-                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps,
-                               batch_wait=self.batch_wait)
-        if self.warmup < 0:
-            raise ValueError("warmup must be >= 0")
-        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
-            raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
-        for b in [self.batch_size, *self.throughput_batch_sizes]:
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                raise ValueError(f"batch sizes must be positive integers, got {b!r}")
-        bad = [s for s in self.throughput_systems if s not in _BILD]
-        if bad:
-            raise ValueError(f"throughput_systems must be BiLD rows ({', '.join(_BILD)}), got {bad}")
-        if self.do_sample and self.throughput_batch_sizes and self.throughput_systems != ["bild_exact"]:
-            raise ValueError("sampling verifies drafts by the rejection rule (rollback exact): with do_sample, "
-                             "use throughput_systems=[bild_exact]")
-        if any(s in self.systems for s in ("early_exit", "early_exit_exact", "hf_early_exit")):
-            if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.exit_layers):
-                raise ValueError(f"exit_layers must be positive integers, got {self.exit_layers}")
-            if not self.exit_layers and not self.exit_checkpoints:
-                raise ValueError("early-exit rows need `exit_layers` or `exit_checkpoints`")
 
 
 # --------------------------------------------------------------------------------------------------
-# Frontier and operating points (pure functions over result rows)
+# The systems, decoded, timed and scored (the config: decode/eval_config.py; the report: decode/report.py)
 
 
-def pareto_frontier(rows: list[dict], metric: str, higher_is_better: bool = True) -> list[dict]:
-    """Rows no other row beats on both speed and quality, fastest first."""
-    sign = 1 if higher_is_better else -1
-    frontier, best = [], -float("inf")
-    for row in sorted(rows, key=lambda r: (-r["speedup_vs_large"], -sign * r[metric])):
-        if sign * row[metric] > best:
-            frontier.append(row)
-            best = sign * row[metric]
-    return frontier
-
-
-def operating_points(rows: list[dict], metric: str, reference: float, tolerances=(0.1, 1.0), higher_is_better=True) -> dict:
-    """For each tolerance, the fastest row whose score is within it of the reference (None if no row is)."""
-    points = {}
-    for tol in tolerances:
-        ok = [r for r in rows if (r[metric] >= reference - tol if higher_is_better else r[metric] <= reference + tol)]
-        points[f"within_{tol:g}"] = max(ok, key=lambda r: r["speedup_vs_large"]) if ok else None
-    return points
-
-
-# --------------------------------------------------------------------------------------------------
-# Running
-
-
-def _environment() -> dict:
+def environment() -> dict:
     import accelerate
     import transformers
 
@@ -238,7 +86,6 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig, aligned: str | None):
         from transformers import AutoTokenizer
 
-        from decode.bild import check_model_location, load_model, resolve_dtype
 
         self.cfg = cfg
         self.higher_is_better = TASKS[cfg.task][1]
@@ -256,7 +103,6 @@ class Evaluation:
                        "small": load_model(cfg.small, dtype=dtype, device=device)}
         if aligned:
             self.models["aligned"] = load_model(aligned, dtype=dtype, device=device)
-        from decode.thresholds import load_tuned
 
         paths = {"small": cfg.small, "aligned": aligned}
         self.tuned = {k: load_tuned(p) for k, p in paths.items() if p and cfg.use_tuned}
@@ -268,11 +114,9 @@ class Evaluation:
 
     def _load_exits(self, dtype, device) -> dict:
         """The early-exit variants: key -> (model key, exit layer, exit head folder or None, row label)."""
-        from decode.bild import load_model
-        from decode.early_exit import check_exit_layer, find_exit_head
 
         cfg = self.cfg
-        if not any(s in cfg.systems for s in _EXIT) and "hf_early_exit" not in cfg.systems:
+        if not any(s in cfg.systems for s in EXIT_ROWS) and "hf_early_exit" not in cfg.systems:
             return {}
         exits = {}
         for k in cfg.exit_layers:
@@ -315,19 +159,15 @@ class Evaluation:
 
     def decoder(self, system: str, small_key: str = "small", fallback=None, rollback=None, cap=...):
         """The decoder of a row. cap: BiLD's max_small_steps (None: no cap; default: the config's)."""
-        from decode import AssistedGeneration, BiLD, BiLDConfig, EarlyExitBiLD, Greedy, HFGenerate
-
         cfg = self.cfg
-        if system in _EXIT:
+        if system in EXIT_ROWS:
             model_key, layer, head, _ = self.exits[small_key]
             settings = dict(fallback_threshold=_first(fallback, cfg.exit_fallback_threshold, cfg.fallback_threshold),
                             rollback_threshold=_first(rollback, cfg.exit_rollback_threshold, cfg.rollback_threshold),
                             max_small_steps=cfg.max_small_steps, fast_path=cfg.fast_path, device_loop=cfg.device_loop,
                             compile=cfg.compile)
-            return EarlyExitBiLD(self.models[model_key], layer, BiLDConfig(**{**settings, **_EXIT[system]}), exit_head=head)
+            return EarlyExitBiLD(self.models[model_key], layer, BiLDConfig(**{**settings, **EXIT_ROWS[system]}), exit_head=head)
         if system == "hf_early_exit":
-            from decode.baselines import HFEarlyExit
-
             return HFEarlyExit(self.models["large"], self.exits[small_key][1])
         large, small = self.models["large"], self.models[small_key]
         if system == "large":
@@ -338,13 +178,13 @@ class Evaluation:
             return Greedy(small, cfg.fast_path, cfg.device_loop, cfg.compile)
         if system == "assisted":
             return AssistedGeneration(large, small)
-        if system in _BILD:
+        if system in BILD_ROWS:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
                             max_small_steps=cfg.max_small_steps if cap is ... else cap, fast_path=cfg.fast_path,
                             batch_wait=cfg.batch_wait, device_loop=cfg.device_loop, lookahead=cfg.lookahead,
                             compile=cfg.compile)
-            return BiLD(large, small, BiLDConfig(**{**settings, **_BILD[system]}))
+            return BiLD(large, small, BiLDConfig(**{**settings, **BILD_ROWS[system]}))
         raise ValueError(system)
 
     def batch(self, indices: list[int], left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +203,6 @@ class Evaluation:
     def run(self, name: str, decoder, indices: list[int], progress, batch_size: int | None = None) -> dict:
         """Decodes the examples, `batch_size` rows per generate call (default: the config's); returns the row
         (quality filled in later). A row's latency is its call's time over the rows in the call."""
-        from decode.generation import DecodeStats
 
         batch_size = batch_size or self.cfg.batch_size
         left_pad = not decoder.is_encoder_decoder
@@ -404,7 +243,6 @@ class Evaluation:
         cfg = self.cfg
         if not cfg.do_sample:
             return {}
-        from decode.baselines import HFGenerate
 
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         if isinstance(decoder, HFGenerate):
@@ -458,7 +296,7 @@ def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list
              "bild_rollback_only": "BiLD rollback only (no confidence fallback)"}
     rows = []
     for system in systems:
-        if system in _EXIT or system == "hf_early_exit":
+        if system in EXIT_ROWS or system == "hf_early_exit":
             for key, (_, layer, head, name) in (exits or {}).items():
                 if system == "hf_early_exit":
                     if head is None:
@@ -466,9 +304,9 @@ def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list
                 else:
                     rows.append((f"BiLD early exit{' lossless' if system == 'early_exit_exact' else ''} ({name})", system, key))
             continue
-        rows.append((label[system] + (" (unaligned)" if aligned and (system in _BILD or system == "assisted") else ""),
+        rows.append((label[system] + (" (unaligned)" if aligned and (system in BILD_ROWS or system == "assisted") else ""),
                      system, "small"))
-        if aligned and (system in _BILD or system in ("small", "assisted")):
+        if aligned and (system in BILD_ROWS or system in ("small", "assisted")):
             rows.append((label[system] + " (aligned)", system, "aligned"))
     return rows
 
@@ -476,7 +314,6 @@ def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list
 def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, on_main_table=None) -> dict:
     """Runs every row (and the sweep); `on_main_table(results)` is called once the main table is done, before
     the sweep, so that a long sweep interrupted loses only itself."""
-    from tqdm.auto import tqdm
 
     ev = Evaluation(cfg, aligned)
     n = len(ev.examples)
@@ -503,8 +340,6 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         fb, rb, tuned = _row_thresholds(ev, system, small_key)
         start = progress.n
         if system == "hf_early_exit":
-            from decode.baselines import hf_early_exit_unsupported
-
             why = hf_early_exit_unsupported(ev.models["large"])
             if why is not None:  # said in the table, not an error: transformers does not offer it here
                 rows.append({"system": name, "unsupported": why})
@@ -521,11 +356,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             progress.update(n - (progress.n - start))
             continue
         row["path"] = _path(decoder, cfg.batch_size)
-        if system in _EXIT:
+        if system in EXIT_ROWS:
             row["exit_layer"] = decoder.exit_layer
             row["fallback_threshold"] = decoder.config.fallback_threshold
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-        if system in _BILD:
+        if system in BILD_ROWS:
             if tuned:
                 row["thresholds_tuned_on"] = (f"{tuned['split']} at batch size {tuned.get('batch_size', 1)} (budget "
                                               f"{tuned['budget']:g} {tuned['metric']})")
@@ -633,7 +468,7 @@ def _row_thresholds(ev: Evaluation, system: str, small_key: str):
     fb = rb = None
     if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
         fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
-    tuned = ev.tuned.get(small_key) if system in _BILD else None
+    tuned = ev.tuned.get(small_key) if system in BILD_ROWS else None
     if tuned:
         fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
     return fb, rb, tuned
@@ -676,7 +511,7 @@ def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batc
     row["identical_to_large"] = sum(o == ev.outputs["large"][i] for o, i in zip(outputs, indices)) / len(indices)
     large_time = sum(ev.latencies[f"large @ batch {batch}"])  # the large row's name is always "large" (_names)
     row["speedup_vs_large_same_batch"] = large_time / row["total_seconds"] if row["total_seconds"] else float("nan")
-    if system in _BILD:
+    if system in BILD_ROWS:
         row["fallback_threshold"] = decoder.config.fallback_threshold
         row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
         row["max_small_steps"] = decoder.config.max_small_steps
@@ -684,7 +519,7 @@ def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batc
 
 
 def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput=()) -> dict:
-    env = _environment()
+    env = environment()
     return {
         "config": to_dict(cfg), "aligned": aligned, "metric": ev.metric, "higher_is_better": ev.higher_is_better,
         "examples": len(ev.examples), "truncated_inputs": ev.truncated, "dtype": ev.dtype, **env,
@@ -695,210 +530,6 @@ def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput=()
                        for name, outs in ev.outputs.items()},
     }
 
-
-# --------------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _f(v, digits=2):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _interval(v) -> str:
-    """"-0.38 [-1.32, +0.54]" from [difference, low, high]."""
-    return "-" if v is None else f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
-
-
-def _spread(values) -> str:
-    """" (min-max over N passes)" of per-pass speedups, or nothing with one pass."""
-    if not values or len(values) < 2:
-        return ""
-    return f" ({min(values):.2f}-{max(values):.2f} over {len(values)} passes)"
-
-
-def table(results: dict) -> str:
-    m = results["metric"]
-    extra = "chrf" if results["config"]["task"] == "translation" else ("rouge2" if results["config"]["task"] == "summarization" else None)
-    interval = any("bleu_vs_large" in r for r in results["rows"])
-    head = ["system", m] + ([extra] if extra else []) + (["BLEU vs large [95% paired bootstrap]"] if interval else []) + [
-                                                          "identical to large", "median ms/example", "tokens/s",
-                                                          "speedup vs large", "speedup vs assisted", "fallback rate",
-                                                          "rollback rate", "tokens/large call", "path"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['system']} | failed: {r['error']} |" + " |" * (len(head) - 2))
-            continue
-        if "unsupported" in r:
-            lines.append(f"| {r['system']} | not supported: {r['unsupported']} |" + " |" * (len(head) - 2))
-            continue
-        cells = [r["system"], _f(r.get(m))] + ([_f(r.get(extra))] if extra else []) + (
-            [_interval(r.get("bleu_vs_large"))] if interval else []) + [
-            _f(r.get("identical_to_large")), _f(r.get("latency_median_ms"), 1), _f(r.get("tokens_per_s"), 1),
-            _f(r.get("speedup_vs_large")) + "x" + _spread(r.get("speedup_passes")), (_f(r.get("speedup_vs_assisted")) + "x") if "speedup_vs_assisted" in r else "-",
-            _f(r.get("fallback_rate"), 3), _f(r.get("rollback_rate"), 3), _f(r.get("tokens_per_large_call")),
-            r.get("path", "-")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main_table(results: dict) -> str:
-    """The table a reader looks at first: quality and its interval against the large model, latency, speedup, and
-    tokens per large-model call."""
-    m = results["metric"]
-    interval = any("bleu_vs_large" in r for r in results["rows"])
-    head = ["system", m] + (["vs large [95% CI]"] if interval else []) + ["ms/example", "speedup vs large",
-                                                                          "tokens/large call"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results["rows"]:
-        if "error" in r or "unsupported" in r:
-            lines.append(f"| {r['system']} | {'failed' if 'error' in r else 'not supported'} (below) |" + " |" * (len(head) - 2))
-            continue
-        cells = [r["system"], _f(r.get(m))] + ([_interval(r.get("bleu_vs_large"))] if interval else []) + [
-            _f(r.get("latency_median_ms"), 1), _f(r.get("speedup_vs_large")) + "x", _f(r.get("tokens_per_large_call"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-SPEEDUP_NOTE = ("Speedup: the large model's total decoding time over the system's, on the same examples, so one slow "
-                "example weighs in; ms/example is the median, so a row can show a lower median than the large model "
-                "and a speedup under 1.")
-CPU_NOTE = ("On a CPU: this run shows the pipeline end to end and the method's behaviour at small scale; the speed of "
-            "the method at the shapes it is meant for is measured on GPUs (BENCHMARKS.md).")
-
-
-def throughput_table(results: dict) -> str:
-    """Tokens per second by batch size: every system against the large model at the same batch size."""
-    m = results["metric"]
-    lines = [f"| batch | system | {m} | identical to large (batch 1) | tokens/s | speedup vs large, same batch | "
-             "tokens/large call | rows per large pass | path |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["throughput"]:
-        spread = (f" ({_f(min(r['speedup_passes']))}-{_f(max(r['speedup_passes']))})"
-                  if len(r.get("speedup_passes", ())) > 1 else "")
-        lines.append(f"| {r['batch_size']} | {r['base']} | {_f(r.get(m))} | {_f(r['identical_to_large'])} | "
-                     f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x{spread} | "
-                     f"{_f(r.get('tokens_per_large_call'))} | {_f(r.get('rows_per_large_pass'))} | {r['path']} |")
-    return "\n".join(lines)
-
-
-def sweep_table(results: dict) -> str:
-    m = results["metric"]
-    points = results["operating_points"]
-    lines = [f"Large model on the sweep examples: {m} {_f(points.get('large_score_on_sweep_examples'))}", "",
-             f"| model | operating point | fallback | rollback | {m} | speedup vs large | fallback rate | rollback rate | tokens/large call |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    by_name = {r["system"]: r for r in results["sweep"]}
-    labels = results.get("variant_labels", {})
-    for variant in [v for v in points if v != "large_score_on_sweep_examples"]:
-        label = labels.get(variant, {"small": "unaligned", "aligned": "aligned"}.get(variant, variant))
-        for key, name in (points.get(variant) or {}).items():
-            r = by_name.get(name)
-            if r is None:
-                lines.append(f"| {label} | {key} | none | | | | | | |")
-                continue
-            lines.append(f"| {label} | {key.replace('_', ' ')} | {r['fallback_threshold']:g} | "
-                         f"{r['rollback_threshold']:g} | {_f(r[m])} | {_f(r['speedup_vs_large'])}x | {_f(r['fallback_rate'], 3)} | "
-                         f"{_f(r['rollback_rate'], 3)} | {_f(r['tokens_per_large_call'])} |")
-    return "\n".join(lines)
-
-
-def _tuned_note(results: dict) -> str:
-    """Which rows ran at tuned thresholds instead of the config's (decode.tune), read from the rows."""
-    cfg_cap = results["config"]["max_small_steps"]
-    tuned = sorted({f"{r['system']} at fallback {r['fallback_threshold']:g}, rollback "
-                    f"{r['rollback_threshold']:g}, max small steps {r.get('max_small_steps', cfg_cap)} "
-                    f"({r['thresholds_tuned_on']})"
-                    for r in results["rows"] if r.get("thresholds_tuned_on") and r.get("rollback_threshold") is not None})
-    return ("; tuned points instead: " + "; ".join(tuned)) if tuned else ""
-
-
-def report(results: dict) -> str:
-    cfg = results["config"]
-    parts = [
-        f"# BiLD evaluation: {cfg['dataset']} ({cfg['split']}, {results['examples']} examples)",
-        "",
-        f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
-        f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
-        f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else "")
-        + (f"; {cfg['repeats']} timed passes per row, interleaved: speedups are the median of the per-pass speedups, "
-           "their range in brackets; latencies are per-example medians" if cfg.get("repeats", 1) > 1 else ""),
-        f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
-        f"{cfg['max_small_steps']}" + _tuned_note(results)
-        + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
-           False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")]
-        + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else "")
-        + ("; passes compiled (compile=true)" if cfg.get("compile") else ""),
-        ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
-         "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)
-         if cfg.get("do_sample") else "- decoding: greedy"),
-        f"- inputs truncated to {cfg['max_source_length']} tokens: {results['truncated_inputs']}",
-        f"- {results['date']}; git {results['git_commit']}; " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v),
-        "",
-        main_table(results),
-        "",
-        SPEEDUP_NOTE + (" " + CPU_NOTE if str(results["device"]).startswith("cpu") else ""),
-        "",
-        "## All columns",
-        "",
-        table(results),
-    ]
-    if results.get("throughput"):
-        parts += ["", "## Throughput by batch size", "", throughput_table(results)]
-    if results["sweep"]:
-        parts += ["", "## Threshold sweep: the paper's operating points", "", sweep_table(results), "",
-                  "![speed-quality frontier](frontier.png)"]
-    return "\n".join(parts) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = results["metric"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = results.get("variant_labels", {})
-    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
-    for variant in results["frontier"]:
-        rows = [r for r in results["sweep"] if r["model"] == variant]
-        if not rows:
-            continue
-        color = next(colors, "tab:gray")
-        ax.scatter([r["speedup_vs_large"] for r in rows], [r[m] for r in rows], s=12, color=color, alpha=0.5)
-        front = [r for r in rows if r["system"] in results["frontier"][variant]]
-        ax.plot([r["speedup_vs_large"] for r in front], [r[m] for r in front], "-o", color=color, ms=4,
-                label=f"BiLD {labels.get(variant, variant)}")
-    ref = results["operating_points"].get("large_score_on_sweep_examples")
-    if ref is not None:
-        ax.axhline(ref, color="gray", ls="--", lw=1, label="large model")
-    ax.set_xlabel("speedup over the large model")
-    ax.set_ylabel(m)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(results: dict, out: Path) -> None:
-    """All files are made in a temporary folder and moved in at the end: a failed run leaves nothing half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=out.parent))
-    try:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        (tmp / "report.md").write_text(report(results))
-        if results["sweep"]:
-            plot(results, tmp / "frontier.png")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None) -> int:

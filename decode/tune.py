@@ -27,7 +27,12 @@ import statistics
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from data.config import ConfigError, load_config
+from decode.eval import Evaluation, environment
+from decode.eval_config import EvalConfig
+from decode.report import operating_points
 from decode.thresholds import THRESHOLDS_FILE, save_tuned  # noqa: F401 - THRESHOLDS_FILE: re-exported
 
 NONE_WITHIN_BUDGET = 3  # exit status when no grid point is good enough (./launch.sh then keeps the defaults)
@@ -39,10 +44,6 @@ class NoPointWithinBudget(ValueError):
 
 def tune(cfg, small_key: str, budget: float) -> dict:
     """Decodes cfg.split with the large model and every grid point; returns the chosen point's record."""
-    from tqdm.auto import tqdm
-
-    from decode.eval import Evaluation, _environment, operating_points
-
     ev = Evaluation(cfg, cfg.aligned if small_key == "aligned" else None)
     indices = list(range(len(ev.examples)))
     caps = cfg.sweep_max_small_steps or [cfg.max_small_steps]
@@ -78,13 +79,11 @@ def tune(cfg, small_key: str, budget: float) -> dict:
         "repeats": cfg.repeats,
         "grid": [{k: r[k] for k in ("fallback_threshold", "rollback_threshold", "max_small_steps", ev.metric,
                                     "speedup_vs_large", "speedup_passes")} for r in rows],
-        **{k: v for k, v in _environment().items() if k in ("device", "date", "git_commit")},
+        **{k: v for k, v in environment().items() if k in ("device", "date", "git_commit")},
     }
 
 
 def main(argv=None) -> int:
-    from decode.eval import EvalConfig
-
     parser = argparse.ArgumentParser(description="Tune BiLD's thresholds on a validation split.")
     parser.add_argument("--config", required=True, help="YAML file of EvalConfig fields (models, data, grid)")
     parser.add_argument("--aligned", nargs="?", const="", default=None,

@@ -7,7 +7,7 @@ import pytest
 from align.calibrate import CalibrateConfig
 from align.train import TrainConfig
 from data.config import load_config
-from decode.eval import EvalConfig
+from decode.eval_config import EvalConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 

@@ -5,7 +5,8 @@ import sacrebleu
 import yaml
 from rouge_score import rouge_scorer
 
-from decode.eval import main, operating_points, pareto_frontier
+from decode.eval import main
+from decode.report import operating_points, pareto_frontier
 from decode.metrics import summarization_scores, translation_scores
 
 
@@ -154,12 +155,12 @@ def test_bleu_and_rouge_wrappers_give_known_scores():
 def test_a_failed_transformers_baseline_is_reported_and_keeps_the_other_rows(eval_config, tmp_path, monkeypatch, capsys):
     """transformers' own baselines may fail in a transformers release (assisted generation did in 5.25): the row
     says why, the run warns and still counts as done (the project's own rows failing is exit 1: below)."""
-    import decode
+    import decode.eval
 
     def broken(*args, **kwargs):
         raise RuntimeError("assistant exploded")
 
-    monkeypatch.setattr(decode, "AssistedGeneration", broken)
+    monkeypatch.setattr(decode.eval, "AssistedGeneration", broken)
     out = tmp_path / "failed"
     assert main(["--config", str(eval_config), "--limit", "3", "--out", str(out), "systems=[large,assisted]"]) == 0
     rows = {r["system"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
