@@ -581,43 +581,54 @@ def save_final(accelerator, model, tokenizer, cfg: TrainConfig, metrics: dict, b
 # Training
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+# --------------------------------------------------------------------------------------------------
+# The loop, in its stages: setup, data, optimizer, resume, one update, periodic work, finishing
+
+
+@dataclass
+class Run:
+    """What one training run holds between its stages."""
+
+    cfg: TrainConfig
+    accelerator: object
+    tokenizer: object
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    output_dir: Path
+    state: dict  # step, epoch, windows_in_epoch, tokens: what a checkpoint saves beside the weights
+    metrics: dict  # before, history, after
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """The accelerator, the tokenizer, the model to train (LoRA-wrapped or with an exit head where asked), the
+    teacher for token distillation, and the output folder with the resolved config in it."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
+
+    from decode.bild import check_model_location, load_model
+    from decode.cache import prefer_fast_attention
 
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision if os.environ.get("ACCELERATE_MIXED_PRECISION") is None else None,
-        # Windows are always complete (see below), so the sync point is every N micro-batches.
+        # Windows are always complete (see run_epochs), so the sync point is every N micro-batches.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
         ),
     )
-    from decode.cache import prefer_fast_attention
-
     prefer_fast_attention()
     set_seed(cfg.seed)  # before the model is built: from-scratch weights are reproducible
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "train_config.yaml")
-
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"mixed precision {accelerator.mixed_precision}")
-    from decode.bild import check_model_location
-
     check_model_location(cfg.tokenizer or cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = build_model(cfg, tokenizer)
-    is_seq2seq = model.config.is_encoder_decoder
-
-    def base_model_fn():
-        set_seed(cfg.seed)
-        return build_model(cfg, tokenizer)
-
     if cfg.lora:
         from peft import get_peft_model
 
@@ -628,26 +639,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                           f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M parameters train")
     teacher = None
     if "token_kd" in cfg.objective:
-        from decode.bild import load_model
-
         teacher = load_model(cfg.teacher, device=accelerator.device).eval()
         teacher.requires_grad_(False)
+    state = {"step": 0, "epoch": 0, "windows_in_epoch": 0, "tokens": 0}
+    return Run(cfg, accelerator, tokenizer, model, teacher, output_dir, state, {"history": []})
 
-    with accelerator.main_process_first():
+
+def dataloaders(run: Run) -> tuple[DataLoader, DataLoader | None]:
+    """Training batches in an order fixed by the seed and the epoch (a resumed run sees the same ones), and the
+    evaluation batches (None without evaluation pairs)."""
+    cfg, tokenizer = run.cfg, run.tokenizer
+    with run.accelerator.main_process_first():
         train_pairs = build_pairs(cfg, tokenizer, "train")
         eval_pairs = build_pairs(cfg, tokenizer, "eval")
     if not train_pairs:
         raise ValueError("no training pairs")
-    collate = Collator(tokenizer.pad_token_id, is_seq2seq, cfg.pad_to_multiple_of)
-    sampler = EpochShuffle(len(train_pairs), cfg.seed)
+    collate = Collator(tokenizer.pad_token_id, run.model.config.is_encoder_decoder, cfg.pad_to_multiple_of)
     # Its own generator: starting an iterator then leaves the global RNG (dropout) alone, so a resumed run
     # draws the same dropout masks as an uninterrupted one.
-    train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    train_dl = DataLoader(train_pairs, batch_size=cfg.batch_size, sampler=EpochShuffle(len(train_pairs), cfg.seed),
+                          collate_fn=collate, num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     eval_dl = DataLoader(eval_pairs, batch_size=cfg.batch_size * 2, shuffle=False, collate_fn=collate) if eval_pairs else None
+    return train_dl, eval_dl
 
+
+def optimizer_and_schedule(run: Run, updates: int):
+    """AdamW (no weight decay on biases and norms) and the learning-rate schedule over `updates` updates."""
+    from transformers import get_scheduler
+
+    cfg, accelerator = run.cfg, run.accelerator
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in run.model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)  # biases and norms: no weight decay
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -659,40 +681,70 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         # Known difference from DDP and ZeRO-2 (norms and biases decayed too); not yet fixed.
         groups = [{"params": decay + no_decay, "weight_decay": cfg.weight_decay}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
-    windows_per_epoch = len(train_dl) // max(accelerator.num_processes, 1) // cfg.gradient_accumulation_steps
-    windows_per_epoch = max(windows_per_epoch, 1)
-    total_updates = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
     # The prepared scheduler steps once per process per update.
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
-                              num_training_steps=total_updates * accelerator.num_processes)
-    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
+                              num_training_steps=updates * accelerator.num_processes)
+    return optimizer, scheduler
 
-    state = {"step": 0, "epoch": 0, "windows_in_epoch": 0, "tokens": 0}
-    metrics: dict = {"history": []}
-    if resume:
-        found = _checkpoints(output_dir)
-        if found:
-            accelerator.load_state(str(found[-1]))
-            state = json.loads((found[-1] / "trainer_state.json").read_text())
-            metrics = state.pop("metrics", metrics)
-            accelerator.print(f"resumed from {found[-1]} (update {state['step']})")
-        else:
-            accelerator.print(f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting fresh")
-    if "before" not in metrics:
-        metrics["before"] = evaluate(model, eval_dl, cfg, accelerator)
-        accelerator.print(f"before training: {json.dumps(metrics['before'])}")
 
-    def log(row: dict):
-        metrics["history"].append(row)
-        if accelerator.is_main_process:
-            with (output_dir / "log.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+def resume_from_checkpoint(run: Run) -> None:
+    """Loads the latest checkpoint's weights, optimizer, schedule, RNG and loop state into `run` (after prepare)."""
+    found = _checkpoints(run.output_dir)
+    if not found:
+        run.accelerator.print(f"--resume: no checkpoint in {run.output_dir / 'checkpoints'}, starting fresh")
+        return
+    run.accelerator.load_state(str(found[-1]))
+    run.state = json.loads((found[-1] / "trainer_state.json").read_text())
+    run.metrics = run.state.pop("metrics", run.metrics)
+    run.accelerator.print(f"resumed from {found[-1]} (update {run.state['step']})")
 
+
+def update(run: Run, window: list[dict], optimizer, scheduler) -> torch.Tensor:
+    """One optimizer update over a window of `gradient_accumulation_steps` batches, the loss normalised by the
+    target tokens of the whole window on every process. Returns [loss sum, tokens] of this process's batches."""
+    accelerator, model, cfg = run.accelerator, run.model, run.cfg
+    accum = len(window)
+    n_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in window)
+    n_tokens = accelerator.gather(n_tokens.reshape(1)).sum().item()  # note: sync point
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in window:
+        with accelerator.accumulate(model):
+            loss_sum, _, _, count = compute_loss(model, batch, cfg, run.teacher)
+            # accelerate divides by `accum` in backward and DDP averages over processes: undo both
+            loss = loss_sum * accum * accelerator.num_processes / max(n_tokens, 1)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        totals += torch.stack([loss_sum.detach().double(), count.double()])
+    run.state["step"] += 1
+    run.state["windows_in_epoch"] += 1
+    run.state["tokens"] += int(n_tokens)
+    return totals
+
+
+def log(run: Run, row: dict) -> None:
+    run.metrics["history"].append(row)
+    if run.accelerator.is_main_process:
+        with (run.output_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save(run: Run) -> None:
+    save_checkpoint(run.accelerator, run.output_dir, {**run.state, "metrics": run.metrics}, run.cfg.keep_checkpoints)
+
+
+def run_epochs(run: Run, train_dl, eval_dl, optimizer, scheduler, total_updates: int) -> float:
+    """Updates until `total_updates`, epoch after epoch, logging, evaluating and saving checkpoints on schedule; a
+    Ctrl-C saves a checkpoint first. Returns the seconds spent."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
     progress = tqdm(total=total_updates, initial=state["step"], desc=_bar_label(cfg), disable=not accelerator.is_main_process)
     accum = cfg.gradient_accumulation_steps
-    model.train()
+    run.model.train()
     running = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # loss sum, tokens
     t0, tokens_at_start = time.perf_counter(), state["tokens"]  # throughput counts this process's tokens only
     try:
@@ -706,24 +758,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 window = list(islice(batches, accum))
                 if len(window) < accum:
                     break  # a partial window at the end of an epoch is dropped: every update sees `accum` batches
-                # normalize by the global number of target tokens in the whole window
-                n_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in window)
-                n_tokens = accelerator.gather(n_tokens.reshape(1)).sum().item()  # note: sync point
-                for batch in window:
-                    with accelerator.accumulate(model):
-                        loss_sum, _, _, count = compute_loss(model, batch, cfg, teacher)
-                        # accelerate divides by `accum` in backward and DDP averages over processes: undo both
-                        loss = loss_sum * accum * accelerator.num_processes / max(n_tokens, 1)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.max_grad_norm:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                    running += torch.stack([loss_sum.detach().double(), count.double()])
-                state["step"] += 1
-                state["windows_in_epoch"] += 1
-                state["tokens"] += int(n_tokens)
+                running += update(run, window, optimizer, scheduler)
                 progress.update(1)
                 step = state["step"]
                 if step % cfg.log_every == 0 or step == total_updates:
@@ -731,27 +766,39 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     row = {"step": step, "epoch": state["epoch"], "loss": totals[0] / max(totals[1], 1),
                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": (state["tokens"] - tokens_at_start) / (time.perf_counter() - t0)}
                     progress.set_postfix(loss=f"{row['loss']:.3f}")
-                    log(row)
+                    log(run, row)
                     running.zero_()
                 if step % cfg.eval_every == 0 and step != total_updates:
-                    row = {"step": step, **evaluate(model, eval_dl, cfg, accelerator)}
+                    row = {"step": step, **evaluate(run.model, eval_dl, cfg, accelerator)}
                     accelerator.print(json.dumps(row))
-                    log(row)
+                    log(run, row)
                 if step % cfg.save_every == 0 and step != total_updates:
-                    save_checkpoint(accelerator, output_dir, {**state, "metrics": metrics}, cfg.keep_checkpoints)
+                    save(run)
             state["epoch"] += 1
             state["windows_in_epoch"] = 0
     except KeyboardInterrupt:
         accelerator.print("interrupted: saving a checkpoint, continue with --resume")
-        save_checkpoint(accelerator, output_dir, {**state, "metrics": metrics}, cfg.keep_checkpoints)
+        save(run)
         raise
     progress.close()
+    return time.perf_counter() - t0
 
-    metrics["after"] = evaluate(model, eval_dl, cfg, accelerator)
-    metrics["updates"] = state["step"]
-    metrics["train_seconds"] = time.perf_counter() - t0
+
+def finish(run: Run, eval_dl, seconds: float) -> Path:
+    """The last evaluation, the final Hugging Face folder (merged LoRA, the exit head alone), the Hub on request."""
+    from accelerate.utils import set_seed
+
+    cfg, accelerator, metrics = run.cfg, run.accelerator, run.metrics
+    metrics["after"] = evaluate(run.model, eval_dl, cfg, accelerator)
+    metrics["updates"] = run.state["step"]
+    metrics["train_seconds"] = seconds
     accelerator.print(f"after training: {json.dumps(metrics['after'])}")
-    final = save_final(accelerator, model, tokenizer, cfg, metrics, base_model_fn)
+
+    def base_model_fn():
+        set_seed(cfg.seed)
+        return build_model(cfg, run.tokenizer)
+
+    final = save_final(accelerator, run.model, run.tokenizer, cfg, metrics, base_model_fn)
     accelerator.print(f"saved {final}")
     if cfg.push_to_hub and accelerator.is_main_process:
         from align.publish import push
@@ -759,6 +806,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         push(final, cfg.hub_repo_id, private=cfg.hub_private)
     accelerator.end_training()
     return final
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """The whole run: setup, data, optimizer, resume, the updates, the final folder. Returns that folder."""
+    run = setup(cfg)
+    train_dl, eval_dl = dataloaders(run)
+    accelerator = run.accelerator
+    windows_per_epoch = max(len(train_dl) // max(accelerator.num_processes, 1) // cfg.gradient_accumulation_steps, 1)
+    total_updates = cfg.max_steps or math.ceil(cfg.epochs * windows_per_epoch)
+    optimizer, scheduler = optimizer_and_schedule(run, total_updates)
+    run.model, optimizer, train_dl, scheduler = accelerator.prepare(run.model, optimizer, train_dl, scheduler)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+    if resume:
+        resume_from_checkpoint(run)
+    if "before" not in run.metrics:
+        run.metrics["before"] = evaluate(run.model, eval_dl, cfg, accelerator)
+        accelerator.print(f"before training: {json.dumps(run.metrics['before'])}")
+    seconds = run_epochs(run, train_dl, eval_dl, optimizer, scheduler, total_updates)
+    return finish(run, eval_dl, seconds)
 
 
 def main(argv=None):
