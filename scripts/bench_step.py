@@ -24,7 +24,8 @@ synchronised, warm-up discarded, the median of --repeats runs (the spread is min
 speculative decoding reach at 2, 4 and 6 tokens per large call: arithmetic over the measured passes (t tokens per
 large call: BiLD runs t small steps, one of them the fallback, speculative decoding t - 1, and one check over t
 tokens), not a decoding run. --profile counts the kernels of one compiled step (without its graph) and lists the
-costliest. --attention times the compiled step and check with each attention backend traced into the passes.
+costliest; --profile-checks does the same for a check of 2 and of 11 tokens. --attention times the compiled step and
+check with each attention backend traced into the passes.
 Prints the tables last (markdown).
 """
 
@@ -291,6 +292,14 @@ def measure(name, args, device, dtype, bandwidth, rate):
 
     if args.profile:
         row["profile"] = profile_step(fast)
+    if args.profile_checks:  # why a check of 2 tokens can cost more than one of 11 (seen at Gemma-3-1B, Qwen3-8B)
+        row["profile_checks"] = {}
+        for pending in (1, 10):
+            fast.start(prompt, capacity)
+            fast.step([5])
+            fast.check(list(range(5, 5 + pending + 1)), pending, "exact", 0.0)  # leaves the inputs of this shape
+            fast.rewind(fast.length - pending - 1)
+            row["profile_checks"][pending + 1] = profile_step(fast, ("check", pending + 1, "exact"))
     for variant in args.variants:
         settings = VARIANTS[variant]
         decode.compact.TUNE_ONE_TOKEN = settings.get("tuning", False)
@@ -327,11 +336,13 @@ def measure(name, args, device, dtype, bandwidth, rate):
     return row
 
 
-def profile_step(runner) -> dict:
-    """Kernels of one compiled step run without its graph: how many, and the costliest by total device time."""
+def profile_step(runner, key=("step", 1)) -> dict:
+    """Kernels of one compiled pass (the step, or a check: key ("check", n, "exact")) run without its graph: how
+    many, and the costliest by total device time. The pass reads the runner's static inputs as its last call left
+    them."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = runner._pass(("step", 1))
+    step = runner._pass(key)
     for _ in range(3):
         runner._pos0.fill_(30)
         step()
@@ -426,6 +437,7 @@ def main():
     p.add_argument("--eager", action="store_true", help="also time transformers' own forward (ModelRunner)")
     p.add_argument("--pairs", action="store_true", help="checks of 1, 3, 5 pending tokens and the pair table")
     p.add_argument("--profile", action="store_true", help="count the kernels of one compiled step")
+    p.add_argument("--profile-checks", action="store_true", help="the kernels of a check of 2 and of 11 tokens")
     p.add_argument("--attention", nargs="*", default=[], choices=list(BACKENDS), help="time these attention backends")
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="also time the compiled step with these settings of decode/compact.py")
@@ -509,6 +521,13 @@ def main():
         for r, t in twins:
             print(f"| {r['shape']} | {fmt(r['step'])} | {fmt(t['step'])} | {r['step'][0] / t['step'][0]:.2f} | "
                   f"{fmt(r['check10'])} | {fmt(t['check10'])} | {r['check10'][0] / t['check10'][0]:.2f} |")
+    if args.profile_checks:
+        for r in rows.values():
+            for n, pr in r["profile_checks"].items():
+                print(f"\n{r['shape']}: a check of {n} tokens, {pr['kernels_per_step']:.0f} kernels, "
+                      f"{pr['device_us_per_step']:.0f} us of kernel time (no graph)")
+                for name, count, us in pr["top"]:
+                    print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
     if args.pairs:
         print("\nper pair, ms from the rows above; arithmetic over the measured passes, not a decoding run")
         print("\n".join(pair_table(rows)))
