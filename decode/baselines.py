@@ -51,19 +51,19 @@ class Greedy(RowDecoder):
         if sampling is not None:
             runner.plan([("sample", 1, sampling.key)])
         runner.start(prompt, max_new_tokens)
-        seq = self._decoder_prefix(prompt)
-        prefix_len = len(seq)
-        while not self._finished(seq, prefix_len, max_new_tokens):
+        row = self._row(prompt)
+        while not self._finished(row, max_new_tokens):
+            feed = row.seq[runner.length :]
             if sampling is None and self._on_device(runner):
-                _, kept = self._steps(runner, seq[runner.length :], max_new_tokens - (len(seq) - prefix_len))
+                _, kept = self._steps(runner, feed, max_new_tokens - row.n_new)
             elif sampling is None:
-                kept = [runner.step(seq[runner.length :])[1]]  # note: sync point
+                kept = [runner.step(feed)[1]]  # note: sync point
             else:
-                kept = [runner.sample_step(seq[runner.length :], sampling, draft=False)[1]]  # note: sync point
-            seq.extend(kept)
+                kept = [runner.sample_step(feed, sampling, draft=False)[1]]  # note: sync point
+            row.seq.extend(kept)
             stats.large_calls += len(kept)
             stats.large_tokens += len(kept)
-        return seq[prefix_len:]
+        return row.new_tokens
 
     def _batch_blocker(self) -> str | None:
         if type(self._runner) is not FastRunner:
@@ -80,11 +80,10 @@ class Greedy(RowDecoder):
         else:
             runner.plan([("step", 1)] + ([("draft", 1), ("draft_next", 1)] if self._on_device(runner) else []))
         runner.start(prompts, max_new_tokens)
-        seqs = [self._decoder_prefix(p) for p in prompts]
-        prefix_len = [len(s) for s in seqs]
+        rows = [self._row(p) for p in prompts]
         order = list(range(len(prompts)))  # the sequence in each runner row
         while True:
-            live = [r for r, b in enumerate(order) if not self._finished(seqs[b], prefix_len[b], max_new_tokens)]
+            live = [r for r, b in enumerate(order) if not self._finished(rows[b], max_new_tokens)]
             if not live:
                 break
             if should_compact(len(live), runner):
@@ -94,10 +93,9 @@ class Greedy(RowDecoder):
                 stats.compactions += 1
             feeds = [[] for _ in order]
             for r in live:
-                feeds[r] = seqs[order[r]][runner.lengths[r] :]
+                feeds[r] = rows[order[r]].seq[runner.lengths[r] :]
             if sampling is None and self._on_device(runner):
-                budgets = [max_new_tokens - (len(seqs[order[r]]) - prefix_len[order[r]]) if f else 0
-                           for r, f in enumerate(feeds)]
+                budgets = [max_new_tokens - rows[order[r]].n_new if f else 0 for r, f in enumerate(feeds)]
                 # stop where the host loop would compact: once the running rows fit a batch half the size
                 drafted = self._steps(runner, feeds, budgets, rows_to_stay(runner))
                 stats.large_passes += max(d[0] for d in drafted if d is not None)
@@ -107,10 +105,10 @@ class Greedy(RowDecoder):
                 stats.large_passes += 1
             for r, d in enumerate(drafted):
                 if d is not None:
-                    seqs[order[r]].extend(d[1])
+                    rows[order[r]].seq.extend(d[1])
                     stats.large_calls += len(d[1])
                     stats.large_tokens += len(d[1])
-        return [seq[n:] for seq, n in zip(seqs, prefix_len)]
+        return [row.new_tokens for row in rows]
 
 
 class HFGenerate(RowDecoder):

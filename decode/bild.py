@@ -38,7 +38,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
 from decode.cache import decoder_start_token_id, is_encoder_decoder, vocab_size
 from decode.batch import BatchRunner, should_compact
 from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, MAX_GRAPH_TOKENS, FastRunner, make_runner, notice
-from decode.generation import DecodeStats, RowDecoder
+from decode.generation import DecodeStats, Row, RowDecoder
 from decode.thresholds import THRESHOLDS_FILE, load_tuned
 
 ROLLBACK_MODES = ("ce", "exact")
@@ -219,11 +219,21 @@ class BiLD(RowDecoder):
             return MAX_GRAPH_TOKENS - 1
         return min(cap + 1, MAX_GRAPH_TOKENS - 1) if self._looks_ahead(small) else cap
 
-    def _budget(self, seq: list[int], prefix_len: int, n_pending: int, max_new_tokens: int) -> int:
+    def _budget(self, row: Row, max_new_tokens: int) -> int:
         """Tokens a row may still draft before the loop would stop it: max_new_tokens, and the step cap."""
-        budget = max_new_tokens - (len(seq) - prefix_len)
+        budget = max_new_tokens - row.n_new
         cap = self.config.max_small_steps
-        return min(budget, cap - n_pending) if cap is not None else budget
+        return min(budget, cap - row.n_pending) if cap is not None else budget
+
+    def _needs_large(self, row: Row, max_new_tokens: int, cap: int | None, lookahead: bool = False) -> str | None:
+        """What the policy asks of a row before its next small step: "done" (it ended and nothing is pending),
+        "final" (it ended: its pending tokens get their last check), "cap" (the step cap: a check), or None (it
+        drafts on). Looking ahead, the step cap counts the tokens since the large model's last one."""
+        if self._finished(row, max_new_tokens):
+            return "done" if row.n_pending == 0 else "final"
+        if cap is not None and len(row.seq) - (row.since_large if lookahead else row.pending_start) >= cap:
+            return "cap"
+        return None
 
     def _plan_sampling(self, small, large) -> int | None:
         """Plans the sampling passes on the two runners; returns the step cap they allow (the drafts' buffers
@@ -278,64 +288,56 @@ class BiLD(RowDecoder):
             cap = self._plan_sampling(small, large)
         draft_on_device = sampling is None and self._drafts_on_device(small)
         self._start_row(prompt, max_new_tokens)
-        seq = self._decoder_prefix(prompt)
-        prefix_len = len(seq)
-        pending_start = prefix_len  # first position the large model has not checked yet
-
+        row = self._row(prompt)
         while True:
-            n_pending = len(seq) - pending_start
-            if self._finished(seq, prefix_len, max_new_tokens):
-                if n_pending == 0:
-                    break
-                pending_start = self._large_step(seq, pending_start, stats, final=True)
+            need = self._needs_large(row, max_new_tokens, cap)
+            if need == "done":
+                break
+            if need is not None:
+                stats.step_cap_fallbacks += need == "cap"
+                self._large_step(row, stats, final=need == "final")
                 continue
-            if cap is not None and n_pending >= cap:
-                stats.step_cap_fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, final=False)
-                continue
-
+            feed = row.seq[small.length :]
             if draft_on_device:  # the loop's state on the device (FastRunner.draft): the host loop's decisions
-                steps, kept = small.draft(seq[small.length :], MAX_DRAFT_STEPS,
-                                          self._budget(seq, prefix_len, n_pending, max_new_tokens),
+                steps, kept = small.draft(feed, MAX_DRAFT_STEPS, self._budget(row, max_new_tokens),
                                           cfg.fallback_threshold, self.eos_token_ids)
             else:  # the loop's control flow lives on the host: one step
                 if sampling is None:
-                    confidence, token = small.step(seq[small.length :])
+                    confidence, token = small.step(feed)
                 else:  # drawn from q whatever the verdict: a fallback depends on q alone, so discarding it biases nothing
-                    confidence, token = small.sample_step(seq[small.length :], sampling)
+                    confidence, token = small.sample_step(feed, sampling)
                 steps, kept = _one_step(confidence, token, cfg.fallback_threshold)
             stats.small_steps += steps
-            seq.extend(kept)
+            row.seq.extend(kept)
             if steps > len(kept):  # the last step fell back
                 stats.fallbacks += 1
-                pending_start = self._large_step(seq, pending_start, stats, final=False)
-        return seq[prefix_len:]
+                self._large_step(row, stats, final=False)
+        return row.new_tokens
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
         self._large.start(prompt, max_new_tokens)
         self._small.start(prompt, max_new_tokens)
 
-    def _large_step(self, seq: list[int], pending_start: int, stats: DecodeStats, final: bool) -> int:
-        """One large-model pass over every position it has not seen; checks and edits `seq` in place.
+    def _large_step(self, row: Row, stats: DecodeStats, final: bool) -> None:
+        """One large-model pass over every position it has not seen; checks and settles the row.
 
         Greedy: the rollback rule (first_cut), and the large model's argmax is written. Sampling: the rejection
-        rule (decode.sampling.verify) over the small model's drafts, and a drawn token is written. Returns the new
-        pending_start. With final=True and nothing cut, no token is appended.
+        rule (decode.sampling.verify) over the small model's drafts, and a drawn token is written. With final=True
+        and nothing cut, no token is appended.
         """
         large, small = self._large, self._small
-        n_pending = len(seq) - pending_start
+        n_pending, feed = row.n_pending, row.seq[large.length :]
         if self._sampling is None:
-            cut, argmax = large.check(seq[large.length :], n_pending, self.config.rollback, self.config.rollback_threshold)
+            cut, argmax = large.check(feed, n_pending, self.config.rollback, self.config.rollback_threshold)
             token = _token_after(cut, argmax, n_pending, final)
         else:
-            cut, token = large.sample_check(seq[large.length :], n_pending, small.drafts(n_pending), self._sampling)
+            cut, token = large.sample_check(feed, n_pending, small.drafts(n_pending), self._sampling)
             token = _drawn_token_after(cut, token, n_pending, final)
             small.reset_drafts()
-        if _settle(seq, pending_start, cut, token, stats):
+        if _settle(row, cut, token, stats):
             # Both caches keep only positions whose token survived; the last token is fed on the next pass.
-            large.rewind(len(seq) - 1)
-            small.rewind(len(seq) - 1)
-        return len(seq)
+            large.rewind(len(row.seq) - 1)
+            small.rewind(len(row.seq) - 1)
 
     # -- batches --------------------------------------------------------------------------------------
 
@@ -364,31 +366,21 @@ class BiLD(RowDecoder):
         most = self._most_pending(small)
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
-        seqs = [self._decoder_prefix(p) for p in prompts]
-        prefix_len = [len(s) for s in seqs]
-        pending_start = list(prefix_len)
+        rows = [self._row(p) for p in prompts]  # looking ahead, a guess counts as the large model's token
         order = list(range(len(prompts)))  # the sequence in each runner row
         done = [False] * len(prompts)
         waiting: dict[int, bool] = {}  # sequences waiting for the large model -> whether the check is their last
-        # lookahead: per sequence its guesses (pending index, whether the step cap forced it) and where its tokens
-        # since the large model's last one start (the step cap counts them; a guess counts as the large model's)
-        guesses: dict[int, list[tuple[int, bool]]] = {}
-        since_large = list(prefix_len)
         while True:
             drafting = set()
             for b in order:
-                seq = seqs[b]
                 if done[b] or b in waiting:
                     continue
-                n_pending = len(seq) - pending_start[b]
-                if self._finished(seq, prefix_len[b], max_new_tokens):
-                    if n_pending == 0:
-                        done[b] = True
-                    else:
-                        waiting[b] = True
-                elif cap is not None and len(seq) - (since_large[b] if lookahead else pending_start[b]) >= cap:
-                    stats.step_cap_fallbacks += not lookahead  # (looking ahead, counted at the check)
-                    waiting[b] = False
+                need = self._needs_large(rows[b], max_new_tokens, cap, lookahead)
+                if need == "done":
+                    done[b] = True
+                elif need is not None:
+                    stats.step_cap_fallbacks += need == "cap" and not lookahead  # (looking ahead, counted at the check)
+                    waiting[b] = need == "final"
                 else:
                     drafting.add(b)
             live = [r for r, b in enumerate(order) if not done[b]]
@@ -399,9 +391,9 @@ class BiLD(RowDecoder):
                 order = [order[r] for r in live]
                 stats.compactions += 1
             if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * len(live))):
-                feeds = [seqs[b][large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)]
+                feeds = [rows[b].seq[large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)]
                 if sampling is None:
-                    bits = [sum(1 << i for i, _ in guesses.get(b, ())) for b in order] if lookahead else None
+                    bits = [sum(1 << i for i, _ in rows[b].guesses) for b in order] if lookahead else None
                     results = large.check(feeds, cfg.rollback, cfg.rollback_threshold, bits)
                 else:
                     results = large.sample_check(feeds, small.drafts(), sampling)
@@ -409,46 +401,43 @@ class BiLD(RowDecoder):
                 for r, b in enumerate(order):
                     if b not in waiting:
                         continue
-                    seq, n_pending = seqs[b], len(seqs[b]) - pending_start[b]
+                    row = rows[b]
+                    n_pending = row.n_pending
                     final, ahead, ends_here = waiting[b], None, not waiting[b]
                     if lookahead:  # its end may have come while it looked ahead; its pending tokens end a run of its
                         # own only at the step cap (its fallbacks are guesses), else the large model writes nothing
-                        final = final or self._finished(seq, prefix_len[b], max_new_tokens)
-                        ends_here = not final and len(seq) - since_large[b] >= cap
-                        ahead = (guesses.pop(b, []), ends_here)
+                        final = final or self._finished(row, max_new_tokens)
+                        ends_here = not final and len(row.seq) - row.since_large >= cap
+                        ahead, row.guesses = (row.guesses, ends_here), []
                     if sampling is None:
                         cut, argmax = results[r]
                         token = _token_after(cut, argmax, n_pending, not ends_here)
                     else:
                         cut, token = results[r]
                         token = _drawn_token_after(cut, token, n_pending, final)
-                    if _settle(seq, pending_start[b], cut, token, stats, ahead):
-                        since_large[b] = len(seq)
-                        large.rewind(r, len(seq) - 1)
-                        small.rewind(r, len(seq) - 1)
+                    if _settle(row, cut, token, stats, ahead):
+                        large.rewind(r, len(row.seq) - 1)
+                        small.rewind(r, len(row.seq) - 1)
                     elif lookahead and not final:  # its last token is fed again, for the next check's first verdict
-                        large.rewind(r, len(seq) - 1)
-                    pending_start[b] = len(seq)
+                        large.rewind(r, len(row.seq) - 1)
                 waiting.clear()
                 continue
             room = {}  # lookahead: the tokens each row may still draft (max_new_tokens, the most pending tokens)
             if lookahead:
                 for b in order:
-                    if b in drafting or (b in waiting and not self._finished(seqs[b], prefix_len[b], max_new_tokens)):
-                        n_pending = len(seqs[b]) - pending_start[b]
-                        room[b] = min(max_new_tokens - (len(seqs[b]) - prefix_len[b]), most - n_pending)
+                    if b in drafting or (b in waiting and not self._finished(rows[b], max_new_tokens)):
+                        room[b] = min(max_new_tokens - rows[b].n_new, most - rows[b].n_pending)
                 room = {b: n for b, n in room.items() if n > 0}
-            feeds = [seqs[b][small.lengths[r] :] if b in drafting or b in room else [] for r, b in enumerate(order)]
+            feeds = [rows[b].seq[small.lengths[r] :] if b in drafting or b in room else [] for r, b in enumerate(order)]
             if draft_on_device:  # steps until fewer rows run than keep the large pass away; the host loop's decisions
                 if lookahead:
                     budgets = [room.get(b, 0) for b in order]
                 else:
-                    budgets = [self._budget(seqs[b], prefix_len[b], len(seqs[b]) - pending_start[b], max_new_tokens)
-                               if b in drafting else 0 for b in order]
+                    budgets = [self._budget(rows[b], max_new_tokens) if b in drafting else 0 for b in order]
                 need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
                 ahead = None
                 if lookahead:  # the rows that wait look ahead; the step cap forces a guess
-                    ahead = (cap, [b in waiting for b in order], [cap - (len(seqs[b]) - since_large[b]) for b in order])
+                    ahead = (cap, [b in waiting for b in order], [cap - (len(rows[b].seq) - rows[b].since_large) for b in order])
                 drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need,
                                       ahead)
                 stats.small_passes += max(d[0] for d in drafted if d is not None)
@@ -458,19 +447,19 @@ class BiLD(RowDecoder):
                 stats.small_passes += 1
             for r, b in enumerate(order):
                 if drafted[r] is not None:
-                    steps, kept, *marks = drafted[r]
+                    row, (steps, kept, *marks) = rows[b], drafted[r]
                     stats.small_steps += steps
                     if lookahead and marks[0]:
                         for i in marks[0]:
-                            forced = len(seqs[b]) + i - since_large[b] >= cap
-                            guesses.setdefault(b, []).append((len(seqs[b]) + i - pending_start[b], forced))
-                            since_large[b] = len(seqs[b]) + i + 1
+                            forced = len(row.seq) + i - row.since_large >= cap
+                            row.guesses.append((len(row.seq) + i - row.pending_start, forced))
+                            row.since_large = len(row.seq) + i + 1
                         waiting.setdefault(b, False)  # its first guess: it fell back (counted at its check)
-                    seqs[b].extend(kept)
+                    row.seq.extend(kept)
                     if steps > len(kept):  # the last step fell back
                         stats.fallbacks += 1
                         waiting[b] = False
-        return [seq[n:] for seq, n in zip(seqs, prefix_len)]
+        return [row.new_tokens for row in rows]
 
 
 def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
@@ -497,12 +486,13 @@ def _drawn_token_after(cut: int, token: int, n_pending: int, final: bool) -> int
     return None if final and cut == n_pending else token
 
 
-def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, stats: DecodeStats,
+def _settle(row: Row, cut: int, token: int | None, stats: DecodeStats,
             ahead: tuple[list[tuple[int, bool]], bool] | None = None) -> bool:
-    """Applies a large-model check to `seq`: drops the pending tokens from `cut` on, appends `token` (if any) and
-    counts. ahead, when the row looked ahead: its guesses (pending index, whether the step cap forced it) and
-    whether the step cap ends its pending tokens. Returns whether a token was appended."""
-    n_pending = len(seq) - pending_start
+    """Applies a large-model check to a row: drops its pending tokens from `cut` on, appends `token` (if any), counts,
+    and starts its pending tokens (and, where a token was appended, its run since the large model) after them.
+    ahead, when the row looked ahead: its guesses (pending index, whether the step cap forced it) and whether the
+    step cap ends its pending tokens. Returns whether a token was appended."""
+    seq, pending_start, n_pending = row.seq, row.pending_start, row.n_pending
     stats.large_calls += 1
     if ahead is None:
         if cut < n_pending:
@@ -512,10 +502,12 @@ def _settle(seq: list[int], pending_start: int, cut: int, token: int | None, sta
     else:
         _count_lookahead(n_pending, cut, *ahead, stats)
     del seq[pending_start + cut :]
+    row.pending_start = len(seq)
     if token is None:
         return False
     seq.append(token)
     stats.large_tokens += 1
+    row.pending_start = row.since_large = len(seq)
     return True
 
 

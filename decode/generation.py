@@ -91,6 +91,35 @@ def device_sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+@dataclass
+class Row:
+    """One sequence being decoded, and where the policy stands on it: its tokens (the prompt or the decoder start
+    token, then the new ones), the first position the large model has not checked (the pending tokens start there),
+    where the tokens since the large model's last one start (rows that look ahead count the step cap from there),
+    and the guesses of a row looking ahead (pending index, whether the step cap forced it)."""
+
+    seq: list[int]
+    prefix_len: int = field(init=False)
+    pending_start: int = field(init=False)
+    since_large: int = field(init=False)
+    guesses: list[tuple[int, bool]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.prefix_len = self.pending_start = self.since_large = len(self.seq)
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.seq) - self.pending_start
+
+    @property
+    def n_new(self) -> int:
+        return len(self.seq) - self.prefix_len
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.seq[self.prefix_len :]
+
+
 class RowDecoder:
     """Base class: checks the inputs, decodes each row with `_decode_row`, assembles the output."""
 
@@ -191,9 +220,10 @@ class RowDecoder:
             return torch.cat([start, new], dim=1)
         return torch.cat([input_ids, new], dim=1)
 
-    def _decoder_prefix(self, prompt: list[int]) -> list[int]:
-        """The tokens the decoder starts from: the prompt, or the decoder start token."""
-        return [self.decoder_start_token_id] if self.is_encoder_decoder else list(prompt)
+    def _row(self, prompt: list[int]) -> Row:
+        """A row starting from the tokens the decoder starts from: the prompt, or the decoder start token."""
+        return Row([self.decoder_start_token_id] if self.is_encoder_decoder else list(prompt))
 
-    def _finished(self, seq: list[int], prefix_len: int, max_new_tokens: int) -> bool:
-        return len(seq) - prefix_len >= max_new_tokens or (len(seq) > prefix_len and seq[-1] in self.eos_token_ids)
+    def _finished(self, row: Row, max_new_tokens: int) -> bool:
+        """Whether the row has its max_new_tokens or ended with EOS (its pending tokens may still need a check)."""
+        return row.n_new >= max_new_tokens or (row.n_new > 0 and row.seq[-1] in self.eos_token_ids)
