@@ -87,8 +87,9 @@ class BiLDConfig:
     stay those of decoding it alone, while a confirmed guess saves the large pass decoding it alone would make
     there. None: on wherever the device draft loop drafts a batch with a step cap (max_small_steps); False: off."""
     fast_path: bool | None = None
-    """None: static caches and CUDA graphs (decode/fast.py) on CUDA where the architecture is covered, else the
-    eager path; True: the fast path (an error where not covered; no graphs off CUDA); False: the eager path."""
+    """None: the fast path (decode/fast.py: compact passes and static caches, in CUDA graphs on CUDA) where the
+    architecture is covered, else the eager path; True: the fast path (an error where not covered); False: the
+    eager path."""
     compile: bool | None = None
     """The fast path's passes through torch.compile (decode/compact.py): True: compiled; None: uncompiled unless
     BILD_COMPILE=1 is set (then compiled on CUDA); False: uncompiled. Compiling costs up to about a minute per model

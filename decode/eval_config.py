@@ -90,7 +90,7 @@ class EvalConfig(PromptConfig):
     """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
     fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
     fast_path: bool | None = None
-    """Static caches and CUDA graphs for BiLD and the large/small rows (None: on CUDA where covered)."""
+    """The fast path for BiLD and the large/small rows (None: where the architecture is covered; CUDA graphs on CUDA)."""
     compile: bool | None = None
     """The fast path's passes through torch.compile for BiLD and the large/small rows (BiLDConfig.compile): true,
     false, or null (uncompiled unless BILD_COMPILE=1)."""

@@ -66,13 +66,15 @@ def _prefill_bucket(n: int) -> int | None:
 
 
 def make_runner(model: PreTrainedModel, fast_path: bool | None = None, compile: bool | None = None):
-    """The runner a decoder uses for `model`. fast_path None: the fast path on CUDA where supported;
-    True: the fast path (without graphs off CUDA), an error where unsupported; False: the eager path.
+    """The runner a decoder uses for `model`. fast_path None: the fast path where supported (CUDA graphs on CUDA;
+    off CUDA the compact passes alone, which measured faster than transformers' forward on a 2-core CPU: 2.4 against
+    4.4 ms a step of the CPU profile's small model, BENCHMARKS.md); True: the fast path, an error where
+    unsupported; False: the eager path.
     compile (the fast path's passes through torch.compile) None: off (on CUDA with BILD_COMPILE=1); True: on; False: off."""
     reason = unsupported_reason(model)
     device = next(model.parameters()).device
     if fast_path is None:
-        use = device.type == "cuda" and reason is None
+        use = reason is None
     elif fast_path:
         if reason is not None:
             raise ValueError(f"fast_path=True but {type(model).__name__} cannot use it: {reason}")
@@ -80,7 +82,7 @@ def make_runner(model: PreTrainedModel, fast_path: bool | None = None, compile: 
     else:
         use = False
     runner = FastRunner.for_model(model, compile) if use else ModelRunner(model)
-    why = "" if use or fast_path is False or device.type != "cuda" else f" ({reason})"
+    why = "" if use or fast_path is False else f" ({reason})"
     notice(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M) decodes on the "
            f"{runner.path} path{why}")
     return runner

@@ -147,7 +147,8 @@ def test_path_choice_and_errors():
     with pytest.raises(ValueError, match="cannot use it"):
         make_runner(gpt2, fast_path=True)
     llama = tiny_model("llama", 0)
-    assert make_runner(llama).path.startswith("eager")  # auto on a CPU: eager
+    assert make_runner(llama).path == "fast (static cache, no graphs)"  # auto on a CPU: the compact passes
+    assert make_runner(llama, fast_path=False).path.startswith("eager")
     assert make_runner(llama, fast_path=True).path.startswith("fast")
     assert make_runner(llama, fast_path=True) is make_runner(llama, fast_path=True)  # one runner per model
     with pytest.raises(ValueError, match="fast_path"):
