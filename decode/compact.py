@@ -84,7 +84,9 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
         return "T5 in float16 needs transformers' activation clamping; use bfloat16 or float32"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+    ropes = list(rope.values()) if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope \
+        else [rope]  # Gemma 3: one per layer type
+    if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) == "dynamic" for r in ropes):
         return "rope type 'dynamic' changes with the sequence length"
     if getattr(cfg, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention) is not a causal decoder"

@@ -49,6 +49,15 @@ def test_compact_forward_asymmetric_t5():
     assert compact_vs_transformers(tiny_model("t5", 7, layers=3, enc_layers=1)) < 1e-5
 
 
+def test_a_rope_that_changes_with_the_length_is_refused():
+    """Dynamic rope rescales every position as the sequence grows: refused, also as one of Gemma 3's per-type ropes."""
+    llama, gemma = tiny_model("llama", 0), tiny_model("gemma3", 0)
+    assert unsupported_reason(llama) is None and unsupported_reason(gemma) is None
+    llama.config.rope_parameters = dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)
+    gemma.config.rope_parameters["full_attention"] = dict(rope_type="dynamic", factor=2.0, rope_theta=1e6)
+    assert "dynamic" in unsupported_reason(llama) and "dynamic" in unsupported_reason(gemma)
+
+
 def test_gemma2_attention_as_loaded():
     """Gemma 2's attention soft-capping where the model's attention implementation computes it (eager), and not
     where it drops it (SDPA, Gemma 2's default before transformers 5.2x): the fast path decodes what the model does."""
