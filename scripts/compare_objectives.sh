@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Alignment objectives compared on one pair (issue 11): seq_kd (the paper; ./launch.sh's own), token-level KD
+# Alignment objectives compared on one pair: seq_kd (the paper; ./launch.sh's own), token-level KD
 # (forward KL, JSD) on the large model's outputs, and on-policy alignment as in DistillSpec (the small model's own
 # outputs on the calibration inputs, scored by the large model's distributions, JSD). Each aligned model gets its
 # thresholds tuned on the validation split, then decode.eval on test at that point (greedy: BiLD and its lossless

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Batched BiLD and batched speculative sampling on the demo pair (issue 12): the throughput tables, on one GPU
+# Batched BiLD and batched speculative sampling on the demo pair: the throughput tables, on one GPU
 # through the device tool:
 #   bash scripts/gpu_batch.sh start   # copies the repo to /tmp/bild-b, starts the job detached, waits WAIT s
 #   bash scripts/gpu_batch.sh wait    # a later call on the still-warm machine

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Early exit on the demo large model (issue 10), on one GPU through the device tool:
+# Early exit on the demo large model, on one GPU through the device tool:
 #   bash scripts/gpu_early_exit.sh start   # copies the repo to /tmp/bild, starts the job detached, waits WAIT s
 #   bash scripts/gpu_early_exit.sh wait    # a later call on the still-warm machine
 # The job: GPU tests (pytest -m gpu, alongside) -> `./launch.sh full` up to alignment (tokenizer, the large model

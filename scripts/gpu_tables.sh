@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measured tables of issues 11 and 12 on the demo pair, on one GPU through the device tool, in two jobs (each
+# The paper's tables (RQ3, ablations, sampling) on the demo pair, on one GPU through the device tool, in two jobs (each
 # fits one machine hold; each trains the pair anew: a hold's models cannot travel to the next):
 #   JOB=main bash scripts/gpu_tables.sh start         # copies the repo to /tmp/bild-t, starts the job detached,
 #   JOB=objectives bash scripts/gpu_tables.sh start   # waits WAIT s (default 540)

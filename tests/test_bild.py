@@ -324,7 +324,7 @@ def test_from_pretrained_refuses_tokenizers_that_differ(toy_models, tmp_path):
         BiLD.from_pretrained(toy_models["large"], str(other))
 
 
-# --- issue 8: results that cannot be silently wrong ------------------------------------------------
+# --- results that cannot be silently wrong ------------------------------------------------
 
 
 def test_generate_baselines_are_plain_greedy_whatever_the_generation_config():
