@@ -83,14 +83,23 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
         return f"no compact decoder for model type {kind!r} (fast path: {', '.join(_DECODER_ONLY + _ENC_DEC)})"
     if kind in ("t5", "mt5") and next(model.parameters()).dtype == torch.float16:
         return "T5 in float16 needs transformers' activation clamping; use bfloat16 or float32"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    ropes = list(rope.values()) if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()) and rope \
-        else [rope]  # Gemma 3: one per layer type
-    if any(isinstance(r, dict) and r.get("rope_type", r.get("type")) == "dynamic" for r in ropes):
+    if any(_rope_type(r) == "dynamic" for r in _ropes(cfg)):
         return "rope type 'dynamic' changes with the sequence length"
     if getattr(cfg, "use_bidirectional_attention", False):
         return "bidirectional attention (use_bidirectional_attention) is not a causal decoder"
     return None
+
+
+def _ropes(cfg) -> list[dict]:
+    """The config's rope settings: one mapping, or Gemma 3's one per layer type (none: an empty list)."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or not rope:
+        return []
+    return list(rope.values()) if all(isinstance(v, dict) for v in rope.values()) else [rope]
+
+
+def _rope_type(rope: dict) -> str | None:
+    return rope.get("rope_type", rope.get("type"))
 
 
 _SAID: set[str] = set()
@@ -115,6 +124,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():
         return F.linear(x, weight) + bias
     return F.linear(x, weight, bias)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), Gemma 2's soft-capping of attention scores and logits; x itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -176,8 +190,7 @@ def grouped_attention(q, k, v, mask, scale, softcap: float | None = None, matmul
             scores = (q.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1) * scale  # [B, H_kv, G, L]
         else:
             scores = q.float() @ k.float().transpose(-1, -2) * scale  # [B, H_kv, G * n, L]
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+        scores = soft_cap(scores, softcap)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(-1)
         if matmul:
@@ -460,10 +473,10 @@ class LlamaPasses(Passes):
             self.windows = [window] * self.n_layers
         # Gemma 3's rotary module keeps one table per layer type (local and global bases); the others, one
         self.rope_keys = list(layer_types) if hasattr(self.rotary, "layer_types") else [None] * self.n_layers
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # longrope switches every position to its long factors once a sequence passes the original length
-        self.rope_limit = (rope.get("original_max_position_embeddings") or cfg.max_position_embeddings
-                           if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope" else None)
+        longrope = [r for r in _ropes(cfg) if _rope_type(r) == "longrope"]
+        self.rope_limit = (longrope[0].get("original_max_position_embeddings") or cfg.max_position_embeddings
+                           if longrope else None)
         norm = gemma_norm if cfg.model_type in _GEMMA else rms_norm
         scale = getattr(self.embed_tokens, "embed_scale", None)
         # Gemma: sqrt(d) rounded to the weights' dtype first, as transformers does (a Python number: graph capture
@@ -514,8 +527,7 @@ class LlamaPasses(Passes):
         logit_cap = getattr(cfg, "final_logit_softcapping", None)
 
         def head(h, norm_weight):
-            logits = linear(norm(h, norm_weight, final_eps), head_weight)
-            return logits if logit_cap is None else torch.tanh(logits / logit_cap) * logit_cap
+            return soft_cap(linear(norm(h, norm_weight, final_eps), head_weight), logit_cap)
 
         self._head = self._pass(head, "head")
 
@@ -994,8 +1006,5 @@ def output_logits(model: PreTrainedModel, h: torch.Tensor, norm) -> torch.Tensor
         if getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings):
             h = h * cfg.d_model**-0.5
         return model.lm_head(h)
-    logits = model.lm_head(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:  # Gemma 2
-        logits = torch.tanh(logits / cap) * cap
+    logits = soft_cap(model.lm_head(h), getattr(model.config, "final_logit_softcapping", None))  # Gemma 2
     return logits + model.final_logits_bias if kind not in _DECODER_ONLY else logits

@@ -385,4 +385,3 @@ class EarlyExitBiLD(BiLD):
 
     def _start_row(self, prompt: list[int], max_new_tokens: int) -> None:
         self.runner.start(prompt, max_new_tokens)  # one model, one start: the encoder runs once
-

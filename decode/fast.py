@@ -32,7 +32,8 @@ arithmetic. Here, as in gpt-fast:
   loop's own.
 
 Covered: BART and Marian, T5/mT5 (encoder-decoder); Llama (any static rope type, Llama 3's included), Qwen2,
-Mistral, Qwen3, Phi-3, Gemma 2 and Gemma 3's text model (decoder-only, sliding windows included). Anything else, or T5 in float16, runs on the eager path (`unsupported_reason` says why).
+Mistral, Qwen3, Phi-3, Gemma 2 and Gemma 3's text model (decoder-only, sliding windows included). Anything else,
+or T5 in float16, runs on the eager path (`unsupported_reason` says why).
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ def make_runner(model: PreTrainedModel, fast_path: bool | None = None, compile: 
     unsupported; False: the eager path.
     compile (the fast path's passes through torch.compile) None: off (on CUDA with BILD_COMPILE=1); True: on; False: off."""
     reason = unsupported_reason(model)
-    device = next(model.parameters()).device
     if fast_path is None:
         use = reason is None
     elif fast_path:

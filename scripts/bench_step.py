@@ -106,10 +106,11 @@ PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b"), ("qwen3
          ("llama3.2_1b", "llama3.1_8b"), ("gemma3_1b", "gemma3_12b")]
 VARIANTS = {  # name: settings of decode.compact that a variant of the compiled passes runs with (the default row
     # follows the model's width: TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH)
-    "plain": dict(),  # neither of the two below
-    "tuned": dict(tuning=True),  # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
-    "matmul": dict(attention="matmul"),  # the one-token attention as two batched products
-    "tuned+matmul": dict(tuning=True, attention="matmul"),
+    "plain": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="reduce"),  # neither of the two below
+    # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
+    "tuned": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="reduce"),
+    "matmul": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="matmul"),  # the one-token attention as two products
+    "tuned+matmul": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="matmul"),
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
@@ -300,40 +301,46 @@ def measure(name, args, device, dtype, bandwidth, rate):
             fast.check(list(range(5, 5 + pending + 1)), pending, "exact", 0.0)  # leaves the inputs of this shape
             fast.rewind(fast.length - pending - 1)
             row["profile_checks"][pending + 1] = profile_step(fast, ("check", pending + 1, "exact"))
+
+    def fresh():  # a runner over passes compiled anew, and its compile seconds
+        return compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
+
+    def graph_check(runner):
+        return (graph_only(runner, prompt, capacity, steps, args.repeats, device),
+                checked(runner, prompt, capacity, k, steps, args.repeats, device))
+
+    def step_graph_check(runner):
+        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps), *graph_check(runner))
+
     for variant in args.variants:
-        settings = VARIANTS[variant]
-        decode.compact.TUNE_ONE_TOKEN = settings.get("tuning", False)
-        decode.compact.ONE_TOKEN_ATTENTION = settings.get("attention", "reduce")
-        decode.compact._PASSES.pop(model, None)
-        try:
-            runner, secs = compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
-            row[f"variant_{variant}"] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps),
-                                         graph_only(runner, prompt, capacity, steps, args.repeats, device),
-                                         checked(runner, prompt, capacity, k, steps, args.repeats, device), secs)
-            del runner
-        except Exception as err:  # noqa: BLE001 - say so in the table
-            row[f"variant_{variant}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-        decode.compact.TUNE_ONE_TOKEN = decode.compact.ONE_TOKEN_ATTENTION = None
-        decode.compact._PASSES.pop(model, None)
-        torch.cuda.empty_cache()
-    for backend in args.attention:
-        decode.compact.COMPILED_ATTENTION = [getattr(torch.nn.attention.SDPBackend, BACKENDS[backend])]
-        decode.compact.GROUPED_ATTENTION = backend != "sdpa-math"  # sdpa-math: SDPA's math path for every pass
-        decode.compact._PASSES.pop(model, None)  # passes traced anew with this backend
-        try:
-            runner, secs = compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
-            row[f"attn_{backend}"] = (graph_only(runner, prompt, capacity, steps, args.repeats, device),
-                                      checked(runner, prompt, capacity, k, steps, args.repeats, device), secs)
-            del runner
-        except Exception as err:  # noqa: BLE001 - a backend that cannot trace these shapes: say so in the table
-            row[f"attn_{backend}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-        decode.compact.COMPILED_ATTENTION = [torch.nn.attention.SDPBackend.MATH]
-        decode.compact.GROUPED_ATTENTION = True
-        decode.compact._PASSES.pop(model, None)
-        torch.cuda.empty_cache()
+        row[f"variant_{variant}"] = with_settings(model, VARIANTS[variant], fresh, step_graph_check)
+    for backend in args.attention:  # sdpa-math: SDPA's math path for every pass
+        settings = dict(COMPILED_ATTENTION=[getattr(torch.nn.attention.SDPBackend, BACKENDS[backend])],
+                        GROUPED_ATTENTION=backend != "sdpa-math")
+        row[f"attn_{backend}"] = with_settings(model, settings, fresh, graph_check)
     del model, fast
     torch.cuda.empty_cache()
     return row
+
+
+def with_settings(model, settings: dict, make, measure):
+    """measure(runner) of a runner from make() (a compiled runner and the seconds it took), its passes compiled anew
+    with these settings of decode.compact: measure's values, then the compile seconds. Settings that cannot compile
+    give the error's first line instead, for the table. decode.compact's own settings come back after."""
+    saved = {name: getattr(decode.compact, name) for name in settings}
+    for name, value in settings.items():
+        setattr(decode.compact, name, value)
+    decode.compact._PASSES.pop(model, None)  # passes traced anew with these settings
+    try:
+        runner, secs = make()
+        return (*measure(runner), secs)
+    except Exception as err:  # noqa: BLE001 - settings that cannot trace these shapes: say so in the table
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    finally:
+        for name, value in saved.items():
+            setattr(decode.compact, name, value)
+        decode.compact._PASSES.pop(model, None)
+        torch.cuda.empty_cache()
 
 
 def profile_step(runner, key=("step", 1)) -> dict:
@@ -353,12 +360,12 @@ def profile_step(runner, key=("step", 1)) -> dict:
             step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us = lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # noqa: E731
     by_name: dict[str, list[float]] = {}
     for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+        by_name.setdefault(e.name, []).append(us(e))
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
     first = sorted(kernels, key=lambda e: e.time_range.start)[: len(kernels) // 5]  # one step, in order
-    us = lambda e: e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # noqa: E731
     return {"kernels_per_step": len(kernels) / 5, "device_us_per_step": sum(sum(v) for v in by_name.values()) / 5,
             "top": [(name[:90], len(v) / 5, sum(v) / 5) for name, v in top],
             "order": [(e.name[:90], us(e)) for e in first[:40]]}
