@@ -41,6 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
+import decode.kernels as kernels
+
 _GEMMA = ("gemma2", "gemma3_text")
 _DECODER_ONLY = ("llama", "qwen2", "mistral", "qwen3", "phi3") + _GEMMA
 _ENC_DEC = ("bart", "marian", "t5", "mt5")
@@ -67,6 +69,9 @@ GROUPED_ATTENTION = True
 # or "matmul" overrides it.
 MATMUL_ATTENTION_FROM_WIDTH = 2048
 ONE_TOKEN_ATTENTION: str | None = None
+# Whether a one-token pass on CUDA (compiled or not) attends with decode/kernels.py's Triton kernel, which writes the
+# cache and reads only the slots the token sees, in one kernel (measured against inductor's: BENCHMARKS.md).
+DECODE_KERNEL = True
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -346,6 +351,7 @@ class Passes:
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload
+        self.decode_kernel = DECODE_KERNEL and self.device.type == "cuda" and kernels.available()
 
     def _pass(self, fn, label: str) -> Pass:
         return Pass(fn, self.compiled, label, self)
@@ -518,8 +524,9 @@ class LlamaPasses(Passes):
             notice(f"{self.name}: its attention (sdpa) skips attn_logit_softcapping, and so do the fast passes; "
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
+        kernel = self.decode_kernel and kernels.supports(self.head_dim, softcap)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap, self.matmul_attention),
+                                                 norm, softcap, self.matmul_attention, kernel),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -576,7 +583,27 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., d:]), dim=-1)
 
 
-def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False):
+def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False, softcap=None, matmul=False,
+                   kernel=False) -> torch.Tensor:
+    """Writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos ([B, n]) and attends from q
+    ([B, H, n, D]) over the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton
+    kernel does both (decode/kernels.py)."""
+    if kernel and q.shape[2] == 1 and q.is_cuda:
+        return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v)
+    write_cache(k_cache, v_cache, pos, k, v)
+    return attend(q, k_cache, v_cache, causal_mask(pos, k_cache.shape[2], window), scale, gqa, softcap, matmul)
+
+
+def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=False) -> torch.Tensor:
+    """Attends from q ([B, H, n, D]) over the source's keys and values; src_visible: [B, 1, 1, S] as a mask, or an
+    additive mask of that shape; src_last: [B, 1], the last real slot. Returns [B, n, H * D]."""
+    if kernel and q.shape[2] == 1 and q.is_cuda:
+        return kernels.decode_attention(q, cross_k, cross_v, src_last, scale)
+    return attend(q, cross_k, cross_v, src_visible, scale)
+
+
+def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
+                 kernel=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -590,9 +617,7 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
             q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)
         c, s = cos[pos][:, None], sin[pos][:, None]  # [B, 1, n, D_rot]
         q, k = rotary(q, c, s), rotary(k, c, s)
-        write_cache(k_cache, v_cache, pos, k, v)
-        mask = causal_mask(pos, k_cache.shape[2], window)
-        out = linear(attend(q, k_cache, v_cache, mask, scale, gqa, softcap, matmul), o_w, o_b)
+        out = linear(self_attention(q, k, v, k_cache, v_cache, pos, scale, window, gqa, softcap, matmul, kernel), o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
         gate, up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
         out = linear(act(gate) * up, down_w, down_b)
@@ -633,17 +658,24 @@ class EncoderDecoderDecoder(Decoder):
         self.cross = StaticKV(self.n_layers, self.n_heads, self.head_dim, src_capacity, self.dtype, self.device, batch)
         self.src_visible = torch.zeros(batch, 1, 1, src_capacity, dtype=torch.bool, device=self.device)
         torch._dynamo.maybe_mark_dynamic(self.src_visible, 3)
+        self.src_last = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # the last real source slot
         self.src_capacity = src_capacity
 
     def row_buffers(self):
-        return super().row_buffers() + [(self.cross.k, 1), (self.cross.v, 1), (self.src_visible, 0)]
+        return super().row_buffers() + [(self.cross.k, 1), (self.cross.v, 1), (self.src_visible, 0), (self.src_last, 0)]
 
     def take_rows(self, other, rows):
         # source slots past the other's buffers are hidden; every row keeps one visible slot, as a batch's rows
         # past the input do: a fully masked attention row would be NaN
         self.src_visible.zero_()
         self.src_visible[..., 0] = True
+        self.src_last.zero_()
         super().take_rows(other, rows)
+
+    def see_whole_source(self) -> None:
+        """Every source slot counts as real (while a graph is captured over junk: a fully masked row would be NaN)."""
+        self.src_visible.fill_(True)
+        self.src_last.fill_(self.src_capacity - 1)
 
     def encode(self, src_ids: torch.Tensor, src_len: torch.Tensor) -> None:
         """src_ids: [B, S_b], the inputs right-padded to a bucket length; src_len: [B], their real lengths (on
@@ -658,6 +690,7 @@ class EncoderDecoderDecoder(Decoder):
             p.cross_kv(hidden, k_cache, v_cache, p.cross_weights[i])
         slots = torch.arange(self.src_capacity, device=self.device)
         self.src_visible.copy_((slots < src_len[:, None])[:, None, None])
+        self.src_last.copy_(src_len[:, None] - 1)
 
 
 def _cross_kv(n_heads):
@@ -709,7 +742,8 @@ class BartPasses(_EncoderDecoderPasses):
             kv, kv_b = fuse_linears([c.k_proj, c.v_proj])
             self._params.append((kv, c.k_proj.weight))
             self.cross_weights.append((kv, kv_b))
-        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act), "layer")
+        kernel = self.decode_kernel and kernels.supports(self.head_dim, None)
+        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel), "layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.enc_weights = []
         for layer in self.encoder.layers:
@@ -777,17 +811,16 @@ def _bart_embed(eps):
     return embed
 
 
-def _bart_layer(n_heads, eps, scale, act):
-    def layer(h, pos, k_cache, v_cache, cross_k, cross_v, src_visible, w):
+def _bart_layer(n_heads, eps, scale, act, kernel=False):
+    def layer(h, pos, k_cache, v_cache, cross_k, cross_v, src_visible, src_last, w):
         """One BART decoder layer (post-norm) over h [B, n, d] at pos [B, n]; writes the self-attention caches."""
         (qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, cq_w, cq_b, co_w, co_b, ln2_w, ln2_b,
          fc1_w, fc1_b, fc2_w, fc2_b, ln3_w, ln3_b) = w
         d = h.shape[-1:]
         q, k, v = (heads(x, n_heads) for x in linear(h, qkv_w, qkv_b).chunk(3, dim=-1))
-        write_cache(k_cache, v_cache, pos, k, v)
-        out = attend(q, k_cache, v_cache, causal_mask(pos, k_cache.shape[2]), scale)
+        out = self_attention(q, k, v, k_cache, v_cache, pos, scale, kernel=kernel)
         h = F.layer_norm(h + linear(out, o_w, o_b), d, ln1_w, ln1_b, eps)
-        out = attend(heads(linear(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, scale)
+        out = cross_attention(heads(linear(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, src_last, scale, kernel)
         h = F.layer_norm(h + linear(out, co_w, co_b), d, ln2_w, ln2_b, eps)
         return F.layer_norm(h + linear(act(linear(h, fc1_w, fc1_b)), fc2_w, fc2_b), d, ln3_w, ln3_b, eps)
 
@@ -812,7 +845,7 @@ class BartDecoder(EncoderDecoderDecoder):
         for i in range(start, stop):
             k_cache, v_cache = self.kv.layers[i]
             cross_k, cross_v = self.cross.layers[i]
-            h = p.layer(h, pos, k_cache, v_cache, cross_k, cross_v, self.src_visible, p.weights[i])
+            h = p.layer(h, pos, k_cache, v_cache, cross_k, cross_v, self.src_visible, self.src_last, p.weights[i])
         return h
 
 
@@ -850,7 +883,8 @@ class T5Passes(_EncoderDecoderPasses):
             self._params.append((qkv, a.q.weight))
             self.enc_weights.append((self._keep(sa.layer_norm.weight), qkv, self._keep(a.o.weight), *self._mlp(ff)))
         gated = bool(getattr(cfg, "is_gated_act", False))
-        self.layer = self._pass(_t5_layer(self.n_heads, eps, act, gated), "layer")
+        kernel = self.decode_kernel and kernels.supports(self.head_dim, None)
+        self.layer = self._pass(_t5_layer(self.n_heads, eps, act, gated, kernel), "layer")
         self.enc_layer = self._pass(_t5_encoder_layer(self.n_heads, eps, act, gated), "encoder layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.final_weight = self._keep(dec.final_layer_norm.weight)
@@ -932,8 +966,8 @@ def _t5_mlp(h, norm_w, wi, wo, eps, act, gated):
     return h + linear(act(linear(x, wi)), wo)
 
 
-def _t5_layer(n_heads, eps, act, gated):
-    def layer(h, pos, bias, cross_bias, k_cache, v_cache, cross_k, cross_v, w):
+def _t5_layer(n_heads, eps, act, gated, kernel=False):
+    def layer(h, pos, bias, cross_bias, src_last, k_cache, v_cache, cross_k, cross_v, w):
         """One T5 decoder block over h [B, n, d] at pos [B, n]; bias: [B, H, n, capacity] (position bias and causal
         mask), cross_bias: additive over the source slots; writes the self-attention caches."""
         ln0, qkv_w, o_w, ln1, cq_w, co_w, ln2, wi, wo = w
@@ -941,7 +975,7 @@ def _t5_layer(n_heads, eps, act, gated):
         write_cache(k_cache, v_cache, pos, k, v)
         h = h + linear(attend(q, k_cache, v_cache, bias, 1.0), o_w)
         q = heads(linear(t5_norm(h, ln1, eps), cq_w), n_heads)
-        h = h + linear(attend(q, cross_k, cross_v, cross_bias, 1.0), co_w)
+        h = h + linear(cross_attention(q, cross_k, cross_v, cross_bias, src_last, 1.0, kernel), co_w)
         return _t5_mlp(h, ln2, wi, wo, eps, act, gated)
 
     return layer
@@ -967,7 +1001,7 @@ class T5Decoder(EncoderDecoderDecoder):
         for i in range(start, stop):
             k_cache, v_cache = self.kv.layers[i]
             cross_k, cross_v = self.cross.layers[i]
-            h = p.layer(h, pos, bias, cross_bias, k_cache, v_cache, cross_k, cross_v, p.weights[i])
+            h = p.layer(h, pos, bias, cross_bias, self.src_last, k_cache, v_cache, cross_k, cross_v, p.weights[i])
         return h
 
 

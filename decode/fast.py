@@ -56,6 +56,10 @@ MAX_EOS_IDS = 8  # EOS ids the device draft loop compares with (more: the host l
 _ALIGN = 64  # capacities are multiples of this (aligned attention masks, few reallocations)
 _SRC_BUCKET = 16  # encoder inputs are padded to a multiple of this: one encoder graph per bucket
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # decoder-only prompts padded to one of these run as a graph
+# On CUDA a check of fewer tokens runs as a pass of this many, the rest junk written past the sequence (overwritten
+# before any position sees it): on an H200 checks of 2 and 4 tokens measured slower than checks of 6 and 11, at
+# Gemma-3-1B and Qwen3-8B shapes by 1.3-1.5 ms (BENCHMARKS.md). 1 turns the padding off.
+MIN_CHECK_TOKENS = 6
 
 
 def _src_bucket(n: int) -> int:
@@ -270,7 +274,8 @@ class FastRunner:
             bucket = _prefill_bucket(len(prompt) - 1)
             if bucket is not None:
                 self._wanted.add(("prefill", bucket))
-        self._ensure_capacity(max(prefix + max_new_tokens + 1, bucket or 0), len(prompt) if self.is_encoder_decoder else 0)
+        self._ensure_capacity(max(prefix + max_new_tokens + 1 + self._check_padding(1), bucket or 0),
+                              len(prompt) if self.is_encoder_decoder else 0)
         if self.compiled and not self.passes.compile_seconds:
             notice(f"compiling the passes of {self.passes.name} (torch.compile, once per process; later processes "
                    "start from the on-disk cache)")
@@ -461,9 +466,14 @@ class FastRunner:
                 self._ids[:n].copy_(self._host_ids[:n], non_blocking=True)
             self._ids_on_device = tuple(tokens)
 
+    def _check_padding(self, n: int) -> int:
+        """The junk tokens a check of n tokens runs with (MIN_CHECK_TOKENS; none off CUDA, where time is FLOPs)."""
+        return max(MIN_CHECK_TOKENS - n, 0) if self.device.type == "cuda" else 0
+
     def _pass(self, key: tuple):
         """The function a graph captures: reads _ids, _pos0 (and _threshold), writes the outputs."""
         n = key[1]
+        m = n + self._check_padding(n) if key[0] in ("check", "sample_check") else n  # a check's pass width
 
         def step():
             pos = self._pos0 + self._arange[:n]
@@ -482,8 +492,8 @@ class FastRunner:
             self.decoder.feed(self._prefill_ids[None, :n], pos)
 
         def check():
-            pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[None, :n], pos[None])[0].float()  # [n, V]
+            pos = self._pos0 + self._arange[:m]
+            logits = self._forward(self._ids[None, :m], pos[None])[0, :n].float()  # [n, V]
             argmax = logits.argmax(dim=-1)
             cut = first_cut(logits[:-1], argmax[:-1], self._ids[1:n], key[2], self._threshold)
             self._check_out[0] = cut
@@ -502,8 +512,8 @@ class FastRunner:
             self._pos0 += n
 
         def sample_check():  # key: ("sample_check", n, sampling key); the drafts are in _q_in
-            pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[None, :n], pos[None])[0].float()  # [n, V]
+            pos = self._pos0 + self._arange[:m]
+            logits = self._forward(self._ids[None, :m], pos[None])[0, :n].float()  # [n, V]
             cut, token = verify(logits, self._q_in[: n - 1], self._ids[1:n], key[2], self._noise)
             self._check_out[0] = cut
             self._check_out[1] = token
@@ -564,7 +574,7 @@ class FastRunner:
             # Junk, but finite junk: a fully masked attention row would give NaN, and NaN keys or values
             # poison even masked slots (0 * NaN). So every source position counts as real while capturing.
             self._src_len.fill_(self.src_capacity)
-            self.decoder.src_visible.fill_(True)
+            self.decoder.see_whole_source()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

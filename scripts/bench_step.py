@@ -45,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import decode.compact  # noqa: E402
 from decode.cache import ModelRunner  # noqa: E402
+import decode.fast  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 from decode.generation import device_sync  # noqa: E402
 
@@ -111,6 +112,12 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "tuned": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="reduce"),
     "matmul": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="matmul"),  # the one-token attention as two products
     "tuned+matmul": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="matmul"),
+    # the one-token attention as inductor compiles the passes' own arithmetic (cache writes, masked softmax over every
+    # slot), instead of decode/kernels.py's Triton kernel
+    "no-kernel": dict(DECODE_KERNEL=False),
+    "no-kernel+matmul": dict(DECODE_KERNEL=False, ONE_TOKEN_ATTENTION="matmul"),
+    # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)
+    "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
@@ -293,24 +300,29 @@ def measure(name, args, device, dtype, bandwidth, rate):
 
     if args.profile:
         row["profile"] = profile_step(fast)
-    if args.profile_checks:  # why a check of 2 tokens can cost more than one of 11 (seen at Gemma-3-1B, Qwen3-8B)
+    if args.profile_checks:  # why a check of 2 tokens cost more than one of 11 (Gemma-3-1B, Qwen3-8B): unpadded
         row["profile_checks"] = {}
-        for pending in (1, 10):
-            fast.start(prompt, capacity)
-            fast.step([5])
-            fast.check(list(range(5, 5 + pending + 1)), pending, "exact", 0.0)  # leaves the inputs of this shape
-            fast.rewind(fast.length - pending - 1)
-            row["profile_checks"][pending + 1] = profile_step(fast, ("check", pending + 1, "exact"))
+        saved, decode.fast.MIN_CHECK_TOKENS = decode.fast.MIN_CHECK_TOKENS, 1
+        try:
+            for pending in (1, 10):
+                fast.start(prompt, capacity)
+                fast.step([5])
+                fast.check(list(range(5, 5 + pending + 1)), pending, "exact", 0.0)  # leaves the inputs of this shape
+                fast.rewind(fast.length - pending - 1)
+                row["profile_checks"][pending + 1] = profile_step(fast, ("check", pending + 1, "exact"))
+        finally:
+            decode.fast.MIN_CHECK_TOKENS = saved
 
     def fresh():  # a runner over passes compiled anew, and its compile seconds
-        return compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact")], capacity)
+        return compiled_runner(model, prompt, [("step", 1), ("check", k + 1, "exact"), ("check", 2, "exact")], capacity)
 
     def graph_check(runner):
         return (graph_only(runner, prompt, capacity, steps, args.repeats, device),
                 checked(runner, prompt, capacity, k, steps, args.repeats, device))
 
-    def step_graph_check(runner):
-        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps), *graph_check(runner))
+    def step_graph_check(runner):  # and a check of one pending token
+        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps), *graph_check(runner),
+                checked(runner, prompt, capacity, 1, steps, args.repeats, device))
 
     for variant in args.variants:
         row[f"variant_{variant}"] = with_settings(model, VARIANTS[variant], fresh, step_graph_check)
@@ -327,9 +339,12 @@ def with_settings(model, settings: dict, make, measure):
     """measure(runner) of a runner from make() (a compiled runner and the seconds it took), its passes compiled anew
     with these settings of decode.compact: measure's values, then the compile seconds. Settings that cannot compile
     give the error's first line instead, for the table. decode.compact's own settings come back after."""
-    saved = {name: getattr(decode.compact, name) for name in settings}
+    def where(name):  # "NAME" in decode.compact, "fast.NAME" in decode.fast
+        return (decode.fast, name[5:]) if name.startswith("fast.") else (decode.compact, name)
+
+    saved = {name: getattr(*where(name)) for name in settings}
     for name, value in settings.items():
-        setattr(decode.compact, name, value)
+        setattr(*where(name), value)
     decode.compact._PASSES.pop(model, None)  # passes traced anew with these settings
     try:
         runner, secs = make()
@@ -338,7 +353,7 @@ def with_settings(model, settings: dict, make, measure):
         return f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
     finally:
         for name, value in saved.items():
-            setattr(decode.compact, name, value)
+            setattr(*where(name), value)
         decode.compact._PASSES.pop(model, None)
         torch.cuda.empty_cache()
 
@@ -500,15 +515,17 @@ def main():
                 cells.append(v if isinstance(v, str) else f"{v[0][0]:.3f} / {v[1][0]:.3f} ({v[2]:.0f} s)")
             print(f"| {r['shape']} | " + " | ".join(f"{b}: {c}" for b, c in zip(args.attention, cells)) + " |")
     if args.variants:
-        print("\nvariants of the compiled passes: step (host read) / graph-only step / check k=10, ms (compile s); "
-              "the default is the step table's")
+        print("\nvariants of the compiled passes: step (host read) / graph-only step / check k=10 / check k=1, ms "
+              "(compile s); the default is the step table's")
         print("| shape | default | " + " | ".join(args.variants) + " |")
         print("|---" * (2 + len(args.variants)) + "|")
         for r in rows.values():
-            cells = [f"{r['step'][0]:.3f} / {r['graph'][0]:.3f} / {r['check10'][0]:.3f}"]
+            k1 = f" / {r['check1'][0]:.3f}" if "check1" in r else ""
+            cells = [f"{r['step'][0]:.3f} / {r['graph'][0]:.3f} / {r['check10'][0]:.3f}{k1}"]
             for v in args.variants:
                 x = r[f"variant_{v}"]
-                cells.append(x if isinstance(x, str) else f"{x[0][0]:.3f} / {x[1][0]:.3f} / {x[2][0]:.3f} ({x[3]:.0f} s)")
+                cells.append(x if isinstance(x, str) else
+                             f"{x[0][0]:.3f} / {x[1][0]:.3f} / {x[2][0]:.3f} / {x[3][0]:.3f} ({x[4]:.0f} s)")
             print(f"| {r['shape']} | " + " | ".join(cells) + " |")
     if args.profile:
         for r in rows.values():

@@ -7,6 +7,7 @@ from test_fast import FAST_ARCHS, compact_vs_transformers, decode_all
 from tiny_models import hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
+from decode.compact import decoder_layers
 from decode.fast import FastRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -319,6 +320,36 @@ def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
         counts[compile] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     assert counts[True] <= 12 * 4 + 8, counts
     assert counts[True] < counts[False] / 2, counts
+
+
+def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
+    """decode/kernels.py compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
+    from test_kernels import check_kernel_cases, kernel_cases
+
+    check_kernel_cases(kernel_cases("cuda"))
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_a_one_token_step_attends_with_the_decode_kernel(arch, compile):
+    """The step's attention is the Triton kernel, compiled passes or not (self- and cross-attention; T5's
+    self-attention, with its position bias, keeps the passes' own)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(arch, 0).cuda()
+    runner = FastRunner(model, compile=compile)
+    runner.plan([("step", 1)])
+    with torch.inference_mode():
+        runner.start(random_prompt(0, length=6)[0].tolist(), 20)
+        step = runner._pass(("step", 1))
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_layer = 2 if arch == "bart" else 1  # self- and cross-attention; T5's cross-attention alone
+    assert sum("_decode_attention" in n for n in names) == per_layer * decoder_layers(model), names
 
 
 @pytest.mark.parametrize("arch", ("bart", "t5", "qwen2"))

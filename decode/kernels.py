@@ -1,0 +1,109 @@
+"""A hand-written Triton kernel for the one-token decode step on CUDA: attention over the live part of a KV cache.
+
+    out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
+
+One kernel writes the token's key and value into the cache at its position (self-attention; cross-attention writes
+nothing) and attends over the slots that position sees (every earlier one, or the last `window` of them), with an
+online softmax in float32. It replaces what inductor makes of the same arithmetic: the cache writes, a score
+reduction, the softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked
+(BENCHMARKS.md measures both). One program per (row, query head); the query heads of a group read their key/value
+head where it lies.
+
+Without Triton (a CPU build of torch) `available()` is False and the passes keep their own attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU build of torch ships without Triton
+    triton = None
+
+# Slots one loop iteration reads; the kernel's programs and warps.
+BLOCK = 64
+WARPS = 4
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def supports(head_dim: int, softcap: float | None) -> bool:
+    """Whether the kernel computes this attention: head sizes that are powers of two (every covered family's but
+    Phi-3-small's), no soft-capping (Gemma 2's eager attention keeps its own path)."""
+    return available() and softcap is None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_pb,
+                          scale, window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        kv_head = head // GROUP
+        pos = tl.load(pos_ptr + row * stride_pb)
+        d = tl.arange(0, D)
+        cache = row * stride_cb + kv_head * stride_ch
+        if WRITE:
+            # the token's key and value into the cache (the group's programs write the same numbers), made visible
+            # to every thread of this program before the loop reads them back
+            k_new = tl.load(k_ptr + row * stride_kb + kv_head * stride_kh + d)
+            v_new = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + d)
+            tl.store(kc_ptr + cache + pos * stride_cs + d, k_new)
+            tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
+            tl.debug_barrier()
+
+        q = tl.load(q_ptr + row * stride_qb + head * stride_qh + d).to(tl.float32)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        acc = tl.zeros([D], tl.float32)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(pos - window + 1, 0)
+        for start in range(lo, pos + 1, BLOCK):
+            slots = start + tl.arange(0, BLOCK)
+            live = slots <= pos
+            offsets = cache + slots[:, None] * stride_cs + d[None, :]
+            k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q[None, :] * k, 1) * scale
+            scores = tl.where(live, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 0))
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m - m_new)
+            v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+            total = total * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m = m_new
+        out = acc / total
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None, kernel=None):
+    """q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, capacity, D]; last: [B, 1], the last slot each row sees (its
+    position; for cross-attention the source length - 1). k, v ([B, H_kv, 1, D]), where given, are written at `last`
+    first. Attends over slots last - window < j <= last; returns [B, 1, H * D] in q's dtype. `kernel` replaces the
+    compiled kernel (the tests pass Triton's interpreter of it)."""
+    b, h, _, d = q.shape
+    write = k is not None
+    q3, k3, v3 = (_rows(t[:, :, 0]) for t in (q, k, v)) if write else (_rows(q[:, :, 0]), k_cache[:, :, 0], v_cache[:, :, 0])
+    out = q.new_empty(b, 1, h * d)
+    o3 = out.view(b, h, d)
+    (kernel or _decode_attention)[(b, h)](
+        q3, k3, v3, k_cache, v_cache, o3, last,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), last.stride(0),
+        scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None,
+        WRITE=write, num_warps=WARPS)
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, H, D] with its last dimension contiguous, as the kernel reads it."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,81 @@
+"""decode/kernels.py's Triton attention kernel against the passes' own attention, on the CPU through Triton's
+interpreter (tests/test_gpu.py runs it compiled on CUDA). Skipped where Triton is not installed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def kernel_cases(device: str) -> list[dict]:
+    """The kernel and the passes' own attention (compact.self_attention / cross_attention without the kernel) on
+    random caches: float32 and bfloat16; grouped heads and not, a sliding window, loops past one block, the last slot."""
+    import torch
+
+    from decode import compact, kernels
+
+    torch.manual_seed(0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, h, h_kv, d, cap, window in [(1, 14, 2, 64, 100, None), (3, 8, 8, 32, 70, None), (2, 8, 2, 128, 200, 16),
+                                            (1, 4, 1, 256, 130, None), (2, 4, 2, 16, 9, 4)]:
+            k_cache = torch.randn(b, h_kv, cap, d, dtype=dtype, device=device)
+            v_cache = torch.randn_like(k_cache)
+            q = torch.randn(b, h, 1, d, dtype=dtype, device=device)
+            k, v = (torch.randn(b, h_kv, 1, d, dtype=dtype, device=device) for _ in range(2))
+            pos = torch.randint(0, cap, (b, 1), device=device)
+            pos[0, 0] = cap - 1
+            k_ref, v_ref = k_cache.clone(), v_cache.clone()
+            out = kernels.decode_attention(q, k_cache, v_cache, pos, 0.3, window, k, v)
+            ref = compact.self_attention(q, k, v, k_ref, v_ref, pos, 0.3, window, gqa=h != h_kv)  # writes k_ref, v_ref
+            # cross-attention: nothing written; the slots up to each row's last real one
+            last = torch.randint(0, cap, (b, 1), device=device)
+            visible = (torch.arange(cap, device=device) <= last)[:, None, None]
+            cross = kernels.decode_attention(q, k_ref, v_ref, last, 0.3)
+            cross_ref = compact.cross_attention(q.float(), k_ref.float().repeat_interleave(h // h_kv, 1),
+                                                v_ref.float().repeat_interleave(h // h_kv, 1), visible, last, 0.3)
+            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window],
+                                self_err=(out.float() - ref.float()).abs().max().item(),
+                                cross_err=(cross.float() - cross_ref).abs().max().item(),
+                                scale=ref.float().abs().max().item(),
+                                cache_equal=torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref),
+                                dtype_kept=out.dtype == dtype and tuple(out.shape) == (b, 1, h * d)))
+    return results
+
+
+def check_kernel_cases(results: list[dict]) -> None:
+    assert len(results) == 10
+    for r in results:
+        # float32: rounding of another summation order; bfloat16: one unit in the last place of the output
+        tol = 1e-5 if "float32" in r["case"][0] else 1.6e-2 * max(1.0, r["scale"])
+        assert r["self_err"] <= tol and r["cross_err"] <= tol, r
+        assert r["cache_equal"] and r["dtype_kept"], r
+
+
+# Runs in a subprocess: Triton chooses its interpreter when the kernel is defined, from TRITON_INTERPRET.
+SCRIPT = r'''
+import json, sys
+import triton.runtime.interpreter as interp
+# Triton 3.6's interpreter converts its one-element scalars with int(array), which numpy 2.4 refuses
+_patch = interp._patch_lang_tensor
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interp._patch_lang_tensor = _patched
+sys.path.insert(0, "tests")
+from test_kernels import kernel_cases
+print(json.dumps(kernel_cases("cpu")))
+'''
+
+
+def test_decode_attention_equals_the_passes_attention():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_kernel_cases(json.loads(done.stdout.strip().splitlines()[-1]))
