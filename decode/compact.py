@@ -20,6 +20,8 @@ where a step is bound by the number of kernels and by reading the weights once:
   depends on the model's width, by measurement (TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH).
 - The KV cache is one buffer per layer, written by position; a mask built from the positions hides every slot past
   them (and outside a sliding window). Rolling back is moving the position.
+- On CUDA a one-token pass attends with a Triton kernel (decode/kernels.py) that writes the token's key and value
+  and reads only the slots its position sees, one kernel per attention (DECODE_KERNEL).
 
 Covered: Llama (any static rope type), Qwen2, Mistral, Qwen3, Phi-3, Gemma 2, Gemma 3 text (decoder-only, sliding
 windows included); BART, Marian, T5/mT5 (encoder-decoder).
@@ -69,8 +71,11 @@ GROUPED_ATTENTION = True
 # or "matmul" overrides it.
 MATMUL_ATTENTION_FROM_WIDTH = 2048
 ONE_TOKEN_ATTENTION: str | None = None
-# Whether a one-token pass on CUDA (compiled or not) attends with decode/kernels.py's Triton kernel, which writes the
-# cache and reads only the slots the token sees, in one kernel (measured against inductor's: BENCHMARKS.md).
+# Whether a one-token pass on CUDA attends with decode/kernels.py's Triton kernel, which writes the cache and reads
+# only the slots the token sees, in one kernel. Measured on an H200 against what inductor makes of the passes' own
+# attention (BENCHMARKS.md), compiled graph-only step: Qwen2.5-0.5B 1.380 -> 0.944 ms, the demo BART 0.225 -> 0.187;
+# Qwen2.5-7B 4.803 (products) against 4.831 (kernel), so compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep
+# their products. The uncompiled passes always take it where it applies (kernels.supports).
 DECODE_KERNEL = True
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
@@ -524,7 +529,8 @@ class LlamaPasses(Passes):
             notice(f"{self.name}: its attention (sdpa) skips attn_logit_softcapping, and so do the fast passes; "
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
-        kernel = self.decode_kernel and kernels.supports(self.head_dim, softcap)
+        # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
+        kernel = self.decode_kernel and kernels.supports(self.head_dim, softcap) and not (compile and self.matmul_attention)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel),
                                     f"layer{' (sliding window)' if w is not None else ''}")

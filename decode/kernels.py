@@ -72,7 +72,7 @@ if triton is not None:
             live = slots <= pos
             offsets = cache + slots[:, None] * stride_cs + d[None, :]
             k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(q[None, :] * k, 1) * scale
+            scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
             scores = tl.where(live, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 0))
             p = tl.exp(scores - m_new)
