@@ -1,0 +1,57 @@
+"""The default fast path (compact passes in CUDA graphs, not compiled) with and without decode/kernels.py's attention
+kernel: ms per step (host read each step) and per check of 10 pending tokens, random weights, batch 1.
+
+    python scripts/bench_default_path.py --shapes qwen2.5_0.5b demo_large qwen2.5_7b
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, timed  # noqa: E402
+
+import decode.compact  # noqa: E402
+from decode.fast import FastRunner  # noqa: E402
+
+
+@torch.inference_mode()
+def measure(name, args):
+    model = build(name, "cuda", torch.bfloat16)
+    prompt = torch.randint(3, 1000, (20,)).tolist()
+    steps, capacity = args.steps, args.steps + 24
+    row = {"shape": name}
+    saved = decode.compact.DECODE_KERNEL
+    for kernel in (True, False):
+        decode.compact.DECODE_KERNEL = kernel
+        decode.compact._PASSES.pop(model, None)
+        runner = FastRunner(model, compile=False)
+        runner.plan([("step", 1), ("check", 11, "exact")])
+        row[kernel] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, "cuda"), steps),
+                       graph_only(runner, prompt, capacity, steps, args.repeats, "cuda"),
+                       checked(runner, prompt, capacity, 10, steps, args.repeats, "cuda"))
+        del runner
+    decode.compact.DECODE_KERNEL = saved
+    decode.compact._PASSES.pop(model, None)
+    del model
+    torch.cuda.empty_cache()
+    print(f"| {name} | " + " | ".join(" / ".join(fmt(t) for t in row[k]) for k in (True, False)) + " |", flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="*", default=["qwen2.5_0.5b", "demo_large"], choices=list(SHAPES))
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; bfloat16; batch 1; uncompiled passes in "
+          f"CUDA graphs; ms, median of {args.repeats} runs of {args.steps} (min-max)")
+    print("| shape | with the kernel: step / graph only / check k=10 | without |\n|---|---|---|", flush=True)
+    for name in args.shapes:
+        measure(name, args)
+
+
+if __name__ == "__main__":
+    main()
