@@ -15,6 +15,8 @@ from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, 
 import decode.compact  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 
+DEVICE = torch.device("cuda")
+
 
 @torch.inference_mode()
 def measure(name, args):
@@ -28,9 +30,9 @@ def measure(name, args):
         decode.compact._PASSES.pop(model, None)
         runner = FastRunner(model, compile=False)
         runner.plan([("step", 1), ("check", 11, "exact")])
-        row[kernel] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, "cuda"), steps),
-                       graph_only(runner, prompt, capacity, steps, args.repeats, "cuda"),
-                       checked(runner, prompt, capacity, 10, steps, args.repeats, "cuda"))
+        row[kernel] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
+                       graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
+                       checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
         del runner
     decode.compact.DECODE_KERNEL = saved
     decode.compact._PASSES.pop(model, None)
