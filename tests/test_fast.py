@@ -116,6 +116,18 @@ def test_fast_path_equals_eager_path(arch, seed):
     assert fast["exact"][0] == hf_greedy(large, ids, max_new_tokens=24).tolist()
 
 
+@pytest.mark.parametrize("arch", ("llama", "gemma3", "bart", "t5"))
+def test_checks_padded_with_junk_positions_decode_the_same(arch, monkeypatch):
+    """On CUDA a short check runs wider (MIN_CHECK_TOKENS), writing junk past the sequence; forced here on the CPU, the
+    tokens and counts are those of unpadded checks, and exact mode is still the large model's greedy output."""
+    large, small = tiny_pair(arch, 5)
+    ids = random_prompt(5, length=6)
+    plain = decode_all(large, small, ids, True)
+    monkeypatch.setattr(FastRunner, "_check_padding", lambda self, n: max(8 - n, 0))
+    assert decode_all(large, small, ids, True) == plain
+    assert plain["exact"][0] == hf_greedy(large, ids, max_new_tokens=24).tolist()
+
+
 def test_rollbacks_at_first_second_and_last_draft_position():
     """Exact mode on the fast path equals greedy generate where the cut falls at 0, 1 and the step cap."""
     cuts, cap = set(), 4
