@@ -77,6 +77,9 @@ ONE_TOKEN_ATTENTION: str | None = None
 # Qwen2.5-7B 4.803 (products) against 4.831 (kernel), so compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep
 # their products. The uncompiled passes always take it where it applies (kernels.supports).
 DECODE_KERNEL = True
+# Whether that kernel also rotates q and k (Llama's rotary, partial or whole), where the passes' own rotary is two or
+# three more kernels per layer. Off until measured on a GPU (its arithmetic is tested: tests/test_kernels.py).
+KERNEL_ROTARY = False
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -532,7 +535,7 @@ class LlamaPasses(Passes):
         # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
         kernel = self.decode_kernel and kernels.supports(self.head_dim, softcap) and not (compile and self.matmul_attention)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap, self.matmul_attention, kernel),
+                                                 norm, softcap, self.matmul_attention, kernel, KERNEL_ROTARY),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -590,11 +593,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False, softcap=None, matmul=False,
-                   kernel=False) -> torch.Tensor:
-    """Writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos ([B, n]) and attends from q
-    ([B, H, n, D]) over the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton
-    kernel does both (decode/kernels.py)."""
-    if kernel and q.shape[2] == 1 and q.is_cuda:
+                   kernel=False, rope=None, kernel_rope=False) -> torch.Tensor:
+    """Rotates q ([B, H, n, D]) and k by their positions pos ([B, n]) where rope = (cos, sin) tables ([capacity,
+    D_rot]) are given, writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos and attends from q over
+    the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
+    writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`."""
+    one = kernel and q.shape[2] == 1 and q.is_cuda
+    if one and kernel_rope and rope is not None:
+        return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
+    if rope is not None:
+        c, s = rope[0][pos][:, None], rope[1][pos][:, None]  # [B, 1, n, D_rot]
+        q, k = rotary(q, c, s), rotary(k, c, s)
+    if one:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v)
     write_cache(k_cache, v_cache, pos, k, v)
     return attend(q, k_cache, v_cache, causal_mask(pos, k_cache.shape[2], window), scale, gqa, softcap, matmul)
@@ -609,7 +619,7 @@ def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=Fa
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False):
+                 kernel=False, kernel_rope=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -621,9 +631,9 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
         if q_ln is not None:
             q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)
-        c, s = cos[pos][:, None], sin[pos][:, None]  # [B, 1, n, D_rot]
-        q, k = rotary(q, c, s), rotary(k, c, s)
-        out = linear(self_attention(q, k, v, k_cache, v_cache, pos, scale, window, gqa, softcap, matmul, kernel), o_w, o_b)
+        out = self_attention(q, k, v, k_cache, v_cache, pos, scale, window, gqa, softcap, matmul, kernel, (cos, sin),
+                             kernel_rope)
+        out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
         gate, up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
         out = linear(act(gate) * up, down_w, down_b)

@@ -2,12 +2,13 @@
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
 
-One kernel writes the token's key and value into the cache at its position (self-attention; cross-attention writes
-nothing) and attends over the slots that position sees (every earlier one, or the last `window` of them), with an
-online softmax in float32. It replaces what inductor makes of the same arithmetic: the cache writes, a score
-reduction, the softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked
-(BENCHMARKS.md measures both). One program per (row, query head); the query heads of a group read their key/value
-head where it lies.
+One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
+the token's key and value into the cache at its position (self-attention; cross-attention writes nothing) and
+attends over the slots that position sees (every earlier one, or the last `window` of them), with an online softmax
+in float32. It replaces what inductor makes of the same arithmetic: the cache writes, a score reduction, the
+softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked (BENCHMARKS.md
+measures both). One program per (row, query head); the query heads of a group read their key/value head where it
+lies.
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own attention.
 """
@@ -40,11 +41,26 @@ def supports(head_dim: int, softcap: float | None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _decode_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr,
+    def _rotated(ptr, d, cos_ptr, sin_ptr, pos, stride_r, ROT: tl.constexpr):
+        """The vector at ptr + d rotated over its first ROT dimensions by row `pos` of the rotary tables (x * cos +
+        rotate_half(x) * sin, in float32, rounded to x's dtype as the passes' own rotary leaves it); as it is
+        without them (ROT 0)."""
+        x = tl.load(ptr + d)
+        if ROT > 0:
+            half: tl.constexpr = ROT // 2
+            turned = d < ROT
+            partner = tl.load(ptr + tl.where(d < half, d + half, d - half), mask=turned, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + pos * stride_r + d, mask=turned, other=1.0).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * stride_r + d, mask=turned, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * cos + tl.where(d < half, -partner, partner) * sin).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _decode_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_pb,
+                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_pb, stride_r,
                           scale, window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                          HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr):
+                          HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         kv_head = head // GROUP
@@ -54,13 +70,13 @@ if triton is not None:
         if WRITE:
             # the token's key and value into the cache (the group's programs write the same numbers), made visible
             # to every thread of this program before the loop reads them back
-            k_new = tl.load(k_ptr + row * stride_kb + kv_head * stride_kh + d)
+            k_new = _rotated(k_ptr + row * stride_kb + kv_head * stride_kh, d, cos_ptr, sin_ptr, pos, stride_r, ROT)
             v_new = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + d)
             tl.store(kc_ptr + cache + pos * stride_cs + d, k_new)
             tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
             tl.debug_barrier()
 
-        q = tl.load(q_ptr + row * stride_qb + head * stride_qh + d).to(tl.float32)
+        q = _rotated(q_ptr + row * stride_qb + head * stride_qh, d, cos_ptr, sin_ptr, pos, stride_r, ROT).to(tl.float32)
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
         acc = tl.zeros([D], tl.float32)
@@ -85,22 +101,27 @@ if triton is not None:
         tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None, kernel=None):
+def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
+                     cos=None, sin=None, kernel=None):
     """q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, capacity, D]; last: [B, 1], the last slot each row sees (its
     position; for cross-attention the source length - 1). k, v ([B, H_kv, 1, D]), where given, are written at `last`
-    first. Attends over slots last - window < j <= last; returns [B, 1, H * D] in q's dtype. `kernel` replaces the
-    compiled kernel (the tests pass Triton's interpreter of it)."""
+    first. cos, sin ([capacity, D_rot]), where given, rotate q and k first by their row `last` (rotary positions over
+    the first D_rot dimensions). Attends over slots last - window < j <= last; returns [B, 1, H * D] in q's dtype.
+    `kernel` replaces the compiled kernel (the tests pass Triton's interpreter of it)."""
     b, h, _, d = q.shape
     write = k is not None
     q3, k3, v3 = (_rows(t[:, :, 0]) for t in (q, k, v)) if write else (_rows(q[:, :, 0]), k_cache[:, :, 0], v_cache[:, :, 0])
+    rot = cos.shape[-1] if cos is not None else 0
+    if cos is None:
+        cos = sin = q3  # not read
     out = q.new_empty(b, 1, h * d)
     o3 = out.view(b, h, d)
     (kernel or _decode_attention)[(b, h)](
-        q3, k3, v3, k_cache, v_cache, o3, last,
+        q3, k3, v3, k_cache, v_cache, o3, last, cos, sin,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), last.stride(0),
-        scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None,
-        WRITE=write, num_warps=WARPS)
+        cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
+        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, num_warps=WARPS)
     return out
 
 

@@ -1,5 +1,6 @@
-"""The default fast path (compact passes in CUDA graphs, not compiled) with and without decode/kernels.py's attention
-kernel: ms per step (host read each step) and per check of 10 pending tokens, random weights, batch 1.
+"""The default fast path (compact passes in CUDA graphs, not compiled) with decode/kernels.py's attention kernel,
+with it rotating q and k too, and without it: ms per step (host read each step), per graph replayed alone and per
+check of 10 pending tokens, random weights, batch 1.
 
     python scripts/bench_default_path.py --shapes qwen2.5_0.5b demo_large qwen2.5_7b
 """
@@ -16,6 +17,9 @@ import decode.compact  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 
 DEVICE = torch.device("cuda")
+SETTINGS = {"kernel": dict(DECODE_KERNEL=True, KERNEL_ROTARY=False),
+            "kernel + rotary": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True),
+            "without": dict(DECODE_KERNEL=False)}
 
 
 @torch.inference_mode()
@@ -24,21 +28,23 @@ def measure(name, args):
     prompt = torch.randint(3, 1000, (20,)).tolist()
     steps, capacity = args.steps, args.steps + 24
     row = {"shape": name}
-    saved = decode.compact.DECODE_KERNEL
-    for kernel in (True, False):
-        decode.compact.DECODE_KERNEL = kernel
+    saved = {key: getattr(decode.compact, key) for key in ("DECODE_KERNEL", "KERNEL_ROTARY")}
+    for label, settings in SETTINGS.items():
+        for key, value in {**saved, **settings}.items():
+            setattr(decode.compact, key, value)
         decode.compact._PASSES.pop(model, None)
         runner = FastRunner(model, compile=False)
         runner.plan([("step", 1), ("check", 11, "exact")])
-        row[kernel] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
-                       graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
-                       checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
+        row[label] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
+                      graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
+                      checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
         del runner
-    decode.compact.DECODE_KERNEL = saved
+    for key, value in saved.items():
+        setattr(decode.compact, key, value)
     decode.compact._PASSES.pop(model, None)
     del model
     torch.cuda.empty_cache()
-    print(f"| {name} | " + " | ".join(" / ".join(fmt(t) for t in row[k]) for k in (True, False)) + " |", flush=True)
+    print(f"| {name} | " + " | ".join(" / ".join(fmt(t) for t in row[k]) for k in SETTINGS) + " |", flush=True)
     return row
 
 
@@ -50,7 +56,8 @@ def main():
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; bfloat16; batch 1; uncompiled passes in "
           f"CUDA graphs; ms, median of {args.repeats} runs of {args.steps} (min-max)")
-    print("| shape | with the kernel: step / graph only / check k=10 | without |\n|---|---|---|", flush=True)
+    print("| shape | " + " | ".join(f"{k}: step / graph only / check k=10" for k in SETTINGS) + " |", flush=True)
+    print("|---" * (1 + len(SETTINGS)) + "|", flush=True)
     for name in args.shapes:
         measure(name, args)
 

@@ -329,6 +329,29 @@ def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
     check_kernel_cases(kernel_cases("cuda"))
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "qwen3", "phi3", "gemma3", "llama3"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
+    """KERNEL_ROTARY (the kernel rotates q and k; partial rotary, q/k norms before it, per-layer-type tables):
+    exact mode equals greedy `generate`, and BiLD's tokens and counts equal those of the passes' own rotary."""
+    import decode.batch
+    import decode.compact
+    import decode.fast
+
+    large, small = cuda_pair(arch, 3)
+    ids = random_prompt(3, length=7).cuda()
+    plain = decode_all(large, small, ids, None)
+    monkeypatch.setattr(decode.compact, "KERNEL_ROTARY", True)
+    for made in (decode.compact._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):  # made anew with it
+        for model in (large, small):
+            made.pop(model, None)
+    bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, compile=compile))
+    assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences.cpu(),
+                       hf_greedy(large, ids, max_new_tokens=24).cpu())
+    if not compile:
+        assert decode_all(large, small, ids, None) == plain
+
+
 @pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
 @pytest.mark.parametrize("compile", (False, True))
 def test_a_one_token_step_attends_with_the_decode_kernel(arch, compile):

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def kernel_cases(device: str) -> list[dict]:
     """The kernel and the passes' own attention (compact.self_attention / cross_attention without the kernel) on
-    random caches: float32 and bfloat16; grouped heads and not, a sliding window, loops past one block, the last slot."""
+    random caches: float32 and bfloat16; grouped heads and not, a sliding window, loops past one block, the last slot;
+    the rotary in the kernel, whole and partial (the reference rotates in float32 and rounds once, as the kernel)."""
     import torch
 
     from decode import compact, kernels
@@ -23,8 +24,10 @@ def kernel_cases(device: str) -> list[dict]:
     torch.manual_seed(0)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        for b, h, h_kv, d, cap, window in [(1, 14, 2, 64, 100, None), (3, 8, 8, 32, 70, None), (2, 8, 2, 128, 200, 16),
-                                            (1, 4, 1, 256, 130, None), (2, 4, 2, 16, 9, 4)]:
+        for b, h, h_kv, d, cap, window, rot in [
+                (1, 14, 2, 64, 100, None, 0), (3, 8, 8, 32, 70, None, 0), (2, 8, 2, 128, 200, 16, 0),
+                (1, 4, 1, 256, 130, None, 0), (2, 4, 2, 16, 9, 4, 0),
+                (1, 14, 2, 64, 100, None, 64), (2, 8, 2, 128, 200, 16, 64), (3, 4, 1, 256, 70, None, 256)]:
             k_cache = torch.randn(b, h_kv, cap, d, dtype=dtype, device=device)
             v_cache = torch.randn_like(k_cache)
             q = torch.randn(b, h, 1, d, dtype=dtype, device=device)
@@ -32,7 +35,14 @@ def kernel_cases(device: str) -> list[dict]:
             pos = torch.randint(0, cap, (b, 1), device=device)
             pos[0, 0] = cap - 1
             k_ref, v_ref = k_cache.clone(), v_cache.clone()
-            out = kernels.decode_attention(q, k_cache, v_cache, pos, 0.3, window, k, v)
+            rope = None
+            if rot:
+                rope = tuple(torch.randn(cap, rot, dtype=dtype, device=device) for _ in range(2))
+                out = kernels.decode_attention(q, k_cache, v_cache, pos, 0.3, window, k, v, *rope)
+                c, s = (t[pos][:, None].float() for t in rope)
+                q, k = (compact.rotary(x.float(), c, s).to(dtype) for x in (q, k))
+            else:
+                out = kernels.decode_attention(q, k_cache, v_cache, pos, 0.3, window, k, v)
             ref = compact.self_attention(q, k, v, k_ref, v_ref, pos, 0.3, window, gqa=h != h_kv)  # writes k_ref, v_ref
             # cross-attention: nothing written; the slots up to each row's last real one
             last = torch.randint(0, cap, (b, 1), device=device)
@@ -40,20 +50,28 @@ def kernel_cases(device: str) -> list[dict]:
             cross = kernels.decode_attention(q, k_ref, v_ref, last, 0.3)
             cross_ref = compact.cross_attention(q.float(), k_ref.float().repeat_interleave(h // h_kv, 1),
                                                 v_ref.float().repeat_interleave(h // h_kv, 1), visible, last, 0.3)
-            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window],
+            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window, rot],
                                 self_err=(out.float() - ref.float()).abs().max().item(),
                                 cross_err=(cross.float() - cross_ref).abs().max().item(),
                                 scale=ref.float().abs().max().item(),
-                                cache_equal=torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref),
+                                # rotated keys: equal up to the last unit of their dtype (Triton's interpreter
+                                # rounds toward zero, and a GPU may fuse the multiply-add); anything else, equal
+                                cache_equal=torch.equal(v_cache, v_ref) and (
+                                    torch.equal(k_cache, k_ref) if not rot else bool(
+                                        ((k_cache.float() - k_ref.float()).abs()
+                                         <= torch.finfo(dtype).eps * k_ref.float().abs()).all())),
                                 dtype_kept=out.dtype == dtype and tuple(out.shape) == (b, 1, h * d)))
     return results
 
 
 def check_kernel_cases(results: list[dict]) -> None:
-    assert len(results) == 10
+    assert len(results) == 16
     for r in results:
-        # float32: rounding of another summation order; bfloat16: one unit in the last place of the output
-        tol = 1e-5 if "float32" in r["case"][0] else 1.6e-2 * max(1.0, r["scale"])
+        # float32: rounding of another summation order; bfloat16: the last unit of the output, and with the rotary
+        # in the kernel that of the rotated q and k too (the interpreter rounds them toward zero, the reference to
+        # nearest: a few per cent); a wrong rotation or mask is off by the whole scale
+        bf16_tol = 4e-2 if r["case"][-1] else 1.6e-2
+        tol = 1e-5 if "float32" in r["case"][0] else bf16_tol * max(1.0, r["scale"])
         assert r["self_err"] <= tol and r["cross_err"] <= tol, r
         assert r["cache_equal"] and r["dtype_kept"], r
 
