@@ -32,3 +32,15 @@ gpu_tests_alongside() {
   (timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$1/gpu_tests.log" 2>&1
    echo "gpu tests rc $?" >> "$1/gpu_tests.log") &
 }
+
+# After a wait: the logs to $OUT, the job's log, the tables of the benchmark logs named, each test log's verdict.
+#   detached_report LOG BENCH_LOG...
+detached_report() {
+  local log=$1; shift
+  [[ -n ${OUT:-} ]] && cp runs/*.log runs/*.json "$OUT/" 2>/dev/null
+  cat "$log"
+  for f in "$@"; do
+    [[ -f $f ]] && { echo "== $f"; grep -v -i "warn" "$f" | grep -E "^\||^device|^family|^per pair|kernels|compiled in|^  " | cut -c1-250 | head -150; }
+  done
+  for f in runs/tests_*.log; do [[ -f $f ]] && { echo "== $f"; grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -12; }; done
+}

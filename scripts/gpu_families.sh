@@ -29,11 +29,6 @@ echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
-detached_wait $W $SCRIPT $LOG; rc=$?
-[[ -n ${OUT:-} ]] && cp runs/*.log runs/*.json "$OUT/" 2>/dev/null
-cat $LOG
-for f in runs/defaults.log runs/checks.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -v -i "warn" $f | grep -E "^\||^device|^family|^per pair|kernels|compiled in|^  " | cut -c1-250; }
-done
-for f in runs/tests_*.log; do [[ -f $f ]] && { echo "== $f"; tail -4 $f; }; done
+detached_wait $W $SCRIPT $LOG
+detached_report $LOG runs/defaults.log runs/checks.log
 exit 0

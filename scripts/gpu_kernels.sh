@@ -37,11 +37,6 @@ echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
-detached_wait $W $SCRIPT $LOG; rc=$?
-[[ -n ${OUT:-} ]] && cp runs/*.log runs/*.json "$OUT/" 2>/dev/null
-cat $LOG
-for f in runs/steps.log runs/checks.log runs/steps2.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -v -i "warn" $f | grep -E "^\||^device|^family|^per pair|kernels|compiled in|^  " | cut -c1-220 | head -120; }
-done
-for f in runs/tests_*.log; do [[ -f $f ]] && { echo "== $f"; grep -E "^FAILED|^ERROR|passed|failed" $f | tail -12; }; done
+detached_wait $W $SCRIPT $LOG
+detached_report $LOG runs/steps.log runs/checks.log runs/steps2.log
 exit 0

@@ -299,25 +299,29 @@ def test_nothing_compiles_again_while_decoding():
         assert counters["stats"]["unique_graphs"] == graphs, arch
 
 
+def step_kernels(model, compile) -> list[str]:
+    """The CUDA kernels one step of a fresh runner launches (its pass run without the graph), in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = FastRunner(model, compile=compile)
+    runner.plan([("step", 1)])
+    with torch.inference_mode():
+        runner.start(random_prompt(0, length=6)[0].tolist(), 20)
+        step = runner._pass(("step", 1))
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    return [e.name for e in sorted(prof.events(), key=lambda e: e.time_range.start)
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
     """Compiling fuses a layer's norms, rotary, cache write, attention and residuals: one step of a 4-layer Qwen2
     (without its graph) launches at most 12 kernels per layer plus the head's (the uncompiled passes: about 40)."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = tiny_model("qwen2", 0, width=64, layers=4).cuda()
-    counts = {}
-    for compile in (True, False):
-        runner = FastRunner(model, compile=compile)
-        runner.plan([("step", 1)])
-        with torch.inference_mode():
-            runner.start(random_prompt(0, length=6)[0].tolist(), 20)
-            step = runner._pass(("step", 1))
-            step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                step()
-                torch.cuda.synchronize()
-        counts[compile] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    counts = {compile: len(step_kernels(model, compile)) for compile in (True, False)}
     assert counts[True] <= 12 * 4 + 8, counts
     assert counts[True] < counts[False] / 2, counts
 
@@ -357,20 +361,8 @@ def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkey
 def test_a_one_token_step_attends_with_the_decode_kernel(arch, compile):
     """The step's attention is the Triton kernel, compiled passes or not (self- and cross-attention; T5's
     self-attention, with its position bias, keeps the passes' own)."""
-    from torch.profiler import ProfilerActivity, profile
-
     model = tiny_model(arch, 0).cuda()
-    runner = FastRunner(model, compile=compile)
-    runner.plan([("step", 1)])
-    with torch.inference_mode():
-        runner.start(random_prompt(0, length=6)[0].tolist(), 20)
-        step = runner._pass(("step", 1))
-        step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = step_kernels(model, compile)
     per_layer = 2 if arch == "bart" else 1  # self- and cross-attention; T5's cross-attention alone
     assert sum("_decode_attention" in n for n in names) == per_layer * decoder_layers(model), names
 
