@@ -359,10 +359,14 @@ class Passes:
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload
-        self.decode_kernel = DECODE_KERNEL and self.device.type == "cuda" and kernels.available()
 
     def _pass(self, fn, label: str) -> Pass:
         return Pass(fn, self.compiled, label, self)
+
+    def _decode_kernel(self, softcap: float | None = None) -> bool:
+        """Whether the one-token attention takes decode/kernels.py's kernel: on CUDA, where it computes this
+        attention (head size, soft-capping) and DECODE_KERNEL is on."""
+        return DECODE_KERNEL and self.device.type == "cuda" and kernels.supports(self.head_dim, softcap)
 
     def _keep(self, param) -> torch.Tensor | None:
         """The alias of a parameter that the passes read (watched by `stale`)."""
@@ -533,7 +537,7 @@ class LlamaPasses(Passes):
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
         # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
-        kernel = self.decode_kernel and kernels.supports(self.head_dim, softcap) and not (compile and self.matmul_attention)
+        kernel = self._decode_kernel(softcap) and not (compile and self.matmul_attention)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, KERNEL_ROTARY),
                                     f"layer{' (sliding window)' if w is not None else ''}")
@@ -758,7 +762,7 @@ class BartPasses(_EncoderDecoderPasses):
             kv, kv_b = fuse_linears([c.k_proj, c.v_proj])
             self._params.append((kv, c.k_proj.weight))
             self.cross_weights.append((kv, kv_b))
-        kernel = self.decode_kernel and kernels.supports(self.head_dim, None)
+        kernel = self._decode_kernel()
         self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel), "layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.enc_weights = []
@@ -899,7 +903,7 @@ class T5Passes(_EncoderDecoderPasses):
             self._params.append((qkv, a.q.weight))
             self.enc_weights.append((self._keep(sa.layer_norm.weight), qkv, self._keep(a.o.weight), *self._mlp(ff)))
         gated = bool(getattr(cfg, "is_gated_act", False))
-        kernel = self.decode_kernel and kernels.supports(self.head_dim, None)
+        kernel = self._decode_kernel()
         self.layer = self._pass(_t5_layer(self.n_heads, eps, act, gated, kernel), "layer")
         self.enc_layer = self._pass(_t5_encoder_layer(self.n_heads, eps, act, gated), "encoder layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, timed  # noqa: E402
+from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, timed, with_settings  # noqa: E402
 
-import decode.compact  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -28,23 +27,23 @@ def measure(name, args):
     prompt = torch.randint(3, 1000, (20,)).tolist()
     steps, capacity = args.steps, args.steps + 24
     row = {"shape": name}
-    saved = {key: getattr(decode.compact, key) for key in ("DECODE_KERNEL", "KERNEL_ROTARY")}
-    for label, settings in SETTINGS.items():
-        for key, value in {**saved, **settings}.items():
-            setattr(decode.compact, key, value)
-        decode.compact._PASSES.pop(model, None)
+
+    def make():  # a runner over passes made anew with the settings (nothing to compile)
         runner = FastRunner(model, compile=False)
         runner.plan([("step", 1), ("check", 11, "exact")])
-        row[label] = (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
-                      graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
-                      checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
-        del runner
-    for key, value in saved.items():
-        setattr(decode.compact, key, value)
-    decode.compact._PASSES.pop(model, None)
+        return runner, 0.0
+
+    def timings(runner):
+        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
+                graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
+                checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
+
+    for label, settings in SETTINGS.items():
+        row[label] = with_settings(model, settings, make, timings)
     del model
     torch.cuda.empty_cache()
-    print(f"| {name} | " + " | ".join(" / ".join(fmt(t) for t in row[k]) for k in SETTINGS) + " |", flush=True)
+    cells = [row[k] if isinstance(row[k], str) else " / ".join(fmt(t) for t in row[k][:3]) for k in SETTINGS]
+    print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return row
 
 

@@ -115,7 +115,6 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     # the one-token attention as inductor compiles the passes' own arithmetic (cache writes, masked softmax over every
     # slot), instead of decode/kernels.py's Triton kernel
     "no-kernel": dict(DECODE_KERNEL=False),
-    "no-kernel+matmul": dict(DECODE_KERNEL=False, ONE_TOKEN_ATTENTION="matmul"),
     "kernel-rotary": dict(KERNEL_ROTARY=True),  # the kernel rotates q and k too
     "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # and takes it at any width
     # inductor's combo kernels: independent kernels of a pass (the rotary of q and of k, ...) launched as one
