@@ -37,7 +37,7 @@ gpu_tests_alongside() {
 #   detached_report LOG BENCH_LOG...
 detached_report() {
   local log=$1; shift
-  [[ -n ${OUT:-} ]] && cp runs/*.log runs/*.json "$OUT/" 2>/dev/null
+  [[ -n ${OUT:-} ]] && tar czf "$OUT/logs.tgz" runs/*.log runs/*.json 2>/dev/null  # one file: at most 8 come back
   cat "$log"
   for f in "$@"; do
     [[ -f $f ]] && { echo "== $f"; grep -v -i "warn" "$f" | grep -E "^\||^device|^family|^per pair|kernels|compiled in|^  " | cut -c1-250 | head -150; }

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device hold: the decode kernel rotating q and k (decode.compact.KERNEL_ROTARY, off by default until this
 # measures it), inductor's combo kernels, and the compiled-path GPU tests not yet run on the kernel's code.
-#   1. the kernel's GPU tests, its rotary in whole decoding included (exact mode against greedy `generate`)
+#   1. the kernel's GPU tests (its rotary in whole decoding included) and every compiled-path GPU test, 4 at once
 #   2. the default path (uncompiled, graphs): kernel, kernel + rotary, none
-#   3. the compiled step at the Qwen2.5 and demo shapes: default, kernel-rotary, kernel-rotary+reduce, combo
-#   4. every compiled-path GPU test
+#   3. the compiled step at the Qwen2.5 and demo shapes, with profiles and the pair table: default, kernel-rotary,
+#      combo (0.5B, 7B, demo), tuned (1.5B)
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_rotary.sh start     # first call: starts the job, waits WAIT s (default 540)
 #   bash scripts/gpu_rotary.sh wait      # later calls on the still-warm machine
@@ -18,19 +18,28 @@ if [[ ${1:-wait} == start ]]; then
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
-t "1 kernel tests"
-timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "decode_kernel or kernels_rotary" > runs/tests_kernel.log 2>&1; tail -2 runs/tests_kernel.log
+t "1 GPU tests of the kernel and of the compiled passes, in 4 processes at once (each mostly compiles on the CPU)"
+python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "compile or decode_kernel or kernels_rotary" \
+  | grep "::" > runs/test_ids.txt
+for i in 0 1 2 3; do
+  awk -v i=$i 'NR % 4 == i' runs/test_ids.txt > runs/test_ids.$i
+  timeout 540 python3 -m pytest -q -p no:cacheprovider $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
+done
+wait
+for i in 0 1 2 3; do tail -1 runs/tests_$i.log; done
 t "2 default path"
 timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b demo_large qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
 t "3 compiled step variants"
-timeout 600 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b demo_large --profile \
-  --variants kernel-rotary kernel-rotary+reduce combo --repeats 3 --json runs/variants.json > runs/variants.log 2>&1; tail -1 runs/variants.log
-t "4 compiled tests"
-timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "compile and not decode_kernel and not kernels_rotary" > runs/tests_compiled.log 2>&1; tail -2 runs/tests_compiled.log
+timeout 480 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --variants kernel-rotary combo \
+  --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1; tail -1 runs/variants_a.log
+timeout 360 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants tuned kernel-rotary \
+  --repeats 3 --json runs/variants_b.json > runs/variants_b.log 2>&1; tail -1 runs/variants_b.log
+timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants combo \
+  --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1; tail -1 runs/variants_c.log
 echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
 detached_wait $W $SCRIPT $LOG
-detached_report $LOG runs/default.log runs/variants.log
+detached_report $LOG runs/default.log runs/variants_a.log runs/variants_b.log runs/variants_c.log
 exit 0
