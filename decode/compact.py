@@ -78,8 +78,11 @@ ONE_TOKEN_ATTENTION: str | None = None
 # their products. The uncompiled passes always take it where it applies (kernels.supports).
 DECODE_KERNEL = True
 # Whether that kernel also rotates q and k (Llama's rotary, partial or whole), where the passes' own rotary is two or
-# three more kernels per layer. Off until measured on a GPU (its arithmetic is tested: tests/test_kernels.py).
-KERNEL_ROTARY = False
+# three more kernels per layer (about ten uncompiled). Measured on an H100 (BENCHMARKS.md), uncompiled passes in
+# graphs, step with the host read: Qwen2.5-0.5B 2.403 -> 1.870 ms, Qwen2.5-7B 7.315 -> 6.678; compiled, graph-only
+# step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032 (compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep their
+# products and their own rotary).
+KERNEL_ROTARY = True
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

@@ -107,6 +107,9 @@ PAIRS = [("qwen2.5_0.5b", "qwen2.5_7b"), ("qwen2.5_1.5b", "qwen2.5_7b"), ("qwen3
          ("llama3.2_1b", "llama3.1_8b"), ("gemma3_1b", "gemma3_12b")]
 VARIANTS = {  # name: settings of decode.compact that a variant of the compiled passes runs with (the default row
     # follows the model's width: TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH)
+    # the defaults, compiled anew in a variant's place: a runner made after another in the same process measured
+    # slower host-read steps and checks than the first one (H100, 2026-12-06), so compare variants with this
+    "default": {},
     "plain": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="reduce"),  # neither of the two below
     # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
     "tuned": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="reduce"),
@@ -115,8 +118,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     # the one-token attention as inductor compiles the passes' own arithmetic (cache writes, masked softmax over every
     # slot), instead of decode/kernels.py's Triton kernel
     "no-kernel": dict(DECODE_KERNEL=False),
-    "kernel-rotary": dict(KERNEL_ROTARY=True),  # the kernel rotates q and k too
-    "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # and takes it at any width
+    "rotary-apart": dict(KERNEL_ROTARY=False),  # the passes rotate q and k, the kernel does not
+    "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # the kernel at any width
     # inductor's combo kernels: independent kernels of a pass (the rotary of q and of k, ...) launched as one
     "combo": dict(INDUCTOR_OPTIONS={one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}),
     # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)

@@ -282,21 +282,21 @@ def test_compiled_passes_equal_the_uncompiled_ones_fp32(arch):
     assert compiled == plain
 
 
-def test_nothing_compiles_again_while_decoding():
+@pytest.mark.parametrize("arch", ("qwen2", "bart", "t5"))
+def test_nothing_compiles_again_while_decoding(arch):
     """After a first input, inputs of other lengths, prompts past the first prefill bucket and a cache that grows
     compile nothing (dynamo's graph count stays), for BiLD one row at a time and in batches."""
     from torch._dynamo.utils import counters
 
-    for arch in ("qwen2", "bart", "t5"):
-        large, small = cuda_pair(arch, 7)
-        bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.4, rollback_threshold=1.5, compile=True))
-        bild.generate(random_prompt(0, length=5).cuda(), max_new_tokens=16)
-        bild.generate(random_prompt(1, batch=3, length=6).cuda(), max_new_tokens=16)
-        graphs = counters["stats"]["unique_graphs"]
-        for length, new in ((3, 10), (30, 16), (70, 200)):
-            bild.generate(random_prompt(length, length=length).cuda(), max_new_tokens=new)
-            bild.generate(random_prompt(length, batch=3, length=length).cuda(), max_new_tokens=new)
-        assert counters["stats"]["unique_graphs"] == graphs, arch
+    large, small = cuda_pair(arch, 7)
+    bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.4, rollback_threshold=1.5, compile=True))
+    bild.generate(random_prompt(0, length=5).cuda(), max_new_tokens=16)
+    bild.generate(random_prompt(1, batch=3, length=6).cuda(), max_new_tokens=16)
+    graphs = counters["stats"]["unique_graphs"]
+    for length, new in ((3, 10), (30, 16), (70, 200)):
+        bild.generate(random_prompt(length, length=length).cuda(), max_new_tokens=new)
+        bild.generate(random_prompt(length, batch=3, length=length).cuda(), max_new_tokens=new)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def step_kernels(model, compile) -> list[str]:
@@ -337,18 +337,23 @@ def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
 @pytest.mark.parametrize("compile", (False, True))
 def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
     """KERNEL_ROTARY (the kernel rotates q and k; partial rotary, q/k norms before it, per-layer-type tables):
-    exact mode equals greedy `generate`, and BiLD's tokens and counts equal those of the passes' own rotary."""
+    exact mode equals greedy `generate`, and BiLD's tokens and counts equal those of the passes' own rotary
+    (KERNEL_ROTARY off)."""
     import decode.batch
     import decode.compact
     import decode.fast
 
+    def made_anew(kernel_rotary):
+        monkeypatch.setattr(decode.compact, "KERNEL_ROTARY", kernel_rotary)
+        for made in (decode.compact._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):
+            for model in (large, small):
+                made.pop(model, None)
+
     large, small = cuda_pair(arch, 3)
     ids = random_prompt(3, length=7).cuda()
+    made_anew(False)
     plain = decode_all(large, small, ids, None)
-    monkeypatch.setattr(decode.compact, "KERNEL_ROTARY", True)
-    for made in (decode.compact._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):  # made anew with it
-        for model in (large, small):
-            made.pop(model, None)
+    made_anew(True)
     bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, compile=compile))
     assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences.cpu(),
                        hf_greedy(large, ids, max_new_tokens=24).cpu())

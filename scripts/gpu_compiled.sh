@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device hold for the compiled passes: every compiled-path and attention-kernel GPU test, 6 pytest processes at
+# once (each mostly compiles on the CPU), then the default path's settings and the compiled step's variants, each
+# against the defaults compiled anew in the same place ("default"), with profiles and the pair table.
+# Run detached from a copy under /tmp and waited for across calls:
+#   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
+#   bash scripts/gpu_compiled.sh wait      # later calls on the still-warm machine
+# The logs come back as logs.tgz at every call.
+set -uo pipefail
+source scripts/detached.sh
+W=/tmp/bild-c; SCRIPT=runs/compiled_job.sh; LOG=runs/compiled_job.log
+if [[ ${1:-wait} == start ]]; then
+  mkdir -p runs
+  cat > $SCRIPT <<'JOB'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+t() { echo "== $(date +%H:%M:%S) $1"; }
+t "1 GPU tests of the kernel and of the compiled passes, in 6 processes at once (each mostly compiles on the CPU)"
+python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "compile or decode_kernel or kernels_rotary" \
+  | grep "::" > runs/test_ids.txt
+for i in 0 1 2 3 4 5; do
+  awk -v i=$i 'NR % 6 == i' runs/test_ids.txt > runs/test_ids.$i
+  timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
+done
+wait
+for i in 0 1 2 3 4 5; do tail -1 runs/tests_$i.log; done
+t "2 default path"
+timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b demo_large qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
+t "3 compiled step variants"
+timeout 480 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --variants default combo \
+  --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1; tail -1 runs/variants_a.log
+timeout 360 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned combo \
+  --repeats 3 --json runs/variants_b.json > runs/variants_b.log 2>&1; tail -1 runs/variants_b.log
+timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants default combo \
+  --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1; tail -1 runs/variants_c.log
+echo JOB DONE
+JOB
+  detached_start $W $SCRIPT $LOG
+fi
+detached_wait $W $SCRIPT $LOG
+detached_report $LOG runs/default.log runs/variants_a.log runs/variants_b.log runs/variants_c.log
+exit 0
