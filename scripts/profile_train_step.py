@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from align.train import Collator, TrainConfig, build_model, build_pairs, compute_loss  # noqa: E402
+from align.config import TrainConfig  # noqa: E402
+from align.models import build_model  # noqa: E402
+from align.pairs import Collator, build_pairs  # noqa: E402
+from align.train import compute_loss  # noqa: E402
 from data.config import load_config  # noqa: E402
 
 

@@ -92,7 +92,8 @@ def test_bad_calibration_config(kw):
 def test_outputs_cut_at_max_new_tokens_are_marked_and_get_no_eos(toy_data, toy_models, tmp_path):
     """An output the large model did not finish within max_new_tokens must not teach the small model to stop
     there: it is marked, counted in the provenance, and its training target has no EOS."""
-    from align.train import TrainConfig, build_pairs
+    from align.config import TrainConfig
+    from align.pairs import build_pairs
 
     cfg = _cfg(toy_data, toy_models, tmp_path / "short.jsonl")
     cfg.max_new_tokens = 2

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoConfig
 
 from align.calibrate import CalibrateConfig
-from align.train import TrainConfig
+from align.config import TrainConfig
 from data.config import load_config
 from decode.eval_config import EvalConfig
 

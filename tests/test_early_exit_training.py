@@ -9,7 +9,8 @@ from test_train import _params, calibration, fresh_accelerate_state  # noqa: F40
 from tiny_models import hf_greedy, random_prompt, tiny_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from align.train import ExitTraining, TrainConfig, train
+from align.models import ExitTraining
+from align.train import TrainConfig, train
 from decode import BiLDConfig, EarlyExitBiLD
 from decode.early_exit import EXIT_HEAD_CONFIG, EXIT_HEAD_WEIGHTS
 

@@ -152,7 +152,7 @@ def test_resume_inside_a_later_epoch_gives_the_same_weights(toy_models, calibrat
 def test_deepspeed_settings_come_from_the_training_config(toy_models, calibration, tmp_path):
     from types import SimpleNamespace
 
-    from align.train import check_deepspeed
+    from align.checkpoints import check_deepspeed
 
     cfg = _train_cfg(toy_models, calibration, tmp_path, gradient_accumulation_steps=2, max_grad_norm=0.5)
     plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": "auto"})
@@ -271,7 +271,7 @@ def test_keep_decoder_layers_makes_a_smaller_model_of_the_same_family(arch, tmp_
     from test_fast import compact_vs_transformers
     from tiny_models import tiny_model
 
-    from align.train import keep_decoder_layers
+    from align.models import keep_decoder_layers
     from decode.bild import load_model
     from decode.compact import decoder_layer_modules
 
