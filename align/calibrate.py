@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from data.config import config_from_cli
 from data.sources import PromptConfig, load_examples
-from decode.bild import greedy_generation_config
+from decode.loading import greedy_generation_config
 
 
 @dataclass
@@ -115,7 +115,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from decode.bild import load_model, resolve_dtype
+    from decode.loading import load_model, resolve_dtype
 
     from decode.cache import prefer_fast_attention
 

@@ -10,7 +10,7 @@ from align.config import TrainConfig
 
 def _neutral_generation_config(model, tokenizer) -> None:
     """Plain greedy defaults with the tokenizer's special tokens (BART configs force EOS by default)."""
-    from decode.bild import make_plain_greedy
+    from decode.loading import make_plain_greedy
 
     gen = model.generation_config
     make_plain_greedy(gen)
@@ -24,7 +24,7 @@ def build_model(cfg: TrainConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if cfg.model is not None:
-        from decode.bild import load_model
+        from decode.loading import load_model
 
         model = load_model(cfg.model).train()
         if cfg.keep_decoder_layers is not None:

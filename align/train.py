@@ -189,7 +189,7 @@ def setup(cfg: TrainConfig) -> Run:
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from transformers import AutoTokenizer
 
-    from decode.bild import check_model_location, load_model
+    from decode.loading import check_model_location, load_model
     from decode.cache import prefer_fast_attention
 
     accelerator = Accelerator(

@@ -17,7 +17,8 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-from decode.bild import check_pair, device_loop_on, greedy_generation_config
+from decode.bild import device_loop_on
+from decode.loading import check_pair, greedy_generation_config
 from decode.batch import BatchRunner, rows_to_stay, should_compact
 from decode.fast import MAX_DRAFT_STEPS, FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from decode.bild import BiLD, BiLDConfig, load_model, warn_on_processors
+from decode.bild import BiLD, BiLDConfig
+from decode.loading import load_model, warn_on_processors
 from decode.cache import first_cut, step_verdict
 from decode.compact import decoder_layers, final_norm_module, output_logits
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice, unsupported_reason

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from data.config import ConfigError, load_config, to_dict
 from data.sources import load_examples
 from decode.baselines import AssistedGeneration, Greedy, HFEarlyExit, HFGenerate, hf_early_exit_unsupported
-from decode.bild import BiLD, BiLDConfig, check_model_location, load_model, resolve_dtype
+from decode.bild import BiLD, BiLDConfig
+from decode.loading import check_model_location, load_model, resolve_dtype
 from decode.early_exit import EarlyExitBiLD, check_exit_layer, find_exit_head
 from decode.generation import DecodeStats
 from decode.thresholds import load_tuned

@@ -33,7 +33,7 @@ from data.config import ConfigError, load_config
 from decode.eval import Evaluation, environment
 from decode.eval_config import EvalConfig
 from decode.report import operating_points
-from decode.thresholds import THRESHOLDS_FILE, save_tuned  # noqa: F401 - THRESHOLDS_FILE: re-exported
+from decode.thresholds import save_tuned
 
 NONE_WITHIN_BUDGET = 3  # exit status when no grid point is good enough (./launch.sh then keeps the defaults)
 

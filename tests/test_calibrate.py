@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import decode.bild as bild_mod
+import decode.loading as loading
 from align.calibrate import CalibrateConfig, bucket, calibrate, read_records
 from decode import Greedy
-from decode.bild import load_model
+from decode.loading import load_model
 
 
 def _cfg(toy_data, toy_models, out, **kw):
@@ -41,7 +41,7 @@ def test_interrupted_run_resumes_to_the_same_file(toy_data, toy_models, tmp_path
 
     # Interrupt after two batches, as a crash or Ctrl-C would.
 
-    original = bild_mod.load_model
+    original = loading.load_model
 
     def crashing_load(*args, **kwargs):
         model = original(*args, **kwargs)
@@ -56,7 +56,7 @@ def test_interrupted_run_resumes_to_the_same_file(toy_data, toy_models, tmp_path
         model.generate = generate
         return model
 
-    monkeypatch.setattr(bild_mod, "load_model", crashing_load)
+    monkeypatch.setattr(loading, "load_model", crashing_load)
     out = tmp_path / "resumed.jsonl"
     with pytest.raises(KeyboardInterrupt):
         calibrate(_cfg(toy_data, toy_models, out))
@@ -64,7 +64,7 @@ def test_interrupted_run_resumes_to_the_same_file(toy_data, toy_models, tmp_path
     assert len(read_records(part)) == 16  # two batches of 8 survived
     with part.open("a") as f:
         f.write('{"index": 99, "source": "torn')  # a line cut off mid-write
-    monkeypatch.setattr(bild_mod, "load_model", original)
+    monkeypatch.setattr(loading, "load_model", original)
     calibrate(_cfg(toy_data, toy_models, out))
     assert out.read_text() == whole
     assert not part.exists()

@@ -194,7 +194,7 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
     import shutil
 
     from decode import BiLD
-    from decode.tune import THRESHOLDS_FILE
+    from decode.thresholds import THRESHOLDS_FILE
     from decode.tune import main as tune_main
 
     aligned = tmp_path / "aligned"

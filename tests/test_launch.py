@@ -52,7 +52,7 @@ def test_launch_smoke_runs_every_stage_then_skips_them(tmp_path):
     from transformers import AutoTokenizer
 
     from decode import Greedy
-    from decode.bild import load_model
+    from decode.loading import load_model
 
     tok = AutoTokenizer.from_pretrained(runs / "large" / "final")
     enc = tok(["Ein Mann fährt Fahrrad."], return_tensors="pt")

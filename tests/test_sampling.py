@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
-from decode.bild import make_plain_greedy
+from decode.loading import make_plain_greedy
 from decode.generation import DecodeStats
 from decode.sampling import Sampling
 

@@ -272,7 +272,7 @@ def test_keep_decoder_layers_makes_a_smaller_model_of_the_same_family(arch, tmp_
     from tiny_models import tiny_model
 
     from align.models import keep_decoder_layers
-    from decode.bild import load_model
+    from decode.loading import load_model
     from decode.compact import decoder_layer_modules
 
     model = tiny_model(arch, 0, layers=3)

@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from decode.bild import make_plain_greedy
+from decode.loading import make_plain_greedy
 
 VOCAB = 96
 PAD, EOS, BOS = 0, 1, 2
