@@ -51,6 +51,7 @@ from decode.loading import check_model_location, load_model, resolve_dtype
 from decode.early_exit import EarlyExitBiLD, check_exit_layer, find_exit_head
 from decode.generation import DecodeStats
 from decode.thresholds import load_tuned
+from decode.timing import decoder_path, repeat_passes, repeat_spread, row_thresholds, throughput_rows, tuned_cap
 from decode.eval_config import BILD_ROWS, EXIT_ROWS, EvalConfig
 from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
 from decode.report import operating_points, pareto_frontier, sweep_table, table, throughput_table, write_outputs
@@ -338,7 +339,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
 
     rows = []
     for name, system, small_key in plan:
-        fb, rb, tuned = _row_thresholds(ev, system, small_key)
+        fb, rb, tuned = row_thresholds(ev, system, small_key)
         start = progress.n
         if system == "hf_early_exit":
             why = hf_early_exit_unsupported(ev.models["large"])
@@ -347,7 +348,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
                 progress.update(n)
                 continue
         try:
-            decoder = ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned))
+            decoder = ev.decoder(system, small_key, fb, rb, tuned_cap(tuned))
             row = ev.run(name, decoder, all_idx, progress)
         except Exception as exc:  # a baseline that crashes is reported as such, never dropped; main() exits 1
             if system == "large":
@@ -356,7 +357,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             print(f"error: system {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             progress.update(n - (progress.n - start))
             continue
-        row["path"] = _path(decoder, cfg.batch_size)
+        row["path"] = decoder_path(decoder, cfg.batch_size)
         if system in EXIT_ROWS:
             row["exit_layer"] = decoder.exit_layer
             row["fallback_threshold"] = decoder.config.fallback_threshold
@@ -369,11 +370,11 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
             row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
             row["max_small_steps"] = decoder.config.max_small_steps
         rows.append(row)
-    _repeat(ev, rows, plan, all_idx, progress)
+    repeat_passes(ev, rows, plan, all_idx, progress)
     for row in rows:
         if "error" not in row and "unsupported" not in row:
             ev.bleu_against_large(ev.finish_row(row, all_idx), all_idx)
-    _repeat_spread(rows)
+    repeat_spread(rows)
     assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
     for row in rows:  # BiLD's rows only: transformers' assisted generation is their baseline, not the others'
         if "error" in row or "unsupported" in row or "fallback_threshold" not in row:
@@ -382,7 +383,7 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         if match:
             row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
 
-    throughput = _throughput(ev, tp_plan, tp_idx, progress)
+    throughput = throughput_rows(ev, tp_plan, tp_idx, progress)
     for name in list(ev.outputs):
         if " @ batch " in name:
             del ev.outputs[name]
@@ -410,113 +411,6 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
         if name.startswith("sweep"):
             del ev.outputs[name]
     return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput)
-
-
-def _repeat(ev: Evaluation, rows: list[dict], plan, indices: list[int], progress) -> None:
-    """Passes 2..repeats of the main table, every row once per pass. Each example's latency becomes its median
-    over the passes (latency columns, sweep and throughput subsets); a row keeps every pass's total
-    (`pass_seconds`), their median as its total, and whether its outputs stayed the same."""
-    if ev.cfg.repeats == 1:
-        return
-    by_name = {r["system"]: r for r in rows if "error" not in r and "unsupported" not in r}
-    passes = {name: [ev.latencies[name]] for name in by_name}
-    first = {name: ev.outputs[name] for name in by_name}
-    for _ in range(ev.cfg.repeats - 1):
-        for name, system, small_key in plan:
-            if name not in by_name:
-                continue
-            fb, rb, tuned = _row_thresholds(ev, system, small_key)
-            again = ev.run(name, ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned)), indices, progress)
-            passes[name].append(ev.latencies[name])
-            by_name[name]["new_tokens"] = again["new_tokens"]
-            if ev.outputs[name] != first[name]:
-                by_name[name]["outputs_changed_between_passes"] = True
-            ev.outputs[name] = first[name]
-    for name, row in by_name.items():
-        medians = [statistics.median(x) for x in zip(*passes[name])]
-        ev.latencies[name] = medians
-        totals = [sum(x) for x in passes[name]]
-        total = statistics.median(totals)
-        row.update(total_seconds=total, latency_median_ms=1000 * statistics.median(medians),
-                   latency_mean_ms=1000 * total / len(medians), tokens_per_s=row["new_tokens"] / total if total else float("nan"),
-                   pass_seconds=totals)
-
-
-def _repeat_spread(rows: list[dict]) -> None:
-    """With repeats: each row's speedup over the large model pass by pass (pass i of the row against pass i of the
-    large model, run just before it); the row's speedup is their median, so it lies within the range reported."""
-    large = next((r for r in rows if r["system"] == "large"), None)
-    if large is None or "pass_seconds" not in large:
-        return
-    for row in rows:
-        if "pass_seconds" in row:
-            row["speedup_passes"] = [a / b for a, b in zip(large["pass_seconds"], row["pass_seconds"])]
-            row["speedup_vs_large"] = statistics.median(row["speedup_passes"])
-
-
-def _path(decoder, batch: int) -> str:
-    """The decoder's path, and with several rows per call whether they decode together."""
-    if batch == 1:
-        return decoder.path
-    blocker = decoder._batch_blocker()
-    return f"{decoder.path}; {batch} rows per call " + ("decoded together" if blocker is None else f"row after row ({blocker})")
-
-
-def _row_thresholds(ev: Evaluation, system: str, small_key: str):
-    """(fallback, rollback, tuned record) of a row: tuned thresholds where the small model has them, else the
-    config's (None: the decoder's default for that row)."""
-    cfg = ev.cfg
-    fb = rb = None
-    if small_key == "aligned":  # both BiLD rows; the lossless one has no rollback threshold to use
-        fb, rb = cfg.aligned_fallback_threshold, cfg.aligned_rollback_threshold
-    tuned = ev.tuned.get(small_key) if system in BILD_ROWS else None
-    if tuned:
-        fb, rb = tuned["fallback_threshold"], tuned["rollback_threshold"]
-    return fb, rb, tuned
-
-
-def _tuned_cap(tuned: dict | None):
-    """The step cap of a tuned point (None: no cap), or ... (the config's) where nothing was tuned."""
-    return tuned["max_small_steps"] if tuned and "max_small_steps" in tuned else ...
-
-
-def _throughput(ev: Evaluation, plan, indices, progress) -> list[dict]:
-    """The throughput table: every batch size, the large model first, `repeats` interleaved passes. A row is its
-    median pass (by total time); its speedup is the median of the per-pass speedups, each against the large
-    model's pass at the same batch size just before it (`speedup_passes`, `pass_seconds`)."""
-    passes = [[_throughput_row(ev, name, system, small_key, b, indices, progress)
-               for b in ev.cfg.throughput_batch_sizes for name, system, small_key in plan]
-              for _ in range(ev.cfg.repeats)]
-    if len(passes) == 1:
-        return passes[0]
-    rows = []
-    for runs in zip(*passes):  # one (batch size, system) over the passes
-        totals = [r["total_seconds"] for r in runs]
-        row = dict(sorted(runs, key=lambda r: r["total_seconds"])[len(runs) // 2])
-        row.update(pass_seconds=totals, speedup_passes=[r["speedup_vs_large_same_batch"] for r in runs])
-        row["speedup_vs_large_same_batch"] = statistics.median(row["speedup_passes"])
-        if any(r[ev.metric] != runs[0][ev.metric] for r in runs):
-            row["outputs_changed_between_passes"] = True
-        rows.append(row)
-    return rows
-
-
-def _throughput_row(ev: Evaluation, name: str, system: str, small_key: str, batch: int, indices, progress) -> dict:
-    """One row of the throughput table: `system` over `indices` in calls of `batch` rows, against the large
-    model at the same batch size (decoded first) and, for agreement, the large model's batch-1 outputs."""
-    fb, rb, tuned = _row_thresholds(ev, system, small_key)
-    decoder = ev.decoder(system, small_key, fb, rb, _tuned_cap(tuned))
-    row = ev.run(f"{name} @ batch {batch}", decoder, indices, progress, batch)
-    outputs = ev.outputs[row["system"]]
-    row.update(ev.quality(outputs, indices), base=name, path=_path(decoder, batch))
-    row["identical_to_large"] = sum(o == ev.outputs["large"][i] for o, i in zip(outputs, indices)) / len(indices)
-    large_time = sum(ev.latencies[f"large @ batch {batch}"])  # the large row's name is always "large" (_names)
-    row["speedup_vs_large_same_batch"] = large_time / row["total_seconds"] if row["total_seconds"] else float("nan")
-    if system in BILD_ROWS:
-        row["fallback_threshold"] = decoder.config.fallback_threshold
-        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-        row["max_small_steps"] = decoder.config.max_small_steps
-    return row
 
 
 def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput=()) -> dict:
