@@ -83,6 +83,11 @@ DECODE_KERNEL = True
 # step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032 (compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep their
 # products and their own rotary).
 KERNEL_ROTARY = True
+# Whether a one-token pass on CUDA computes a SiLU-gated MLP's down product with decode/kernels.py's split-K kernel
+# (the activation computed on the fly) instead of the passes' own arithmetic. A profile on an H100 (BENCHMARKS.md)
+# measured inductor's down product at 29% of the copy bandwidth at Qwen2.5-0.5B; the kernel is tested in Triton's
+# interpreter, not yet measured on a GPU: off until it is (`bench_step.py --variants down-kernel`).
+DOWN_KERNEL = False
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -541,8 +546,13 @@ class LlamaPasses(Passes):
             softcap = None
         # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
         kernel = self._decode_kernel(softcap) and not (compile and self.matmul_attention)
+        silu = (getattr(cfg, "hidden_activation", None) or cfg.hidden_act) in ("silu", "swish")
+        down_programs = (kernels.DOWN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
+                         if DOWN_KERNEL and kernels.available() and self.device.type == "cuda" and silu
+                         and all(w[12] is None for w in self.weights) else 0)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap, self.matmul_attention, kernel, KERNEL_ROTARY),
+                                                 norm, softcap, self.matmul_attention, kernel, KERNEL_ROTARY,
+                                                 down_programs),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -626,7 +636,7 @@ def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=Fa
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False, kernel_rope=False):
+                 kernel=False, kernel_rope=False, down_programs=0):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -642,8 +652,12 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
                              kernel_rope)
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
-        gate, up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-        out = linear(act(gate) * up, down_w, down_b)
+        gate_up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b)
+        if down_programs and gate_up.shape[1] == 1 and gate_up.is_cuda:  # one token: the split-K kernel
+            out = kernels.gated_down(gate_up, down_w, down_programs)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = linear(act(gate) * up, down_w, down_b)
         return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
 
     return layer

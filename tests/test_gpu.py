@@ -333,18 +333,23 @@ def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
     check_kernel_cases(kernel_cases("cuda"))
 
 
-@pytest.mark.parametrize("arch", ("qwen2", "qwen3", "phi3", "gemma3", "llama3"))
-@pytest.mark.parametrize("compile", (False, True))
-def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
-    """KERNEL_ROTARY (the kernel rotates q and k; partial rotary, q/k norms before it, per-layer-type tables):
-    exact mode equals greedy `generate`, and BiLD's tokens and counts equal those of the passes' own rotary
-    (KERNEL_ROTARY off)."""
+def test_the_down_kernel_equals_the_passes_down_product_on_cuda():
+    """decode/kernels.py's split-K down product compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's
+    interpreter)."""
+    from test_kernels import check_down_cases, down_cases
+
+    check_down_cases(down_cases("cuda"))
+
+
+def decodes_as_without(setting, arch, compile, monkeypatch):
+    """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
+    equal those with it off (float32)."""
     import decode.batch
     import decode.compact
     import decode.fast
 
-    def made_anew(kernel_rotary):
-        monkeypatch.setattr(decode.compact, "KERNEL_ROTARY", kernel_rotary)
+    def made_anew(on):
+        monkeypatch.setattr(decode.compact, setting, on)
         for made in (decode.compact._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):
             for model in (large, small):
                 made.pop(model, None)
@@ -359,6 +364,30 @@ def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkey
                        hf_greedy(large, ids, max_new_tokens=24).cpu())
     if not compile:
         assert decode_all(large, small, ids, None) == plain
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "qwen3", "phi3", "gemma3", "llama3"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
+    """KERNEL_ROTARY (the kernel rotates q and k; partial rotary, q/k norms before it, per-layer-type tables)."""
+    decodes_as_without("KERNEL_ROTARY", arch, compile, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "phi3", "llama3"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_the_down_kernel_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
+    """DOWN_KERNEL (the split-K down product of SiLU-gated MLPs; Phi-3's gate/up fused in its checkpoint)."""
+    decodes_as_without("DOWN_KERNEL", arch, compile, monkeypatch)
+
+
+@pytest.mark.parametrize("compile", (False, True))
+def test_a_one_token_step_takes_the_down_kernel_where_asked(compile, monkeypatch):
+    import decode.compact
+
+    monkeypatch.setattr(decode.compact, "DOWN_KERNEL", True)
+    model = tiny_model("qwen2", 0).cuda()
+    names = step_kernels(model, compile)
+    assert sum("_gated_down" in n for n in names) == decoder_layers(model), names
 
 
 @pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
