@@ -46,7 +46,8 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdict
-from decode.compact import model_passes, notice, unsupported_reason  # noqa: F401 - notice, unsupported_reason: re-exported
+from decode.compact import notice, unsupported_reason  # noqa: F401 - notice, unsupported_reason: re-exported
+from decode.passes import model_passes
 from decode.sampling import noise_size, sample_step, verify
 
 MAX_GRAPH_TOKENS = 16  # passes of up to this many tokens are graphed: step cap 10 + 1, with room

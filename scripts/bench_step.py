@@ -44,6 +44,7 @@ import yaml  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: E402
 
 import decode.compact  # noqa: E402
+import decode.passes  # noqa: E402
 from decode.cache import ModelRunner  # noqa: E402
 import decode.fast  # noqa: E402
 from decode.fast import FastRunner  # noqa: E402
@@ -352,7 +353,7 @@ def with_settings(model, settings: dict, make, measure):
     saved = {name: getattr(*where(name)) for name in settings}
     for name, value in settings.items():
         setattr(*where(name), value)
-    decode.compact._PASSES.pop(model, None)  # passes traced anew with these settings
+    decode.passes._PASSES.pop(model, None)  # passes traced anew with these settings
     try:
         runner, secs = make()
         return (*measure(runner), secs)
@@ -361,7 +362,7 @@ def with_settings(model, settings: dict, make, measure):
     finally:
         for name, value in saved.items():
             setattr(*where(name), value)
-        decode.compact._PASSES.pop(model, None)
+        decode.passes._PASSES.pop(model, None)
         torch.cuda.empty_cache()
 
 

@@ -347,10 +347,11 @@ def decodes_as_without(setting, arch, compile, monkeypatch):
     import decode.batch
     import decode.compact
     import decode.fast
+    import decode.passes
 
     def made_anew(on):
         monkeypatch.setattr(decode.compact, setting, on)
-        for made in (decode.compact._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):
+        for made in (decode.passes._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):
             for model in (large, small):
                 made.pop(model, None)
 
