@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device hold for the compiled passes: every compiled-path and attention-kernel GPU test, 6 pytest processes at
-# once (each mostly compiles on the CPU), then the default path's settings and the compiled step's variants, each
+# One device hold for the compiled passes: every GPU test (`pytest -m gpu`), 6 pytest processes at once (the
+# compiled ones mostly compile on the CPU), then the default path's settings and the compiled step's variants, each
 # against the defaults compiled anew in the same place ("default"): combo kernels, the split-K down kernel, tuning at
 # 1.5B; with profiles and the pair table.
 # Run detached from a copy under /tmp and waited for across calls:
@@ -16,12 +16,11 @@ if [[ ${1:-wait} == start ]]; then
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
-t "1 GPU tests of the kernel and of the compiled passes, in 6 processes at once (each mostly compiles on the CPU)"
-python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py -k "compile or decode_kernel or kernels_rotary" \
-  | grep "::" > runs/test_ids.txt
+t "1 every GPU test (the compiled passes' and the kernels' among them), in 6 processes at once"
+python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py | grep "::" > runs/test_ids.txt
 for i in 0 1 2 3 4 5; do
   awk -v i=$i 'NR % 6 == i' runs/test_ids.txt > runs/test_ids.$i
-  timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
+  timeout 1200 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
 done
 wait
 for i in 0 1 2 3 4 5; do tail -1 runs/tests_$i.log; done
