@@ -100,6 +100,26 @@ class BiLDConfig:
         self.rollback_threshold = float(self.rollback_threshold)
 
 
+@dataclass
+class _Batch:
+    """What `BiLD._decode_batch` keeps between its rounds: the two runners (replaced when they compact), each
+    sequence's row and which runner row holds it (`order`), the sequences waiting for the large model (-> whether the
+    check is their last), and the settings of this call."""
+
+    large: BatchRunner
+    small: BatchRunner
+    rows: list[Row]  # looking ahead, a guess counts as the large model's token
+    order: list[int]
+    waiting: dict[int, bool]
+    stats: DecodeStats
+    sampling: object
+    cap: int | None
+    max_new_tokens: int
+    lookahead: bool
+    most: int
+    on_device: bool
+
+
 class BiLD(RowDecoder):
     """BiLD decoding over a large and a small model that share a vocabulary: greedy, or with
     `generate(..., do_sample=True)` speculative sampling (decode/sampling.py; rollback="exact" only).
@@ -290,105 +310,116 @@ class BiLD(RowDecoder):
             self._plan(small, large)
         else:
             cap = self._plan_sampling(small, large)
-        draft_on_device = sampling is None and self._drafts_on_device(small)
-        lookahead = sampling is None and self._looks_ahead(small)
-        most = self._most_pending(small)
+        b = _Batch(large, small, rows=[self._row(p) for p in prompts], order=list(range(len(prompts))), waiting={},
+                   stats=stats, sampling=sampling, cap=cap, max_new_tokens=max_new_tokens,
+                   lookahead=sampling is None and self._looks_ahead(small), most=self._most_pending(small),
+                   on_device=sampling is None and self._drafts_on_device(small))
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
-        rows = [self._row(p) for p in prompts]  # looking ahead, a guess counts as the large model's token
-        order = list(range(len(prompts)))  # the sequence in each runner row
         done = [False] * len(prompts)
-        waiting: dict[int, bool] = {}  # sequences waiting for the large model -> whether the check is their last
         while True:
             drafting = set()
-            for b in order:
-                if done[b] or b in waiting:
+            for i in b.order:
+                if done[i] or i in b.waiting:
                     continue
-                need = self._needs_large(rows[b], max_new_tokens, cap, lookahead)
+                need = self._needs_large(b.rows[i], max_new_tokens, cap, b.lookahead)
                 if need == "done":
-                    done[b] = True
+                    done[i] = True
                 elif need is not None:
-                    stats.step_cap_fallbacks += need == "cap" and not lookahead  # (looking ahead, counted at the check)
-                    waiting[b] = need == "final"
+                    stats.step_cap_fallbacks += need == "cap" and not b.lookahead  # (looking ahead, counted at the check)
+                    b.waiting[i] = need == "final"
                 else:
-                    drafting.add(b)
-            live = [r for r, b in enumerate(order) if not done[b]]
+                    drafting.add(i)
+            live = [r for r, i in enumerate(b.order) if not done[i]]
             if not live:
                 break
-            if should_compact(len(live), large):
-                large, small = large.compact(live), small.compact(live)
-                order = [order[r] for r in live]
+            if should_compact(len(live), b.large):
+                b.large, b.small = b.large.compact(live), b.small.compact(live)
+                b.order = [b.order[r] for r in live]
                 stats.compactions += 1
-            if waiting and (not drafting or len(waiting) >= max(1.0, cfg.batch_wait * len(live))):
-                feeds = [rows[b].seq[large.lengths[r] :] if b in waiting else [] for r, b in enumerate(order)]
-                if sampling is None:
-                    bits = [sum(1 << i for i, _ in rows[b].guesses) for b in order] if lookahead else None
-                    results = large.check(feeds, cfg.rollback, cfg.rollback_threshold, bits)
-                else:
-                    results = large.sample_check(feeds, small.drafts(), sampling)
-                stats.large_passes += 1
-                for r, b in enumerate(order):
-                    if b not in waiting:
-                        continue
-                    row = rows[b]
-                    n_pending = row.n_pending
-                    final, ahead, ends_here = waiting[b], None, not waiting[b]
-                    if lookahead:  # its end may have come while it looked ahead; its pending tokens end a run of its
-                        # own only at the step cap (its fallbacks are guesses), else the large model writes nothing
-                        final = final or self._finished(row, max_new_tokens)
-                        ends_here = not final and len(row.seq) - row.since_large >= cap
-                        ahead, row.guesses = (row.guesses, ends_here), []
-                    if sampling is None:
-                        cut, argmax = results[r]
-                        token = _token_after(cut, argmax, n_pending, not ends_here)
-                    else:
-                        cut, token = results[r]
-                        token = _drawn_token_after(cut, token, n_pending, final)
-                    if _settle(row, cut, token, stats, ahead):
-                        large.rewind(r, len(row.seq) - 1)
-                        small.rewind(r, len(row.seq) - 1)
-                    elif lookahead and not final:  # its last token is fed again, for the next check's first verdict
-                        large.rewind(r, len(row.seq) - 1)
-                waiting.clear()
-                continue
-            room = {}  # lookahead: the tokens each row may still draft (max_new_tokens, the most pending tokens)
-            if lookahead:
-                for b in order:
-                    if b in drafting or (b in waiting and not self._finished(rows[b], max_new_tokens)):
-                        room[b] = min(max_new_tokens - rows[b].n_new, most - rows[b].n_pending)
-                room = {b: n for b, n in room.items() if n > 0}
-            feeds = [rows[b].seq[small.lengths[r] :] if b in drafting or b in room else [] for r, b in enumerate(order)]
-            if draft_on_device:  # steps until fewer rows run than keep the large pass away; the host loop's decisions
-                if lookahead:
-                    budgets = [room.get(b, 0) for b in order]
-                else:
-                    budgets = [self._budget(rows[b], max_new_tokens) if b in drafting else 0 for b in order]
-                need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * len(live))) + 1)
-                ahead = None
-                if lookahead:  # the rows that wait look ahead; the step cap forces a guess
-                    ahead = (cap, [b in waiting for b in order], [cap - (len(rows[b].seq) - rows[b].since_large) for b in order])
-                drafted = small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need,
-                                      ahead)
-                stats.small_passes += max(d[0] for d in drafted if d is not None)
+            if b.waiting and (not drafting or len(b.waiting) >= max(1.0, cfg.batch_wait * len(live))):
+                self._check_waiting(b)
             else:
-                verdicts = small.step(feeds) if sampling is None else small.sample_step(feeds, sampling)
-                drafted = [v and _one_step(*v, cfg.fallback_threshold) for v in verdicts]
-                stats.small_passes += 1
-            for r, b in enumerate(order):
-                if drafted[r] is not None:
-                    row, (steps, kept, *marks) = rows[b], drafted[r]
-                    stats.small_steps += steps
-                    if lookahead and marks[0]:
-                        for i in marks[0]:
-                            forced = len(row.seq) + i - row.since_large >= cap
-                            row.guesses.append((len(row.seq) + i - row.pending_start, forced))
-                            row.since_large = len(row.seq) + i + 1
-                        waiting.setdefault(b, False)  # its first guess: it fell back (counted at its check)
-                    row.seq.extend(kept)
-                    if steps > len(kept):  # the last step fell back
-                        stats.fallbacks += 1
-                        waiting[b] = False
-        return [row.new_tokens for row in rows]
+                self._draft_rows(b, drafting, len(live))
+        return [row.new_tokens for row in b.rows]
+
+    def _check_waiting(self, b: _Batch) -> None:
+        """One large-model pass over every waiting row, each row then settled by its verdict (a rollback rewinds both
+        runners' rows)."""
+        cfg, rows, order, waiting, stats = self.config, b.rows, b.order, b.waiting, b.stats
+        feeds = [rows[i].seq[b.large.lengths[r]:] if i in waiting else [] for r, i in enumerate(order)]
+        if b.sampling is None:
+            bits = [sum(1 << k for k, _ in rows[i].guesses) for i in order] if b.lookahead else None
+            results = b.large.check(feeds, cfg.rollback, cfg.rollback_threshold, bits)
+        else:
+            results = b.large.sample_check(feeds, b.small.drafts(), b.sampling)
+        stats.large_passes += 1
+        for r, i in enumerate(order):
+            if i not in waiting:
+                continue
+            row = rows[i]
+            n_pending = row.n_pending
+            final, ahead, ends_here = waiting[i], None, not waiting[i]
+            if b.lookahead:  # its end may have come while it looked ahead; its pending tokens end a run of its
+                # own only at the step cap (its fallbacks are guesses), else the large model writes nothing
+                final = final or self._finished(row, b.max_new_tokens)
+                ends_here = not final and len(row.seq) - row.since_large >= b.cap
+                ahead, row.guesses = (row.guesses, ends_here), []
+            if b.sampling is None:
+                cut, argmax = results[r]
+                token = _token_after(cut, argmax, n_pending, not ends_here)
+            else:
+                cut, token = results[r]
+                token = _drawn_token_after(cut, token, n_pending, final)
+            if _settle(row, cut, token, stats, ahead):
+                b.large.rewind(r, len(row.seq) - 1)
+                b.small.rewind(r, len(row.seq) - 1)
+            elif b.lookahead and not final:  # its last token is fed again, for the next check's first verdict
+                b.large.rewind(r, len(row.seq) - 1)
+        waiting.clear()
+
+    def _draft_rows(self, b: _Batch, drafting: set[int], n_live: int) -> None:
+        """One small-model pass (the host loop) or one draft (the device loop: steps until fewer rows run than keep
+        the large pass away) for the drafting rows, and looking ahead for the waiting ones too; a fallback makes a
+        row wait."""
+        cfg, rows, order, waiting, stats, cap = self.config, b.rows, b.order, b.waiting, b.stats, b.cap
+        room = {}  # lookahead: the tokens each row may still draft (max_new_tokens, the most pending tokens)
+        if b.lookahead:
+            for i in order:
+                if i in drafting or (i in waiting and not self._finished(rows[i], b.max_new_tokens)):
+                    room[i] = min(b.max_new_tokens - rows[i].n_new, b.most - rows[i].n_pending)
+            room = {i: n for i, n in room.items() if n > 0}
+        feeds = [rows[i].seq[b.small.lengths[r]:] if i in drafting or i in room else [] for r, i in enumerate(order)]
+        if b.on_device:  # the host loop's decisions, on the device
+            if b.lookahead:
+                budgets = [room.get(i, 0) for i in order]
+            else:
+                budgets = [self._budget(rows[i], b.max_new_tokens) if i in drafting else 0 for i in order]
+            need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * n_live)) + 1)
+            ahead = None
+            if b.lookahead:  # the rows that wait look ahead; the step cap forces a guess
+                ahead = (cap, [i in waiting for i in order], [cap - (len(rows[i].seq) - rows[i].since_large) for i in order])
+            drafted = b.small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need,
+                                    ahead)
+            stats.small_passes += max(d[0] for d in drafted if d is not None)
+        else:
+            verdicts = b.small.step(feeds) if b.sampling is None else b.small.sample_step(feeds, b.sampling)
+            drafted = [v and _one_step(*v, cfg.fallback_threshold) for v in verdicts]
+            stats.small_passes += 1
+        for r, i in enumerate(order):
+            if drafted[r] is not None:
+                row, (steps, kept, *marks) = rows[i], drafted[r]
+                stats.small_steps += steps
+                if b.lookahead and marks[0]:
+                    for k in marks[0]:
+                        forced = len(row.seq) + k - row.since_large >= cap
+                        row.guesses.append((len(row.seq) + k - row.pending_start, forced))
+                        row.since_large = len(row.seq) + k + 1
+                    waiting.setdefault(i, False)  # its first guess: it fell back (counted at its check)
+                row.seq.extend(kept)
+                if steps > len(kept):  # the last step fell back
+                    stats.fallbacks += 1
+                    waiting[i] = False
 
 
 def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
