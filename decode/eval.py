@@ -337,51 +337,13 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     progress = tqdm(total=n * len(plan) * cfg.repeats + tp_work + len(sweep_idx) * sweep_points, desc="decode.eval",
                     unit="ex")
 
-    rows = []
-    for name, system, small_key in plan:
-        fb, rb, tuned = row_thresholds(ev, system, small_key)
-        start = progress.n
-        if system == "hf_early_exit":
-            why = hf_early_exit_unsupported(ev.models["large"])
-            if why is not None:  # said in the table, not an error: transformers does not offer it here
-                rows.append({"system": name, "unsupported": why})
-                progress.update(n)
-                continue
-        try:
-            decoder = ev.decoder(system, small_key, fb, rb, tuned_cap(tuned))
-            row = ev.run(name, decoder, all_idx, progress)
-        except Exception as exc:  # a baseline that crashes is reported as such, never dropped; main() exits 1
-            if system == "large":
-                raise
-            rows.append({"system": name, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"error: system {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            progress.update(n - (progress.n - start))
-            continue
-        row["path"] = decoder_path(decoder, cfg.batch_size)
-        if system in EXIT_ROWS:
-            row["exit_layer"] = decoder.exit_layer
-            row["fallback_threshold"] = decoder.config.fallback_threshold
-            row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-        if system in BILD_ROWS:
-            if tuned:
-                row["thresholds_tuned_on"] = (f"{tuned['split']} at batch size {tuned.get('batch_size', 1)} (budget "
-                                              f"{tuned['budget']:g} {tuned['metric']})")
-            row["fallback_threshold"] = decoder.config.fallback_threshold
-            row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-            row["max_small_steps"] = decoder.config.max_small_steps
-        rows.append(row)
+    rows = [_main_row(ev, name, system, small_key, all_idx, progress) for name, system, small_key in plan]
     repeat_passes(ev, rows, plan, all_idx, progress)
     for row in rows:
         if "error" not in row and "unsupported" not in row:
             ev.bleu_against_large(ev.finish_row(row, all_idx), all_idx)
     repeat_spread(rows)
-    assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
-    for row in rows:  # BiLD's rows only: transformers' assisted generation is their baseline, not the others'
-        if "error" in row or "unsupported" in row or "fallback_threshold" not in row:
-            continue
-        match = [a for a in assisted.values() if ("(aligned)" in a["system"]) == ("(aligned)" in row["system"])]
-        if match:
-            row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
+    _speedups_vs_assisted(rows)
 
     throughput = throughput_rows(ev, tp_plan, tp_idx, progress)
     for name in list(ev.outputs):
@@ -392,25 +354,80 @@ def evaluate(cfg: EvalConfig, aligned: str | None = None, sweep: bool = False, o
     if on_main_table is not None:
         on_main_table(_results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput))
     if sweep:
-        large_subset = ev.quality([ev.outputs["large"][i] for i in sweep_idx], sweep_idx)[ev.metric]
-        for variant in variants:
-            for fb in cfg.sweep_fallback:
-                for rb in cfg.sweep_rollback:
-                    name = f"sweep {variant} fb={fb:g} rb={rb:g}"
-                    system = "early_exit" if variant in ev.exits else "bild"
-                    row = ev.run(name, ev.decoder(system, variant, fb, rb), sweep_idx, progress)
-                    row.update(model=variant, fallback_threshold=fb, rollback_threshold=rb)
-                    sweep_rows.append(ev.finish_row(row, sweep_idx))
-            mine = [r for r in sweep_rows if r["model"] == variant]
-            frontier[variant] = [r["system"] for r in pareto_frontier(mine, ev.metric, ev.higher_is_better)]
-            points[variant] = {k: (v["system"] if v else None) for k, v in
-                               operating_points(mine, ev.metric, large_subset, higher_is_better=ev.higher_is_better).items()}
-        points["large_score_on_sweep_examples"] = large_subset
+        sweep_rows, frontier, points = _sweep(ev, variants, sweep_idx, progress)
     progress.close()
     for name in list(ev.outputs):
         if name.startswith("sweep"):
             del ev.outputs[name]
     return _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput)
+
+
+def _main_row(ev: Evaluation, name: str, system: str, small_key: str, indices: list[int], progress) -> dict:
+    """One row of the main table, decoded over `indices`: its timings and counts, the path it took and the thresholds
+    it ran at; a baseline that crashes gives a row that says so (the large model's crash is raised), and transformers'
+    early exit where it does not cover the architecture a row that says that."""
+    fb, rb, tuned = row_thresholds(ev, system, small_key)
+    start = progress.n
+    if system == "hf_early_exit":
+        why = hf_early_exit_unsupported(ev.models["large"])
+        if why is not None:  # said in the table, not an error: transformers does not offer it here
+            progress.update(len(indices))
+            return {"system": name, "unsupported": why}
+    try:
+        decoder = ev.decoder(system, small_key, fb, rb, tuned_cap(tuned))
+        row = ev.run(name, decoder, indices, progress)
+    except Exception as exc:  # a baseline that crashes is reported as such, never dropped; main() exits 1
+        if system == "large":
+            raise
+        print(f"error: system {name!r} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        progress.update(len(indices) - (progress.n - start))
+        return {"system": name, "error": f"{type(exc).__name__}: {exc}"}
+    row["path"] = decoder_path(decoder, ev.cfg.batch_size)
+    if system in EXIT_ROWS:
+        row["exit_layer"] = decoder.exit_layer
+        row["fallback_threshold"] = decoder.config.fallback_threshold
+        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+    if system in BILD_ROWS:
+        if tuned:
+            row["thresholds_tuned_on"] = (f"{tuned['split']} at batch size {tuned.get('batch_size', 1)} (budget "
+                                          f"{tuned['budget']:g} {tuned['metric']})")
+        row["fallback_threshold"] = decoder.config.fallback_threshold
+        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+        row["max_small_steps"] = decoder.config.max_small_steps
+    return row
+
+
+def _speedups_vs_assisted(rows: list[dict]) -> None:
+    """BiLD's rows against transformers' assisted generation with the same small model (their outside baseline; the
+    other rows have none)."""
+    assisted = {r["system"]: r for r in rows if r["system"].startswith("assisted") and "error" not in r}
+    for row in rows:
+        if "error" in row or "unsupported" in row or "fallback_threshold" not in row:
+            continue
+        match = [a for a in assisted.values() if ("(aligned)" in a["system"]) == ("(aligned)" in row["system"])]
+        if match:
+            row["speedup_vs_assisted"] = match[0]["total_seconds"] / row["total_seconds"]
+
+
+def _sweep(ev: Evaluation, variants: list[str], indices: list[int], progress) -> tuple[list[dict], dict, dict]:
+    """The grid over fallback x rollback thresholds for each small model (or early exit) over `indices`: its rows,
+    each model's speed-quality frontier and the paper's operating points."""
+    sweep_rows, frontier, points = [], {}, {}
+    large_subset = ev.quality([ev.outputs["large"][i] for i in indices], indices)[ev.metric]
+    for variant in variants:
+        for fb in ev.cfg.sweep_fallback:
+            for rb in ev.cfg.sweep_rollback:
+                name = f"sweep {variant} fb={fb:g} rb={rb:g}"
+                system = "early_exit" if variant in ev.exits else "bild"
+                row = ev.run(name, ev.decoder(system, variant, fb, rb), indices, progress)
+                row.update(model=variant, fallback_threshold=fb, rollback_threshold=rb)
+                sweep_rows.append(ev.finish_row(row, indices))
+        mine = [r for r in sweep_rows if r["model"] == variant]
+        frontier[variant] = [r["system"] for r in pareto_frontier(mine, ev.metric, ev.higher_is_better)]
+        points[variant] = {k: (v["system"] if v else None) for k, v in
+                           operating_points(mine, ev.metric, large_subset, higher_is_better=ev.higher_is_better).items()}
+    points["large_score_on_sweep_examples"] = large_subset
+    return sweep_rows, frontier, points
 
 
 def _results(cfg, aligned, ev, rows, sweep_rows, frontier, points, throughput=()) -> dict:
