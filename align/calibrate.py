@@ -115,9 +115,8 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from decode.loading import load_model, resolve_dtype
-
     from decode.cache import prefer_fast_attention
+    from decode.loading import load_model, resolve_dtype
 
     accelerator = Accelerator()
     set_seed(cfg.seed)
@@ -149,22 +148,10 @@ def calibrate(cfg: CalibrateConfig) -> Path:
         "dtype": str(model.dtype),
     }
     if accelerator.is_main_process:
-        if provenance_path.is_file():
-            old = json.loads(provenance_path.read_text())
-            old.pop("unfinished_outputs", None)  # written when a run completes
-            if old != provenance:
-                changed = sorted(k for k in provenance if old.get(k) != provenance[k])
-                raise SystemExit(
-                    f"{output} was started with other settings ({', '.join(changed)} differ); "
-                    "remove it or choose another output"
-                )
-        provenance_path.write_text(json.dumps(provenance, indent=2))
+        _same_settings_or_exit(output, provenance_path, provenance)
     accelerator.wait_for_everyone()
 
-    # What earlier runs (any number of processes) finished: the merged file and every part file.
-    done: dict[int, dict] = read_records(output)
-    for part in sorted(output.parent.glob(output.name + ".part*")):
-        done.update(read_records(part))
+    done = _finished_records(output)
     todo = [ex for ex in examples if ex.index not in done]
 
     encoded = {ex.index: cfg.encode(tokenizer, ex.source)[0] for ex in todo}
@@ -190,16 +177,7 @@ def calibrate(cfg: CalibrateConfig) -> Path:
                 )
             new = out[:, 1:] if is_seq2seq else out[:, features["input_ids"].shape[1] :]
             for row, i in zip(new.tolist(), batch):
-                ids, finished = [], False
-                for tok in row:
-                    if tok in eos_ids:
-                        finished = True
-                        break
-                    ids.append(tok)
-                # finished=False: cut at max_new_tokens. Training gives such outputs no EOS target rather
-                # than teach the small model to stop where the large one did not.
-                record = {"index": i, "source": by_index[i].source, "output": tokenizer.decode(ids, skip_special_tokens=True),
-                          "output_ids": ids, "finished": finished, "reference": by_index[i].target}
+                record = _record(i, row, by_index[i], tokenizer, eos_ids)
                 part.write(json.dumps(record, ensure_ascii=False) + "\n")
             part.flush()
             os.fsync(part.fileno())
@@ -208,22 +186,64 @@ def calibrate(cfg: CalibrateConfig) -> Path:
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        records = read_records(output)
-        parts = sorted(output.parent.glob(output.name + ".part*"))
-        for p in parts:
-            records.update(read_records(p))
-        missing = [ex.index for ex in examples if ex.index not in records]
-        if missing:
-            raise RuntimeError(f"{len(missing)} examples have no calibration output (first: {missing[:5]})")
-        _rewrite(output, records)
-        for p in parts:
-            p.unlink()
-        unfinished = sum(not r.get("finished", True) for r in records.values())
-        provenance_path.write_text(json.dumps({**provenance, "unfinished_outputs": unfinished}, indent=2))
-        accelerator.print(f"wrote {len(records)} calibration outputs to {output} "
-                          f"({unfinished} cut at max_new_tokens={cfg.max_new_tokens} without EOS)")
+        _merge(output, examples, provenance, provenance_path, cfg.max_new_tokens, accelerator.print)
     accelerator.wait_for_everyone()
     return output
+
+
+def _same_settings_or_exit(output: Path, provenance_path: Path, provenance: dict) -> None:
+    """Refuses to continue an output started with other settings; records this run's settings beside it."""
+    if provenance_path.is_file():
+        old = json.loads(provenance_path.read_text())
+        old.pop("unfinished_outputs", None)  # written when a run completes
+        if old != provenance:
+            changed = sorted(k for k in provenance if old.get(k) != provenance[k])
+            raise SystemExit(
+                f"{output} was started with other settings ({', '.join(changed)} differ); "
+                "remove it or choose another output"
+            )
+    provenance_path.write_text(json.dumps(provenance, indent=2))
+
+
+def _finished_records(output: Path) -> dict[int, dict]:
+    """What earlier runs (any number of processes) finished: the merged file and every part file."""
+    done = read_records(output)
+    for part in sorted(output.parent.glob(output.name + ".part*")):
+        done.update(read_records(part))
+    return done
+
+
+def _record(index: int, row: list[int], example, tokenizer, eos_ids: set[int]) -> dict:
+    """One calibration output: the generated ids up to the first EOS, and whether there was one (finished=False: cut
+    at max_new_tokens; training gives such outputs no EOS target rather than teach the small model to stop where the
+    large one did not)."""
+    ids, finished = [], False
+    for tok in row:
+        if tok in eos_ids:
+            finished = True
+            break
+        ids.append(tok)
+    return {"index": index, "source": example.source, "output": tokenizer.decode(ids, skip_special_tokens=True),
+            "output_ids": ids, "finished": finished, "reference": example.target}
+
+
+def _merge(output: Path, examples, provenance: dict, provenance_path: Path, max_new_tokens: int, say) -> None:
+    """Every process's part files into the one output file (an example without an output is an error), then the
+    parts removed and the count of unfinished outputs recorded."""
+    records = read_records(output)
+    parts = sorted(output.parent.glob(output.name + ".part*"))
+    for p in parts:
+        records.update(read_records(p))
+    missing = [ex.index for ex in examples if ex.index not in records]
+    if missing:
+        raise RuntimeError(f"{len(missing)} examples have no calibration output (first: {missing[:5]})")
+    _rewrite(output, records)
+    for p in parts:
+        p.unlink()
+    unfinished = sum(not r.get("finished", True) for r in records.values())
+    provenance_path.write_text(json.dumps({**provenance, "unfinished_outputs": unfinished}, indent=2))
+    say(f"wrote {len(records)} calibration outputs to {output} "
+        f"({unfinished} cut at max_new_tokens={max_new_tokens} without EOS)")
 
 
 def main(argv=None) -> Path:
