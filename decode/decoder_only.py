@@ -82,7 +82,8 @@ class LlamaPasses(Passes):
         eps = _eps(layers[0].input_layernorm)
         final_eps = _eps(inner.norm)
         self.final_weight = self._keep(inner.norm.weight)
-        act = ACT2FN[getattr(cfg, "hidden_activation", None) or cfg.hidden_act]
+        act_name = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+        act = ACT2FN[act_name]
         softcap = getattr(cfg, "attn_logit_softcapping", None)
         if softcap is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
             # transformers' SDPA attention drops the soft-capping (Gemma 2 loads with it by default in transformers
@@ -92,10 +93,10 @@ class LlamaPasses(Passes):
             softcap = None
         # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
         kernel = self._decode_kernel(softcap) and not (compile and self.matmul_attention)
-        silu = (getattr(cfg, "hidden_activation", None) or cfg.hidden_act) in ("silu", "swish")
-        down_programs = (kernels.DOWN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(self.device).multi_processor_count
-                         if compact.DOWN_KERNEL and kernels.available() and self.device.type == "cuda" and silu
-                         and all(w[12] is None for w in self.weights) else 0)
+        down_programs = (kernels.down_programs(self.device)
+                         if compact.DOWN_KERNEL and kernels.available() and self.device.type == "cuda"
+                         and act_name in ("silu", "swish") and all(layer.mlp.down_proj.bias is None for layer in layers)
+                         else 0)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
                                                  down_programs),

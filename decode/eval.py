@@ -51,7 +51,8 @@ from decode.loading import check_model_location, load_model, resolve_dtype
 from decode.early_exit import EarlyExitBiLD, check_exit_layer, find_exit_head
 from decode.generation import DecodeStats
 from decode.thresholds import load_tuned
-from decode.timing import decoder_path, repeat_passes, repeat_spread, row_thresholds, throughput_rows, tuned_cap
+from decode.timing import (decoder_path, repeat_passes, repeat_spread, row_thresholds, thresholds_of, throughput_rows,
+                           tuned_cap)
 from decode.eval_config import BILD_ROWS, EXIT_ROWS, EvalConfig
 from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
 from decode.report import operating_points, pareto_frontier, sweep_table, table, throughput_table, write_outputs
@@ -385,15 +386,12 @@ def _main_row(ev: Evaluation, name: str, system: str, small_key: str, indices: l
     row["path"] = decoder_path(decoder, ev.cfg.batch_size)
     if system in EXIT_ROWS:
         row["exit_layer"] = decoder.exit_layer
-        row["fallback_threshold"] = decoder.config.fallback_threshold
-        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
+        row.update(thresholds_of(decoder, step_cap=False))
     if system in BILD_ROWS:
         if tuned:
             row["thresholds_tuned_on"] = (f"{tuned['split']} at batch size {tuned.get('batch_size', 1)} (budget "
                                           f"{tuned['budget']:g} {tuned['metric']})")
-        row["fallback_threshold"] = decoder.config.fallback_threshold
-        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-        row["max_small_steps"] = decoder.config.max_small_steps
+        row.update(thresholds_of(decoder))
     return row
 
 

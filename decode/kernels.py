@@ -2,7 +2,7 @@
 the gated MLP's down product.
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
-    out = gated_down(gate_up, down_weight)                                   # [B, 1, 2F] -> [B, 1, d]
+    out = gated_down(gate_up, down_weight, down_programs(device))            # [B, 1, 2F] -> [B, 1, d]
 
 One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
 the token's key and value into the cache at its position (self-attention; cross-attention writes nothing) and
@@ -135,19 +135,22 @@ if triton is not None:
         tl.store(part_ptr + row * stride_pb + split * stride_ps + n, acc, mask=n < N)
 
 
-def gated_down(gate_up: torch.Tensor, weight: torch.Tensor, programs: int | None = None, kernel=None) -> torch.Tensor:
+def down_programs(device: torch.device) -> int:
+    """How many programs the down product's split aims at on this GPU (DOWN_PROGRAMS_PER_SM per multiprocessor)."""
+    return DOWN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gated_down(gate_up: torch.Tensor, weight: torch.Tensor, programs: int, kernel=None) -> torch.Tensor:
     """(silu(gate) * up) @ weight.T for one token per row: gate_up [B, 1, 2F] (gate first), weight [d, F]; returns
-    [B, 1, d] in gate_up's dtype. `programs`: how many programs the split aims at (default: DOWN_PROGRAMS_PER_SM per
-    streaming multiprocessor); `kernel` replaces the compiled kernel (the tests pass Triton's interpreter of it)."""
+    [B, 1, d] in gate_up's dtype. `programs`: how many programs the split aims at (down_programs on a GPU); `kernel`
+    replaces the compiled kernel (the tests pass Triton's interpreter of it)."""
     b, f2 = gate_up.shape[0], gate_up.shape[-1]
     n, f = weight.shape
     gu = _rows(gate_up.reshape(b, f2))
-    if programs is None:
-        programs = DOWN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(gate_up.device).multi_processor_count
-    blocks = -(-n // DOWN_BLOCK_N)
-    splits = max(1, min(-(-programs // (blocks * b)), -(-f // DOWN_BLOCK_K)))
-    chunk = -(-(-(-f // splits)) // DOWN_BLOCK_K) * DOWN_BLOCK_K  # inputs per split, whole loop iterations
-    splits = -(-f // chunk)
+    blocks = _cdiv(n, DOWN_BLOCK_N)
+    splits = max(1, min(_cdiv(programs, blocks * b), _cdiv(f, DOWN_BLOCK_K)))
+    chunk = _cdiv(_cdiv(f, splits), DOWN_BLOCK_K) * DOWN_BLOCK_K  # inputs per split, whole loop iterations
+    splits = _cdiv(f, chunk)
     part = torch.empty(b, splits, n, dtype=torch.float32, device=gate_up.device)
     (kernel or _gated_down)[(blocks, splits, b)](
         gu, weight, part, n, f, chunk, gu.stride(0), weight.stride(0), part.stride(0), part.stride(1),
@@ -177,6 +180,10 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
         cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
         HAS_WINDOW=window is not None, WRITE=write, ROT=rot, num_warps=WARPS)
     return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,14 @@ def throughput_row(ev, name: str, system: str, small_key: str, batch: int, indic
     large_time = sum(ev.latencies[f"large @ batch {batch}"])  # the large row's name is always "large" (_names)
     row["speedup_vs_large_same_batch"] = large_time / row["total_seconds"] if row["total_seconds"] else float("nan")
     if system in BILD_ROWS:
-        row["fallback_threshold"] = decoder.config.fallback_threshold
-        row["rollback_threshold"] = decoder.config.rollback_threshold if decoder.config.rollback == "ce" else None
-        row["max_small_steps"] = decoder.config.max_small_steps
+        row.update(thresholds_of(decoder))
     return row
+
+
+def thresholds_of(decoder, step_cap: bool = True) -> dict:
+    """The thresholds a BiLD or early-exit row decoded at, as its table shows them (exact mode: no rollback
+    threshold), and with `step_cap` its step cap."""
+    c = decoder.config
+    out = {"fallback_threshold": c.fallback_threshold,
+           "rollback_threshold": c.rollback_threshold if c.rollback == "ce" else None}
+    return {**out, "max_small_steps": c.max_small_steps} if step_cap else out

@@ -86,7 +86,7 @@ def check_kernel_cases(results: list[dict]) -> None:
         assert r["cache_equal"] and r["dtype_kept"], r
 
 
-def down_cases(device: str, programs: int | None = None) -> list[dict]:
+def down_cases(device: str) -> list[dict]:
     """The split-K down product against silu(gate) * up @ weight.T as the passes compute it (transformers' eager
     arithmetic), float32 and bfloat16: outputs and inputs that are not multiples of the kernel's blocks, one row and
     several, one split and many."""
@@ -101,7 +101,7 @@ def down_cases(device: str, programs: int | None = None) -> list[dict]:
         for b, d, f, aim in [(1, 96, 640, 8), (3, 40, 300, 64), (1, 33, 129, 1), (2, 64, 1000, 1000)]:
             gate_up = torch.randn(b, 1, 2 * f, dtype=dtype, device=device)
             weight = (torch.randn(d, f, dtype=dtype, device=device) / f ** 0.5).to(dtype)
-            out = kernels.gated_down(gate_up, weight, programs if programs is not None else aim)
+            out = kernels.gated_down(gate_up, weight, aim)  # aim: how many programs the split aims at
             gate, up = gate_up.chunk(2, dim=-1)
             ref = F.linear(F.silu(gate) * up, weight)
             results.append(dict(case=[str(dtype), b, d, f, aim], err=(out.float() - ref.float()).abs().max().item(),
