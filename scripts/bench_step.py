@@ -124,6 +124,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # the kernel at any width
     # inductor's combo kernels: independent kernels of a pass (the rotary of q and of k, ...) launched as one
     "combo": dict(INDUCTOR_OPTIONS={one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}),
+    "combo+down-kernel": dict(DOWN_KERNEL=True,
+                              INDUCTOR_OPTIONS={one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}),
     # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)
     "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device hold for the compiled passes: every GPU test (`pytest -m gpu`), 6 pytest processes at once (the
+# One device hold for the compiled passes: every GPU test (`pytest -m gpu`), 8 pytest processes at once (the
 # compiled ones mostly compile on the CPU), then the default path's settings and the compiled step's variants, each
 # against the defaults compiled anew in the same place ("default"): combo kernels, the split-K down kernel, tuning at
 # 1.5B; with profiles and the pair table.
@@ -16,20 +16,21 @@ if [[ ${1:-wait} == start ]]; then
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
-t "1 every GPU test (the compiled passes' and the kernels' among them), in 6 processes at once"
+t "1 every GPU test (the compiled passes' and the kernels' among them), in 8 processes at once"
 python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py | grep "::" > runs/test_ids.txt
-for i in 0 1 2 3 4 5; do
-  awk -v i=$i 'NR % 6 == i' runs/test_ids.txt > runs/test_ids.$i
-  timeout 1200 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
+for i in 0 1 2 3 4 5 6 7; do
+  awk -v i=$i 'NR % 8 == i' runs/test_ids.txt > runs/test_ids.$i
+  timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) > runs/tests_$i.log 2>&1 &
 done
 wait
-for i in 0 1 2 3 4 5; do tail -1 runs/tests_$i.log; done
+for i in 0 1 2 3 4 5 6 7; do tail -1 runs/tests_$i.log; done
 t "2 default path"
-timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b demo_large qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
+timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
 t "3 compiled step variants"
-timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --variants default combo down-kernel \
-  --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1; tail -1 runs/variants_a.log
-timeout 420 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned combo down-kernel \
+timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile \
+  --variants default combo down-kernel combo+down-kernel --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
+tail -1 runs/variants_a.log
+timeout 420 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned combo+down-kernel \
   --repeats 3 --json runs/variants_b.json > runs/variants_b.log 2>&1; tail -1 runs/variants_b.log
 timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants default combo \
   --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1; tail -1 runs/variants_c.log

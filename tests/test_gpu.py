@@ -341,9 +341,9 @@ def test_the_down_kernel_equals_the_passes_down_product_on_cuda():
     check_down_cases(down_cases("cuda"))
 
 
-def decodes_as_without(setting, arch, compile, monkeypatch):
-    """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
-    equal those with it off (float32)."""
+def decodes_as_without(setting, arch, compile, monkeypatch, on=True, off=False):
+    """With decode.compact's `setting` at `on`, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and
+    counts equal those with it at `off` (float32)."""
     import decode.batch
     import decode.compact
     import decode.fast
@@ -357,9 +357,9 @@ def decodes_as_without(setting, arch, compile, monkeypatch):
 
     large, small = cuda_pair(arch, 3)
     ids = random_prompt(3, length=7).cuda()
-    made_anew(False)
+    made_anew(off)
     plain = decode_all(large, small, ids, None)
-    made_anew(True)
+    made_anew(on)
     bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, compile=compile))
     assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences.cpu(),
                        hf_greedy(large, ids, max_new_tokens=24).cpu())
@@ -379,6 +379,16 @@ def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkey
 def test_the_down_kernel_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
     """DOWN_KERNEL (the split-K down product of SiLU-gated MLPs; Phi-3's gate/up fused in its checkpoint)."""
     decodes_as_without("DOWN_KERNEL", arch, compile, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
+def test_inductors_combo_kernels_decode_as_without_fp32(arch, monkeypatch):
+    """INDUCTOR_OPTIONS with combo kernels (independent kernels of a pass launched as one): the compiled passes still
+    decode as greedy `generate`."""
+    import decode.compact
+
+    combo = {one: dict(options, combo_kernels=True) for one, options in decode.compact.INDUCTOR_OPTIONS.items()}
+    decodes_as_without("INDUCTOR_OPTIONS", arch, True, monkeypatch, on=combo, off=decode.compact.INDUCTOR_OPTIONS)
 
 
 @pytest.mark.parametrize("compile", (False, True))
