@@ -50,8 +50,13 @@ GEMMA = ("gemma2", "gemma3_text")
 DECODER_ONLY = ("llama", "qwen2", "mistral", "qwen3", "phi3") + GEMMA
 ENC_DEC = ("bart", "marian", "t5", "mt5")
 
-# Inductor settings for the compiled passes. No online softmax: inductor splits the long softmaxes here and says so.
-INDUCTOR_OPTIONS = {True: {"online_softmax": False}, False: {"online_softmax": False}}
+# Inductor settings for the compiled passes (keyed by whether the pass is the one-token one). No online softmax:
+# inductor splits the long softmaxes here and says so. Combo kernels: independent kernels of a pass (the norms of q
+# and k, the cache writes, ...) launched as one. Measured on an H100 (BENCHMARKS.md), step with the host read / graph
+# only, without -> with: Qwen2.5-0.5B 1.132 / 1.005 -> 1.067 / 0.910 ms, Qwen2.5-7B 6.220 / 5.928 -> 6.031 / 5.823,
+# the demo BART 0.254 / 0.218 -> 0.229 / 0.193; the demo's 2M model 0.084 / 0.059 -> 0.098 / 0.055 (0.082 -> 0.081 in
+# an earlier run); 5-25 s more compiling.
+INDUCTOR_OPTIONS = {one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}
 # Coordinate-descent tuning of the one-token pass (gpt-fast's setting: one-row products become Triton reductions,
 # fused with the norm before them) for models narrower than this. Measured on an H200 (BENCHMARKS.md): it shortened
 # the step of the demo BART (width 512, graph 0.326 -> 0.232 ms) and of Qwen2.5-0.5B (896, 1.156 -> 1.060), and
@@ -84,11 +89,6 @@ DECODE_KERNEL = True
 # step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032 (compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep their
 # products and their own rotary).
 KERNEL_ROTARY = True
-# Whether a one-token pass on CUDA computes a SiLU-gated MLP's down product with decode/kernels.py's split-K kernel
-# (the activation computed on the fly) instead of the passes' own arithmetic. A profile on an H100 (BENCHMARKS.md)
-# measured inductor's down product at 29% of the copy bandwidth at Qwen2.5-0.5B; the kernel is tested in Triton's
-# interpreter, not yet measured on a GPU: off until it is (`bench_step.py --variants down-kernel`).
-DOWN_KERNEL = False
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

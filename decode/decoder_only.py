@@ -1,6 +1,6 @@
 """The decoder-only families' passes: Llama (any static rope type), Qwen2, Mistral, Qwen3, Phi-3, Gemma 2 and
 Gemma 3's text model. One layer function serves them all; what differs is read off the model once (LlamaPasses).
-The settings they read (decode.compact's KERNEL_ROTARY, DOWN_KERNEL, ...) are read from that module when the passes
+The settings they read (decode.compact's KERNEL_ROTARY, ...) are read from that module when the passes
 are made, so that changing them there takes effect."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 import decode.compact as compact
-import decode.kernels as kernels
 from decode.compact import (GEMMA, Decoder, Passes, fuse_linears, gemma_norm, heads, linear, notice, rms_norm,
                             rope_settings, rope_type, self_attention, soft_cap)
 
@@ -93,13 +92,8 @@ class LlamaPasses(Passes):
             softcap = None
         # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
         kernel = self._decode_kernel(softcap) and not (compile and self.matmul_attention)
-        down_programs = (kernels.down_programs(self.device)
-                         if compact.DOWN_KERNEL and kernels.available() and self.device.type == "cuda"
-                         and act_name in ("silu", "swish") and all(layer.mlp.down_proj.bias is None for layer in layers)
-                         else 0)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 down_programs),
+                                                 norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -141,7 +135,7 @@ def _eps(norm) -> float:
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False, kernel_rope=False, down_programs=0):
+                 kernel=False, kernel_rope=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -158,11 +152,8 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
         gate_up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b)
-        if down_programs and gate_up.shape[1] == 1 and gate_up.is_cuda:  # one token: the split-K kernel
-            out = kernels.gated_down(gate_up, down_w, down_programs)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = linear(act(gate) * up, down_w, down_b)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = linear(act(gate) * up, down_w, down_b)
         return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
 
     return layer

