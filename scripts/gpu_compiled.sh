@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device hold for the compiled passes: every GPU test (`pytest -m gpu`), 8 pytest processes at once (the
 # compiled ones mostly compile on the CPU), then the default path's settings and the compiled step's variants, each
-# against the defaults compiled anew in the same place ("default"): combo kernels, the split-K down kernel, tuning at
-# 1.5B; with profiles and the pair table.
+# against the defaults compiled anew in the same place ("default"): without combo kernels, tuning at 1.5B; with
+# profiles and the pair table.
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
 #   bash scripts/gpu_compiled.sh wait      # later calls on the still-warm machine
@@ -28,11 +28,11 @@ t "2 default path"
 timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
 t "3 compiled step variants"
 timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile \
-  --variants default combo down-kernel combo+down-kernel --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
+  --variants default no-combo --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
 tail -1 runs/variants_a.log
-timeout 420 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned combo+down-kernel \
+timeout 420 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned no-combo \
   --repeats 3 --json runs/variants_b.json > runs/variants_b.log 2>&1; tail -1 runs/variants_b.log
-timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants default combo \
+timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants default no-combo \
   --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1; tail -1 runs/variants_c.log
 echo JOB DONE
 JOB
