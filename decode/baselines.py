@@ -20,7 +20,8 @@ from transformers import PreTrainedModel
 from decode.bild import device_loop_on
 from decode.loading import check_pair, greedy_generation_config
 from decode.batch import BatchRunner, rows_to_stay, should_compact
-from decode.fast import MAX_DRAFT_STEPS, FastRunner, make_runner
+from decode.draft_loop import MAX_DRAFT_STEPS
+from decode.fast import FastRunner, make_runner
 from decode.generation import DecodeStats, RowDecoder
 
 

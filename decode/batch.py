@@ -41,7 +41,8 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.cache import first_cuts, step_verdict
-from decode.fast import MAX_GRAPH_TOKENS, NO_CAP, FastRunner, _src_bucket, compile_wanted
+from decode.draft_loop import NO_CAP
+from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _src_bucket, compile_wanted
 from decode.sampling import noise_size, sample_steps, verify_rows
 
 _BATCH_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[int, BatchRunner]]" = weakref.WeakKeyDictionary()

@@ -32,7 +32,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from decode.batch import BatchRunner, should_compact
-from decode.fast import MAX_DRAFT_STEPS, MAX_EOS_IDS, MAX_GRAPH_TOKENS, FastRunner, make_runner, notice
+from decode.draft_loop import MAX_DRAFT_STEPS, MAX_EOS_IDS
+from decode.fast import MAX_GRAPH_TOKENS, FastRunner, make_runner, notice
 from decode.generation import DecodeStats, Row, RowDecoder
 from decode.loading import check_pair, load_model, warn_on_processors
 from decode.thresholds import THRESHOLDS_FILE, load_tuned

@@ -225,10 +225,10 @@ def test_rows_that_wait_look_ahead_on_cuda(arch):
 
 @pytest.mark.parametrize("rows", (1, 4, 16))
 def test_compiled_bookkeeping_equals_the_eager_ops_on_cuda(rows):
-    """A draft step's bookkeeping compiled into one kernel (decode.fast._bookkeeping, as a compiled runner uses it)
+    """A draft step's bookkeeping compiled into one kernel (decode.draft_loop._bookkeeping, as a compiled runner uses it)
     writes every buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones;
     and it did compile (no silent fallback to the eager ops)."""
-    import decode.fast as fast
+    import decode.draft_loop as loop
 
     g = torch.Generator().manual_seed(rows)
     for trial in range(6):
@@ -239,14 +239,14 @@ def test_compiled_bookkeeping_equals_the_eager_ops_on_cuda(rows):
                  torch.randint(0, 9, (rows, 18), generator=g), torch.tensor(4), torch.rand(rows, 17, generator=g) < 0.5]
         state[6][:, 0] = torch.randint(0, 16, (rows,), generator=g)
         advance = torch.tensor(trial % 2 == 0).cuda()
-        for fn, args in ((fast.draft_bookkeeping, slice(0, 7)), (fast.lookahead_bookkeeping, slice(0, 9))):
+        for fn, args in ((loop.draft_bookkeeping, slice(0, 7)), (loop.lookahead_bookkeeping, slice(0, 9))):
             eager = [t.cuda() for t in state[args]]
             fused = [t.clone() for t in eager]
             with torch.inference_mode():
                 fn(*eager, advance)
-                fast._bookkeeping(fn, True)(*fused, advance)
+                loop._bookkeeping(fn, True)(*fused, advance)
             assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (fn.__name__, trial)
-            assert fast._FUSED[fn].compiled is not None
+            assert loop._FUSED[fn].compiled is not None
 
 
 def decode_compiled_and_not(large, small, ids, mask=None):
