@@ -4,6 +4,8 @@
 # large model, BiLD and lossless BiLD at the tuned points, unaligned and aligned: once with `compile=false` (the
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
+# AHEAD=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]) at the defaults, with
+# lookahead=false and with batch_wait=0.5: whether the two batch settings still earn their place on compiled passes.
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
 #   bash scripts/gpu_end_to_end.sh wait     # a later call on the still-warm machine
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k), named in the device call's carry. Results are packed
@@ -21,14 +23,19 @@ EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$
     "systems=[large,bild,bild_exact]")
 "\${EV[@]}" compile=false out=$R/uncompiled
 "\${EV[@]}" compile=true out=$R/compiled
+if [[ ${AHEAD:-0} == 1 ]]; then
+  B16=("\${EV[@]}" compile=true "systems=[large,bild]" "throughput_batch_sizes=[16]" "throughput_systems=[bild]")
+  "\${B16[@]}" out=$R/b16; "\${B16[@]}" lookahead=false out=$R/b16_no_lookahead
+  "\${B16[@]}" batch_wait=0.5 out=$R/b16_wait05
+fi
 echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
 detached_wait $W $SCRIPT $LOG; rc=$?
-[[ -n ${OUT:-} ]] && tar czf $OUT/end_to_end.tgz runs/*.log $R/uncompiled $R/compiled $R/*/final/bild_thresholds.json \
+[[ -n ${OUT:-} ]] && tar czf $OUT/end_to_end.tgz runs/*.log $R/uncompiled $R/compiled $R/b16* $R/*/final/bild_thresholds.json \
   $R/*.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
-(( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled; do [[ -f $d/report.md ]] && { echo "== $d"; \
+(( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
 exit 0
