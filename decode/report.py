@@ -51,11 +51,11 @@ def _interval(v) -> str:
     return "-" if v is None else f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
 
 
-def _spread(values) -> str:
-    """" (min-max over N passes)" of per-pass speedups, or nothing with one pass."""
+def _spread(values, say_passes: bool = True) -> str:
+    """" (min-max over N passes)" of per-pass speedups (" (min-max)" without say_passes), or nothing with one pass."""
     if not values or len(values) < 2:
         return ""
-    return f" ({min(values):.2f}-{max(values):.2f} over {len(values)} passes)"
+    return f" ({min(values):.2f}-{max(values):.2f}" + (f" over {len(values)} passes)" if say_passes else ")")
 
 
 def table(results: dict) -> str:
@@ -85,8 +85,8 @@ def table(results: dict) -> str:
 
 
 def main_table(results: dict) -> str:
-    """The table a reader looks at first: quality and its interval against the large model, latency, speedup, and
-    tokens per large-model call."""
+    """The table a reader looks at first: quality and its interval against the large model, latency, speedup (with
+    its range over the timed passes, where there are several), and tokens per large-model call."""
     m = results["metric"]
     interval = any("bleu_vs_large" in r for r in results["rows"])
     head = ["system", m] + (["vs large [95% CI]"] if interval else []) + ["ms/example", "speedup vs large",
@@ -97,7 +97,8 @@ def main_table(results: dict) -> str:
             lines.append(f"| {r['system']} | {'failed' if 'error' in r else 'not supported'} (below) |" + " |" * (len(head) - 2))
             continue
         cells = [r["system"], _f(r.get(m))] + ([_interval(r.get("bleu_vs_large"))] if interval else []) + [
-            _f(r.get("latency_median_ms"), 1), _f(r.get("speedup_vs_large")) + "x", _f(r.get("tokens_per_large_call"))]
+            _f(r.get("latency_median_ms"), 1), _f(r.get("speedup_vs_large")) + "x" + _spread(r.get("speedup_passes"), False),
+            _f(r.get("tokens_per_large_call"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,8 +116,7 @@ def throughput_table(results: dict) -> str:
     lines = [f"| batch | system | {m} | identical to large (batch 1) | tokens/s | speedup vs large, same batch | "
              "tokens/large call | rows per large pass | path |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["throughput"]:
-        spread = (f" ({_f(min(r['speedup_passes']))}-{_f(max(r['speedup_passes']))})"
-                  if len(r.get("speedup_passes", ())) > 1 else "")
+        spread = _spread(r.get("speedup_passes"), False)
         lines.append(f"| {r['batch_size']} | {r['base']} | {_f(r.get(m))} | {_f(r['identical_to_large'])} | "
                      f"{_f(r['tokens_per_s'], 0)} | {_f(r['speedup_vs_large_same_batch'])}x{spread} | "
                      f"{_f(r.get('tokens_per_large_call'))} | {_f(r.get('rows_per_large_pass'))} | {r['path']} |")

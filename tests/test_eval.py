@@ -330,6 +330,12 @@ def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path
     assert rows["large"]["speedup_passes"] == pytest.approx([1.0] * 3)
     report = (out / "report.md").read_text()
     assert "3 timed passes per row" in report and "over 3 passes" in report
+    # the short table too: each row's median speedup and its range
+    short = next(b for b in report.split("\n\n") if b.startswith("| system |")).splitlines()
+    bild = rows["BiLD"]
+    low, high = min(bild["speedup_passes"]), max(bild["speedup_passes"])
+    assert any(line.startswith("| BiLD |") and f"{bild['speedup_vs_large']:.2f}x ({low:.2f}-{high:.2f}) |" in line
+               for line in short), short
     assert main(["--config", str(eval_config), "--out", str(tmp_path / "bad"), "repeats=0"]) == 2
     # the throughput table too: interleaved passes per batch size, the median pass, the median speedup
     tp_out = tmp_path / "tp"
