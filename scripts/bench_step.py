@@ -122,7 +122,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "rotary-apart": dict(KERNEL_ROTARY=False),  # the passes rotate q and k, the kernel does not
     "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # the kernel at any width
     # without inductor's combo kernels (independent kernels of a pass launched as one; on by default)
-    "no-combo": dict(INDUCTOR_OPTIONS={one: {"online_softmax": False} for one in (True, False)}),
+    "no-combo": dict(INDUCTOR_OPTIONS={one: dict(options, combo_kernels=False)
+                                       for one, options in decode.compact.INDUCTOR_OPTIONS.items()}),
     # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)
     "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
 }
