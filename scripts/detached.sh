@@ -33,6 +33,16 @@ gpu_tests_alongside() {
    echo "gpu tests rc $?" >> "$1/gpu_tests.log") &
 }
 
+# Inside a job: the demo pair trained up to threshold tuning (`./launch.sh full`, both models at once) into
+# runs/full, on DATA's Multi30k (default .gpu/data); then DEMO_EVAL holds decode.eval over its three models on that
+# data's test set, for the job to add its own key=value arguments to.
+demo_pair_up_to_tuning() {
+  local data=${1:-.gpu/data}
+  PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=$data ./launch.sh full || return 1
+  DEMO_EVAL=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=runs/full/large/final
+             small=runs/full/small/final aligned=runs/full/small_aligned/final dataset=$data/multi30k)
+}
+
 # After a wait: the logs to $OUT, the job's log, the tables of the benchmark logs named, each test log's verdict.
 #   detached_report LOG BENCH_LOG...
 detached_report() {

@@ -32,10 +32,8 @@ if [[ ${1:-wait} == start ]]; then
   cat > $JOB <<JOB
 set -x
 source scripts/detached.sh; gpu_tests_alongside runs
-PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=\${DATA_DIR:-.gpu/data} ./launch.sh full || exit 1
-EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final small=$R/small/final
-    aligned=$R/small_aligned/final dataset=\${DATA_DIR:-.gpu/data}/multi30k repeats=${REPEATS:-3}
-    "throughput_batch_sizes=[1, 4, 16, 64]")
+demo_pair_up_to_tuning "\${DATA_DIR:-.gpu/data}" || exit 1
+EV=("\${DEMO_EVAL[@]}" repeats=${REPEATS:-3} "throughput_batch_sizes=[1, 4, 16, 64]")
 retune16() {  # the same small models copied to <model>_b16, thresholds tuned there for batches of 16 (step cap in the
   # grid); arguments: more decode.tune arguments
   for m in small small_aligned; do

@@ -17,10 +17,8 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
   cat > $SCRIPT <<JOB
 set -x
-PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=.gpu/data ./launch.sh full || exit 1
-EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final
-    small=$R/small/final aligned=$R/small_aligned/final dataset=.gpu/data/multi30k repeats=3
-    "systems=[large,bild,bild_exact]")
+source scripts/detached.sh; demo_pair_up_to_tuning || exit 1
+EV=("\${DEMO_EVAL[@]}" repeats=3 "systems=[large,bild,bild_exact]")
 "\${EV[@]}" compile=false out=$R/uncompiled
 "\${EV[@]}" compile=true out=$R/compiled
 if [[ ${AHEAD:-0} == 1 ]]; then

@@ -21,9 +21,8 @@ if [[ ${1:-wait} == start ]]; then
     main) cat > $SCRIPT <<JOB
 set -x
 source scripts/detached.sh; gpu_tests_alongside runs
-PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=.gpu/data ./launch.sh full || exit 1
-EV=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=$R/large/final
-    small=$R/small/final aligned=$R/small_aligned/final dataset=.gpu/data/multi30k repeats=3)
+demo_pair_up_to_tuning || exit 1
+EV=("\${DEMO_EVAL[@]}" repeats=3)
 "\${EV[@]}" "systems=[large,small,bild,bild_exact,bild_fallback_only,bild_rollback_only]" out=$R/rq3
 for fb in 0.3 0.5; do
   "\${EV[@]}" use_tuned=false do_sample=true temperature=1.0 "systems=[large,small,bild_exact]" fallback_threshold=\$fb \
