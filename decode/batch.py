@@ -41,7 +41,6 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.cache import first_cuts, step_verdict
-from decode.draft_loop import NO_CAP
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _src_bucket, compile_wanted
 from decode.sampling import noise_size, sample_steps, verify_rows
 
@@ -74,9 +73,9 @@ class BatchRunner(FastRunner):
         self.batch = batch
         super().__init__(model, compile)
         self.path = self.path.replace("fast (", f"fast batched, {batch} rows (")
-        # every pass reads _in: per row [start position, token count, tokens..., then in the last three columns a
-        # draft's budget, lookahead flag and tokens to the step cap, or in the last one a check's guess bits]
-        self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 5, dtype=torch.long, device=self.device)
+        # every pass reads _in: per row [start position, token count, tokens..., then in the last column a draft's
+        # budget]
+        self._in = torch.zeros(batch, MAX_GRAPH_TOKENS + 3, dtype=torch.long, device=self.device)
         self._verdicts = torch.zeros(batch, 2, dtype=torch.float32, device=self.device)  # confidence, token
         self._checks = torch.zeros(batch, MAX_GRAPH_TOKENS + 1, dtype=torch.long, device=self.device)  # cut, argmax
         self.lengths = [0] * batch  # per row: the positions its caches hold
@@ -151,24 +150,19 @@ class BatchRunner(FastRunner):
         return [(out[b][0], int(out[b][1])) if f else None for b, f in enumerate(feeds)]
 
     @torch.inference_mode()
-    def check(self, feeds: list[list[int]], rollback: str, threshold: float,
-              guesses: list[int] | None = None) -> list[tuple[int, list[int]] | None]:
+    def check(self, feeds: list[list[int]], rollback: str, threshold: float) -> list[tuple[int, list[int]] | None]:
         """Feeds each row its last checked token and its pending ones; per row the first cut (its number of
-        pending tokens when none) and the argmax at each fed position (None for a row that fed nothing).
-        guesses[b]: bit i set where row b's pending token i is a lookahead guess (`draft`), which is cut unless it
-        equals the argmax, whatever the rollback rule."""
+        pending tokens when none) and the argmax at each fed position (None for a row that fed nothing)."""
         n = max(len(f) for f in feeds)
         if rollback == "ce" and self._threshold_value != float(threshold):
             self._threshold.fill_(threshold)
             self._threshold_value = float(threshold)
-        bits = [[guesses[b] if guesses and b < len(guesses) else 0] for b in range(self.batch)]
         if n <= MAX_GRAPH_TOKENS:
-            self._inputs(feeds, n, static=True, tail=bits)
+            self._inputs(feeds, n, static=True)
             self._run(("check", n, rollback))
             out = self._checks[:, : n + 1].tolist()  # note: the one host-device sync per large call
         else:
-            inp = self._inputs(feeds, n, static=False, tail=bits)
-            cut, argmax = self._check_core(inp, n, rollback, self._threshold, inp[:, -1])
+            cut, argmax = self._check_core(self._inputs(feeds, n, static=False), n, rollback, self._threshold)
             out = torch.cat([cut[:, None], argmax], dim=1).tolist()  # note: sync point
         self._advance(feeds)
         return [(out[b][0], out[b][1 : len(f) + 1]) if f else None for b, f in enumerate(feeds)]
@@ -191,37 +185,26 @@ class BatchRunner(FastRunner):
 
     @torch.inference_mode()
     def draft(self, feeds: list[list[int]], k: int, budgets: list[int], threshold: float, eos: list[int],
-              need: int = 1, lookahead: tuple[int | None, list[bool], list[int]] | None = None
-              ) -> list[tuple[int, list[int], list[int]] | None]:
+              need: int = 1) -> list[tuple[int, list[int]] | None]:
         """Up to k greedy small steps for every row, the loop's state on the device (FastRunner.draft, per row): row
         b feeds its tokens, then each token it keeps, until a fallback, an EOS token or budgets[b] kept tokens (rows
-        that feed nothing sit out; their budget must be 0). The loop stops once fewer than `need` rows still run
-        that do not look ahead.
-
-        lookahead=(cap, ahead, to_cap): a fallback keeps its token as a guess and the row goes on drafting, looking
-        ahead (so do the rows with ahead[b] from the start); a guess is also forced once to_cap[b] tokens were kept
-        since the row's last guess (then cap, None: no cap). Per row (steps taken, kept tokens, the indices of the
-        guesses among them), None for a row that fed nothing."""
+        that feed nothing sit out; their budget must be 0). The loop stops once fewer than `need` rows still run. Per
+        row (steps taken, kept tokens), None for a row that fed nothing."""
         if max(len(f) for f in feeds) > MAX_GRAPH_TOKENS:  # catch up without a graph, then draft from the last token
             self.feed([f[:-1] for f in feeds])
             feeds = [f[-1:] for f in feeds]
         n = max(len(f) for f in feeds)
         rows = range(self.batch)
         budgets = [budgets[b] if b < len(feeds) else 0 for b in rows]
-        cap, ahead, to_cap = lookahead if lookahead is not None else (None, [], [])
-        tail = [[budgets[b], int(b < len(ahead) and bool(ahead[b])),
-                 to_cap[b] if b < len(to_cap) and to_cap[b] is not None else NO_CAP] for b in rows]
-        self._inputs(feeds, n, static=True, tail=tail)
-        self._set_draft(threshold, eos, cap)
-        steps = self._draft_loop(n, k, budgets, need, lookahead is not None)
+        self._inputs(feeds, n, static=True, tail=[[budgets[b]] for b in rows])
+        self._set_draft(threshold, eos)
+        steps = self._draft_loop(n, k, budgets, need)
         out = self._draft_out[:, : 1 + k].tolist()  # note: the draft's tokens come back once
-        guessed = self._guessed[:, :k].tolist() if lookahead is not None else None
         results = []
         for b, f in enumerate(feeds):
             if f:
                 self.lengths[b] += len(f) + steps[b] - 1
-                kept = out[b][1 : 1 + out[b][0]]
-                results.append((steps[b], kept, [i for i in range(len(kept)) if guessed and guessed[b][i]]))
+                results.append((steps[b], out[b][1 : 1 + out[b][0]]))
             else:
                 results.append(None)
         return results
@@ -300,13 +283,12 @@ class BatchRunner(FastRunner):
         h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))
         return dec.head(h)[:, 0].float()
 
-    def _check_core(self, inp: torch.Tensor, n: int, rollback: str, threshold, guess_bits: torch.Tensor):
+    def _check_core(self, inp: torch.Tensor, n: int, rollback: str, threshold):
         ids, pos = self._ids_pos(inp, n)
         logits = self.decoder.forward(ids, pos).float()  # [B, n, V]
         argmax = logits.argmax(dim=-1)
         n_pending = (inp[:, 1] - 1).clamp(min=0)
-        guesses = (guess_bits[:, None] >> torch.arange(n - 1, device=inp.device).clamp(max=62)) & 1 == 1  # [B, n - 1]
-        cut = first_cuts(logits[:, :-1], argmax[:, :-1], ids[:, 1:], n_pending, rollback, threshold, guesses)
+        cut = first_cuts(logits[:, :-1], argmax[:, :-1], ids[:, 1:], n_pending, rollback, threshold)
         return cut, argmax
 
     def _pass(self, key: tuple):
@@ -321,7 +303,7 @@ class BatchRunner(FastRunner):
             self._verdicts[:, 1] = token
 
         def check():
-            cut, argmax = self._check_core(inp, n, key[2], self._threshold, self._in[:, -1])
+            cut, argmax = self._check_core(inp, n, key[2], self._threshold)
             self._checks[:, 0] = cut
             self._checks[:, 1 : n + 1] = argmax
 
@@ -343,14 +325,14 @@ class BatchRunner(FastRunner):
             self._checks[:, 0] = cut
             self._checks[:, 1] = token
 
-        def draft():  # key: ("draft", n[, "ahead"]): the first step over each row's fed tokens, with their loop state
-            self._loop.copy_(self._in[:, -3:].T)
-            self._draft_first(self._next_logits(inp, n), inp[:, 0] + inp[:, 1], key[2:] == ("ahead",))
+        def draft():  # key: ("draft", n): the first step over each row's fed tokens, with their budgets
+            self._left.copy_(self._in[:, -1])
+            self._draft_first(self._next_logits(inp, n), inp[:, 0] + inp[:, 1])
 
         if key[0].startswith("sample"):
             self._sampling_buffers(check=key[0] == "sample_check")
         if key[0] == "draft_next":
-            return lambda: self._draft_step(key[2:] == ("ahead",))
+            return self._draft_step
         return {"step": step, "check": check, "sample": sample, "sample_check": sample_check, "draft": draft}[key[0]]
 
     def _sampling_buffers(self, check: bool = False) -> torch.Tensor:

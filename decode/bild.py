@@ -52,30 +52,20 @@ class BiLDConfig:
     """"ce" (the paper's lossy rollback) or "exact" (cut at the first disagreement: lossless)."""
     max_small_steps: int | None = 10
     """Fall back after this many consecutive small-model tokens (the official code's N = 10); None: no cap."""
-    batch_wait: float = 1.0
-    """Batches (decoded together on the fast path): rows that need the large model wait, while the others keep
-    drafting, until this fraction of the unfinished rows waits; then one large pass checks every waiting row.
-    0: a large pass as soon as any row needs it; 1: only once no row can draft. No effect on any row's tokens."""
     device_loop: bool | None = None
     """Greedy decoding on the fast path: the small model's draft loop keeps its state on the device (FastRunner.draft):
     each row's fallback, step cap and end are decided inside the pass, the host reads only the rows' budgets between
     steps and the tokens once per draft. None: in batches decoded together (measured faster there, BENCHMARKS.md),
     not at batch size 1 (measured slower: its host loop is already lean); True: always; False: never. No effect on
     any token or count."""
-    lookahead: bool | None = None
-    """Batches decoded together with the device draft loop: a row that needs the large model keeps drafting while
-    it waits for the other rows, its fallback token kept as a guess (and a guess forced at the step cap); the large
-    pass confirms a guess only where it equals the large model's argmax, so every row's tokens and policy counts
-    stay those of decoding it alone, while a confirmed guess saves the large pass decoding it alone would make
-    there. None: on wherever the device draft loop drafts a batch with a step cap (max_small_steps); False: off."""
     fast_path: bool | None = None
     """None: the fast path (decode/fast.py: compact passes and static caches, in CUDA graphs on CUDA) where the
     architecture is covered, else the eager path; True: the fast path (an error where not covered); False: the
     eager path."""
     compile: bool | None = None
-    """The fast path's passes through torch.compile (decode/compact.py): True: compiled; None: uncompiled unless
-    BILD_COMPILE=1 is set (then compiled on CUDA); False: uncompiled. Compiling costs up to about a minute per model
-    and process; the GPU figures with and without it are in BENCHMARKS.md."""
+    """The fast path's passes through torch.compile (decode/compact.py): True: compiled; None: compiled on CUDA
+    (uncompiled elsewhere, or with BILD_COMPILE=0 in the environment); False: uncompiled. Compiling costs up to about
+    a minute per model and process; the GPU figures with and without it are in BENCHMARKS.md."""
 
     def __post_init__(self):
         if self.fallback_threshold is None or not 0.0 <= float(self.fallback_threshold) <= 1.0:
@@ -86,13 +76,6 @@ class BiLDConfig:
             raise ValueError(f"rollback_threshold must be >= 0 (nats), got {self.rollback_threshold}")
         if self.max_small_steps is not None and int(self.max_small_steps) < 1:
             raise ValueError(f"max_small_steps must be at least 1 or None, got {self.max_small_steps}")
-        if self.batch_wait is None or not 0.0 <= float(self.batch_wait) <= 1.0:
-            raise ValueError(f"batch_wait must be in [0, 1], got {self.batch_wait}")
-        self.batch_wait = float(self.batch_wait)
-        if self.lookahead not in (None, True, False):
-            raise ValueError(f"lookahead must be None (auto), True or False, got {self.lookahead!r}")
-        if self.lookahead and self.device_loop is False:
-            raise ValueError("lookahead drafts in the device draft loop: it needs device_loop None or True")
         if self.fast_path not in (None, True, False):
             raise ValueError(f"fast_path must be None (auto), True or False, got {self.fast_path!r}")
         if self.compile not in (None, True, False):
@@ -109,15 +92,13 @@ class _Batch:
 
     large: BatchRunner
     small: BatchRunner
-    rows: list[Row]  # looking ahead, a guess counts as the large model's token
+    rows: list[Row]
     order: list[int]
     waiting: dict[int, bool]
     stats: DecodeStats
     sampling: object
     cap: int | None
     max_new_tokens: int
-    lookahead: bool
-    most: int
     on_device: bool
 
 
@@ -146,28 +127,19 @@ class BiLD(RowDecoder):
         after a step-cap fallback), and large checks of k pending tokens + 1."""
         small = small or self._small
         small.plan([("step", 1), ("step", 2)])
-        if self._drafts_on_device(small):  # the lookahead graphs where rows look ahead
-            mode = ("ahead",) if self._looks_ahead(small) else ()
-            small.plan([("draft", 1, *mode), ("draft", 2, *mode), ("draft_next", 1, *mode)])
-        (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range(self._most_pending(small) + 1)])
+        if self._drafts_on_device(small):
+            small.plan([("draft", 1), ("draft", 2), ("draft_next", 1)])
+        (large or self._large).plan([("check", k + 1, self.config.rollback) for k in range(self._most_pending() + 1)])
 
     def _drafts_on_device(self, small) -> bool:
         """Whether the small model drafts greedily on the device (BiLDConfig.device_loop) with this runner."""
         return device_loop_on(self.config.device_loop, small, self.eos_token_ids)
 
-    def _looks_ahead(self, small) -> bool:
-        """Whether rows waiting for the large model keep drafting (BiLDConfig.lookahead): batches, the device loop,
-        a step cap (which bounds the pending tokens of the rows that do not wait)."""
-        return (self.config.lookahead is not False and self.config.max_small_steps is not None
-                and isinstance(small, BatchRunner) and self._drafts_on_device(small))
-
-    def _most_pending(self, small) -> int:
+    def _most_pending(self) -> int:
         """The most pending tokens a row holds before its check: the step cap (15 without one: more are checked
-        without a graph), one more when it looks ahead (a guess forced at the cap), no more than a graph takes."""
+        without a graph)."""
         cap = self.config.max_small_steps
-        if cap is None:
-            return MAX_GRAPH_TOKENS - 1
-        return min(cap + 1, MAX_GRAPH_TOKENS - 1) if self._looks_ahead(small) else cap
+        return MAX_GRAPH_TOKENS - 1 if cap is None else cap
 
     def _budget(self, row: Row, max_new_tokens: int) -> int:
         """Tokens a row may still draft before the loop would stop it: max_new_tokens, and the step cap."""
@@ -175,13 +147,13 @@ class BiLD(RowDecoder):
         cap = self.config.max_small_steps
         return min(budget, cap - row.n_pending) if cap is not None else budget
 
-    def _needs_large(self, row: Row, max_new_tokens: int, cap: int | None, lookahead: bool = False) -> str | None:
+    def _needs_large(self, row: Row, max_new_tokens: int, cap: int | None) -> str | None:
         """What the policy asks of a row before its next small step: "done" (it ended and nothing is pending),
         "final" (it ended: its pending tokens get their last check), "cap" (the step cap: a check), or None (it
-        drafts on). Looking ahead, the step cap counts the tokens since the large model's last one."""
+        drafts on)."""
         if self._finished(row, max_new_tokens):
             return "done" if row.n_pending == 0 else "final"
-        if cap is not None and len(row.seq) - (row.since_large if lookahead else row.pending_start) >= cap:
+        if cap is not None and row.n_pending >= cap:
             return "cap"
         return None
 
@@ -299,8 +271,8 @@ class BiLD(RowDecoder):
     def _decode_batch(self, prompts: list[list[int]], max_new_tokens: int, stats: DecodeStats) -> list[list[int]]:
         """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions. A row that
         needs the large model (a fallback, the step cap, its end) waits; the others keep drafting, one small-model
-        pass for all of them per token, until `batch_wait` of the unfinished rows wait (or none can draft); then
-        one large-model pass checks every waiting row. Rows that need nothing sit out a pass; once the unfinished
+        pass for all of them per token, until every unfinished row waits; then one large-model pass checks them
+        all (a large pass sooner, once a fraction of the rows waits, measured no faster: BENCHMARKS.md). Rows that need nothing sit out a pass; once the unfinished
         rows fit half the runners' batch, both runners compact (decode/batch.py). Sampling: the small model draws,
         the large model's pass applies the rejection rule per row."""
         cfg, sampling = self.config, self._sampling
@@ -313,7 +285,6 @@ class BiLD(RowDecoder):
             cap = self._plan_sampling(small, large)
         b = _Batch(large, small, rows=[self._row(p) for p in prompts], order=list(range(len(prompts))), waiting={},
                    stats=stats, sampling=sampling, cap=cap, max_new_tokens=max_new_tokens,
-                   lookahead=sampling is None and self._looks_ahead(small), most=self._most_pending(small),
                    on_device=sampling is None and self._drafts_on_device(small))
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)
@@ -323,11 +294,11 @@ class BiLD(RowDecoder):
             for i in b.order:
                 if done[i] or i in b.waiting:
                     continue
-                need = self._needs_large(b.rows[i], max_new_tokens, cap, b.lookahead)
+                need = self._needs_large(b.rows[i], max_new_tokens, cap)
                 if need == "done":
                     done[i] = True
                 elif need is not None:
-                    stats.step_cap_fallbacks += need == "cap" and not b.lookahead  # (looking ahead, counted at the check)
+                    stats.step_cap_fallbacks += need == "cap"
                     b.waiting[i] = need == "final"
                 else:
                     drafting.add(i)
@@ -338,10 +309,10 @@ class BiLD(RowDecoder):
                 b.large, b.small = b.large.compact(live), b.small.compact(live)
                 b.order = [b.order[r] for r in live]
                 stats.compactions += 1
-            if b.waiting and (not drafting or len(b.waiting) >= max(1.0, cfg.batch_wait * len(live))):
-                self._check_waiting(b)
+            if drafting:
+                self._draft_rows(b, drafting)
             else:
-                self._draft_rows(b, drafting, len(live))
+                self._check_waiting(b)
         return [row.new_tokens for row in b.rows]
 
     def _check_waiting(self, b: _Batch) -> None:
@@ -350,58 +321,33 @@ class BiLD(RowDecoder):
         cfg, rows, order, waiting, stats = self.config, b.rows, b.order, b.waiting, b.stats
         feeds = [rows[i].seq[b.large.lengths[r]:] if i in waiting else [] for r, i in enumerate(order)]
         if b.sampling is None:
-            bits = [sum(1 << k for k, _ in rows[i].guesses) for i in order] if b.lookahead else None
-            results = b.large.check(feeds, cfg.rollback, cfg.rollback_threshold, bits)
+            results = b.large.check(feeds, cfg.rollback, cfg.rollback_threshold)
         else:
             results = b.large.sample_check(feeds, b.small.drafts(), b.sampling)
         stats.large_passes += 1
         for r, i in enumerate(order):
             if i not in waiting:
                 continue
-            row = rows[i]
-            n_pending = row.n_pending
-            final, ahead, ends_here = waiting[i], None, not waiting[i]
-            if b.lookahead:  # its end may have come while it looked ahead; its pending tokens end a run of its
-                # own only at the step cap (its fallbacks are guesses), else the large model writes nothing
-                final = final or self._finished(row, b.max_new_tokens)
-                ends_here = not final and len(row.seq) - row.since_large >= b.cap
-                ahead, row.guesses = (row.guesses, ends_here), []
+            row, final = rows[i], waiting[i]
             if b.sampling is None:
                 cut, argmax = results[r]
-                token = _token_after(cut, argmax, n_pending, not ends_here)
+                token = _token_after(cut, argmax, row.n_pending, final)
             else:
                 cut, token = results[r]
-                token = _drawn_token_after(cut, token, n_pending, final)
-            if _settle(row, cut, token, stats, ahead):
+                token = _drawn_token_after(cut, token, row.n_pending, final)
+            if _settle(row, cut, token, stats):
                 b.large.rewind(r, len(row.seq) - 1)
                 b.small.rewind(r, len(row.seq) - 1)
-            elif b.lookahead and not final:  # its last token is fed again, for the next check's first verdict
-                b.large.rewind(r, len(row.seq) - 1)
         waiting.clear()
 
-    def _draft_rows(self, b: _Batch, drafting: set[int], n_live: int) -> None:
-        """One small-model pass (the host loop) or one draft (the device loop: steps until fewer rows run than keep
-        the large pass away) for the drafting rows, and looking ahead for the waiting ones too; a fallback makes a
-        row wait."""
-        cfg, rows, order, waiting, stats, cap = self.config, b.rows, b.order, b.waiting, b.stats, b.cap
-        room = {}  # lookahead: the tokens each row may still draft (max_new_tokens, the most pending tokens)
-        if b.lookahead:
-            for i in order:
-                if i in drafting or (i in waiting and not self._finished(rows[i], b.max_new_tokens)):
-                    room[i] = min(b.max_new_tokens - rows[i].n_new, b.most - rows[i].n_pending)
-            room = {i: n for i, n in room.items() if n > 0}
-        feeds = [rows[i].seq[b.small.lengths[r]:] if i in drafting or i in room else [] for r, i in enumerate(order)]
+    def _draft_rows(self, b: _Batch, drafting: set[int]) -> None:
+        """One small-model pass (the host loop) or one draft (the device loop: steps while any row drafts) for the
+        drafting rows; a fallback makes a row wait."""
+        cfg, rows, order, waiting, stats = self.config, b.rows, b.order, b.waiting, b.stats
+        feeds = [rows[i].seq[b.small.lengths[r]:] if i in drafting else [] for r, i in enumerate(order)]
         if b.on_device:  # the host loop's decisions, on the device
-            if b.lookahead:
-                budgets = [room.get(i, 0) for i in order]
-            else:
-                budgets = [self._budget(rows[i], b.max_new_tokens) if i in drafting else 0 for i in order]
-            need = max(1, len(waiting) + len(drafting) - math.ceil(max(1.0, cfg.batch_wait * n_live)) + 1)
-            ahead = None
-            if b.lookahead:  # the rows that wait look ahead; the step cap forces a guess
-                ahead = (cap, [i in waiting for i in order], [cap - (len(rows[i].seq) - rows[i].since_large) for i in order])
-            drafted = b.small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids, need,
-                                    ahead)
+            budgets = [self._budget(rows[i], b.max_new_tokens) if i in drafting else 0 for i in order]
+            drafted = b.small.draft(feeds, MAX_DRAFT_STEPS, budgets, cfg.fallback_threshold, self.eos_token_ids)
             stats.small_passes += max(d[0] for d in drafted if d is not None)
         else:
             verdicts = b.small.step(feeds) if b.sampling is None else b.small.sample_step(feeds, b.sampling)
@@ -409,19 +355,12 @@ class BiLD(RowDecoder):
             stats.small_passes += 1
         for r, i in enumerate(order):
             if drafted[r] is not None:
-                row, (steps, kept, *marks) = rows[i], drafted[r]
+                row, (steps, kept) = rows[i], drafted[r]
                 stats.small_steps += steps
-                if b.lookahead and marks[0]:
-                    for k in marks[0]:
-                        forced = len(row.seq) + k - row.since_large >= cap
-                        row.guesses.append((len(row.seq) + k - row.pending_start, forced))
-                        row.since_large = len(row.seq) + k + 1
-                    waiting.setdefault(i, False)  # its first guess: it fell back (counted at its check)
                 row.seq.extend(kept)
                 if steps > len(kept):  # the last step fell back
                     stats.fallbacks += 1
                     waiting[i] = False
-
 
 def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
     """Whether greedy steps on `runner` keep the loop's state on the device (BiLDConfig.device_loop: None means on
@@ -437,7 +376,7 @@ def _one_step(confidence: float, token: int, fallback_threshold: float) -> tuple
 
 def _token_after(cut: int, argmax: list[int], n_pending: int, none_after: bool) -> int | None:
     """The large model's token after a greedy check: its argmax at the cut, or after the pending tokens (none there
-    with none_after: the end of the sequence, or a lookahead run that has not ended)."""
+    with none_after: the end of the sequence)."""
     return argmax[cut] if cut < n_pending else (None if none_after else argmax[n_pending])
 
 
@@ -447,60 +386,23 @@ def _drawn_token_after(cut: int, token: int, n_pending: int, final: bool) -> int
     return None if final and cut == n_pending else token
 
 
-def _settle(row: Row, cut: int, token: int | None, stats: DecodeStats,
-            ahead: tuple[list[tuple[int, bool]], bool] | None = None) -> bool:
+def _settle(row: Row, cut: int, token: int | None, stats: DecodeStats) -> bool:
     """Applies a large-model check to a row: drops its pending tokens from `cut` on, appends `token` (if any), counts,
-    and starts its pending tokens (and, where a token was appended, its run since the large model) after them.
-    ahead, when the row looked ahead: its guesses (pending index, whether the step cap forced it) and whether the
-    step cap ends its pending tokens. Returns whether a token was appended."""
+    and starts its pending tokens after them. Returns whether a token was appended."""
     seq, pending_start, n_pending = row.seq, row.pending_start, row.n_pending
     stats.large_calls += 1
-    if ahead is None:
-        if cut < n_pending:
-            stats.rollbacks += 1
-            stats.rolled_back_tokens += n_pending - cut
-        stats.small_tokens += cut
-    else:
-        _count_lookahead(n_pending, cut, *ahead, stats)
+    if cut < n_pending:
+        stats.rollbacks += 1
+        stats.rolled_back_tokens += n_pending - cut
+    stats.small_tokens += cut
     del seq[pending_start + cut :]
     row.pending_start = len(seq)
     if token is None:
         return False
     seq.append(token)
     stats.large_tokens += 1
-    row.pending_start = row.since_large = len(seq)
+    row.pending_start = len(seq)
     return True
-
-
-def _count_lookahead(n_pending: int, cut: int, guesses: list[tuple[int, bool]], at_cap: bool,
-                     stats: DecodeStats) -> None:
-    """A check's counts for a row that looked ahead, counting the policy's events as decoding it alone would: a
-    confirmed guess stands for a fallback (or a step-cap fallback) and the large model's token there; the cut
-    ends the run of tokens it falls in, at the next guess (a fallback decided before the check) or at the end of
-    the pending tokens (the step cap, if `at_cap`); it is a rollback unless it is that guess. A rollback in the run
-    after the last guess counts no fallback when none came yet: the row alone would have drafted on to one,
-    and rolled back those drafts too."""
-    def count(forced: bool) -> None:
-        if forced:
-            stats.step_cap_fallbacks += 1
-        else:
-            stats.fallbacks += 1
-
-    confirmed = [forced for g, forced in guesses if g < cut]
-    later = [(g, forced) for g, forced in guesses if g >= cut]
-    for forced in confirmed:
-        count(forced)
-    end = later[0][0] if later else n_pending
-    if later:
-        count(later[0][1])
-    elif at_cap:
-        stats.step_cap_fallbacks += 1
-    if cut < end:
-        stats.rollbacks += 1
-        stats.rolled_back_tokens += end - cut
-    stats.small_tokens += cut - len(confirmed)
-    stats.large_tokens += len(confirmed)
-    stats.lookahead_tokens += max(0, cut - guesses[0][0] - 1) if guesses else 0
 
 
 def tuned_config(small: str) -> BiLDConfig:

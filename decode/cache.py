@@ -81,11 +81,10 @@ def first_cut(logits: torch.Tensor, argmax: torch.Tensor, pending: torch.Tensor,
     return first_cuts(logits[None], argmax[None], pending[None], None, rollback, threshold)[0]
 
 
-def first_cuts(logits, argmax, pending, n_pending, rollback: str, threshold, guesses=None) -> torch.Tensor:
+def first_cuts(logits, argmax, pending, n_pending, rollback: str, threshold) -> torch.Tensor:
     """`first_cut` for B rows at once, each with its own number of pending tokens. logits: [B, m, V];
-    argmax, pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]; None: all m);
-    guesses: [B, m] bool or None, pending tokens cut unless they equal the argmax whatever the rule (lookahead
-    guesses, decode/batch.py). Returns [B] long, n_pending[b] where row b has nothing to cut."""
+    argmax, pending: [B, m]; n_pending: [B] (row b's pending tokens are its first n_pending[b]; None: all m).
+    Returns [B] long, n_pending[b] where row b has nothing to cut."""
     m = pending.shape[1]
     if m == 0:
         return torch.zeros(pending.shape[0], dtype=torch.long, device=logits.device)
@@ -95,8 +94,6 @@ def first_cuts(logits, argmax, pending, n_pending, rollback: str, threshold, gue
     else:
         nll = -torch.log_softmax(logits, dim=-1).gather(-1, pending[..., None]).squeeze(-1)  # [B, m]
         cut_mask = nll > threshold
-        if guesses is not None:
-            cut_mask = torch.where(guesses, argmax != pending, cut_mask)
     if n_pending is None:
         return torch.where(cut_mask, positions, m).min(dim=1).values
     cut_mask &= positions < n_pending[:, None]

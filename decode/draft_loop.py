@@ -18,41 +18,24 @@ import torch
 from decode.compact import notice
 
 MAX_DRAFT_STEPS = 16  # small steps one `draft` takes at most
-NO_CAP = 1 << 40  # a draft's step cap when there is none
 MAX_EOS_IDS = 8  # EOS ids the device draft loop compares with (more: the host loop)
 
 
 # -- a draft step's bookkeeping (the device draft loop), compiled into one kernel where the runner compiles -------
 
-def draft_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, advance) -> None:
+def draft_bookkeeping(conf, tok, fallback, eos, left, nxt, out, advance) -> None:
     """Applies a draft step's verdicts [B] (top probability, argmax) to the loop's state: a running row (budget
-    loop[0] over 0) keeps its argmax when its top probability is over the threshold, and stops at a fallback, an
-    EOS token or its budget (loop[0] reaches 0). out[:, 0]: tokens kept; out[:, 1:]: the kept tokens, in order (a
+    left over 0) keeps its argmax when its top probability is over the threshold, and stops at a fallback, an
+    EOS token or its budget (left reaches 0). out[:, 0]: tokens kept; out[:, 1:]: the kept tokens, in order (a
     row that keeps nothing writes its token just past them). advance (a bool tensor, so that the first step and the
     later ones share one compiled kernel): a running row's next position moves on."""
-    left, kept = loop[0], out[:, 0]
+    kept = out[:, 0]
     run = left > 0
     nxt.add_(run & advance)
     keep = run & (conf > fallback)
     out[:, 1:].scatter_(1, kept[:, None], tok[:, None])
     kept.add_(keep)
     left.sub_(1).mul_(keep & (tok[:, None] != eos).all(dim=-1))
-
-
-def lookahead_bookkeeping(conf, tok, fallback, eos, loop, nxt, out, cap, guessed, advance) -> None:
-    """draft_bookkeeping's, looking ahead (BatchRunner.draft): a running row keeps every token; a fallback's (or the
-    step cap's: loop[2] reaches 0) is a guess (`guessed`), which the large model's check must match; the row then
-    looks ahead (loop[1] counts its guesses), and its step cap counts again from there."""
-    left, ahead, seg, kept = loop[0], loop[1], loop[2], out[:, 0]
-    run = left > 0
-    nxt.add_(run & advance)
-    guess = (conf <= fallback) | (seg == 0)
-    guessed.scatter_(1, kept[:, None], guess[:, None])
-    ahead.add_(run & guess)
-    seg.copy_(torch.where(guess, cap, seg - 1))  # (masked_fill_ with a tensor value reads it on the host)
-    out[:, 1:].scatter_(1, kept[:, None], tok[:, None])
-    kept.add_(run)
-    left.sub_(1).mul_(run & (tok[:, None] != eos).all(dim=-1))
 
 
 class _CompiledOrEager:
@@ -90,74 +73,63 @@ class DeviceDraftLoop:
     """The draft loop's buffers and steps, mixed into FastRunner (decode/fast.py)."""
 
     def _draft_buffers(self, rows: int) -> None:
-        """The device draft loop (`draft`): per row its tokens still allowed (0: stopped), whether it looks ahead
-        (BatchRunner.draft) and its tokens until the step cap forces a guess, in one buffer the host reads whole; next
-        position and next input; its output, per row [tokens kept, the kept tokens...] and which of them are guesses;
-        the fallback threshold, the step cap (lookahead) and the EOS ids (padded with -1), as the host last wrote
-        them."""
-        self._loop = torch.zeros(3, rows, dtype=torch.long, device=self.device)
-        self._left, self._ahead, self._seg = self._loop
+        """The device draft loop (`draft`): per row its tokens still allowed (0: stopped), the buffer the host reads
+        between steps; next position and next input; its output, per row [tokens kept, the kept tokens...]; the
+        fallback threshold and the EOS ids (padded with -1), as the host last wrote them."""
+        self._left = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._nxt = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         self._conf = torch.zeros(rows, dtype=torch.float32, device=self.device)
         # (one spare column: a row that keeps nothing writes its step's token just past its kept ones)
         self._draft_out = torch.zeros(rows, 1 + MAX_DRAFT_STEPS + 1, dtype=torch.long, device=self.device)
-        self._guessed = torch.zeros(rows, MAX_DRAFT_STEPS + 1, dtype=torch.bool, device=self.device)
         self._fallback = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._cap = torch.zeros((), dtype=torch.long, device=self.device)
         self._eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
         self._no = torch.zeros((), dtype=torch.bool, device=self.device)  # the bookkeeping's `advance`
         self._yes = torch.ones((), dtype=torch.bool, device=self.device)
         self._draft_settings: tuple | None = None
 
-    def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1, ahead: bool = False) -> list[int]:
-        """The first step (over n fed tokens), then one step at a time while at least `need` rows run that do not
-        look ahead, and fewer than k steps were taken; each step the host reads the rows' budgets (0: stopped) and
-        whether they look ahead, nothing else. ahead: the lookahead graphs (BatchRunner.draft). Returns each row's
+    def _draft_loop(self, n: int, k: int, left: list[int], need: int = 1) -> list[int]:
+        """The first step (over n fed tokens), then one step at a time while at least `need` rows run and fewer than
+        k steps were taken; each step the host reads the rows' budgets (0: stopped), nothing else. Returns each row's
         steps taken."""
-        mode = ("ahead",) if ahead else ()
         steps = [0] * len(left)
-        self._run(("draft", n, *mode))
+        self._run(("draft", n))
         for j in range(k):
             steps = [s + (was > 0) for s, was in zip(steps, left)]  # the rows that ran this step
-            left, ahead = self._loop[:2].tolist()  # note: one small read per step, to stop the loop
-            if j + 1 == k or sum(x > 0 and not a for x, a in zip(left, ahead)) < need:
+            left = self._left.tolist()  # note: one small read per step, to stop the loop
+            if j + 1 == k or sum(x > 0 for x in left) < need:
                 break
-            self._run(("draft_next", 1, *mode))
+            self._run(("draft_next", 1))
         return steps
 
-    def _set_draft(self, threshold: float, eos: list[int], cap: int | None = None) -> None:
-        """Writes the draft loop's threshold, EOS ids and step cap (lookahead's) where they changed."""
+    def _set_draft(self, threshold: float, eos: list[int]) -> None:
+        """Writes the draft loop's threshold and EOS ids where they changed."""
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"the device draft loop compares with at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
-        settings = (float(threshold), tuple(eos), cap)
+        settings = (float(threshold), tuple(eos))
         if settings != self._draft_settings:
             self._fallback.fill_(float(threshold))
             self._eos.copy_(torch.tensor(list(eos) + [-1] * (MAX_EOS_IDS - len(eos))))
-            self._cap.fill_(NO_CAP if cap is None else int(cap))
             self._draft_settings = settings
 
-    def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor, ahead: bool = False) -> None:
+    def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
         """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
         self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
-        self._draft_record(logits, ahead, self._no)
+        self._draft_record(logits, self._no)
 
-    def _draft_step(self, ahead: bool = False) -> None:
+    def _draft_step(self) -> None:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
         row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
         logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
-        self._draft_record(logits, ahead, self._yes)
+        self._draft_record(logits, self._yes)
 
-    def _draft_record(self, logits: torch.Tensor, ahead: bool, advance: torch.Tensor) -> None:
+    def _draft_record(self, logits: torch.Tensor, advance: torch.Tensor) -> None:
         """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
-        (draft_bookkeeping / lookahead_bookkeeping; one fused kernel where a batch runner compiles: one row's
-        host loop is the default at batch size 1, and compiling it there would cost seconds for a rare setting)."""
+        (draft_bookkeeping; one fused kernel where a batch runner compiles: one row's host loop is the default at
+        batch size 1, and compiling it there would cost seconds for a rare setting)."""
         torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))
-        state = (self._conf, self._tok, self._fallback, self._eos, self._loop, self._nxt, self._draft_out)
-        if ahead:
-            _bookkeeping(lookahead_bookkeeping, self.compiled and self.batch > 1)(*state, self._cap, self._guessed, advance)
-        else:
-            _bookkeeping(draft_bookkeeping, self.compiled and self.batch > 1)(*state, advance)
+        _bookkeeping(draft_bookkeeping, self.compiled and self.batch > 1)(
+            self._conf, self._tok, self._fallback, self._eos, self._left, self._nxt, self._draft_out, advance)
 

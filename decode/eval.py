@@ -185,8 +185,7 @@ class Evaluation:
             settings = dict(fallback_threshold=cfg.fallback_threshold if fallback is None else fallback,
                             rollback_threshold=cfg.rollback_threshold if rollback is None else rollback,
                             max_small_steps=cfg.max_small_steps if cap is ... else cap, fast_path=cfg.fast_path,
-                            batch_wait=cfg.batch_wait, device_loop=cfg.device_loop, lookahead=cfg.lookahead,
-                            compile=cfg.compile)
+                            device_loop=cfg.device_loop, compile=cfg.compile)
             return BiLD(large, small, BiLDConfig(**{**settings, **BILD_ROWS[system]}))
         raise ValueError(system)
 

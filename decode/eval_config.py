@@ -81,19 +81,14 @@ class EvalConfig(PromptConfig):
     """BiLD rows of the throughput table (with --aligned, both the unaligned and the aligned variant)."""
     throughput_limit: int | None = None
     """Examples for the throughput table (default: all)."""
-    batch_wait: float = 1.0
-    """BiLD in batches: the fraction of unfinished rows that wait for the large model before it runs (BiLDConfig)."""
     device_loop: bool | None = None
     """The greedy loop's state on the device (BiLDConfig.device_loop), for BiLD's small model and the large/small rows
     alike: null (in batches only), true, or false (the host loop everywhere, to measure what it saves)."""
-    lookahead: bool | None = None
-    """BiLD in batches with the device draft loop: rows waiting for the large model keep drafting, guesses at their
-    fallbacks confirmed by its pass (BiLDConfig.lookahead): null (on there) or false (to measure what it saves)."""
     fast_path: bool | None = None
     """The fast path for BiLD and the large/small rows (None: where the architecture is covered; CUDA graphs on CUDA)."""
     compile: bool | None = None
     """The fast path's passes through torch.compile for BiLD and the large/small rows (BiLDConfig.compile): true,
-    false, or null (uncompiled unless BILD_COMPILE=1)."""
+    false, or null (compiled on CUDA unless BILD_COMPILE=0)."""
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 3
@@ -120,8 +115,7 @@ class EvalConfig(PromptConfig):
         for fb in [self.fallback_threshold, self.aligned_fallback_threshold, *self.sweep_fallback]:
             for rb in [self.rollback_threshold, self.aligned_rollback_threshold, *self.sweep_rollback]:
                 if fb is not None and rb is not None:
-                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps,
-                               batch_wait=self.batch_wait)
+                    BiLDConfig(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=self.max_small_steps)
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:

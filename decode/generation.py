@@ -38,7 +38,6 @@ class DecodeStats:
     rolled_back_tokens: int = 0  # small-model tokens discarded by rollbacks
     small_passes: int = 0  # small-model passes: one per small step row by row, one per batch step together
     large_passes: int = 0  # large-model passes after the prompt: one pass may check several rows of a batch
-    lookahead_tokens: int = 0  # tokens a check kept that a row drafted after its first guess (BiLDConfig.lookahead)
     compactions: int = 0  # a batch's unfinished rows moved into the runners of a smaller batch (decode/batch.py)
     seconds: float = 0.0  # wall time inside generate, device synchronised
 
@@ -94,18 +93,15 @@ def device_sync(device: torch.device) -> None:
 @dataclass
 class Row:
     """One sequence being decoded, and where the policy stands on it: its tokens (the prompt or the decoder start
-    token, then the new ones), the first position the large model has not checked (the pending tokens start there),
-    where the tokens since the large model's last one start (rows that look ahead count the step cap from there),
-    and the guesses of a row looking ahead (pending index, whether the step cap forced it)."""
+    token, then the new ones) and the first position the large model has not checked (the pending tokens start
+    there)."""
 
     seq: list[int]
     prefix_len: int = field(init=False)
     pending_start: int = field(init=False)
-    since_large: int = field(init=False)
-    guesses: list[tuple[int, bool]] = field(default_factory=list)
 
     def __post_init__(self):
-        self.prefix_len = self.pending_start = self.since_large = len(self.seq)
+        self.prefix_len = self.pending_start = len(self.seq)
 
     @property
     def n_pending(self) -> int:

@@ -168,7 +168,6 @@ def report(results: dict) -> str:
         f"{cfg['max_small_steps']}" + _tuned_note(results)
         + {None: "", True: "; device draft loop at every batch size (device_loop=true)",
            False: "; device draft loop off (device_loop=false)"}[cfg.get("device_loop")]
-        + ("; no lookahead in batches (lookahead=false)" if cfg.get("lookahead") is False else "")
         + ("; passes compiled (compile=true)" if cfg.get("compile") else ""),
         ("- decoding: sampling, temperature {temperature}, top-k {top_k}, top-p {top_p}, seed {seed} (lossless rows are "
          "speculative sampling: distributed as the large model's sampling, not identical to it)".format(**cfg)

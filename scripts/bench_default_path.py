@@ -1,4 +1,4 @@
-"""The default fast path (compact passes in CUDA graphs, not compiled) with decode/kernels.py's attention kernel
+"""The uncompiled fast path (compact passes in CUDA graphs; BILD_COMPILE=0 or compile=False) with decode/kernels.py's attention kernel
 rotating q and k (the default), with the passes rotating q and k apart, and
 without the kernels: ms per step (host read each step), per graph replayed alone and per check of 10 pending tokens,
 random weights, batch 1.

@@ -6,8 +6,8 @@ large model's greedy `generate` token for token, for every architecture and seve
 --early-exit checks early-exit BiLD instead: one random 4-layer model per seed, exiting after layer 1, 2 or 3
 (the seed picks), against that model's greedy `generate`. --fast-path checks decode/fast.py's compact passes instead of the eager path (without CUDA graphs on a CPU;
 with them on CUDA, where --device cuda also moves the models there). GPT-2 has no fast path and is skipped then.
---batch N (with --fast-path): every pair decodes N ragged prompts together (decode/batch.py, a batch_wait the seed
-picks), and every row must equal the large model's greedy `generate` on that prompt alone; rows are counted.
+--batch N (with --fast-path): every pair decodes N ragged prompts together (decode/batch.py), and every row must
+equal the large model's greedy `generate` on that prompt alone; rows are counted.
 --device-loop on|off|auto: BiLDConfig.device_loop (the draft loop's state on the device; auto: in batches only).
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
@@ -67,7 +67,7 @@ def main():
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
-                             fast_path=True if args.fast_path else False, batch_wait=(0.0, 0.5, 1.0)[seed % 3],
+                             fast_path=True if args.fast_path else False,
                              device_loop={"auto": None, "on": True, "off": False}[args.device_loop])
             bild = EarlyExitBiLD(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
             if args.batch > 1:

@@ -9,17 +9,11 @@
 # and 64, REPEATS interleaved passes (default 3): greedy (large, BiLD and lossless BiLD at the tuned points) and
 # sampling at temperature 1 (the large model sampling alone, BiLD speculative sampling at fallback SAMPLE_FB,
 # default 0.3); then scripts/bench_step.py on the demo shapes (batch 1's per-step cost).
-# BATCH_WAITS="0 0.5": the greedy throughput table again at each of these batch_wait settings.
 # AB=1 instead: after tuning, scripts/bench_step.py with the batched passes (--batches 1 4 16 64), then the greedy
 # throughput table at batch 4, 16 and 64.
 # LOOP=1 instead: after tuning, bench_step --batches; the greedy throughput table (large, BiLD) at 1/4/16/64 with the
 # device draft loop; thresholds tuned again at batch size 16 (step cap 4 or 10 in the grid) on copies of both small
 # models and the throughput table at 4/16/64 with them; the table at 4/16/64 with device_loop=false.
-# WAITS="0.9 0.75" instead: after tuning, the greedy table (large, BiLD, lossless BiLD; throughput of BiLD at
-# 1/4/16/64) at the defaults, then the throughput table at 4/16/64 at each of these batch_wait settings.
-# AHEAD=1 instead: after tuning, the greedy table (large, BiLD; throughput of BiLD at 1/4/16/64) at the defaults
-# (waiting rows look ahead in batches), then BiLD's throughput at 4/16/64 with lookahead=false (what lookahead
-# saves), then bench_step --batches on the demo small shape.
 # B16=1 instead: after tuning, both small models copied and tuned again at batch 16 (step cap 4 or 10 in the grid,
 # 3 interleaved passes per point) with a BLEU budget of BUDGET16 (default 0: no lower than the large model on valid);
 # then the greedy table (large, BiLD, lossless BiLD; throughput of both BiLD rows at 1/4/16) at those points.
@@ -51,21 +45,10 @@ if [[ -n "${LOOP:-}" ]]; then
     small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_tuned16
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" device_loop=false \
     out=$R/throughput_loop_false
-elif [[ -n "${AHEAD:-}" ]]; then
-  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" out=$R/throughput
-  "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" lookahead=false \
-    out=$R/throughput_lookahead_false
-  python3 scripts/bench_step.py --shapes demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
 elif [[ -n "${B16:-}" ]]; then
   retune16 repeats=3 --budget ${BUDGET16:-0}  # no BLEU below the large model on valid by default
   "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild,bild_exact]" "throughput_batch_sizes=[1, 4, 16]" \
     small=$R/small_b16 aligned=$R/small_aligned_b16 out=$R/throughput_b16_tuned
-elif [[ -n "${WAITS:-}" ]]; then
-  "\${EV[@]}" "systems=[large,bild,bild_exact]" "throughput_systems=[bild]" out=$R/throughput
-  for w in ${WAITS:-}; do
-    "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" batch_wait=\$w \
-      out=$R/batch_wait_\$w
-  done
 elif [[ -n "${AB:-}" ]]; then
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 --batches 1 4 16 64 2>&1 | tee runs/bench_step.log
   "\${EV[@]}" "systems=[large,bild]" "throughput_systems=[bild]" "throughput_batch_sizes=[4, 16, 64]" out=$R/throughput
@@ -75,20 +58,17 @@ else
     "throughput_systems=[bild_exact]" out=$R/throughput_sampling
   python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 5 2>&1 | tee runs/bench_step.log
 fi
-for w in ${BATCH_WAITS:-}; do
-  "\${EV[@]}" "systems=[large,bild,bild_exact]" batch_wait=\$w out=$R/batch_wait_\$w
-done
 wait
 echo JOB DONE
 JOB
   detached_start $W $JOB $LOG
 fi
 detached_wait $W $JOB $LOG; rc=$?
-[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/batch_wait_* $R/sampling_* $R/*/final/metrics.json \
+[[ -n ${OUT:-} ]] && tar czf $OUT/batch_results.tgz runs/*.log $R/throughput* $R/sampling_* $R/*/final/metrics.json \
   $R/*/final/bild_thresholds.json $R/*_b16/bild_thresholds.json $R/*.log 2>/dev/null
 tail -3 runs/gpu_tests.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|Error|error" | tail -20
 [[ -f runs/bench_step.log ]] && grep -E "^\| |^device|^batched" runs/bench_step.log
-(( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/batch_wait_* $R/sampling_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
+(( rc == 0 )) && { echo FINISHED; for d in $R/throughput* $R/sampling_*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^## |^- device" $d/report.md | cut -c1-230; }; done; }
 exit 0

@@ -4,8 +4,7 @@
 # large model, BiLD and lossless BiLD at the tuned points, unaligned and aligned: once with `compile=false` (the
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
-# AHEAD=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]) at the defaults, with
-# lookahead=false and with batch_wait=0.5: whether the two batch settings still earn their place on compiled passes.
+# B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
 #   bash scripts/gpu_end_to_end.sh wait     # a later call on the still-warm machine
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k), named in the device call's carry. Results are packed
@@ -21,10 +20,8 @@ source scripts/detached.sh; demo_pair_up_to_tuning || exit 1
 EV=("\${DEMO_EVAL[@]}" repeats=3 "systems=[large,bild,bild_exact]")
 "\${EV[@]}" compile=false out=$R/uncompiled
 "\${EV[@]}" compile=true out=$R/compiled
-if [[ ${AHEAD:-0} == 1 ]]; then
-  B16=("\${EV[@]}" compile=true "systems=[large,bild]" "throughput_batch_sizes=[16]" "throughput_systems=[bild]")
-  "\${B16[@]}" out=$R/b16; "\${B16[@]}" lookahead=false out=$R/b16_no_lookahead
-  "\${B16[@]}" batch_wait=0.5 out=$R/b16_wait05
+if [[ ${B16:-0} == 1 ]]; then
+  "\${EV[@]}" compile=true "systems=[large,bild]" "throughput_batch_sizes=[16]" "throughput_systems=[bild]" out=$R/b16
 fi
 echo JOB DONE
 JOB

@@ -6,6 +6,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the GPU tests run the passes uncompiled unless a test asks for compile=True (each compile takes a minute): users get
+# them compiled on CUDA by default, which the compiled-pass tests cover
+os.environ.setdefault("BILD_COMPILE", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -32,19 +32,10 @@ def ragged_batch(seed: int, rows: int = 5, left_pad: bool = True):
     return ids, mask
 
 
-# what lookahead (BiLDConfig.lookahead) changes: a row that looks ahead takes more small steps and fewer large calls,
-# and a rollback after its last guess comes before the fallback that would have ended those drafts
-LOOKAHEAD_COUNTS = ("small_steps", "large_calls", "tokens_per_large_call", "lookahead_tokens", "fallbacks",
-                    "step_cap_fallbacks", "fallback_rate", "rolled_back_tokens")
-
-
-def per_row_counts(stats: DecodeStats, lookahead: bool = False) -> dict:
-    """The statistics that add up over rows (not the wall time, nor how many rows shared a pass); with lookahead
-    the ones it leaves as they are: the tokens, who wrote them, the rollbacks."""
+def per_row_counts(stats: DecodeStats) -> dict:
+    """The statistics that add up over rows (not the wall time, nor how many rows shared a pass)."""
     d = stats.as_dict()
     for key in ("seconds", "small_passes", "large_passes", "rows_per_large_pass", "compactions"):
-        d.pop(key)
-    for key in LOOKAHEAD_COUNTS if lookahead else ():
         d.pop(key)
     return d
 
@@ -52,8 +43,7 @@ def per_row_counts(stats: DecodeStats, lookahead: bool = False) -> dict:
 @pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_a_batch_decodes_every_row_as_alone(arch):
     """Ragged prompts, 5 rows (the runner holds 8: three rows sit out every pass), rows ending at different
-    steps: each row's tokens and the summed statistics equal decoding the rows one by one, every policy, with
-    waiting rows looking ahead (the default) and without (then every count equals, small steps included)."""
+    steps: each row's tokens and the summed statistics equal decoding the rows one by one, every policy."""
     large, small = tiny_pair(arch, 1)
     decoder_only = not large.config.is_encoder_decoder
     ids, mask = ragged_batch(1, left_pad=decoder_only)
@@ -66,21 +56,16 @@ def test_a_batch_decodes_every_row_as_alone(arch):
             alone.append(out)
             summed.add(out.stats)
         summed.rows = 5
-        # when the large model runs, and whether waiting rows look ahead, change no row's tokens
-        for wait, lookahead in ((0.0, None), (0.5, None), (1.0, None), (1.0, False)):
-            bild.config.batch_wait, bild.config.lookahead = wait, lookahead
-            together = bild.generate(ids, mask, max_new_tokens=24)
-            for i, out in enumerate(alone):
-                width = out.sequences.shape[1]
-                assert together.sequences[i, :width].tolist() == out.sequences[0].tolist(), (name, wait, lookahead, i)
-                assert set(together.sequences[i, width:].tolist()) <= {PAD}, (name, i)  # right-padded after its end
-                assert together.new_lengths[i] == out.new_lengths[0]
-            ahead = lookahead is None
-            assert per_row_counts(together.stats, ahead) == per_row_counts(summed, ahead), (name, wait, lookahead)
-            s = together.stats  # passes shared by rows: never more passes than row steps, at least one row each
-            assert 0 < s.small_passes <= s.small_steps and 0 < s.large_passes <= s.large_calls
-            assert s.lookahead_tokens == 0 or ahead
-            compactions[name] = s.compactions
+        together = bild.generate(ids, mask, max_new_tokens=24)
+        for i, out in enumerate(alone):
+            width = out.sequences.shape[1]
+            assert together.sequences[i, :width].tolist() == out.sequences[0].tolist(), (name, i)
+            assert set(together.sequences[i, width:].tolist()) <= {PAD}, (name, i)  # right-padded after its end
+            assert together.new_lengths[i] == out.new_lengths[0]
+        assert per_row_counts(together.stats) == per_row_counts(summed), name
+        s = together.stats  # passes shared by rows: never more passes than row steps, at least one row each
+        assert 0 < s.small_passes <= s.small_steps and 0 < s.large_passes <= s.large_calls
+        compactions[name] = s.compactions
         if name == "exact":
             assert summed.small_passes == summed.small_steps and summed.large_passes == summed.large_calls
         if name.startswith("exact"):  # lossless: the large model's greedy generate on each row alone, unpadded
@@ -99,46 +84,6 @@ def test_a_batch_decodes_every_row_as_alone(arch):
     sizes = {batch_size_for(sum(n > t for n in lengths)) for t in range(max(lengths))}
     assert greedy_out.stats.compactions == len(sizes) - 1
     assert compactions["exact"] >= len(sizes) - 1  # BiLD's rows also end at different passes when equally long
-
-
-# fallback thresholds near the median confidence of these small models, so rows wait at different steps
-LOOKAHEAD_POLICIES = {
-    "exact": dict(rollback="exact", fallback_threshold=0.2),
-    "ce": dict(fallback_threshold=0.2, rollback_threshold=2.0),
-    "ce_cap3": dict(fallback_threshold=0.15, rollback_threshold=2.0, max_small_steps=3),
-}
-
-
-@pytest.mark.parametrize("arch", ("bart", "llama", "qwen2"))
-def test_rows_that_wait_look_ahead(arch):
-    """BiLDConfig.lookahead on a pair that agrees often (long accepted runs): rows waiting for the large model keep
-    drafting, and its pass confirms their guesses. Every row's tokens equal decoding it alone, so do the tokens'
-    writers and the rollbacks; fallbacks are never more (a rollback can come before one); confirmed guesses save
-    large calls and passes."""
-    check_lookahead(*tiny_pair(arch, 4))
-
-
-def check_lookahead(large, small):
-    """The lookahead test's body, on the models' device (test_gpu runs it through CUDA graphs)."""
-    ids, mask = (t.to(large.device) for t in ragged_batch(3, rows=6, left_pad=not large.config.is_encoder_decoder))
-    calls, ahead = {None: 0, False: 0}, 0
-    for name, policy in LOOKAHEAD_POLICIES.items():
-        for wait in (0.5, 1.0):
-            outs = {}
-            for lookahead in (None, False):
-                bild = BiLD(large, small, BiLDConfig(fast_path=True, batch_wait=wait, lookahead=lookahead, **policy))
-                outs[lookahead] = bild.generate(ids, mask, max_new_tokens=32)
-                calls[lookahead] += outs[lookahead].stats.large_calls
-            assert outs[None].sequences.tolist() == outs[False].sequences.tolist(), (name, wait)
-            on, off = outs[None].stats, outs[False].stats
-            assert per_row_counts(on, True) == per_row_counts(off, True), (name, wait)
-            assert on.fallbacks + on.step_cap_fallbacks <= off.fallbacks + off.step_cap_fallbacks, (name, wait)
-            assert on.rolled_back_tokens <= off.rolled_back_tokens and on.large_calls <= off.large_calls, (name, wait)
-            ahead += on.lookahead_tokens
-        rows = [bild.generate(ids[i : i + 1], mask[i : i + 1], max_new_tokens=32) for i in range(len(ids))]
-        for i, row in enumerate(rows):
-            assert outs[None].sequences[i, : row.sequences.shape[1]].tolist() == row.sequences[0].tolist(), (name, i)
-    assert calls[None] < calls[False] and ahead > 0
 
 
 @pytest.mark.parametrize("arch", ("bart", "t5", "mistral"))
@@ -217,8 +162,7 @@ def check_sampling_top_k_1(large, small):
     ids, mask = (t.to(large.device) for t in ragged_batch(6, left_pad=not large.config.is_encoder_decoder))
     gen = torch.Generator(large.device).manual_seed(0)
     reference = Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=40)
-    # batch_wait=0: a large pass as soon as one row waits, so other rows hold drafts when the batch compacts
-    for policy in (POLICIES["exact"], dict(POLICIES["exact_cap4"], batch_wait=0.0), dict(rollback="exact", fallback_threshold=0.0)):
+    for policy in (POLICIES["exact"], POLICIES["exact_cap4"], dict(rollback="exact", fallback_threshold=0.0)):
         bild = BiLD(large, small, BiLDConfig(fast_path=True, **policy))
         out = bild.generate(ids, mask, max_new_tokens=40, do_sample=True, top_k=1, generator=gen)
         assert out.sequences.tolist() == reference.sequences.tolist(), policy
@@ -266,8 +210,6 @@ def test_runners_per_batch_size_and_what_stays_row_by_row(capsys, monkeypatch):
     assert early._batch_blocker() is not None
     assert early.generate(ids, mask, max_new_tokens=12).sequences.tolist() == \
         Greedy(large, fast_path=True).generate(ids, mask, max_new_tokens=12).sequences.tolist()
-    with pytest.raises(ValueError, match="batch_wait"):
-        BiLDConfig(batch_wait=1.5)
     with pytest.raises(ValueError, match="1 to 4 rows"):
         BatchRunner.for_model(large, 3).start([[5]] * 5, 4)
 
@@ -306,37 +248,25 @@ def test_edge_batches_one_token_prompts_one_new_token_and_growing_buffers(arch):
 def test_the_device_draft_loop_decides_as_the_host_loop(arch):
     """BiLDConfig.device_loop (the draft loop's state on the device: each row's fallback, step cap and end decided in
     the pass, the host reading only the budgets between steps) against the host loop: the same tokens and the same
-    statistics, passes and compactions included, for every policy and batch_wait, a batch and a row alone (lookahead
-    off; on, the same tokens and policy counts); Greedy's steps on the device likewise."""
+    statistics, passes and compactions included, for every policy, a batch and a row alone; Greedy's steps on the
+    device likewise."""
     check_device_loop(*tiny_pair(arch, 5))
-
-
-def per_row_counts_of(counts: dict) -> dict:
-    """per_row_counts with lookahead, of a dict of counts."""
-    return {k: v for k, v in counts.items()
-            if k not in LOOKAHEAD_COUNTS + ("small_passes", "large_passes", "compactions")}
 
 
 def check_device_loop(large, small):
     """The device-loop test's body, on the models' device (test_gpu runs it through CUDA graphs)."""
     ids, mask = (t.to(large.device) for t in ragged_batch(5, left_pad=not large.config.is_encoder_decoder))
     for name, policy in POLICIES.items():
-        for wait in (0.0, 0.5, 1.0):
-            runs = []
-            for loop, lookahead in ((True, False), (False, False), (True, None))[: 3 if wait == 1.0 else 2]:
-                config = BiLDConfig(fast_path=True, device_loop=loop, batch_wait=wait, lookahead=lookahead, **policy)
-                bild = BiLD(large, small, config)
-                together = bild.generate(ids, mask, max_new_tokens=24)
-                alone = bild.generate(ids[2:3], mask[2:3], max_new_tokens=24)
-                runs.append([(o.sequences.tolist(), per_row_counts(o.stats) | {
-                    k: getattr(o.stats, k) for k in ("small_passes", "large_passes", "compactions")})
-                    for o in (together, alone)])
-            assert runs[0] == runs[1], (name, wait)
-            assert runs[0][0][1]["small_steps"] > runs[0][0][1]["small_passes"] > 0  # rows drafted together
-            if len(runs) == 3:  # lookahead: the same tokens and policy counts, in batches
-                ahead, host = runs[2], runs[1]
-                assert ahead[0][0] == host[0][0] and ahead[1] == host[1], (name, wait)
-                assert per_row_counts_of(ahead[0][1]) == per_row_counts_of(host[0][1]), (name, wait)
+        runs = []
+        for loop in (True, False):
+            bild = BiLD(large, small, BiLDConfig(fast_path=True, device_loop=loop, **policy))
+            together = bild.generate(ids, mask, max_new_tokens=24)
+            alone = bild.generate(ids[2:3], mask[2:3], max_new_tokens=24)
+            runs.append([(o.sequences.tolist(), per_row_counts(o.stats) | {
+                k: getattr(o.stats, k) for k in ("small_passes", "large_passes", "compactions")})
+                for o in (together, alone)])
+        assert runs[0] == runs[1], name
+        assert runs[0][0][1]["small_steps"] > runs[0][0][1]["small_passes"] > 0  # rows drafted together
     assert {("draft", 1), ("draft_next", 1)} <= BatchRunner.for_model(small, len(ids))._wanted
     greedy = [Greedy(large, fast_path=True, device_loop=loop) for loop in (True, False)]
     for rows, rows_mask in ((ids, mask), (ids[1:2], mask[1:2])):
@@ -357,29 +287,6 @@ def test_the_device_loop_by_default_runs_in_batches_only():
     for decoder in (bild, greedy):
         decoder.generate(ids, mask, max_new_tokens=8)
         decoder.generate(ids[:1], mask[:1], max_new_tokens=8)
-    for model in (small, large):  # (BiLD's small model: the lookahead variant, BiLDConfig.lookahead)
-        assert {k[:2] for k in BatchRunner.for_model(model, 3)._wanted} >= {("draft_next", 1)}
+    for model in (small, large):
+        assert ("draft_next", 1) in BatchRunner.for_model(model, 3)._wanted
         assert not any(k[0] == "draft_next" for k in FastRunner.for_model(model)._wanted)
-    assert ("draft_next", 1, "ahead") in BatchRunner.for_model(small, 3)._wanted
-
-
-def test_lookahead_counts_a_check_as_decoding_alone_would():
-    """_count_lookahead on hand-made checks of 6 pending tokens, guesses at 1 (a fallback) and 4 (forced by a step cap
-    of 2): what decoding the row alone counts for the same tokens."""
-    from decode.bild import _count_lookahead
-
-    def counts(cut, guesses=((1, False), (4, True)), at_cap=False):
-        stats = DecodeStats()
-        _count_lookahead(6, cut, list(guesses), at_cap, stats)
-        return (stats.fallbacks, stats.step_cap_fallbacks, stats.rollbacks, stats.rolled_back_tokens,
-                stats.small_tokens, stats.large_tokens, stats.lookahead_tokens)
-
-    # all kept: both guesses confirmed (the large model's tokens), no fallback after the last run yet
-    assert counts(6) == (1, 1, 0, 0, 4, 2, 4)
-    assert counts(6, at_cap=True) == (1, 2, 0, 0, 4, 2, 4)  # the run after the last guess reached the step cap
-    assert counts(4) == (1, 1, 0, 0, 3, 1, 2)  # the forced guess is not the argmax: the large model writes its own
-    assert counts(3) == (1, 1, 1, 1, 2, 1, 1)  # a rollback in the run that the forced guess ended
-    assert counts(1) == (1, 0, 0, 0, 1, 0, 0)  # the first guess rejected: a fallback, as alone
-    assert counts(0) == (1, 0, 1, 1, 0, 0, 0)  # a rollback before the first fallback
-    assert counts(5) == (1, 1, 1, 1, 3, 2, 3)  # a rollback after the last guess: no fallback came yet
-    assert counts(2, guesses=()) == (0, 0, 1, 4, 2, 0, 0)  # no guess: a row that reached its end (or the step cap)

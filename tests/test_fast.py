@@ -8,7 +8,7 @@ import torch
 from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy
-from decode.fast import FastRunner, make_runner, unsupported_reason
+from decode.fast import FastRunner, compile_wanted, make_runner, unsupported_reason
 
 FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2") + MORE_DECODER_ONLY
 
@@ -174,6 +174,18 @@ def test_path_choice_and_errors():
     assert make_runner(llama, fast_path=True) is make_runner(llama, fast_path=True)  # one runner per model
     with pytest.raises(ValueError, match="fast_path"):
         BiLDConfig(fast_path="yes")
+
+
+def test_passes_compile_by_default_on_cuda_only(monkeypatch):
+    """compile=None: compiled on CUDA unless BILD_COMPILE=0, never elsewhere; True and False as set."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("BILD_COMPILE", raising=False)
+    assert compile_wanted(None, cuda) and not compile_wanted(None, cpu)
+    monkeypatch.setenv("BILD_COMPILE", "0")
+    assert not compile_wanted(None, cuda)
+    assert compile_wanted(True, cpu) and compile_wanted(True, cuda) and not compile_wanted(False, cuda)
+    monkeypatch.setenv("BILD_COMPILE", "1")
+    assert compile_wanted(None, cuda) and not compile_wanted(None, cpu)
 
 
 @pytest.mark.parametrize("n", (1, 3))

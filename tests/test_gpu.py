@@ -209,25 +209,11 @@ def test_the_device_draft_loop_decides_as_the_host_loop_on_cuda(arch):
         assert {("draft", 1), ("draft_next", 1)} <= runner._graphs.keys()
 
 
-@pytest.mark.parametrize("arch", ("bart", "llama", "qwen2"))
-def test_rows_that_wait_look_ahead_on_cuda(arch):
-    """Lookahead through CUDA graphs (fp32): every row's tokens as decoding it alone, the policy's counts as without
-    lookahead, guesses confirmed (tests/test_batch.py); the guess-forcing draft graphs were captured."""
-    from test_batch import check_lookahead
-
-    from decode.batch import BatchRunner
-
-    large, small = cuda_pair(arch, 4)
-    check_lookahead(large, small)
-    assert ("draft_next", 1, "ahead") in BatchRunner.for_model(small, 6)._graphs
-    assert ("check", 12, "ce") in BatchRunner.for_model(large, 6)._graphs  # step cap 10 + a forced guess + 1
-
-
 @pytest.mark.parametrize("rows", (1, 4, 16))
 def test_compiled_bookkeeping_equals_the_eager_ops_on_cuda(rows):
     """A draft step's bookkeeping compiled into one kernel (decode.draft_loop._bookkeeping, as a compiled runner uses it)
-    writes every buffer of the loop's state as the eager ops do, plain and looking ahead, first step and later ones;
-    and it did compile (no silent fallback to the eager ops)."""
+    writes every buffer of the loop's state as the eager ops do, first step and later ones; and it did compile (no
+    silent fallback to the eager ops)."""
     import decode.draft_loop as loop
 
     g = torch.Generator().manual_seed(rows)
@@ -235,18 +221,18 @@ def test_compiled_bookkeeping_equals_the_eager_ops_on_cuda(rows):
         conf = torch.rand(rows, generator=g)
         conf[: rows // 2] = 0.4  # exactly at the threshold: a fallback
         state = [conf, torch.randint(0, 9, (rows,), generator=g), torch.tensor(0.4), torch.tensor([3, 7, -1, -1]),
-                 torch.randint(0, 3, (3, rows), generator=g), torch.randint(0, 30, (rows,), generator=g),
-                 torch.randint(0, 9, (rows, 18), generator=g), torch.tensor(4), torch.rand(rows, 17, generator=g) < 0.5]
+                 torch.randint(0, 3, (rows,), generator=g), torch.randint(0, 30, (rows,), generator=g),
+                 torch.randint(0, 9, (rows, 18), generator=g)]
         state[6][:, 0] = torch.randint(0, 16, (rows,), generator=g)
         advance = torch.tensor(trial % 2 == 0).cuda()
-        for fn, args in ((loop.draft_bookkeeping, slice(0, 7)), (loop.lookahead_bookkeeping, slice(0, 9))):
-            eager = [t.cuda() for t in state[args]]
-            fused = [t.clone() for t in eager]
-            with torch.inference_mode():
-                fn(*eager, advance)
-                loop._bookkeeping(fn, True)(*fused, advance)
-            assert all(torch.equal(a, b) for a, b in zip(eager, fused)), (fn.__name__, trial)
-            assert loop._FUSED[fn].compiled is not None
+        fn = loop.draft_bookkeeping
+        eager = [t.cuda() for t in state]
+        fused = [t.clone() for t in eager]
+        with torch.inference_mode():
+            fn(*eager, advance)
+            loop._bookkeeping(fn, True)(*fused, advance)
+        assert all(torch.equal(a, b) for a, b in zip(eager, fused)), trial
+        assert loop._FUSED[fn].compiled is not None
 
 
 def decode_compiled_and_not(large, small, ids, mask=None):
