@@ -126,6 +126,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
                                        for one, options in decode.compact.INDUCTOR_OPTIONS.items()}),
     # checks of fewer than 6 tokens run at their own width (decode/fast.py's MIN_CHECK_TOKENS)
     "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
+    # every check 16 wide: one check shape per model (whether the any-shape variant costs less at one width)
+    "check16": {"fast.MIN_CHECK_TOKENS": 16},
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 

@@ -9,6 +9,10 @@ with them on CUDA, where --device cuda also moves the models there). GPT-2 has n
 --batch N (with --fast-path): every pair decodes N ragged prompts together (decode/batch.py), and every row must
 equal the large model's greedy `generate` on that prompt alone; rows are counted.
 --device-loop on|off|auto: BiLDConfig.device_loop (the draft loop's state on the device; auto: in batches only).
+--dtype bfloat16 (with --device cuda): the models in bf16; --reference greedy then compares with the large model
+decoded by this project's own Greedy on the same path (the "identical to large" of decode.eval's report), since
+transformers' generate rounds differently in bf16; --no-kernel keeps decode/kernels.py's attention kernel out of the
+one-token step (whether it is what makes a check round differently from the steps).
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
 """
@@ -26,7 +30,8 @@ import torch  # noqa: E402
 from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model, tiny_pair  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from decode import BiLD, BiLDConfig, EarlyExitBiLD  # noqa: E402
+import decode.compact  # noqa: E402
+from decode import BiLD, BiLDConfig, EarlyExitBiLD, Greedy  # noqa: E402
 
 
 def pad(prompts: list[torch.Tensor], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +55,13 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--device-loop", choices=("auto", "on", "off"), default="auto",
                         help="BiLDConfig.device_loop: auto (in batches only), on, off")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--reference", choices=("generate", "greedy"), default="generate",
+                        help="the large model's greedy output from transformers' generate, or from decode.Greedy")
+    parser.add_argument("--no-kernel", action="store_true", help="the one-token step without the attention kernel")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    decode.compact.DECODE_KERNEL = not args.no_kernel
     if args.batch > 1 and not args.fast_path:
         parser.error("--batch needs --fast-path (batches are decoded together on the fast path only)")
     if args.fast_path or args.early_exit:
@@ -61,28 +72,36 @@ def main():
         bad, small_share, checked = 0, [], 0
         for seed in tqdm(range(args.pairs), desc=arch):
             if args.early_exit:
-                large = tiny_model(arch, 1000 + seed, width=32, layers=4).to(args.device)
+                large = tiny_model(arch, 1000 + seed, width=32, layers=4).to(args.device, dtype)
             else:
-                large, small = (m.to(args.device) for m in tiny_pair(arch, 1000 + seed))
+                large, small = (m.to(args.device, dtype) for m in tiny_pair(arch, 1000 + seed))
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
                              fast_path=True if args.fast_path else False,
                              device_loop={"auto": None, "on": True, "off": False}[args.device_loop])
             bild = EarlyExitBiLD(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
+            if args.reference == "greedy":
+                greedy = Greedy(large, fast_path=cfg.fast_path)
+
+                def reference(prompt):  # one row: laid out as generate's, no padding
+                    return greedy.generate(prompt, max_new_tokens=args.max_new_tokens).sequences
+            else:
+                def reference(prompt):
+                    return hf_greedy(large, prompt, max_new_tokens=args.max_new_tokens)
             if args.batch > 1:
                 prompts = [random_prompt(1000 + seed * args.batch + i, length=3 + (seed + 3 * i) % 8)[0]
                            for i in range(args.batch)]
                 ids, mask = pad(prompts, left=not large.config.is_encoder_decoder)
                 out = bild.generate(ids.to(args.device), mask.to(args.device), max_new_tokens=args.max_new_tokens)
                 for i, prompt in enumerate(prompts):
-                    ref = hf_greedy(large, prompt[None].to(args.device), max_new_tokens=args.max_new_tokens)[0].cpu()
+                    ref = reference(prompt[None].to(args.device))[0].cpu()
                     row = out.sequences[i] if large.config.is_encoder_decoder else out.sequences[i, ids.shape[1] - len(prompt) :]
                     checked += 1
                     bad += int(row[: len(ref)].tolist() != ref.tolist() or bool((row[len(ref) :] != bild.pad_token_id).any()))
             else:
                 ids = random_prompt(1000 + seed, length=3 + seed % 8).to(args.device)
-                ref = hf_greedy(large, ids, max_new_tokens=args.max_new_tokens)
+                ref = reference(ids)
                 out = bild.generate(ids, max_new_tokens=args.max_new_tokens)
                 checked += 1
                 bad += int(not torch.equal(out.sequences, ref.cpu()))
