@@ -89,6 +89,13 @@ DECODE_KERNEL = True
 # step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032 (compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep their
 # products and their own rotary).
 KERNEL_ROTARY = True
+# Whether a pass of 2 to kernels.MAX_QUERIES tokens on CUDA (a check) attends with the same kernel, query by query
+# (kernels.attention_over_cache), where the one-token step takes it: the check's attention then rounds as the steps'
+# does, and skips SDPA's mask over every slot of the cache. Not yet measured on a GPU: off until it is.
+CHECK_KERNEL = False
+# A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
+# alone, in a third variant, instead of through the any-shape one. Not yet measured on a GPU: None (off) until it is.
+STATIC_CHECK_WIDTH: int | None = None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -313,7 +320,8 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     """Rotates q ([B, H, n, D]) and k by their positions pos ([B, n]) where rope = (cos, sin) tables ([capacity,
     D_rot]) are given, writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos and attends from q over
     the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
-    writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`."""
+    writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`; a few tokens (a check) with
+    `kernel` and CHECK_KERNEL: the writes, then the same kernel for each token."""
     one = kernel and q.shape[2] == 1 and q.is_cuda
     if one and kernel_rope and rope is not None:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
@@ -323,7 +331,14 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     if one:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v)
     write_cache(k_cache, v_cache, pos, k, v)
+    if _few_queries(q, kernel):
+        return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window)
     return attend(q, k_cache, v_cache, causal_mask(pos, k_cache.shape[2], window), scale, gqa, softcap, matmul)
+
+
+def _few_queries(q: torch.Tensor, kernel: bool) -> bool:
+    """Whether a pass of several tokens attends with the kernel (CHECK_KERNEL: a check's few tokens, on CUDA)."""
+    return CHECK_KERNEL and kernel and q.is_cuda and 1 < q.shape[2] <= kernels.MAX_QUERIES
 
 
 def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=False) -> torch.Tensor:
@@ -331,6 +346,8 @@ def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=Fa
     additive mask of that shape; src_last: [B, 1], the last real slot. Returns [B, n, H * D]."""
     if kernel and q.shape[2] == 1 and q.is_cuda:
         return kernels.decode_attention(q, cross_k, cross_v, src_last, scale)
+    if _few_queries(q, kernel):
+        return kernels.attention_over_cache(q, cross_k, cross_v, src_last, scale)
     return attend(q, cross_k, cross_v, src_visible, scale)
 
 
@@ -347,20 +364,31 @@ def _own_code(fn):
 class Pass:
     """One function of a model's passes: its eager self, or compiled in two variants, one for a single token of a
     single row (the decode step, its sizes all static but the cache's capacity) and one for any batch and length
-    (dynamic sizes). A variant that fails to compile runs eagerly, with a notice. `x`, the first argument, says which
-    variant runs ([B, n, ...])."""
+    (dynamic sizes); with STATIC_CHECK_WIDTH a third, for one row of that many tokens. A variant that fails to compile
+    runs eagerly, with a notice. `x`, the first argument, says which variant runs ([B, n, ...])."""
 
     def __init__(self, fn, compile: bool, label: str, owner: "Passes"):
         self.fn, self.label, self._owner = fn, label, weakref.ref(owner)
         self.variants = {}
+        self.static_width = STATIC_CHECK_WIDTH
         if compile:
             for one, dynamic in ((True, None), (False, True)):
                 options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=one and owner.tune_one_token)
                 self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic, options=options)
-        self._first = {True, False}  # variants not yet run (their first call compiles)
+            if self.static_width:
+                # static sizes but the cache's capacity, as the one-token variant
+                self.variants["static"] = torch.compile(_own_code(fn), fullgraph=True, dynamic=None,
+                                                        options=INDUCTOR_OPTIONS[False])
+        self._first = set(self.variants) or {True, False}  # variants not yet run (their first call compiles)
+
+    def _variant(self, x) -> bool | str:
+        """Which variant runs x: True (one token of one row), "static" (one row of STATIC_CHECK_WIDTH tokens) or False."""
+        if x.shape[0] == 1 and x.shape[1] == 1:
+            return True
+        return "static" if self.static_width and x.shape[0] == 1 and x.shape[1] == self.static_width else False
 
     def __call__(self, x, *args):
-        one = x.shape[0] == 1 and x.shape[1] == 1
+        one = self._variant(x)
         compiled = self.variants.get(one)
         if compiled is None:
             if x.device.type != "cuda":
@@ -386,7 +414,7 @@ class Pass:
             self._first.discard(one)
             owner, spent = self._owner(), time.perf_counter() - start
             owner.compile_seconds += spent
-            owner.compile_log.append((self.label, "one token" if one else "any shape", spent))
+            owner.compile_log.append((self.label, {True: "one token", False: "any shape"}.get(one, "one width"), spent))
         return out
 
 

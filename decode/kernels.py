@@ -1,14 +1,17 @@
 """A hand-written Triton kernel for the one-token decode step on CUDA: attention over the live part of a KV cache.
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
+    out = attention_over_cache(q, k_cache, v_cache, last, scale, window)     # q [B, H, n, D] -> [B, n, H * D]
 
 One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
 the token's key and value into the cache at its position (self-attention; cross-attention writes nothing) and
 attends over the slots that position sees (every earlier one, or the last `window` of them), with an online softmax
 in float32. It replaces what inductor makes of the same arithmetic: the cache writes, a score reduction, the
 softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked (BENCHMARKS.md
-measures both). One program per (row, query head); the query heads of a group read their key/value head where it
-lies.
+measures both). One program per (row, query head, query token); the query heads of a group read their key/value
+head where it lies. `attention_over_cache` runs the same program for each of n query tokens whose keys and values
+are already in the cache (a check of several tokens): each query's output is what the one-token step computes for
+it, bit for bit, given the same inputs.
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """
@@ -26,6 +29,7 @@ except ImportError:  # a CPU build of torch ships without Triton
 # Slots one loop iteration reads; the kernel's programs and warps.
 BLOCK = 64
 WARPS = 4
+MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompts, take SDPA's tiled kernels)
 
 
 def available() -> bool:
@@ -57,14 +61,15 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
-                          stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_pb, stride_r,
-                          scale, window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
+                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_on, stride_pb, stride_pn,
+                          stride_r, scale, window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                           HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
+        query = tl.program_id(2)  # 0 for one token (WRITE and ROT only there)
         kv_head = head // GROUP
-        pos = tl.load(pos_ptr + row * stride_pb)
+        pos = tl.load(pos_ptr + row * stride_pb + query * stride_pn)
         d = tl.arange(0, D)
         cache = row * stride_cb + kv_head * stride_ch
         if WRITE:
@@ -76,7 +81,8 @@ if triton is not None:
             tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
             tl.debug_barrier()
 
-        q = _rotated(q_ptr + row * stride_qb + head * stride_qh, d, cos_ptr, sin_ptr, pos, stride_r, ROT).to(tl.float32)
+        q = _rotated(q_ptr + row * stride_qb + head * stride_qh + query * stride_qn, d, cos_ptr, sin_ptr, pos, stride_r,
+                     ROT).to(tl.float32)
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
         acc = tl.zeros([D], tl.float32)
@@ -98,7 +104,7 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             m = m_new
         out = acc / total
-        tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + query * stride_on + d, out.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
@@ -116,12 +122,32 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
         cos = sin = q3  # not read
     out = q.new_empty(b, 1, h * d)
     o3 = out.view(b, h, d)
-    (kernel or _decode_attention)[(b, h)](
+    (kernel or _decode_attention)[(b, h, 1)](
         q3, k3, v3, k_cache, v_cache, o3, last, cos, sin,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), last.stride(0),
+        q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
         cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
         HAS_WINDOW=window is not None, WRITE=write, ROT=rot, num_warps=WARPS)
+    return out
+
+
+def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | None = None, kernel=None):
+    """q: [B, H, n, D], n at most MAX_QUERIES, its tokens' keys and values already in k_cache, v_cache ([B, H_kv,
+    capacity, D]); last: [B, n], the last slot each query sees (its position), or [B, 1] for every query alike (cross-
+    attention: the source length - 1). Attends over slots last - window < j <= last, each query as decode_attention
+    attends for one token; returns [B, n, H * D] in q's dtype. `kernel` as in decode_attention."""
+    b, h, n, d = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = q.new_empty(b, n, h * d)
+    o4 = out.view(b, n, h, d)
+    (kernel or _decode_attention)[(b, h, n)](
+        q, q, q, k_cache, v_cache, o4, last, q, q,  # (keys, values and rotary tables: not read)
+        q.stride(0), q.stride(1), q.stride(2), 0, 0, 0, 0,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0), o4.stride(2), o4.stride(1),
+        last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, 0, scale, window or 0,
+        GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=False, ROT=0,
+        num_warps=WARPS)
     return out
 
 

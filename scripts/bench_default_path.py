@@ -19,7 +19,8 @@ from decode.fast import FastRunner  # noqa: E402
 DEVICE = torch.device("cuda")
 SETTINGS = {"kernel, rotary in it": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True),
             "kernel, rotary apart": dict(DECODE_KERNEL=True, KERNEL_ROTARY=False),
-            "without": dict(DECODE_KERNEL=False)}
+            "without": dict(DECODE_KERNEL=False),
+            "kernel in checks too": dict(DECODE_KERNEL=True, KERNEL_ROTARY=True, CHECK_KERNEL=True)}
 
 
 @torch.inference_mode()

@@ -12,7 +12,8 @@ equal the large model's greedy `generate` on that prompt alone; rows are counted
 --dtype bfloat16 (with --device cuda): the models in bf16; --reference greedy then compares with the large model
 decoded by this project's own Greedy on the same path (the "identical to large" of decode.eval's report), since
 transformers' generate rounds differently in bf16; --no-kernel keeps decode/kernels.py's attention kernel out of the
-one-token step (whether it is what makes a check round differently from the steps).
+one-token step, --check-kernel adds it to the checks (whether the kernel is what makes a check round differently
+from the steps).
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
 """
@@ -59,9 +60,12 @@ def main():
     parser.add_argument("--reference", choices=("generate", "greedy"), default="generate",
                         help="the large model's greedy output from transformers' generate, or from decode.Greedy")
     parser.add_argument("--no-kernel", action="store_true", help="the one-token step without the attention kernel")
+    parser.add_argument("--check-kernel", action="store_true",
+                        help="checks attend with the kernel too, query by query (decode.compact.CHECK_KERNEL)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     decode.compact.DECODE_KERNEL = not args.no_kernel
+    decode.compact.CHECK_KERNEL = args.check_kernel
     if args.batch > 1 and not args.fast_path:
         parser.error("--batch needs --fast-path (batches are decoded together on the fast path only)")
     if args.fast_path or args.early_exit:

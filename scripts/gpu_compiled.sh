@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device hold for the compiled passes: every GPU test (`pytest -m gpu`), 8 pytest processes at once (the
-# compiled ones mostly compile on the CPU), then the default path's settings and the compiled step's variants, each
-# against the defaults compiled anew in the same place ("default"): without combo kernels, tuning at 1.5B, every check
-# 16 wide on the demo shapes; with profiles and the pair table. Between them, the lossless mode in bf16 on random
-# pairs with and without the one-token attention kernel.
+# One device hold for the compiled passes, most wanted first: every GPU test (`pytest -m gpu`), 8 pytest processes at
+# once (the compiled ones mostly compile on the CPU), then the compiled step's variants and the uncompiled path's, each
+# against the defaults compiled anew in the same place ("default"): tuning and no combo kernels at 1.5B; checks
+# through the attention kernel (CHECK_KERNEL), every check 16 wide, and compiled for that width alone
+# (STATIC_CHECK_WIDTH); with profiles and the pair table.
+# Between them, the lossless mode in bf16 on random pairs with the attention kernel, without it, and in checks too.
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
 #   bash scripts/gpu_compiled.sh wait      # later calls on the still-warm machine
@@ -25,25 +26,28 @@ for i in 0 1 2 3 4 5 6 7; do
 done
 wait
 for i in 0 1 2 3 4 5 6 7; do tail -1 runs/tests_$i.log; done
-t "1b the lossless mode in bf16 on random pairs, against the large model's own Greedy: with the attention kernel, without"
-for k in "" --no-kernel; do
-  timeout 300 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 --reference greedy \
-    $k --archs bart t5 llama qwen2 2>/dev/null | tail -5
+t "2 the demo shapes' checks: through the attention kernel, 16 wide, compiled for that width; kernels of a check"
+timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --profile --profile-checks \
+  --variants default check16 check16-static check-kernel --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1
+tail -1 runs/variants_c.log
+t "3 the lossless mode in bf16 on random pairs, against the large model's own Greedy: with the attention kernel, without, in checks too"
+for k in "" --no-kernel --check-kernel; do
+  BILD_COMPILE=0 timeout 200 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
+    --reference greedy $k --archs bart t5 llama qwen2 2>/dev/null | tail -5
 done
-t "2 uncompiled path"
-timeout 200 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b qwen2.5_7b > runs/default.log 2>&1; grep "^|" runs/default.log
-t "3 compiled step variants"
+t "4 the same variants at real shapes, with profiles and the pair table"
 timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile \
-  --variants default no-combo --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
+  --variants default check-kernel check16-static --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
 tail -1 runs/variants_a.log
+t "5 uncompiled path"
+timeout 260 python3 scripts/bench_default_path.py --shapes qwen2.5_0.5b qwen2.5_7b demo_large > runs/default.log 2>&1; grep "^|" runs/default.log
+t "6 1.5B: tuning and combo kernels"
 timeout 420 python3 scripts/bench_step.py --shapes qwen2.5_1.5b --profile --variants default tuned no-combo \
   --repeats 3 --json runs/variants_b.json > runs/variants_b.log 2>&1; tail -1 runs/variants_b.log
-timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants default no-combo check16 \
-  --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1; tail -1 runs/variants_c.log
 echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
 detached_wait $W $SCRIPT $LOG
-detached_report $LOG runs/default.log runs/variants_a.log runs/variants_b.log runs/variants_c.log
+detached_report $LOG runs/variants_c.log runs/variants_a.log runs/default.log runs/variants_b.log
 exit 0

@@ -74,6 +74,51 @@ def kernel_cases(device: str) -> list[dict]:
     return results
 
 
+def many_query_cases(device: str) -> list[dict]:
+    """attention_over_cache (n query tokens over caches that already hold their keys and values: a check) against
+    the passes' own attention with the causal mask, and query by query against the one-token kernel, which must give
+    the same bits; self-attention at consecutive positions (a sliding window, grouped heads) and cross-attention (one
+    last slot per row)."""
+    import torch
+
+    from decode import compact, kernels
+
+    torch.manual_seed(1)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, h, h_kv, d, cap, window, n in [(1, 14, 2, 64, 100, None, 11), (2, 8, 8, 32, 70, None, 2),
+                                              (2, 8, 2, 128, 200, 16, 16), (3, 4, 1, 16, 40, 4, 6)]:
+            k_cache = torch.randn(b, h_kv, cap, d, dtype=dtype, device=device)
+            v_cache = torch.randn_like(k_cache)
+            q = compact.heads(torch.randn(b, n, h * d, dtype=dtype, device=device), h)  # a pass's layout
+            pos = torch.randint(0, cap - n + 1, (b, 1), device=device) + torch.arange(n, device=device)
+            pos[0] = torch.arange(cap - n, cap)
+            out = kernels.attention_over_cache(q, k_cache, v_cache, pos, 0.3, window)
+            ref = compact.attend(q, k_cache, v_cache, compact.causal_mask(pos, cap, window), 0.3, gqa=h != h_kv)
+            steps = torch.cat([kernels.decode_attention(q[:, :, i : i + 1], k_cache, v_cache, pos[:, i : i + 1], 0.3,
+                                                        window) for i in range(n)], dim=1)
+            last = torch.randint(0, cap, (b, 1), device=device)
+            cross = kernels.attention_over_cache(q, k_cache, v_cache, last, 0.3)
+            cross_steps = torch.cat([kernels.decode_attention(q[:, :, i : i + 1], k_cache, v_cache, last, 0.3)
+                                     for i in range(n)], dim=1)
+            visible = (torch.arange(cap, device=device) <= last)[:, None, None]
+            cross_ref = compact.attend(q, k_cache, v_cache, visible, 0.3, gqa=h != h_kv)
+            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window, n],
+                                err=max((out.float() - ref.float()).abs().max().item(),
+                                        (cross.float() - cross_ref.float()).abs().max().item()),
+                                scale=ref.float().abs().max().item(),
+                                as_steps=torch.equal(out, steps) and torch.equal(cross, cross_steps),
+                                dtype_kept=out.dtype == dtype and tuple(out.shape) == (b, n, h * d)))
+    return results
+
+
+def check_many_query_cases(results: list[dict]) -> None:
+    assert len(results) == 8
+    for r in results:
+        tol = 1e-5 if "float32" in r["case"][0] else 1.6e-2 * max(1.0, r["scale"])
+        assert r["err"] <= tol and r["as_steps"] and r["dtype_kept"], r
+
+
 def check_kernel_cases(results: list[dict]) -> None:
     assert len(results) == 16
     for r in results:
@@ -97,8 +142,8 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 interp._patch_lang_tensor = _patched
 sys.path.insert(0, "tests")
-from test_kernels import kernel_cases
-print(json.dumps({"attention": kernel_cases("cpu")}))
+from test_kernels import kernel_cases, many_query_cases
+print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu")}))
 '''
 
 
@@ -112,4 +157,8 @@ def interpreted():
 
 def test_decode_attention_equals_the_passes_attention(interpreted):
     check_kernel_cases(interpreted["attention"])
+
+
+def test_attention_over_cache_is_the_one_token_kernel_per_query(interpreted):
+    check_many_query_cases(interpreted["many"])
 
