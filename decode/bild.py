@@ -272,9 +272,10 @@ class BiLD(RowDecoder):
         """Every row follows `_decode_row`'s loop with its own pending tokens, positions and decisions. A row that
         needs the large model (a fallback, the step cap, its end) waits; the others keep drafting, one small-model
         pass for all of them per token, until every unfinished row waits; then one large-model pass checks them
-        all (a large pass sooner, once a fraction of the rows waits, measured no faster: BENCHMARKS.md). Rows that need nothing sit out a pass; once the unfinished
-        rows fit half the runners' batch, both runners compact (decode/batch.py). Sampling: the small model draws,
-        the large model's pass applies the rejection rule per row."""
+        all (a large pass sooner, once a fraction of the rows waits, measured no faster: BENCHMARKS.md). Rows that
+        need nothing sit out a pass; once the unfinished rows fit half the runners' batch, both runners compact
+        (decode/batch.py). Sampling: the small model draws, the large model's pass applies the rejection rule per
+        row."""
         cfg, sampling = self.config, self._sampling
         large = BatchRunner.for_model(self.large, len(prompts), self.config.compile)
         small = BatchRunner.for_model(self.small, len(prompts), self.config.compile)
@@ -361,6 +362,7 @@ class BiLD(RowDecoder):
                 if steps > len(kept):  # the last step fell back
                     stats.fallbacks += 1
                     waiting[i] = False
+
 
 def device_loop_on(setting: bool | None, runner, eos_token_ids) -> bool:
     """Whether greedy steps on `runner` keep the loop's state on the device (BiLDConfig.device_loop: None means on
