@@ -14,6 +14,9 @@ decoded by this project's own Greedy on the same path (the "identical to large" 
 transformers' generate rounds differently in bf16; --no-kernel keeps decode/kernels.py's attention kernel out of the
 one-token step, --check-kernel adds it to the checks (whether the kernel is what makes a check round differently
 from the steps).
+--pair LARGE SMALL (shapes of scripts/bench_step.py, e.g. demo_large demo_small): one pair of that size with random
+weights instead of the tiny ones, --pairs prompts through it, --compile on the compiled passes (a stress test: random
+weights make near-ties of most tokens).
 
 Prints one row per architecture: pairs checked, mismatches, and how much of the output the small model wrote.
 """
@@ -62,6 +65,8 @@ def main():
     parser.add_argument("--no-kernel", action="store_true", help="the one-token step without the attention kernel")
     parser.add_argument("--check-kernel", action="store_true",
                         help="checks attend with the kernel too, query by query (decode.compact.CHECK_KERNEL)")
+    parser.add_argument("--pair", nargs=2, metavar=("LARGE", "SMALL"), help="one random pair of bench_step shapes")
+    parser.add_argument("--compile", action="store_true", help="with --pair: the compiled passes")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     decode.compact.DECODE_KERNEL = not args.no_kernel
@@ -72,21 +77,28 @@ def main():
         args.archs = [a for a in args.archs if a != "gpt2"]
     torch.set_num_threads(1)
     rows = []
+    if args.pair:
+        from bench_step import build
+
+        args.archs, args.fast_path = ["+".join(args.pair)], True
+        pair = tuple(build(name, args.device, dtype) for name in args.pair)
     for arch in args.archs:
         bad, small_share, checked = 0, [], 0
         for seed in tqdm(range(args.pairs), desc=arch):
-            if args.early_exit:
+            if args.pair:
+                large, small = pair
+            elif args.early_exit:
                 large = tiny_model(arch, 1000 + seed, width=32, layers=4).to(args.device, dtype)
             else:
                 large, small = (m.to(args.device, dtype) for m in tiny_pair(arch, 1000 + seed))
             threshold = (0.0, 0.3, 0.6, 0.9)[seed % 4]
             cap = (None, 10, 4)[seed % 3]
             cfg = BiLDConfig(rollback="exact", fallback_threshold=threshold, max_small_steps=cap,
-                             fast_path=True if args.fast_path else False,
+                             fast_path=True if args.fast_path else False, compile=args.compile,
                              device_loop={"auto": None, "on": True, "off": False}[args.device_loop])
             bild = EarlyExitBiLD(large, 1 + seed % 3, cfg) if args.early_exit else BiLD(large, small, cfg)
             if args.reference == "greedy":
-                greedy = Greedy(large, fast_path=cfg.fast_path)
+                greedy = Greedy(large, fast_path=cfg.fast_path, compile=args.compile)
 
                 def reference(prompt):  # one row: laid out as generate's, no padding
                     return greedy.generate(prompt, max_new_tokens=args.max_new_tokens).sequences
