@@ -401,7 +401,7 @@ class Pass:
             # no duck sizing: sizes that happen to be equal (a head dimension and a source length of 16) are not tied
             # together, which would compile again once they differ. Python floats (a model's embedding scale) as
             # constants: traced as symbols they made dynamo trace the any-shape variants twice (on a 2-core CPU the
-            # demo BART's passes compiled in 8.8 s instead of 14.4 on a warm cache, 37.6 instead of 48.6 cold)
+            # demo BART's passes compiled in 8.9 s instead of 12.3 on a warm cache: scripts/bench_compile.py, BENCHMARKS.md)
             with sdpa_kernel(COMPILED_ATTENTION) if x.device.type == "cuda" else contextlib.nullcontext(), \
                     fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
                 out = compiled(x, *args)
