@@ -35,6 +35,10 @@ for k in "" --no-kernel --check-kernel; do
   BILD_COMPILE=0 timeout 200 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
     --reference greedy $k --archs bart t5 llama qwen2 2>/dev/null | tail -5
 done
+t "3b compile time, a fresh process then a warm one (on-disk cache)"
+for shape in demo_large qwen2.5_7b; do
+  timeout 300 python3 scripts/bench_compile.py --shape $shape --device cuda --dtype bfloat16 2>&1 | tail -5
+done
 t "4 the same variants at real shapes, with profiles and the pair table"
 timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile \
   --variants default check-kernel check16-static --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
