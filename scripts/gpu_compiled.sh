@@ -27,9 +27,11 @@ done
 wait
 for i in 0 1 2 3 4 5 6 7; do tail -1 runs/tests_$i.log; done
 t "2 the demo shapes' checks: through the attention kernel, 16 wide, compiled for that width; kernels of a check"
-timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --profile --profile-checks \
+timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small \
   --variants default check16 check16-static check-kernel --repeats 3 --json runs/variants_c.json > runs/variants_c.log 2>&1
 tail -1 runs/variants_c.log
+timeout 120 python3 scripts/bench_step.py --shapes demo_large --profile --profile-checks > runs/profile_c.log 2>&1
+tail -1 runs/profile_c.log
 t "3 the lossless mode in bf16 on random pairs, against the large model's own Greedy: with the attention kernel, without, in checks too"
 for k in "" --no-kernel --check-kernel; do
   BILD_COMPILE=0 timeout 200 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
@@ -53,5 +55,5 @@ JOB
   detached_start $W $SCRIPT $LOG
 fi
 detached_wait $W $SCRIPT $LOG
-detached_report $LOG runs/variants_c.log runs/variants_a.log runs/default.log runs/variants_b.log
+detached_report $LOG runs/variants_c.log runs/profile_c.log runs/variants_a.log runs/default.log runs/variants_b.log
 exit 0
