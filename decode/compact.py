@@ -33,6 +33,7 @@ windows included); BART, Marian, T5/mT5 (encoder-decoder).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import types
@@ -91,11 +92,13 @@ DECODE_KERNEL = True
 KERNEL_ROTARY = True
 # Whether a pass of 2 to kernels.MAX_QUERIES tokens on CUDA (a check) attends with the same kernel, query by query
 # (kernels.attention_over_cache), where the one-token step takes it: the check's attention then rounds as the steps'
-# does, and skips SDPA's mask over every slot of the cache. Not yet measured on a GPU: off until it is.
-CHECK_KERNEL = False
+# does, and skips SDPA's mask over every slot of the cache. Not yet measured on a GPU: off until it is (BILD_CHECK_KERNEL=1
+# in the environment turns it on, for an end-to-end measurement).
+CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "0") == "1"
 # A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
-# alone, in a third variant, instead of through the any-shape one. Not yet measured on a GPU: None (off) until it is.
-STATIC_CHECK_WIDTH: int | None = None
+# alone, in a third variant, instead of through the any-shape one. Not yet measured on a GPU: None (off) until it is
+# (BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it: decode/fast.py).
+STATIC_CHECK_WIDTH: int | None = int(os.environ["BILD_STATIC_CHECK_WIDTH"]) if os.environ.get("BILD_STATIC_CHECK_WIDTH") else None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
