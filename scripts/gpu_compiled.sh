@@ -37,6 +37,9 @@ for k in "" --no-kernel --check-kernel; do
   BILD_COMPILE=0 timeout 200 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
     --reference greedy $k --archs bart t5 llama qwen2 2>/dev/null | tail -5
 done
+for shape in demo_large qwen2.5_0.5b; do  # a check against steps at their own widths and at one width, bit for bit
+  BILD_COMPILE=0 timeout 120 python3 scripts/check_width_rounding.py --shape $shape --device cuda 2>&1 | tail -3
+done
 t "3b compile time, a fresh process then a warm one (on-disk cache)"
 for shape in demo_large qwen2.5_7b; do
   timeout 300 python3 scripts/bench_compile.py --shape $shape --device cuda --dtype bfloat16 2>&1 | tail -5
