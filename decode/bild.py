@@ -97,7 +97,6 @@ class _Batch:
     waiting: dict[int, bool]
     stats: DecodeStats
     sampling: object
-    cap: int | None
     max_new_tokens: int
     on_device: bool
 
@@ -285,7 +284,7 @@ class BiLD(RowDecoder):
         else:
             cap = self._plan_sampling(small, large)
         b = _Batch(large, small, rows=[self._row(p) for p in prompts], order=list(range(len(prompts))), waiting={},
-                   stats=stats, sampling=sampling, cap=cap, max_new_tokens=max_new_tokens,
+                   stats=stats, sampling=sampling, max_new_tokens=max_new_tokens,
                    on_device=sampling is None and self._drafts_on_device(small))
         large.start(prompts, max_new_tokens)
         small.start(prompts, max_new_tokens)

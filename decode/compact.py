@@ -98,7 +98,7 @@ CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "0") == "1"
 # A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
 # alone, in a third variant, instead of through the any-shape one. Not yet measured on a GPU: None (off) until it is
 # (BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it: decode/fast.py).
-STATIC_CHECK_WIDTH: int | None = int(os.environ["BILD_STATIC_CHECK_WIDTH"]) if os.environ.get("BILD_STATIC_CHECK_WIDTH") else None
+STATIC_CHECK_WIDTH: int | None = int(os.environ.get("BILD_STATIC_CHECK_WIDTH") or 0) or None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -382,7 +382,7 @@ class Pass:
                 # static sizes but the cache's capacity, as the one-token variant
                 self.variants["static"] = torch.compile(_own_code(fn), fullgraph=True, dynamic=None,
                                                         options=INDUCTOR_OPTIONS[False])
-        self._first = set(self.variants) or {True, False}  # variants not yet run (their first call compiles)
+        self._first = set(self.variants)  # variants not yet run (their first call compiles)
 
     def _variant(self, x) -> bool | str:
         """Which variant runs x: True (one token of one row), "static" (one row of STATIC_CHECK_WIDTH tokens) or False."""

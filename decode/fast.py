@@ -90,8 +90,8 @@ def make_runner(model: PreTrainedModel, fast_path: bool | None = None, compile: 
 
 
 # compile=None (the default everywhere): compiled on CUDA, unless BILD_COMPILE=0 in the environment. Measured on the
-# demo pair end to end (H100, BENCHMARKS.md) every system ran faster compiled (the large model alone 1.5x), at 30-60 s
-# of compiling per model in a fresh process and 12-35 s on a warm on-disk cache; off CUDA compiling has not paid.
+# demo pair end to end (H100, BENCHMARKS.md) every system ran faster compiled (the large model alone 1.5x), at 53-62 s
+# of compiling per model in a fresh process and 12-32 s on a warm on-disk cache; off CUDA compiling has not paid.
 def compile_wanted(compile: bool | None, device: torch.device) -> bool:
     """Whether the fast path compiles its passes: `compile` as set, None meaning on CUDA unless BILD_COMPILE=0."""
     if compile is not None:

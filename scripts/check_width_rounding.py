@@ -28,26 +28,28 @@ seq = torch.randint(3, 1000, (40,), generator=g).to(args.device)
 P = 20  # prompt length; positions P..P+10 compared
 
 
-def run(width_step, width_check):
+def prefilled():
+    """A decoder over the passes with the prompt fed."""
     dec = passes.decoder()
     dec.allocate(128, 0, 1)
+    dec.forward(seq[None, :P], torch.arange(P, device=args.device)[None])
+    return dec
+
+
+def fed(dec, start: int, n: int, width: int) -> torch.Tensor:
+    """Logits [n, V] of seq[start : start + n] fed in one pass of `width` tokens (the rest junk, as a padded check)."""
+    ids = torch.cat([seq[start : start + n], torch.zeros(width - n, dtype=torch.long, device=args.device)])
+    return dec.forward(ids[None], torch.arange(start, start + width, device=args.device)[None])[0, :n].float()
+
+
+def run(width_step, width_check):
+    """Positions P..P+10 as steps (one token per pass, `width_step` wide) and as one check (`width_check` wide)."""
     with torch.inference_mode():
-        # prompt
-        dec.forward(seq[None, :P], torch.arange(P, device=args.device)[None])
-        # steps: one token per pass at P..P+10 (padded with junk to width_step)
-        steps = []
-        for t in range(P, P + 11):
-            ids = torch.cat([seq[t:t+1], torch.zeros(width_step - 1, dtype=torch.long, device=args.device)])
-            logits = dec.forward(ids[None], torch.arange(t, t + width_step, device=args.device)[None])[0, 0].float()
-            steps.append(logits)
-        dec2 = passes.decoder()
-        dec2.allocate(128, 0, 1)
-        dec2.forward(seq[None, :P], torch.arange(P, device=args.device)[None])
-        n = 11
-        ids = torch.cat([seq[P:P+n], torch.zeros(width_check - n, dtype=torch.long, device=args.device)])
-        check = dec2.forward(ids[None], torch.arange(P, P + width_check, device=args.device)[None])[0, :n].float()
-    steps = torch.stack(steps)
+        dec = prefilled()
+        steps = torch.cat([fed(dec, t, 1, width_step) for t in range(P, P + 11)])
+        check = fed(prefilled(), P, 11, width_check)
     return torch.equal(steps, check), (steps - check).abs().max().item(), (steps.argmax(-1) == check.argmax(-1)).all().item()
+
 
 print(f"{args.shape}, {args.dtype}, {args.device}: (logits equal, largest difference, same argmax everywhere)")
 print("steps 1 token wide, the check 11:", run(1, 11))
