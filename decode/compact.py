@@ -91,13 +91,17 @@ DECODE_KERNEL = True
 # products and their own rotary).
 KERNEL_ROTARY = True
 # Whether a pass of 2 to kernels.MAX_QUERIES tokens on CUDA (a check) attends with the same kernel, query by query
-# (kernels.attention_over_cache), where the one-token step takes it: the check's attention then rounds as the steps'
-# does, and skips SDPA's mask over every slot of the cache. Not yet measured on a GPU: off until it is (BILD_CHECK_KERNEL=1
-# in the environment turns it on, for an end-to-end measurement).
+# (kernels.attention_over_cache; where the step rotates q and k in the kernel, kernels.write_keys writes the check's
+# keys rotated by the same code), where the one-token step takes it: the check's attention then rounds as the steps'
+# does, and skips SDPA's mask over every slot of the cache. Measured on an H100 (BENCHMARKS.md), compiled check of 10
+# pending tokens, off -> on: the demo BART 0.515 -> 0.378 ms, the demo's 2M model 0.120 -> 0.102, Qwen2.5-0.5B
+# 1.611 -> 1.302. Off until every GPU test has run with it on (BILD_CHECK_KERNEL=1 in the environment turns it on).
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "0") == "1"
 # A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
-# alone, in a third variant, instead of through the any-shape one. Not yet measured on a GPU: None (off) until it is
-# (BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it: decode/fast.py).
+# alone, in a third variant, instead of through the any-shape one. Measured on an H100 (BENCHMARKS.md), compiled check
+# of 10 pending tokens padded to 16, any-shape -> static: the demo BART 0.519 -> 0.482 ms, Qwen2.5-0.5B 1.621 -> 1.466,
+# less than CHECK_KERNEL gains: None (off); BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check
+# to it (decode/fast.py).
 STATIC_CHECK_WIDTH: int | None = int(os.environ.get("BILD_STATIC_CHECK_WIDTH") or 0) or None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
@@ -324,10 +328,13 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     D_rot]) are given, writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos and attends from q over
     the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
     writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`; a few tokens (a check) with
-    `kernel` and CHECK_KERNEL: the writes, then the same kernel for each token."""
+    `kernel` and CHECK_KERNEL: the writes, then the same kernel for each token, rotating as the step does."""
     one = kernel and q.shape[2] == 1 and q.is_cuda
     if one and kernel_rope and rope is not None:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
+    if _few_queries(q, kernel) and kernel_rope and rope is not None:
+        kernels.write_keys(k, v, k_cache, v_cache, pos, *rope)
+        return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, *rope)
     if rope is not None:
         c, s = rope[0][pos][:, None], rope[1][pos][:, None]  # [B, 1, n, D_rot]
         q, k = rotary(q, c, s), rotary(k, c, s)

@@ -10,8 +10,8 @@ in float32. It replaces what inductor makes of the same arithmetic: the cache wr
 softmax's statistics and the weighted sum, up to five kernels over every slot of the cache, masked (BENCHMARKS.md
 measures both). One program per (row, query head, query token); the query heads of a group read their key/value
 head where it lies. `attention_over_cache` runs the same program for each of n query tokens whose keys and values
-are already in the cache (a check of several tokens): each query's output is what the one-token step computes for
-it, bit for bit, given the same inputs.
+are already in the cache (a check of several tokens; `write_keys` writes them, rotated by the same code): each
+query's output is what the one-token step computes for it, bit for bit, given the same inputs.
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """
@@ -61,13 +61,14 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr,
-                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_vb, stride_vh,
-                          stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_on, stride_pb, stride_pn,
-                          stride_r, scale, window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                          HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr):
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                          stride_vn, stride_cb, stride_ch, stride_cs, stride_ob, stride_oh, stride_on, stride_pb,
+                          stride_pn, stride_r, scale, window, GROUP: tl.constexpr, D: tl.constexpr,
+                          BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr, ROT: tl.constexpr,
+                          ATTEND: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
-        query = tl.program_id(2)  # 0 for one token (WRITE and ROT only there)
+        query = tl.program_id(2)  # 0 for one token
         kv_head = head // GROUP
         pos = tl.load(pos_ptr + row * stride_pb + query * stride_pn)
         d = tl.arange(0, D)
@@ -75,36 +76,39 @@ if triton is not None:
         if WRITE:
             # the token's key and value into the cache (the group's programs write the same numbers), made visible
             # to every thread of this program before the loop reads them back
-            k_new = _rotated(k_ptr + row * stride_kb + kv_head * stride_kh, d, cos_ptr, sin_ptr, pos, stride_r, ROT)
-            v_new = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + d)
+            k_new = _rotated(k_ptr + row * stride_kb + kv_head * stride_kh + query * stride_kn, d, cos_ptr, sin_ptr,
+                             pos, stride_r, ROT)
+            v_new = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + query * stride_vn + d)
             tl.store(kc_ptr + cache + pos * stride_cs + d, k_new)
             tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
             tl.debug_barrier()
 
-        q = _rotated(q_ptr + row * stride_qb + head * stride_qh + query * stride_qn, d, cos_ptr, sin_ptr, pos, stride_r,
-                     ROT).to(tl.float32)
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-        total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        acc = tl.zeros([D], tl.float32)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(pos - window + 1, 0)
-        for start in range(lo, pos + 1, BLOCK):
-            slots = start + tl.arange(0, BLOCK)
-            live = slots <= pos
-            offsets = cache + slots[:, None] * stride_cs + d[None, :]
-            k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-            scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
-            scores = tl.where(live, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m - m_new)
-            v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-            total = total * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m = m_new
-        out = acc / total
-        tl.store(out_ptr + row * stride_ob + head * stride_oh + query * stride_on + d, out.to(out_ptr.dtype.element_ty))
+        if ATTEND:  # (False: only the writes, of several tokens: write_keys)
+            q = _rotated(q_ptr + row * stride_qb + head * stride_qh + query * stride_qn, d, cos_ptr, sin_ptr, pos,
+                         stride_r, ROT).to(tl.float32)
+            m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+            total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            acc = tl.zeros([D], tl.float32)
+            lo = 0
+            if HAS_WINDOW:
+                lo = tl.maximum(pos - window + 1, 0)
+            for start in range(lo, pos + 1, BLOCK):
+                slots = start + tl.arange(0, BLOCK)
+                live = slots <= pos
+                offsets = cache + slots[:, None] * stride_cs + d[None, :]
+                k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
+                scores = tl.where(live, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 0))
+                p = tl.exp(scores - m_new)
+                alpha = tl.exp(m - m_new)
+                v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                total = total * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                m = m_new
+            out = acc / total
+            tl.store(out_ptr + row * stride_ob + head * stride_oh + query * stride_on + d,
+                     out.to(out_ptr.dtype.element_ty))
 
 
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
@@ -124,30 +128,49 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
     o3 = out.view(b, h, d)
     (kernel or _decode_attention)[(b, h, 1)](
         q3, k3, v3, k_cache, v_cache, o3, last, cos, sin,
-        q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
         cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
-        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, num_warps=WARPS)
+        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, num_warps=WARPS)
     return out
 
 
-def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | None = None, kernel=None):
+def write_keys(k, v, k_cache, v_cache, pos, cos, sin, kernel=None) -> None:
+    """Writes n tokens' keys and values (k, v: [B, H_kv, n, D]) into the caches at their positions pos ([B, n]), the
+    keys rotated by their positions as decode_attention rotates the one token's (cos, sin: [capacity, D_rot]): the
+    same code, so a check's keys are the steps' bit for bit. `kernel` as in decode_attention."""
+    b, h_kv, n, d = k.shape
+    k, v = _rows(k), _rows(v)
+    (kernel or _decode_attention)[(b, h_kv, n)](
+        k, k, v, k_cache, v_cache, k_cache, pos, cos, sin,  # (the query and the output: not read, not written)
+        0, 0, 0, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0, 0, 0, pos.stride(0), pos.stride(1),
+        cos.stride(0), 1.0, 0, GROUP=1, D=d, BLOCK=BLOCK, HAS_WINDOW=False, WRITE=True, ROT=cos.shape[-1],
+        ATTEND=False, num_warps=WARPS)
+
+
+def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | None = None, cos=None, sin=None,
+                         kernel=None):
     """q: [B, H, n, D], n at most MAX_QUERIES, its tokens' keys and values already in k_cache, v_cache ([B, H_kv,
     capacity, D]); last: [B, n], the last slot each query sees (its position), or [B, 1] for every query alike (cross-
     attention: the source length - 1). Attends over slots last - window < j <= last, each query as decode_attention
-    attends for one token; returns [B, n, H * D] in q's dtype. `kernel` as in decode_attention."""
+    attends for one token, q rotated first where given cos, sin (then by last, its position: write_keys wrote the
+    keys); returns [B, n, H * D] in q's dtype. `kernel` as in decode_attention."""
     b, h, n, d = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
+    rot = cos.shape[-1] if cos is not None else 0
+    if cos is None:
+        cos = sin = q  # not read
     (kernel or _decode_attention)[(b, h, n)](
-        q, q, q, k_cache, v_cache, o4, last, q, q,  # (keys, values and rotary tables: not read)
-        q.stride(0), q.stride(1), q.stride(2), 0, 0, 0, 0,
+        q, q, q, k_cache, v_cache, o4, last, cos, sin,  # (keys and values: not read)
+        q.stride(0), q.stride(1), q.stride(2), 0, 0, 0, 0, 0, 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0), o4.stride(2), o4.stride(1),
-        last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, 0, scale, window or 0,
-        GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=False, ROT=0,
-        num_warps=WARPS)
+        last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, cos.stride(0) if rot else 0, scale, window or 0,
+        GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=False, ROT=rot,
+        ATTEND=True, num_warps=WARPS)
     return out
 
 

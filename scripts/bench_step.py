@@ -132,6 +132,7 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "check-kernel": dict(CHECK_KERNEL=True),
     # every check 16 wide, compiled for that width alone (decode.compact.STATIC_CHECK_WIDTH)
     "check16-static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16},
+    "check-kernel+static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16, "CHECK_KERNEL": True},  # both
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 

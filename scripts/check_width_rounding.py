@@ -1,6 +1,7 @@
 """Whether a check's logits equal the steps' bit for bit, as the lossless mode needs: the uncompiled compact passes of
-a bench_step shape (random weights) over a 20-token prompt, then 11 positions fed one per pass (steps) and all in one
-pass (a check); once as the decoder runs them (steps 1 token wide, the check 11), once with both padded to 16 tokens.
+a bench_step shape (random weights) over a 20-token prompt (and source, for an encoder-decoder), then 11 positions fed
+one per pass (steps) and all in one pass (a check); once as the decoder runs them (steps 1 token wide, the check 11),
+once with both padded to 16 tokens.
 
     python scripts/check_width_rounding.py --shape qwen2.5_0.5b --dtype bfloat16 [--device cuda]
 """
@@ -31,7 +32,9 @@ P = 20  # prompt length; positions P..P+10 compared
 def prefilled():
     """A decoder over the passes with the prompt fed."""
     dec = passes.decoder()
-    dec.allocate(128, 0, 1)
+    dec.allocate(128, 32 if passes.is_encoder_decoder else 0, 1)
+    if passes.is_encoder_decoder:  # a 20-token source (the decoder's own prompt too)
+        dec.encode(seq[None, :32], torch.tensor([P], device=args.device))
     dec.forward(seq[None, :P], torch.arange(P, device=args.device)[None])
     return dec
 

@@ -328,6 +328,14 @@ def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda():
     check_many_query_cases(many_query_cases("cuda"))
 
 
+def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda():
+    """write_keys and attention_over_cache with the rotary tables compiled for CUDA: the one-token kernel's bits, token
+    by token (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
+    from test_kernels import check_rotated_check_cases, rotated_check_cases
+
+    check_rotated_check_cases(rotated_check_cases("cuda"))
+
+
 @pytest.mark.parametrize("arch", ("bart", "t5", "qwen2", "gemma3", "mistral"))
 @pytest.mark.parametrize("compile", (False, True))
 def test_checks_that_attend_with_the_kernel_decode_as_without_fp32(arch, compile, monkeypatch):

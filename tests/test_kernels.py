@@ -112,6 +112,41 @@ def many_query_cases(device: str) -> list[dict]:
     return results
 
 
+def rotated_check_cases(device: str) -> list[dict]:
+    """A check's tokens with the rotary in the kernel (write_keys, then attention_over_cache given the tables) against
+    the one-token kernel run token by token, which rotates, writes and attends: the same outputs and caches, bit for
+    bit; whole and partial rotary, grouped heads, a sliding window."""
+    import torch
+
+    from decode import compact, kernels
+
+    torch.manual_seed(2)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, h, h_kv, d, cap, window, n, rot in [(1, 14, 2, 64, 100, None, 11, 64), (2, 8, 2, 128, 90, 16, 5, 64)]:
+            caches = [torch.randn(b, h_kv, cap, d, dtype=dtype, device=device) for _ in range(2)]
+            q = compact.heads(torch.randn(b, n, h * d, dtype=dtype, device=device), h)  # a pass's layout
+            k, v = (compact.heads(torch.randn(b, n, h_kv * d, dtype=dtype, device=device), h_kv) for _ in range(2))
+            rope = tuple(torch.randn(cap, rot, dtype=dtype, device=device) for _ in range(2))
+            pos = torch.randint(0, cap - n + 1, (b, 1), device=device) + torch.arange(n, device=device)
+            k_steps, v_steps = (c.clone() for c in caches)
+            steps = torch.cat([kernels.decode_attention(q[:, :, i : i + 1], k_steps, v_steps, pos[:, i : i + 1], 0.3,
+                                                        window, k[:, :, i : i + 1], v[:, :, i : i + 1], *rope)
+                               for i in range(n)], dim=1)
+            kernels.write_keys(k, v, *caches, pos, *rope)
+            out = kernels.attention_over_cache(q, *caches, pos, 0.3, window, *rope)
+            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window, n, rot],
+                                as_steps=torch.equal(out, steps), caches_as_steps=torch.equal(caches[0], k_steps)
+                                and torch.equal(caches[1], v_steps)))
+    return results
+
+
+def check_rotated_check_cases(results: list[dict]) -> None:
+    assert len(results) == 4
+    for r in results:
+        assert r["as_steps"] and r["caches_as_steps"], r
+
+
 def check_many_query_cases(results: list[dict]) -> None:
     assert len(results) == 8
     for r in results:
@@ -142,8 +177,8 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 interp._patch_lang_tensor = _patched
 sys.path.insert(0, "tests")
-from test_kernels import kernel_cases, many_query_cases
-print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu")}))
+from test_kernels import kernel_cases, many_query_cases, rotated_check_cases
+print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu")}))
 '''
 
 
@@ -162,3 +197,7 @@ def test_decode_attention_equals_the_passes_attention(interpreted):
 def test_attention_over_cache_is_the_one_token_kernel_per_query(interpreted):
     check_many_query_cases(interpreted["many"])
 
+
+
+def test_a_checks_rotary_in_the_kernel_is_the_steps(interpreted):
+    check_rotated_check_cases(interpreted["rotated"])
