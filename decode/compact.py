@@ -270,6 +270,7 @@ class StaticKV:
         for pair in self.layers:  # the compiled passes take any capacity without compiling again
             for t in pair:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
+                _static(t, 1, 3)
 
 
 def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -295,10 +296,20 @@ def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
                 m.bias.data = bias[start : start + rows]
             start += rows
     _FUSED[linears[0]] = (weight, bias, [m.weight.data_ptr() for m in linears])
-    return weight, bias
+    return _static(weight), _static(bias)
 
 
 _FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _static(t: torch.Tensor | None, *dims: int) -> torch.Tensor | None:
+    """t with these dimensions (all, without any) marked as constants for the any-shape variants, which are compiled
+    with every other size a symbol: weights, heads and head sizes, the model's width. With every size a symbol, the
+    guards over them cost seconds to trace and to check on each start from the on-disk cache (BENCHMARKS.md)."""
+    if t is not None:
+        for d in dims or range(t.dim()):
+            torch._dynamo.mark_static(t, d)
+    return t
 
 
 def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -406,14 +417,19 @@ class Pass:
             with sdpa_kernel(UNCOMPILED_ATTENTION):
                 return self.fn(x, *args)
         first = one in self._first
+        if first and one is False and x.dim() == 3:
+            torch._dynamo.mark_static(x, 2)  # the model's width (see _static)
         start = time.perf_counter()
         try:
             # no duck sizing: sizes that happen to be equal (a head dimension and a source length of 16) are not tied
-            # together, which would compile again once they differ. Python floats (a model's embedding scale) as
-            # constants: traced as symbols they made dynamo trace the any-shape variants twice (on a 2-core CPU the
-            # demo BART's passes compiled in 8.9 s instead of 12.3 on a warm cache: scripts/bench_compile.py, BENCHMARKS.md)
+            # together, which would compile again once they differ. Python floats (a model's embedding scale) and ints
+            # (head counts, the q/k/v split) as constants, and the weights' sizes too (_static): traced as symbols,
+            # floats made dynamo trace the any-shape variants twice, and dozens of symbols made guards that took
+            # seconds to check on every start from the on-disk cache (on a 2-core CPU, warm: the demo BART 12.3 ->
+            # 8.9 -> 4.6 s, Qwen2.5-0.5B 9.9 -> 4.1 s: scripts/bench_compile.py, BENCHMARKS.md)
             with sdpa_kernel(COMPILED_ATTENTION) if x.device.type == "cuda" else contextlib.nullcontext(), \
-                    fx_config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True):
+                    fx_config.patch(use_duck_shape=False), \
+                    torch._dynamo.config.patch(specialize_float=True, specialize_int=True):
                 out = compiled(x, *args)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -463,7 +479,7 @@ class Passes:
         """The alias of a parameter that the passes read (watched by `stale`)."""
         if param is None:
             return None
-        alias = _alias(param)
+        alias = _static(_alias(param))
         self._params.append((alias, param))
         return alias
 

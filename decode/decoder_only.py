@@ -165,6 +165,7 @@ class LlamaDecoder(Decoder):
         self.tables = {key: self.passes.rotary_tables(capacity, key) for key in set(self.passes.rope_keys)}
         for t in (t for pair in self.tables.values() for t in pair):
             torch._dynamo.maybe_mark_dynamic(t, 0)
+            compact._static(t, 1)
 
     def run_layers(self, h, pos, start, stop):
         p = self.passes
