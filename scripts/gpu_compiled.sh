@@ -2,8 +2,8 @@
 # One device hold for the checks through the attention kernel (decode.compact.CHECK_KERNEL, off by default), most
 # wanted first: every GPU test with it on (BILD_CHECK_KERNEL=1), 8 pytest processes at once; the lossless mode in
 # bf16 on random pairs against the large model's own Greedy, checks with the kernel and without, uncompiled and
-# compiled; then what the last hold did not reach: the compiled variants at real shapes with profiles and the pair
-# table, the uncompiled path, 1.5B.
+# compiled; compile times cold and warm; then what the last hold did not reach: the compiled variants at real shapes
+# with profiles and the pair table, the uncompiled path, 1.5B.
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
 #   bash scripts/gpu_compiled.sh wait      # later calls on the still-warm machine
@@ -34,6 +34,10 @@ done
 for k in "" --check-kernel; do  # compiled, at the demo pair's size
   timeout 300 python3 scripts/check_lossless.py --pair demo_large demo_small --compile --pairs 20 --fast-path \
     --device cuda --dtype bfloat16 --reference greedy $k 2>/dev/null | tail -3
+done
+t "2b compile time, a fresh process then a warm one (on-disk cache)"
+for shape in demo_large qwen2.5_7b; do
+  timeout 300 python3 scripts/bench_compile.py --shape $shape --device cuda --dtype bfloat16 2>&1 | tail -5
 done
 t "3 the compiled variants at real shapes, with profiles and the pair table"
 timeout 560 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile \
