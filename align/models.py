@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig, tokenizer):
 def keep_decoder_layers(model, keep: list[int]) -> None:
     """Drops every decoder layer of `model` but those in `keep`, in place, and sets the config's layer count and each
     attention's cache index to match."""
-    from decode.compact import decoder_layer_modules
+    from decode.families import decoder_layer_modules
 
     layers = decoder_layer_modules(model)
     if max(keep) >= len(layers):
@@ -77,12 +77,12 @@ class ExitTraining(torch.nn.Module):
 
     forward returns (the full model's logits, the exit's logits). Layer k's states are read with a forward
     hook on the layer itself, and the exit logits come from the same function early-exit decoding uses
-    (ExitHead.logits over the model's own head, decode.compact.output_logits), so training and decoding cannot drift
+    (ExitHead.logits over the model's own head, decode.families.output_logits), so training and decoding cannot drift
     apart.
     """
 
     def __init__(self, model, exit_layer: int, mode: str):
-        from decode.compact import decoder_layer_modules
+        from decode.families import decoder_layer_modules
         from decode.early_exit import ExitHead
 
         super().__init__()

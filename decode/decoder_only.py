@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 import decode.compact as compact
-from decode.compact import (GEMMA, Decoder, Passes, fuse_linears, gemma_norm, heads, linear, notice, rms_norm,
-                            rope_settings, rope_type, self_attention, soft_cap)
+from decode.compact import Decoder, Passes, fuse_linears, gemma_norm, heads, linear, notice, rms_norm, self_attention
+from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
 class LlamaPasses(Passes):

@@ -36,8 +36,8 @@ from transformers import PreTrainedModel
 from decode.bild import BiLD, BiLDConfig
 from decode.loading import load_model, warn_on_processors
 from decode.cache import first_cut, step_verdict
-from decode.compact import decoder_layers, final_norm_module, output_logits
-from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice, unsupported_reason
+from decode.families import decoder_layers, final_norm_module, output_logits, unsupported_reason
+from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice
 from decode.generation import RowDecoder
 
 EXIT_HEAD_WEIGHTS = "exit_head.safetensors"

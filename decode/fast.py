@@ -44,7 +44,8 @@ from transformers import PreTrainedModel
 
 from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdict
 import decode.compact as compact
-from decode.compact import notice, unsupported_reason  # noqa: F401 - notice, unsupported_reason: re-exported
+from decode.compact import notice  # noqa: F401 - notice: re-exported
+from decode.families import unsupported_reason
 from decode.draft_loop import DeviceDraftLoop
 from decode.passes import model_passes
 from decode.sampling import noise_size, sample_step, verify

@@ -6,7 +6,8 @@ import weakref
 
 from transformers import PreTrainedModel
 
-from decode.compact import DECODER_ONLY, Passes
+from decode.compact import Passes
+from decode.families import DECODER_ONLY
 from decode.decoder_only import LlamaPasses
 from decode.seq2seq import BartPasses, T5Passes
 

@@ -8,7 +8,8 @@ import torch
 from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy
-from decode.fast import FastRunner, compile_wanted, make_runner, unsupported_reason
+from decode.families import unsupported_reason
+from decode.fast import FastRunner, compile_wanted, make_runner
 
 FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2") + MORE_DECODER_ONLY
 

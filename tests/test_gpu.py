@@ -7,7 +7,7 @@ from test_fast import FAST_ARCHS, compact_vs_transformers, decode_all
 from tiny_models import hf_greedy, random_prompt, tiny_model, tiny_pair
 
 from decode import BiLD, BiLDConfig, Greedy, EarlyExitBiLD
-from decode.compact import decoder_layers
+from decode.families import decoder_layers
 from decode.fast import FastRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -273,7 +273,7 @@ def test_keep_decoder_layers_makes_a_smaller_model_of_the_same_family(arch, tmp_
 
     from align.models import keep_decoder_layers
     from decode.loading import load_model
-    from decode.compact import decoder_layer_modules
+    from decode.families import decoder_layer_modules
 
     model = tiny_model(arch, 0, layers=3)
     last = {k: v.clone() for k, v in decoder_layer_modules(model)[2].state_dict().items()}
