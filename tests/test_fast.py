@@ -211,3 +211,43 @@ def test_grouped_attention_equals_sdpa(n, groups):
         torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), ref, rtol=1e-5, atol=1e-6)
         with mock.patch.object(torch.compiler, "is_compiling", lambda: True):  # the compiled pass's alternative
             torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3, matmul=True), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "bart"))
+def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(arch, monkeypatch):
+    """The compiled any-shape variants see the weights' sizes, head counts, the q/k/v split and the model's width as
+    constants: traced as symbols they made guards that took seconds to check on every warm start (BENCHMARKS.md).
+    Dynamo traces them here with the eager backend (what creates the symbols; no code generated)."""
+    import logging
+    import re
+
+    import decode.compact as compact
+
+    compile_ = torch.compile
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
+                                                                           dynamic=kw.get("dynamic")))
+    symbols = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("create_symbol"):
+                symbols.append(re.search(r" for (\S+)", record.getMessage()).group(1))
+
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handler = Record()
+    log.addHandler(handler)
+    torch._logging.set_logs(dynamic=logging.INFO)
+    try:
+        model = tiny_model(arch, 0)  # (the runner holds it weakly)
+        runner = FastRunner(model, compile=True)
+        with torch.inference_mode():
+            runner.start(random_prompt(0, length=9)[0].tolist(), 40)
+            runner.check([5, 6, 7, 8], 3, "exact", 0.0)
+    finally:
+        torch._logging.set_logs()
+        log.removeHandler(handler)
+    assert symbols, "no symbol traced: the any-shape variants did not compile"
+    # allowed: a pass input's batch and length, the caches' and rotary tables' capacity, the source's length
+    constant = [s for s in symbols if "['w']" in s or ".size()" not in s and ".stride()" not in s
+                or re.search(r"\['(h|hidden)'\]\.size\(\)\[2\]|_cache'\]\.size\(\)\[[13]\]|\['(cos|sin)'\]\.size\(\)\[1\]", s)]
+    assert not constant, constant
