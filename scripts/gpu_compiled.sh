@@ -31,6 +31,10 @@ for k in "" --check-kernel --no-kernel; do
   BILD_COMPILE=0 timeout 200 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
     --reference greedy $k --archs bart t5 llama qwen2 2>/dev/null | tail -5
 done
+for k in 0 1; do  # a check's logits against the steps', bit for bit, at 0.5B: checks without the kernel, with it
+  BILD_CHECK_KERNEL=$k BILD_COMPILE=0 timeout 120 python3 scripts/check_width_rounding.py --shape qwen2.5_0.5b \
+    --device cuda 2>&1 | tail -3
+done
 for k in "" --check-kernel; do  # compiled, at the demo pair's size
   timeout 300 python3 scripts/check_lossless.py --pair demo_large demo_small --compile --pairs 20 --fast-path \
     --device cuda --dtype bfloat16 --reference greedy $k 2>/dev/null | tail -3
