@@ -121,16 +121,14 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
     b, h, _, d = q.shape
     write = k is not None
     q3, k3, v3 = (_rows(t[:, :, 0]) for t in (q, k, v)) if write else (_rows(q[:, :, 0]), k_cache[:, :, 0], v_cache[:, :, 0])
-    rot = cos.shape[-1] if cos is not None else 0
-    if cos is None:
-        cos = sin = q3  # not read
+    cos, sin, rot, stride_r = _tables(cos, sin, q3)
     out = q.new_empty(b, 1, h * d)
     o3 = out.view(b, h, d)
     (kernel or _decode_attention)[(b, h, 1)](
         q3, k3, v3, k_cache, v_cache, o3, last, cos, sin,
         q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
-        cos.stride(0) if rot else 0, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
+        stride_r, scale, window or 0, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
         HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, num_warps=WARPS)
     return out
 
@@ -157,23 +155,28 @@ def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | 
     attends for one token, q rotated first where given cos, sin (then by last, its position: write_keys wrote the
     keys); returns [B, n, H * D] in q's dtype. `kernel` as in decode_attention."""
     b, h, n, d = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = _rows(q)
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
-    rot = cos.shape[-1] if cos is not None else 0
-    if cos is None:
-        cos = sin = q  # not read
+    cos, sin, rot, stride_r = _tables(cos, sin, q)
     (kernel or _decode_attention)[(b, h, n)](
         q, q, q, k_cache, v_cache, o4, last, cos, sin,  # (keys and values: not read)
         q.stride(0), q.stride(1), q.stride(2), 0, 0, 0, 0, 0, 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0), o4.stride(2), o4.stride(1),
-        last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, cos.stride(0) if rot else 0, scale, window or 0,
+        last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, stride_r, scale, window or 0,
         GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=False, ROT=rot,
         ATTEND=True, num_warps=WARPS)
     return out
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [B, H, D] with its last dimension contiguous, as the kernel reads it."""
+    """x with its last dimension contiguous, as the kernel reads it."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tables(cos, sin, unread: torch.Tensor) -> tuple:
+    """The rotary tables as the kernel takes them: (cos, sin, the rotated width, their row stride); without tables,
+    `unread` in their place (the kernel reads no table at rotated width 0)."""
+    if cos is None:
+        return unread, unread, 0, 0
+    return cos, sin, cos.shape[-1], cos.stride(0)

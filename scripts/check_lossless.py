@@ -66,7 +66,8 @@ def main():
     parser.add_argument("--check-kernel", action="store_true",
                         help="checks attend with the kernel too, query by query (decode.compact.CHECK_KERNEL)")
     parser.add_argument("--pair", nargs=2, metavar=("LARGE", "SMALL"), help="one random pair of bench_step shapes")
-    parser.add_argument("--compile", action="store_true", help="with --pair: the compiled passes")
+    parser.add_argument("--compile", action="store_true",
+                        help="the compiled passes (without it, uncompiled on CUDA too); slow on tiny pairs, meant for --pair")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     decode.compact.DECODE_KERNEL = not args.no_kernel

@@ -248,6 +248,6 @@ def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(ar
         log.removeHandler(handler)
     assert symbols, "no symbol traced: the any-shape variants did not compile"
     # allowed: a pass input's batch and length, the caches' and rotary tables' capacity, the source's length
-    constant = [s for s in symbols if "['w']" in s or ".size()" not in s and ".stride()" not in s
+    constant = [s for s in symbols if "['w']" in s or (".size()" not in s and ".stride()" not in s)  # weights, ints
                 or re.search(r"\['(h|hidden)'\]\.size\(\)\[2\]|_cache'\]\.size\(\)\[[13]\]|\['(cos|sin)'\]\.size\(\)\[1\]", s)]
     assert not constant, constant
