@@ -85,6 +85,21 @@ def environment() -> dict:
     return {"device": device, "versions": versions, "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def warmup_chunks(indices: list[int], lengths: list[int], warmup: int, batch_size: int) -> list[list[int]]:
+    """The untimed calls before a system's timed pass (none when warmup is 0): kernels, allocator, caches and the
+    graphs of this batch size warm up on the first `warmup` examples one at a time (the first batch, in batches), then
+    on the longest input where it is not among them, since a long prompt takes a pass that short ones do not (the
+    compiled passes trace it there, not while timed). lengths: each index's input length."""
+    if not warmup:
+        return []
+    first = indices[:warmup] if batch_size == 1 else indices[:batch_size]
+    chunks = [[i] for i in first] if batch_size == 1 else [first]
+    longest = indices[max(range(len(indices)), key=lengths.__getitem__)]
+    if longest not in first:
+        chunks.append([longest] + first[: batch_size - 1])
+    return chunks
+
+
 class Evaluation:
     def __init__(self, cfg: EvalConfig, aligned: str | None):
         from transformers import AutoTokenizer
@@ -213,9 +228,8 @@ class Evaluation:
             ids, mask = self.batch(chunk, left_pad)
             return decoder.generate(ids, mask, max_new_tokens=self.cfg.max_new_tokens, **self._sampling(decoder, chunk[0]))
 
-        # untimed: kernels, allocator, caches and the graphs of this batch size warm up
-        for chunk in ([[i] for i in indices[: self.cfg.warmup]] if batch_size == 1 else [indices[:batch_size]]):
-            generate(chunk)
+        for chunk in warmup_chunks(indices, [len(self.inputs[i]) for i in indices], self.cfg.warmup, batch_size):
+            generate(chunk)  # untimed
         stats, outputs, latencies = DecodeStats(), [], []
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]

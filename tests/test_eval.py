@@ -347,3 +347,13 @@ def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path
         assert row["total_seconds"] == sorted(row["pass_seconds"])[1]
         assert row["speedup_vs_large_same_batch"] == sorted(row["speedup_passes"])[1]
     assert tp[0]["speedup_passes"] == pytest.approx([1.0] * 3)
+
+
+def test_the_warm_up_decodes_the_first_examples_and_the_longest_input():
+    from decode.eval import warmup_chunks
+
+    indices, lengths = [4, 5, 6, 7, 8], [3, 9, 2, 30, 5]
+    assert warmup_chunks(indices, lengths, warmup=2, batch_size=1) == [[4], [5], [7]]
+    assert warmup_chunks(indices, lengths, warmup=2, batch_size=2) == [[4, 5], [7, 4]]
+    assert warmup_chunks(indices, lengths, warmup=4, batch_size=1) == [[4], [5], [6], [7]]  # already among them
+    assert warmup_chunks(indices, lengths, warmup=0, batch_size=1) == []
