@@ -91,15 +91,17 @@ KERNEL_ROTARY = True
 # Whether a pass of 2 to kernels.MAX_QUERIES tokens on CUDA (a check) attends with the same kernel, query by query
 # (kernels.attention_over_cache; where the step rotates q and k in the kernel, kernels.write_keys writes the check's
 # keys rotated by the same code), where the one-token step takes it: the check's attention then rounds as the steps'
-# does, and skips SDPA's mask over every slot of the cache. Measured on an H100 (BENCHMARKS.md), compiled check of 10
-# pending tokens, off -> on: the demo BART 0.515 -> 0.378 ms, the demo's 2M model 0.120 -> 0.102, Qwen2.5-0.5B
-# 1.611 -> 1.302. Off until every GPU test has run with it on (BILD_CHECK_KERNEL=1 in the environment turns it on).
-CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "0") == "1"
+# does, and skips SDPA's mask over every slot of the cache. Measured on an H100 (BENCHMARKS.md), check of 10 pending
+# tokens, off -> on: compiled, the demo BART 0.515 -> 0.378 ms, the demo's 2M model 0.120 -> 0.102, Qwen2.5-0.5B
+# 1.611 -> 1.302; uncompiled, 0.5B 3.010 -> 1.989, 7B 8.473 -> 7.206. The lossless mode in bf16 against the large
+# model's own Greedy (random tiny pairs, 20 per family, BART / T5 / Llama / Qwen2): 2 / 0 / 6 / 6 mismatches off,
+# 0 / 0 / 1 / 2 on. BILD_CHECK_KERNEL=0 in the environment turns it off.
+CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
 # A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
 # alone, in a third variant, instead of through the any-shape one. Measured on an H100 (BENCHMARKS.md), compiled check
-# of 10 pending tokens padded to 16, any-shape -> static: the demo BART 0.519 -> 0.482 ms, Qwen2.5-0.5B 1.621 -> 1.466,
-# less than CHECK_KERNEL gains: None (off); BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check
-# to it (decode/fast.py).
+# of 10 pending tokens, with CHECK_KERNEL, any-shape -> padded to 16 and static: Qwen2.5-0.5B 1.373 -> 1.299 ms,
+# Qwen2.5-7B 6.430 -> 6.664 (the padding costs more than the static shape saves there). None (off);
+# BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it (decode/fast.py).
 STATIC_CHECK_WIDTH: int | None = int(os.environ.get("BILD_STATIC_CHECK_WIDTH") or 0) or None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.

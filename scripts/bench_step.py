@@ -128,11 +128,10 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "unpadded": {"fast.MIN_CHECK_TOKENS": 1},
     # every check 16 wide: one check shape per model (whether the any-shape variant costs less at one width)
     "check16": {"fast.MIN_CHECK_TOKENS": 16},
-    # a check's attention through decode/kernels.py's kernel, query by query (decode.compact.CHECK_KERNEL)
-    "check-kernel": dict(CHECK_KERNEL=True),
+    # a check's attention as SDPA's (math) instead of decode/kernels.py's kernel, query by query (CHECK_KERNEL off)
+    "no-check-kernel": dict(CHECK_KERNEL=False),
     # every check 16 wide, compiled for that width alone (decode.compact.STATIC_CHECK_WIDTH)
     "check16-static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16},
-    "check-kernel+static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16, "CHECK_KERNEL": True},  # both
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 

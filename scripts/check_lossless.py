@@ -12,8 +12,8 @@ equal the large model's greedy `generate` on that prompt alone; rows are counted
 --dtype bfloat16 (with --device cuda): the models in bf16; --reference greedy then compares with the large model
 decoded by this project's own Greedy on the same path (the "identical to large" of decode.eval's report), since
 transformers' generate rounds differently in bf16; --no-kernel keeps decode/kernels.py's attention kernel out of the
-one-token step, --check-kernel adds it to the checks (whether the kernel is what makes a check round differently
-from the steps).
+one-token step, --no-check-kernel keeps it out of the checks only (whether the kernel is what makes a check round
+differently from the steps).
 --pair LARGE SMALL (shapes of scripts/bench_step.py, e.g. demo_large demo_small): one pair of that size with random
 weights instead of the tiny ones, --pairs prompts through it, --compile on the compiled passes (a stress test: random
 weights make near-ties of most tokens).
@@ -63,15 +63,15 @@ def main():
     parser.add_argument("--reference", choices=("generate", "greedy"), default="generate",
                         help="the large model's greedy output from transformers' generate, or from decode.Greedy")
     parser.add_argument("--no-kernel", action="store_true", help="the one-token step without the attention kernel")
-    parser.add_argument("--check-kernel", action="store_true",
-                        help="checks attend with the kernel too, query by query (decode.compact.CHECK_KERNEL)")
+    parser.add_argument("--no-check-kernel", action="store_true",
+                        help="checks attend without the kernel (decode.compact.CHECK_KERNEL off; on by default)")
     parser.add_argument("--pair", nargs=2, metavar=("LARGE", "SMALL"), help="one random pair of bench_step shapes")
     parser.add_argument("--compile", action="store_true",
                         help="the compiled passes (without it, uncompiled on CUDA too); slow on tiny pairs, meant for --pair")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     decode.compact.DECODE_KERNEL = not args.no_kernel
-    decode.compact.CHECK_KERNEL = args.check_kernel
+    decode.compact.CHECK_KERNEL = not args.no_check_kernel
     if args.batch > 1 and not args.fast_path:
         parser.error("--batch needs --fast-path (batches are decoded together on the fast path only)")
     if args.fast_path or args.early_exit:

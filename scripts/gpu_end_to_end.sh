@@ -5,7 +5,7 @@
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
 # B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
-# BILD_CHECK_KERNEL=1 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
+# BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
 #   bash scripts/gpu_end_to_end.sh wait     # a later call on the still-warm machine

@@ -270,14 +270,18 @@ def test_compiled_passes_equal_the_uncompiled_ones_fp32(arch):
 
 @pytest.mark.parametrize("arch", ("qwen2", "bart", "t5"))
 def test_nothing_compiles_again_while_decoding(arch):
-    """After a first input, inputs of other lengths, prompts past the first prefill bucket and a cache that grows
-    compile nothing (dynamo's graph count stays), for BiLD one row at a time and in batches."""
+    """After a first short and a first long input, inputs of other lengths, prompts past the first prefill buckets and
+    a cache that grows compile nothing (dynamo's graph count stays), for BiLD one row at a time and in batches. (The
+    any-shape pass traces one graph per attention path it takes, once each: several rows' one-token step, a check or a
+    prompt of up to kernels.MAX_QUERIES tokens through the kernel, a longer prompt through SDPA; decode.eval's warm-up
+    decodes the longest input too for this.)"""
     from torch._dynamo.utils import counters
 
     large, small = cuda_pair(arch, 7)
     bild = BiLD(large, small, BiLDConfig(fallback_threshold=0.4, rollback_threshold=1.5, compile=True))
-    bild.generate(random_prompt(0, length=5).cuda(), max_new_tokens=16)
-    bild.generate(random_prompt(1, batch=3, length=6).cuda(), max_new_tokens=16)
+    for seed, length in ((0, 5), (1, 20)):
+        bild.generate(random_prompt(seed, length=length).cuda(), max_new_tokens=16)
+        bild.generate(random_prompt(seed, batch=3, length=length + 1).cuda(), max_new_tokens=16)
     graphs = counters["stats"]["unique_graphs"]
     for length, new in ((3, 10), (30, 16), (70, 200)):
         bild.generate(random_prompt(length, length=length).cuda(), max_new_tokens=new)
