@@ -68,7 +68,8 @@ COMPILED_ATTENTION = [SDPBackend.MATH]
 # Whether the compiled passes group query heads over their shared key/value head (grouped_attention) or hand every
 # attention to SDPA as the uncompiled passes do (measured against each other: BENCHMARKS.md).
 GROUPED_ATTENTION = True
-# How the compiled one-token attention of a decoder-only model computes its scores and output: as float32 sums that
+# Where the attention kernel below does not apply (DECODE_KERNEL off, a head size it does not take, soft-capping):
+# how the compiled one-token attention of a decoder-only model computes its scores and output, as float32 sums that
 # inductor writes as reductions fused with the softmax (one program per query row), or, for models at least this
 # wide, as two batched products in the model's dtype around a float32 softmax (transformers' eager arithmetic).
 # Measured on an H200 (BENCHMARKS.md), graph-only step: Qwen2.5-7B (width 3584) 5.147 -> 4.675 ms with the products,
@@ -78,15 +79,16 @@ MATMUL_ATTENTION_FROM_WIDTH = 2048
 ONE_TOKEN_ATTENTION: str | None = None
 # Whether a one-token pass on CUDA attends with decode/kernels.py's Triton kernel, which writes the cache and reads
 # only the slots the token sees, in one kernel. Measured on an H200 against what inductor makes of the passes' own
-# attention (BENCHMARKS.md), compiled graph-only step: Qwen2.5-0.5B 1.380 -> 0.944 ms, the demo BART 0.225 -> 0.187;
-# Qwen2.5-7B 4.803 (products) against 4.831 (kernel), so compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep
-# their products. The uncompiled passes always take it where it applies (kernels.supports).
+# attention (BENCHMARKS.md), compiled graph-only step: Qwen2.5-0.5B 1.380 -> 0.944 ms, the demo BART 0.225 -> 0.187.
+# At Qwen2.5-7B, against the batched products (MATMUL_ATTENTION_FROM_WIDTH), on an H100 with the rotary and checks in
+# the kernel: step 6.080 -> 5.963 ms, check of 10 6.376 -> 6.031 (on an H200 before them, 4.803 against 4.831). Every
+# pass takes it where it applies (kernels.supports), compiled or not. Measured at short contexts (a 20-token prompt
+# and 64 steps): one program reads a head's whole live cache, unsplit, which long contexts would feel.
 DECODE_KERNEL = True
 # Whether that kernel also rotates q and k (Llama's rotary, partial or whole), where the passes' own rotary is two or
 # three more kernels per layer (about ten uncompiled). Measured on an H100 (BENCHMARKS.md), uncompiled passes in
 # graphs, step with the host read: Qwen2.5-0.5B 2.403 -> 1.870 ms, Qwen2.5-7B 7.315 -> 6.678; compiled, graph-only
-# step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032 (compiled models from MATMUL_ATTENTION_FROM_WIDTH on keep their
-# products and their own rotary).
+# step: 0.5B 1.040 -> 0.968, 1.5B 2.039 -> 2.032.
 KERNEL_ROTARY = True
 # Whether a pass of 2 to kernels.MAX_QUERIES tokens on CUDA (a check) attends with the same kernel, query by query
 # (kernels.attention_over_cache; where the step rotates q and k in the kernel, kernels.write_keys writes the check's

@@ -90,8 +90,7 @@ class LlamaPasses(Passes):
             notice(f"{self.name}: its attention (sdpa) skips attn_logit_softcapping, and so do the fast passes; "
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
-        # compiled, models as wide as MATMUL_ATTENTION_FROM_WIDTH keep their batched products (measured as fast)
-        kernel = self._decode_kernel(softcap) and not (compile and self.matmul_attention)
+        kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY),
                                     f"layer{' (sliding window)' if w is not None else ''}")

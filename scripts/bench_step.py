@@ -114,13 +114,13 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "plain": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="reduce"),  # neither of the two below
     # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
     "tuned": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="reduce"),
-    "matmul": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="matmul"),  # the one-token attention as two products
-    "tuned+matmul": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="matmul"),
+    # the one-token attention as two products instead of decode/kernels.py's kernel
+    "matmul": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="matmul", DECODE_KERNEL=False),
+    "tuned+matmul": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="matmul", DECODE_KERNEL=False),
     # the one-token attention as inductor compiles the passes' own arithmetic (cache writes, masked softmax over every
     # slot), instead of decode/kernels.py's Triton kernel
     "no-kernel": dict(DECODE_KERNEL=False),
     "rotary-apart": dict(KERNEL_ROTARY=False),  # the passes rotate q and k, the kernel does not
-    "kernel-rotary+reduce": dict(KERNEL_ROTARY=True, ONE_TOKEN_ATTENTION="reduce"),  # the kernel at any width
     # without inductor's combo kernels (independent kernels of a pass launched as one; on by default)
     "no-combo": dict(INDUCTOR_OPTIONS={one: dict(options, combo_kernels=False)
                                        for one, options in decode.compact.INDUCTOR_OPTIONS.items()}),
