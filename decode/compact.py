@@ -58,9 +58,11 @@ from decode.families import output_logits, soft_cap
 INDUCTOR_OPTIONS = {one: {"online_softmax": False, "combo_kernels": True} for one in (True, False)}
 # Coordinate-descent tuning of the one-token pass (gpt-fast's setting: one-row products become Triton reductions,
 # fused with the norm before them) for models narrower than this. Measured on an H200 (BENCHMARKS.md): it shortened
-# the step of the demo BART (width 512, graph 0.326 -> 0.232 ms) and of Qwen2.5-0.5B (896, 1.156 -> 1.060), and
-# slowed Qwen2.5-1.5B (1536: 3.70 ms against 2.88 for an 11-token check). TUNE_ONE_TOKEN = True or False overrides it.
-TUNED_BELOW_WIDTH = 1024
+# the step of the demo BART (width 512, graph 0.326 -> 0.232 ms) and of Qwen2.5-0.5B (896, 1.156 -> 1.060). At
+# Qwen2.5-1.5B (1536), on an H100 twice, step with the host read / graph only: 2.335 / 2.014 -> 2.079 / 1.811 and
+# 2.104 / 1.966 -> 1.825 / 1.708, its check of 10 2.561 -> 2.636 (on an H200 before combo kernels, a check of 11
+# 2.88 -> 3.70). TUNE_ONE_TOKEN = True or False overrides it.
+TUNED_BELOW_WIDTH = 2048
 TUNE_ONE_TOKEN: bool | None = None
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
