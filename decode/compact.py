@@ -60,8 +60,8 @@ INDUCTOR_OPTIONS = {one: {"online_softmax": False, "combo_kernels": True} for on
 # fused with the norm before them) for models narrower than this. Measured on an H200 (BENCHMARKS.md): it shortened
 # the step of the demo BART (width 512, graph 0.326 -> 0.232 ms) and of Qwen2.5-0.5B (896, 1.156 -> 1.060). At
 # Qwen2.5-1.5B (1536), on an H100 twice, step with the host read / graph only: 2.335 / 2.014 -> 2.079 / 1.811 and
-# 2.104 / 1.966 -> 1.825 / 1.708, its check of 10 2.561 -> 2.636 (on an H200 before combo kernels, a check of 11
-# 2.88 -> 3.70). TUNE_ONE_TOKEN = True or False overrides it.
+# 2.104 / 1.966 -> 1.825 / 1.708 (1.780 / 1.722 as a process's first runner), its check of 10 2.561 -> 2.636 (on an
+# H200 before combo kernels, a check of 11 2.88 -> 3.70). TUNE_ONE_TOKEN = True or False overrides it.
 TUNED_BELOW_WIDTH = 2048
 TUNE_ONE_TOKEN: bool | None = None
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
@@ -83,9 +83,10 @@ ONE_TOKEN_ATTENTION: str | None = None
 # only the slots the token sees, in one kernel. Measured on an H200 against what inductor makes of the passes' own
 # attention (BENCHMARKS.md), compiled graph-only step: Qwen2.5-0.5B 1.380 -> 0.944 ms, the demo BART 0.225 -> 0.187.
 # At Qwen2.5-7B, against the batched products (MATMUL_ATTENTION_FROM_WIDTH), on an H100 with the rotary and checks in
-# the kernel: step 6.080 -> 5.963 ms, check of 10 6.376 -> 6.031 (on an H200 before them, 4.803 against 4.831). Every
-# pass takes it where it applies (kernels.supports), compiled or not. Measured at short contexts (a 20-token prompt
-# and 64 steps): one program reads a head's whole live cache, unsplit, which long contexts would feel.
+# the kernel: step 6.080 -> 5.963 ms, check of 10 6.376 -> 6.031, and 5.747 / 5.820 as a process's first runner (on
+# an H200 before them, 4.803 against 4.831). Every pass takes it where it applies (kernels.supports), compiled or
+# not. Measured at short contexts (a 20-token prompt and 64 steps): one program reads a head's whole live cache,
+# unsplit, which long contexts would feel.
 DECODE_KERNEL = True
 # Whether that kernel also rotates q and k (Llama's rotary, partial or whole), where the passes' own rotary is two or
 # three more kernels per layer (about ten uncompiled). Measured on an H100 (BENCHMARKS.md), uncompiled passes in
