@@ -92,6 +92,7 @@ class EvalConfig(PromptConfig):
     dtype: str = "auto"
     device: str = "auto"
     warmup: int = 3
+    """Untimed examples each system decodes first (in batches, one batch), then the longest input too (0: none)."""
     repeats: int = 1
     """Timed passes of every main-table row over the examples, interleaved (every row once, then again): a row's
     time is the median of its passes' totals, its speedup the median of the per-pass speedups (pass i against the
