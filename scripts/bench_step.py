@@ -12,7 +12,8 @@ synchronised, warm-up discarded, the median of --repeats runs (the spread is min
   `device draft`: FastRunner.draft (the loop's state on the device), per step; with --uncompiled the same step on
   the uncompiled passes, with --eager through transformers' own forward (decode.cache.ModelRunner);
 - check k: the large model's pass over k pending tokens + 1 (k = 10, and 1, 3, 5 with --pairs), as a graph;
-- start: beginning a sequence of a 20-token input (the prompt prefill as a graph, or the encoder), and for
+- start: beginning a sequence of a 20-token input (--prompt-length: the input every step and check follows; the
+  prompt prefill as a graph up to 1,024 tokens, or the encoder), and for
   decoder-only shapes a 512-token prompt, against its floor (max of bytes over bandwidth and FLOPs over the
   measured matrix rate);
 - compile: the seconds the first start of a fresh compiled runner took (compiling and capturing its passes);
@@ -269,7 +270,7 @@ def checked(runner, prompt, capacity, pending, steps, repeats, device):
 def measure(name, args, device, dtype, bandwidth, rate):
     model = build(name, device, dtype)
     enc_dec = model.config.is_encoder_decoder
-    prompt = torch.randint(3, 1000, (20,)).tolist()
+    prompt = torch.randint(3, 1000, (args.prompt_length,)).tolist()
     steps, k = args.steps, 10
     capacity = steps + 2 * k + 2
     params = sum(p.numel() for p in model.parameters())
@@ -468,6 +469,8 @@ def main():
                    choices=list(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prompt-length", type=int, default=20,
+                   help="the input every step and check follows (a long one: the attention over a long cache)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--uncompiled", action="store_true", help="also time the step on the uncompiled passes")
     p.add_argument("--eager", action="store_true", help="also time transformers' own forward (ModelRunner)")
@@ -509,7 +512,7 @@ def main():
           f"{args.steps} steps (min-max)")
     extra = (["uncompiled step"] if args.uncompiled else []) + (["transformers forward"] if args.eager else [])
     print("| shape | params (M) | floor | step (compiled, host read) | step / floor | graph only | device draft, per step "
-          "| check k=10 | check / step | start (20 tokens) | start 512 (floor) | compile (s) | " + " | ".join(extra)
+          f"| check k=10 | check / step | start ({args.prompt_length} tokens) | start 512 (floor) | compile (s) | " + " | ".join(extra)
           + (" |" if extra else ""))
     print("|---" * (12 + len(extra)) + "|")
     for r in rows.values():
