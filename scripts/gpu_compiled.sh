@@ -35,7 +35,7 @@ t "2 after a 4,000-token prompt: the kernel against the batched products"
 timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --prompt-length 4000 --variants matmul \
   --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
 tail -1 runs/variants_a.log
-t "3 0.5B and 7B at the default prompt: the pair table, profiles; 1.5B"
+t "3 0.5B and 7B at the default prompt: the pair table, profiles"
 timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --repeats 3 \
   --json runs/variants_b.json > runs/variants_b.log 2>&1
 tail -1 runs/variants_b.log
