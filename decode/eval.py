@@ -52,7 +52,7 @@ from decode.early_exit import EarlyExitBiLD, check_exit_layer, find_exit_head
 from decode.generation import DecodeStats
 from decode.thresholds import load_tuned
 from decode.timing import (decoder_path, repeat_passes, repeat_spread, row_thresholds, thresholds_of, throughput_rows,
-                           tuned_cap)
+                           tuned_cap, warmup_chunks)
 from decode.eval_config import BILD_ROWS, EXIT_ROWS, EvalConfig
 from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
 from decode.report import operating_points, pareto_frontier, sweep_table, table, throughput_table, write_outputs
@@ -83,21 +83,6 @@ def environment() -> dict:
         commit = None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"device": device, "versions": versions, "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def warmup_chunks(indices: list[int], lengths: list[int], warmup: int, batch_size: int) -> list[list[int]]:
-    """The untimed calls before a system's timed pass (none when warmup is 0): kernels, allocator, caches and the
-    graphs of this batch size warm up on the first `warmup` examples one at a time (the first batch, in batches), then
-    on the longest input where it is not among them, since a long prompt takes a pass that short ones do not (the
-    compiled passes trace it there, not while timed). lengths: each index's input length."""
-    if not warmup:
-        return []
-    first = indices[:warmup] if batch_size == 1 else indices[:batch_size]
-    chunks = [[i] for i in first] if batch_size == 1 else [first]
-    longest = indices[max(range(len(indices)), key=lengths.__getitem__)]
-    if longest not in first:
-        chunks.append([longest] + first[: batch_size - 1])
-    return chunks
 
 
 class Evaluation:

@@ -1,5 +1,6 @@
-"""How the evaluation times its rows (decode/eval.py's `Evaluation` runs them): repeated interleaved passes of the
-main table and their per-pass speedups, the throughput table by batch size, and the thresholds each row runs at.
+"""How the evaluation times its rows (decode/eval.py's `Evaluation` runs them): the untimed warm-up, repeated
+interleaved passes of the main table and their per-pass speedups, the throughput table by batch size, and the
+thresholds each row runs at.
 `ev` is always that Evaluation (not imported here: the evaluation imports this module)."""
 
 from __future__ import annotations
@@ -7,6 +8,21 @@ from __future__ import annotations
 import statistics
 
 from decode.eval_config import BILD_ROWS
+
+
+def warmup_chunks(indices: list[int], lengths: list[int], warmup: int, batch_size: int) -> list[list[int]]:
+    """The untimed calls before a system's timed pass (none when warmup is 0): kernels, allocator, caches and the
+    graphs of this batch size warm up on the first `warmup` examples one at a time (the first batch, in batches), then
+    on the longest input where it is not among them, since a long prompt takes a pass that short ones do not (the
+    compiled passes trace it there, not while timed). lengths: each index's input length."""
+    if not warmup:
+        return []
+    first = indices[:warmup] if batch_size == 1 else indices[:batch_size]
+    chunks = [[i] for i in first] if batch_size == 1 else [first]
+    longest = indices[max(range(len(indices)), key=lengths.__getitem__)]
+    if longest not in first:
+        chunks.append([longest] + first[: batch_size - 1])
+    return chunks
 
 
 def repeat_passes(ev, rows: list[dict], plan, indices: list[int], progress) -> None:

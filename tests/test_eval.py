@@ -350,7 +350,7 @@ def test_repeats_interleave_passes_and_report_their_spread(eval_config, tmp_path
 
 
 def test_the_warm_up_decodes_the_first_examples_and_the_longest_input():
-    from decode.eval import warmup_chunks
+    from decode.timing import warmup_chunks
 
     indices, lengths = [4, 5, 6, 7, 8], [3, 9, 2, 30, 5]
     assert warmup_chunks(indices, lengths, warmup=2, batch_size=1) == [[4], [5], [7]]
