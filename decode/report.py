@@ -160,8 +160,9 @@ def report(results: dict) -> str:
         f"# BiLD evaluation: {cfg['dataset']} ({cfg['split']}, {results['examples']} examples)",
         "",
         f"- large: `{cfg['large']}`; small: `{cfg['small']}`" + (f"; aligned: `{results['aligned']}`" if results["aligned"] else ""),
-        f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, warm-up "
-        f"{cfg['warmup']} examples per system" + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") else "")
+        f"- device: {results['device']}; dtype {results['dtype']}; batch size {cfg.get('batch_size', 1)}, "
+        + (f"warm-up {cfg['warmup']} examples and the longest input per system" if cfg["warmup"] else "no warm-up")
+        + (" (one batch at larger batch sizes)" if cfg.get("throughput_batch_sizes") and cfg["warmup"] else "")
         + (f"; {cfg['repeats']} timed passes per row, interleaved: speedups are the median of the per-pass speedups, "
            "their range in brackets; latencies are per-example medians" if cfg.get("repeats", 1) > 1 else ""),
         f"- BiLD thresholds: fallback {cfg['fallback_threshold']}, rollback {cfg['rollback_threshold']}, max small steps "
