@@ -110,6 +110,28 @@ CPU_NOTE = ("On a CPU: this run shows the pipeline end to end and the method's b
             "the method at the shapes it is meant for is measured on GPUs (BENCHMARKS.md).")
 
 
+def alignment_note(results: dict) -> str:
+    """Alignment read where it is clean (greedy runs with both lossless rows): those rows write the large model's own
+    tokens, so their times differ by the small models' speed alone, where the lossy rows differ in what they write too.
+    "" otherwise."""
+    rows = {r["system"]: r for r in results["rows"] if "error" not in r and "unsupported" not in r}
+    aligned, unaligned = (rows.get(f"BiLD lossless (exact rollback) ({v})") for v in ("aligned", "unaligned"))
+    if aligned is None or unaligned is None or results["config"].get("do_sample"):
+        return ""
+    same = min(aligned.get("identical_to_large", 1.0), unaligned.get("identical_to_large", 1.0))
+    note = ("Alignment: the lossless rows write the large model's own tokens"
+            + (f" ({100 * same:.0f}% of examples identical here, floating point aside)" if same < 1 else "")
+            + ", so they compare the small models' speed alone: aligned "
+            f"{_f(aligned['speedup_vs_large'])}x against unaligned {_f(unaligned['speedup_vs_large'])}x, "
+            f"{_f(aligned.get('tokens_per_large_call'))} against {_f(unaligned.get('tokens_per_large_call'))} tokens per "
+            "large call.")
+    lossy = [rows.get(f"BiLD ({v})") for v in ("aligned", "unaligned")]
+    if all(lossy):
+        note += (f" The lossy rows differ in what they write as well ({lossy[0]['new_tokens']} against "
+                 f"{lossy[1]['new_tokens']} tokens).")
+    return note
+
+
 def throughput_table(results: dict) -> str:
     """Tokens per second by batch size: every system against the large model at the same batch size."""
     m = results["metric"]
@@ -180,6 +202,7 @@ def report(results: dict) -> str:
         "",
         SPEEDUP_NOTE + (" " + CPU_NOTE if str(results["device"]).startswith("cpu") else ""),
         "",
+        *([alignment_note(results), ""] if alignment_note(results) else []),
         "## All columns",
         "",
         table(results),

@@ -52,6 +52,11 @@ def test_cli_end_to_end_writes_every_output(eval_config, tmp_path, capsys):
     assert short[0] == "| system | bleu | vs large [95% CI] | ms/example | speedup vs large | tokens/large call |"
     assert len(short) == 2 + len(results["rows"]) and "Speedup: the large model's total decoding time" in report
     assert ("BENCHMARKS.md" in report) == results["device"].startswith("cpu") and "## All columns" in report
+    # alignment read on the lossless rows, which write the same tokens: the figures are the rows' own
+    lossless = [rows[f"BiLD lossless (exact rollback) ({v})"] for v in ("aligned", "unaligned")]
+    assert [r["identical_to_large"] for r in lossless] == [1.0, 1.0]
+    assert (f"aligned {lossless[0]['speedup_vs_large']:.2f}x against unaligned {lossless[1]['speedup_vs_large']:.2f}x"
+            in report)
     # speedup over assisted generation only on BiLD's rows
     assert "speedup_vs_assisted" not in rows["large"] and "speedup_vs_assisted" in rows["BiLD (aligned)"]
     assert (out / "frontier.png").stat().st_size > 1000
