@@ -55,7 +55,8 @@ from decode.timing import (decoder_path, repeat_passes, repeat_spread, row_thres
                            tuned_cap, warmup_chunks)
 from decode.eval_config import BILD_ROWS, EXIT_ROWS, EvalConfig
 from decode.metrics import TASKS, bleu_difference, continuation_perplexity, score
-from decode.report import operating_points, pareto_frontier, sweep_table, table, throughput_table, write_outputs
+from decode.report import (ROW_LABELS, operating_points, pareto_frontier, sweep_table, table, throughput_table,
+                           write_outputs)
 
 LAST_RUN = os.path.join(os.environ.get("RUNS", "runs"), "latest", "eval.yaml")  # ./launch.sh writes it for its run
 
@@ -286,15 +287,11 @@ def _first(*values):
 
 
 # the rows that run transformers' own generate (row names start so)
-TRANSFORMERS_ROWS = ("large (transformers generate)", "assisted generation", "transformers assistant_early_exit")
+TRANSFORMERS_ROWS = (ROW_LABELS["hf_generate"], ROW_LABELS["assisted"], "transformers assistant_early_exit")
 
 
 def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list[tuple[str, str, str]]:
     """(row name, system, small model key) for every row of the main table."""
-    label = {"large": "large", "hf_generate": "large (transformers generate)", "small": "small",
-             "bild": "BiLD", "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation",
-             "bild_fallback_only": "BiLD fallback only (no rollback)",
-             "bild_rollback_only": "BiLD rollback only (no confidence fallback)"}
     rows = []
     for system in systems:
         if system in EXIT_ROWS or system == "hf_early_exit":
@@ -305,10 +302,10 @@ def _names(systems: list[str], aligned: bool, exits: dict | None = None) -> list
                 else:
                     rows.append((f"BiLD early exit{' lossless' if system == 'early_exit_exact' else ''} ({name})", system, key))
             continue
-        rows.append((label[system] + (" (unaligned)" if aligned and (system in BILD_ROWS or system == "assisted") else ""),
+        rows.append((ROW_LABELS[system] + (" (unaligned)" if aligned and (system in BILD_ROWS or system == "assisted") else ""),
                      system, "small"))
         if aligned and (system in BILD_ROWS or system in ("small", "assisted")):
-            rows.append((label[system] + " (aligned)", system, "aligned"))
+            rows.append((ROW_LABELS[system] + " (aligned)", system, "aligned"))
     return rows
 
 

@@ -9,6 +9,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# each system's row name; with --aligned, its aligned variant adds " (aligned)", and BiLD's and assisted rows " (unaligned)"
+ROW_LABELS = {"large": "large", "hf_generate": "large (transformers generate)", "small": "small", "bild": "BiLD",
+              "bild_exact": "BiLD lossless (exact rollback)", "assisted": "assisted generation",
+              "bild_fallback_only": "BiLD fallback only (no rollback)",
+              "bild_rollback_only": "BiLD rollback only (no confidence fallback)"}
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -115,7 +121,7 @@ def alignment_note(results: dict) -> str:
     tokens, so their times differ by the small models' speed alone, where the lossy rows differ in what they write too.
     "" otherwise."""
     rows = {r["system"]: r for r in results["rows"] if "error" not in r and "unsupported" not in r}
-    aligned, unaligned = (rows.get(f"BiLD lossless (exact rollback) ({v})") for v in ("aligned", "unaligned"))
+    aligned, unaligned = (rows.get(f"{ROW_LABELS['bild_exact']} ({v})") for v in ("aligned", "unaligned"))
     if aligned is None or unaligned is None or results["config"].get("do_sample"):
         return ""
     same = min(aligned.get("identical_to_large", 1.0), unaligned.get("identical_to_large", 1.0))
@@ -125,7 +131,7 @@ def alignment_note(results: dict) -> str:
             f"{_f(aligned['speedup_vs_large'])}x against unaligned {_f(unaligned['speedup_vs_large'])}x, "
             f"{_f(aligned.get('tokens_per_large_call'))} against {_f(unaligned.get('tokens_per_large_call'))} tokens per "
             "large call.")
-    lossy = [rows.get(f"BiLD ({v})") for v in ("aligned", "unaligned")]
+    lossy = [rows.get(f"{ROW_LABELS['bild']} ({v})") for v in ("aligned", "unaligned")]
     if all(lossy):
         note += (f" The lossy rows differ in what they write as well ({lossy[0]['new_tokens']} against "
                  f"{lossy[1]['new_tokens']} tokens).")
@@ -202,7 +208,7 @@ def report(results: dict) -> str:
         "",
         SPEEDUP_NOTE + (" " + CPU_NOTE if str(results["device"]).startswith("cpu") else ""),
         "",
-        *([alignment_note(results), ""] if alignment_note(results) else []),
+        *([note, ""] if (note := alignment_note(results)) else []),
         "## All columns",
         "",
         table(results),
