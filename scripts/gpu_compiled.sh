@@ -3,7 +3,7 @@
 # width 2048), most wanted first: every GPU test, 8 pytest processes at once, recompiles logged (TORCH_LOGS); beside
 # them, the lossless mode in bf16 on random pairs against the large model's own Greedy, uncompiled; then the compiled
 # step at 0.5B and 7B after a 4,000-token prompt, the kernel against the batched products (variant `matmul`: the
-# kernel reads a head's whole live cache in one program, which a long cache may feel); then 0.5B and 1.5B at the
+# kernel reads a head's whole live cache in one program, which a long cache may feel); then 0.5B and 7B at the
 # default prompt with the pair table and profiles.
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
@@ -14,7 +14,7 @@ source scripts/detached.sh
 W=/tmp/bild-c; SCRIPT=runs/compiled_job.sh; LOG=runs/compiled_job.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
-cat > $SCRIPT <<'JOB'
+  cat > $SCRIPT <<'JOB'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
