@@ -85,8 +85,7 @@ ONE_TOKEN_ATTENTION: str | None = None
 # At Qwen2.5-7B, against the batched products (MATMUL_ATTENTION_FROM_WIDTH), on an H100 with the rotary and checks in
 # the kernel: step 6.080 -> 5.963 ms, check of 10 6.376 -> 6.031, and 5.747 / 5.820 as a process's first runner (on
 # an H200 before them, 4.803 against 4.831). Every pass takes it where it applies (kernels.supports), compiled or
-# not. Measured at short contexts (a 20-token prompt and 64 steps): one program reads a head's whole live cache,
-# unsplit, which long contexts would feel.
+# not. Long contexts split each token's slots over several programs (kernels.SPLITS).
 DECODE_KERNEL = True
 # Whether that kernel also rotates q and k (Llama's rotary, partial or whole), where the passes' own rotary is two or
 # three more kernels per layer (about ten uncompiled). Measured on an H100 (BENCHMARKS.md), uncompiled passes in
@@ -427,6 +426,8 @@ class Passes:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.compiled = bool(compile)
+        if self.device.type == "cuda" and kernels.available():
+            kernels.counters(self.device)  # before any pass compiles (they read these)
         self.name = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"
         self.model_ref = weakref.ref(model)
         self.compile_seconds = 0.0  # spent compiling so far (first calls of each compiled variant)

@@ -45,6 +45,7 @@ import yaml  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: E402
 
 import decode.compact  # noqa: E402
+import decode.kernels  # noqa: E402
 import decode.passes  # noqa: E402
 from decode.cache import ModelRunner  # noqa: E402
 import decode.fast  # noqa: E402
@@ -133,6 +134,10 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "no-check-kernel": dict(CHECK_KERNEL=False),
     # every check 16 wide, compiled for that width alone (decode.compact.STATIC_CHECK_WIDTH)
     "check16-static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16},
+    # decode/kernels.py's kernel over each token's whole live cache in one program (no split runs)
+    "unsplit": {"kernels.SPLITS": 1},
+    "splits8": {"kernels.SPLITS": 8},  # at most 8 runs per token (16 by default)
+    "chunk128": {"kernels.MIN_CHUNK": 128},  # runs of at least 128 slots (256 by default)
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 
@@ -354,8 +359,9 @@ def with_settings(model, settings: dict, make, measure):
     """measure(runner) of a runner from make() (a compiled runner and the seconds it took), its passes compiled anew
     with these settings of decode.compact: measure's values, then the compile seconds. Settings that cannot compile
     give the error's first line instead, for the table. decode.compact's own settings come back after."""
-    def where(name):  # "NAME" in decode.compact, "fast.NAME" in decode.fast
-        return (decode.fast, name[5:]) if name.startswith("fast.") else (decode.compact, name)
+    def where(name):  # "NAME" in decode.compact, "fast.NAME" in decode.fast, "kernels.NAME" in decode.kernels
+        module, _, attr = name.rpartition(".")
+        return {"": decode.compact, "fast": decode.fast, "kernels": decode.kernels}[module], attr
 
     saved = {name: getattr(*where(name)) for name in settings}
     for name, value in settings.items():

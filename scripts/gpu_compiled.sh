@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# One device hold over today's defaults (checks through the attention kernel, the kernel at every width, tuning below
-# width 2048), most wanted first: every GPU test, 8 pytest processes at once, recompiles logged (TORCH_LOGS); beside
-# them, the lossless mode in bf16 on random pairs against the large model's own Greedy, uncompiled; then the compiled
-# step at 0.5B and 7B after a 4,000-token prompt, the kernel against the batched products (variant `matmul`: the
-# kernel reads a head's whole live cache in one program, which a long cache may feel); then 0.5B and 7B at the
-# default prompt with the pair table and profiles.
+# One device hold over the attention kernel's split runs (decode/kernels.py: SPLITS programs per token past
+# MIN_CHUNK slots), most wanted first: every GPU test, 8 pytest processes at once, recompiles logged (TORCH_LOGS);
+# then the compiled step at 0.5B and 7B after a 4,000-token prompt, split against one program per token (`unsplit`)
+# and against batched products over the cache (`matmul`); then the same at the default 20-token prompt, where no
+# token splits, for what the idle programs cost.
 # Run detached from a copy under /tmp and waited for across calls:
 #   bash scripts/gpu_compiled.sh start     # first call: starts the job, waits WAIT s (default 540)
 #   bash scripts/gpu_compiled.sh wait      # later calls on the still-warm machine
@@ -18,27 +17,25 @@ if [[ ${1:-wait} == start ]]; then
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
-t "1 every GPU test, in 8 processes at once; beside them the lossless mode in bf16"
+t "1 every GPU test, in 8 processes at once"
 python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py | grep "::" > runs/test_ids.txt
 for i in 0 1 2 3 4 5 6 7; do
   awk -v i=$i 'NR % 8 == i' runs/test_ids.txt > runs/test_ids.$i
-  TORCH_LOGS=recompiles timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) \
+  TORCH_LOGS=recompiles timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) \
     > runs/tests_$i.log 2>&1 &
 done
-BILD_COMPILE=0 timeout 300 python3 scripts/check_lossless.py --pairs 20 --fast-path --device cuda --dtype bfloat16 \
-  --reference greedy --archs bart t5 llama qwen2 > runs/lossless.log 2>&1
 wait
 for i in 0 1 2 3 4 5 6 7; do tail -1 runs/tests_$i.log; done
-grep -h -A4 "Recompiling" runs/tests_*.log | cut -c1-300 | head -40
-tail -6 runs/lossless.log
-t "2 after a 4,000-token prompt: the kernel against the batched products"
-timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --prompt-length 4000 --variants matmul \
-  --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
-tail -1 runs/variants_a.log
-t "3 0.5B and 7B at the default prompt: the pair table, profiles"
-timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --repeats 3 \
+grep -h -B2 -A30 "^____\|Error\b" runs/tests_*.log | cut -c1-300 | head -60
+grep -h -A4 "Recompiling" runs/tests_*.log | cut -c1-300 | head -20
+t "2 after a 4,000-token prompt: split runs, one program per token, batched products"
+timeout 330 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --prompt-length 4000 \
+  --variants unsplit matmul --repeats 3 --json runs/variants_a.json > runs/variants_a.log 2>&1
+tail -4 runs/variants_a.log
+t "3 at the default 20-token prompt: split runs against one program per token"
+timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --variants unsplit --repeats 3 \
   --json runs/variants_b.json > runs/variants_b.log 2>&1
-tail -1 runs/variants_b.log
+tail -4 runs/variants_b.log
 echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG

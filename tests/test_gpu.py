@@ -317,27 +317,67 @@ def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
     assert counts[True] < 0.6 * counts[False], counts
 
 
-def test_the_decode_kernel_equals_the_passes_attention_on_cuda():
+# The kernel's cases at its own run length (the cases' caches of up to 200 slots in one run) and at runs of one block
+# (split over up to 4 of its programs per token, combined).
+SPLIT_RUNS = pytest.mark.parametrize("min_chunk", (None, 64))
+
+
+def _runs(monkeypatch, min_chunk):
+    from decode import kernels
+
+    if min_chunk:
+        monkeypatch.setattr(kernels, "MIN_CHUNK", min_chunk)
+
+
+@SPLIT_RUNS
+def test_the_decode_kernel_equals_the_passes_attention_on_cuda(monkeypatch, min_chunk):
     """decode/kernels.py compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_kernel_cases, kernel_cases
 
+    _runs(monkeypatch, min_chunk)
     check_kernel_cases(kernel_cases("cuda"))
 
 
-def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda():
+@SPLIT_RUNS
+def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeypatch, min_chunk):
     """kernels.attention_over_cache compiled for CUDA: the passes' attention, and the one-token kernel's bits per query
     (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_many_query_cases, many_query_cases
 
+    _runs(monkeypatch, min_chunk)
     check_many_query_cases(many_query_cases("cuda"))
 
 
-def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda():
+@SPLIT_RUNS
+def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk):
     """write_keys and attention_over_cache with the rotary tables compiled for CUDA: the one-token kernel's bits, token
     by token (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_rotated_check_cases, rotated_check_cases
 
+    _runs(monkeypatch, min_chunk)
     check_rotated_check_cases(rotated_check_cases("cuda"))
+
+
+def test_a_long_context_splits_and_leaves_the_counters_at_zero():
+    """After 3,000 cached slots the kernel splits each token's slots over its programs and combines them: the passes'
+    own attention within bf16 rounding, the check's tokens the steps' bits, the shared counters back at 0."""
+    import torch
+
+    from decode import compact, kernels
+
+    torch.manual_seed(3)
+    b, h, h_kv, d, cap, n = 2, 14, 2, 64, 3100, 10
+    k_cache, v_cache = (torch.randn(b, h_kv, cap, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    q = compact.heads(torch.randn(b, n, h * d, dtype=torch.bfloat16, device="cuda"), h)
+    pos = torch.tensor([[3000], [2500]], device="cuda") + torch.arange(n, device="cuda")
+    out = kernels.attention_over_cache(q, k_cache, v_cache, pos, 0.125)
+    steps = torch.cat([kernels.decode_attention(q[:, :, i : i + 1], k_cache, v_cache, pos[:, i : i + 1], 0.125)
+                       for i in range(n)], dim=1)
+    ref = compact.attend(q.float(), k_cache.float().repeat_interleave(h // h_kv, 1),
+                         v_cache.float().repeat_interleave(h // h_kv, 1), compact.causal_mask(pos, cap, None), 0.125)
+    assert torch.equal(out, steps)
+    assert (out.float() - ref).abs().max().item() <= 1.6e-2 * max(1.0, ref.abs().max().item())
+    assert int(kernels.counters(q.device).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("arch", ("bart", "t5", "qwen2", "gemma3", "mistral"))
