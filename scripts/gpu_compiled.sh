@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device hold over the attention kernel's split runs (decode/kernels.py: SPLITS programs per token past
-# MIN_CHUNK slots), most wanted first: every GPU test, 8 pytest processes at once, recompiles logged (TORCH_LOGS);
+# MIN_CHUNK slots), most wanted first: the GPU tests of the kernel and of compiling, 8 pytest processes at once,
+# recompiles logged (TORCH_LOGS);
 # then the compiled step at 0.5B and 7B after a 4,000-token prompt, split against one program per token (`unsplit`)
 # and against batched products over the cache (`matmul`); then the same at the default 20-token prompt, where no
 # token splits, for what the idle programs cost.
@@ -13,12 +14,14 @@ source scripts/detached.sh
 W=/tmp/bild-c; SCRIPT=runs/compiled_job.sh; LOG=runs/compiled_job.log
 if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
-  cat > $SCRIPT <<'JOB'
+  echo "TESTS='${TESTS-kernel or long_context or compiles_again or compiled_passes or graphs}'" > $SCRIPT
+  cat >> $SCRIPT <<'JOB'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
-t "1 every GPU test, in 8 processes at once"
-python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py | grep "::" > runs/test_ids.txt
+t "1 the GPU tests of the kernel and of compiling (TESTS, a -k expression; all of them where empty), in 8 processes"
+python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py ${TESTS:+-k "$TESTS"} | grep "::" \
+  > runs/test_ids.txt
 for i in 0 1 2 3 4 5 6 7; do
   awk -v i=$i 'NR % 8 == i' runs/test_ids.txt > runs/test_ids.$i
   TORCH_LOGS=recompiles timeout 330 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) \
