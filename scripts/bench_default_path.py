@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from bench_step import SHAPES, build, checked, fmt, graph_only, per, step_loop, timed, with_settings  # noqa: E402
+from bench_step import SHAPES, build, checked, fmt, graph_only, stepped, with_settings  # noqa: E402
 
 from decode.fast import FastRunner  # noqa: E402
 
@@ -36,7 +36,7 @@ def measure(name, args):
         return runner, 0.0
 
     def timings(runner):
-        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, DEVICE), steps),
+        return (stepped(runner, prompt, steps, capacity, args.repeats, DEVICE),
                 graph_only(runner, prompt, capacity, steps, args.repeats, DEVICE),
                 checked(runner, prompt, capacity, 10, steps, args.repeats, DEVICE))
 

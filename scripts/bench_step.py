@@ -201,15 +201,19 @@ def matmul_rate(device, dtype) -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t)
 
 
-def timed(fn, repeats, device):
-    fn()  # warm-up
+def timed(fn, repeats, device, setup=None):
+    """(median, min, max) seconds of fn() over `repeats` runs after a warm-up; setup(), where given, before each run
+    and outside its time."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        if setup is not None:
+            setup()
         device_sync(device)
         t = time.perf_counter()
         fn()
         device_sync(device)
-        times.append(time.perf_counter() - t)
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - t)
     return statistics.median(times), min(times), max(times)
 
 
@@ -233,13 +237,14 @@ def compiled_runner(model, prompt, keys, capacity):
     return runner, time.perf_counter() - t
 
 
-def step_loop(runner, prompt, steps, capacity):
+def stepped(runner, prompt, steps, capacity, repeats, device):
+    """ms per step, the host reading each step's token as the decoding loop does; the sequence started before each
+    run, outside its time (a 4,000-token start is 12 steps' time at 0.5B)."""
     def run():
-        runner.start(prompt, capacity)
         token = 5
         for _ in range(steps):
-            _, token = runner.step([token])  # host read per step, as in the decoding loop
-    return run
+            _, token = runner.step([token])
+    return per(timed(run, repeats, device, setup=lambda: runner.start(prompt, capacity)), steps)
 
 
 def graph_only(runner, prompt, capacity, steps, repeats, device):
@@ -286,18 +291,17 @@ def measure(name, args, device, dtype, bandwidth, rate):
     row["compile_log"] = fast.passes.compile_log
     print(f"{name}: compiled in {row['compile_s']:.1f} s: " + ", ".join(f"{p} ({v}) {s:.1f}" for p, v, s in fast.passes.compile_log),
           flush=True)
-    row["step"] = per(timed(step_loop(fast, prompt, steps, capacity), args.repeats, device), steps)
+    row["step"] = stepped(fast, prompt, steps, capacity, args.repeats, device)
 
     row["graph"] = graph_only(fast, prompt, capacity, steps, args.repeats, device)
 
     def drafted():
-        fast.start(prompt, capacity)
         token = 5
         for _ in range(steps // 16):
             _, kept = fast.draft([token], 16, 16, -1.0, [-1])
             token = kept[-1]
 
-    row["draft"] = per(timed(drafted, args.repeats, device), steps)
+    row["draft"] = per(timed(drafted, args.repeats, device, setup=lambda: fast.start(prompt, capacity)), steps)
 
     for c in checks:
         row[f"check{c}"] = checked(fast, prompt, capacity, c, steps, args.repeats, device)
@@ -313,10 +317,10 @@ def measure(name, args, device, dtype, bandwidth, rate):
     if args.uncompiled:
         plain = FastRunner(model, compile=False)
         plain.plan([("step", 1)])
-        row["uncompiled"] = per(timed(step_loop(plain, prompt, steps, capacity), args.repeats, device), steps)
+        row["uncompiled"] = stepped(plain, prompt, steps, capacity, args.repeats, device)
         del plain
     if args.eager:
-        row["eager"] = per(timed(step_loop(ModelRunner(model), prompt, steps, capacity), max(3, args.repeats // 2), device), steps)
+        row["eager"] = stepped(ModelRunner(model), prompt, steps, capacity, max(3, args.repeats // 2), device)
 
     if args.profile:
         row["profile"] = profile_step(fast)
@@ -341,7 +345,7 @@ def measure(name, args, device, dtype, bandwidth, rate):
                 checked(runner, prompt, capacity, k, steps, args.repeats, device))
 
     def step_graph_check(runner):  # and a check of one pending token
-        return (per(timed(step_loop(runner, prompt, steps, capacity), args.repeats, device), steps), *graph_check(runner),
+        return (stepped(runner, prompt, steps, capacity, args.repeats, device), *graph_check(runner),
                 checked(runner, prompt, capacity, 1, steps, args.repeats, device))
 
     for variant in args.variants:
@@ -419,8 +423,10 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
         runner.plan([("step", 1), ("check", 5, "exact"), ("draft", 1), ("draft_next", 1)])
         prompts = [torch.randint(3, 1000, (20,)).tolist() for _ in range(batch)]
 
-        def stepped():
+        def started():  # before each timed run, outside its time
             runner.start(prompts, steps + 8)
+
+        def stepped():
             for _ in range(steps):
                 runner.step([[5]] * batch)  # inputs written, verdicts read back: one host round trip per pass
 
@@ -430,20 +436,18 @@ def measure_batches(name, args, device, dtype) -> list[dict]:
             runner._verdicts.tolist()
 
         def checked():
-            runner.start(prompts, steps + 8)
             for _ in range(steps):
                 runner.check([[5, 6, 7, 8, 9]] * batch, "exact", 0.0)
                 for b in range(batch):
                     runner.rewind(b, runner.lengths[b] - 5)
 
         def drafted():  # 16 steps per draft, every row running throughout
-            runner.start(prompts, steps + 8)
             for _ in range(steps // 16):
                 runner.draft([[5]] * batch, 16, [16] * batch, -1.0, [-1])
 
         row = {"shape": name, "batch": batch}
         for key, fn in (("step", stepped), ("graph", replays), ("check", checked), ("draft", drafted)):
-            row[key] = per(timed(fn, args.repeats, device), steps)
+            row[key] = per(timed(fn, args.repeats, device, setup=started), steps)
         out.append(row)
         print(f"{name} batch {batch}: step {row['step'][0]:.3f} graph only {row['graph'][0]:.3f} "
               f"check k=4 {row['check'][0]:.3f} ms per pass", flush=True)
