@@ -34,8 +34,11 @@ BLOCK = 64
 WARPS = 4
 MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompts, take SDPA's tiled kernels)
 # Programs per query token, each over a run of at least MIN_CHUNK slots (a multiple of BLOCK). One program over a
-# head's whole cache left most of a GPU idle at long contexts: on an H100 after a 4,000-token prompt, a compiled step
-# took 5.165 ms at Qwen2.5-0.5B and 15.830 at 7B, against 2.565 and 10.597 with batched products over the cache.
+# head's whole cache left most of a GPU idle at long contexts. Measured on an H100 (BENCHMARKS.md) after a 4,000-token
+# prompt, compiled graph-only step / check of 10, one program per token -> split: Qwen2.5-0.5B 3.981 / 4.063 ->
+# 1.142 / 2.174 ms, 7B 11.215 / 11.210 -> 6.087 / 10.242 (batched products over the cache: 1.324 / 3.636 and
+# 5.945 / 10.214). Under MIN_CHUNK slots nothing changes but the idle programs: the graph-only step the same at a
+# 20-token prompt, a check of 10 3-5% slower (0.5B 1.158 -> 1.220, 7B 5.859 -> 6.049).
 SPLITS = 16
 MIN_CHUNK = 256
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
