@@ -96,7 +96,7 @@ def main():
           f"small model {args.small}; median of {args.repeats} passes")
     for name in systems:
         print(f"{name}: {1000 * statistics.median(seconds[name]) / n:.1f} ms per sentence, {tokens[name]} tokens")
-    print("\n| system | model | verb | tokens | calls per pass | median ms | s per pass |\n|---|---|---|---|---|---|---|")
+    print("\n| system | model | verb | tokens fed | calls per pass | median ms | s per pass |\n|---|---|---|---|---|---|---|")
     for (name, model, verb, width), times in sorted(calls.items(), key=lambda kv: (kv[0][0] != "large", kv[0][1:])):
         print(f"| {name} | {model} | {verb} | {width or '-'} | {len(times) // args.repeats} | "
               f"{1000 * statistics.median(times):.3f} | {sum(times) / args.repeats:.3f} |")
