@@ -12,9 +12,10 @@ measures both). SPLITS programs per (row, query head, query token), each over it
 sees, at least MIN_CHUNK of them (flash-decoding): up to MIN_CHUNK slots one program reads them all and writes the
 output; past it, each writes its partial softmax sums and the last to finish (a counter per token, which it sets back
 to 0) combines them in a fixed order. The runs are a function of the position alone, so a token's output does not
-depend on which pass computes it. The query heads of a group read their key/value head where it lies. `attention_over_cache` runs the same program for each of n query tokens whose keys and values
-are already in the cache (a check of several tokens; `write_keys` writes them, rotated by the same code): each
-query's output is what the one-token step computes for it, bit for bit, given the same inputs.
+depend on which pass computes it. The query heads of a group read their key/value head where it lies.
+`attention_over_cache` runs the same program for each of n query tokens whose keys and values are already in the
+cache (a check of several tokens; `write_keys` writes them, rotated by the same code): each query's output is what
+the one-token step computes for it, bit for bit, given the same inputs.
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,8 +62,6 @@ def main():
     if not (run / "large" / "final").is_dir():
         sys.exit(f"{run / 'large' / 'final'} not found: give --run a finished ./launch.sh cpu run")
     torch.set_num_threads(args.threads)
-    import yaml
-
     cfg = yaml.safe_load((run / "eval.yaml").read_text())
     large = AutoModelForSeq2SeqLM.from_pretrained(run / "large" / "final").eval()
     small = AutoModelForSeq2SeqLM.from_pretrained(run / args.small / "final").eval()
