@@ -25,20 +25,37 @@ detached_wait() {
   echo "JOB DIED"; tail -30 "$log"; return 2
 }
 
-# Inside a job: `pytest -m gpu` in the background, its output and exit status in DIR/gpu_tests.log (a later
-# `wait` in the job waits for it too).
+# Inside a job: every GPU test (TESTS, a -k expression, narrows them) in the background, in 8 pytest processes at
+# once, recompiles logged (TORCH_LOGS); each process's output and exit status in DIR/tests_N.log. The job's `wait`
+# waits for them.
 gpu_tests_alongside() {
-  mkdir -p "$1"
-  (timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$1/gpu_tests.log" 2>&1
-   echo "gpu tests rc $?" >> "$1/gpu_tests.log") &
+  local dir=$1 i
+  mkdir -p "$dir"
+  python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py ${TESTS:+-k "$TESTS"} | grep "::" \
+    > "$dir/test_ids.txt"
+  for i in 0 1 2 3 4 5 6 7; do
+    awk -v i=$i 'NR % 8 == i' "$dir/test_ids.txt" > "$dir/test_ids.$i"
+    [[ -s $dir/test_ids.$i ]] || continue  # (fewer tests than processes)
+    (TORCH_LOGS=recompiles timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat "$dir/test_ids.$i") \
+       > "$dir/tests_$i.log" 2>&1; echo "gpu tests rc $?" >> "$dir/tests_$i.log") &
+  done
+}
+
+# After the tests: each process's verdict, the failures' first lines, any recompile logged.
+gpu_tests_verdict() {
+  local dir=$1 i
+  for i in 0 1 2 3 4 5 6 7; do grep -E "passed|failed|error" "$dir/tests_$i.log" | tail -1; done
+  grep -h -B2 -A30 "^____\|Error\b" "$dir"/tests_*.log | cut -c1-300 | head -60
+  grep -h -A4 "Recompiling" "$dir"/tests_*.log | cut -c1-300 | head -20
 }
 
 # Inside a job: the demo pair trained up to threshold tuning (`./launch.sh full`, both models at once) into
-# runs/full, on DATA's Multi30k (default .gpu/data); then DEMO_EVAL holds decode.eval over its three models on that
-# data's test set, for the job to add its own key=value arguments to.
+# runs/full, on DATA's Multi30k (default .gpu/data), or up to the stage STOP names (a later call goes on from there);
+# then DEMO_EVAL holds decode.eval over its three models on that data's test set, for the job to add its own
+# key=value arguments to.
 demo_pair_up_to_tuning() {
-  local data=${1:-.gpu/data}
-  PARALLEL_TRAIN=1 STOP_AFTER=tune DATA_DIR=$data ./launch.sh full || return 1
+  local data=${1:-.gpu/data} stop=${2:-tune}
+  PARALLEL_TRAIN=1 STOP_AFTER=$stop DATA_DIR=$data ./launch.sh full || return 1
   DEMO_EVAL=(python3 -m decode.eval --config configs/multi30k_eval.yaml --aligned large=runs/full/large/final
              small=runs/full/small/final aligned=runs/full/small_aligned/final dataset=$data/multi30k)
 }

@@ -19,17 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 t() { echo "== $(date +%H:%M:%S) $1"; }
 t "1 every GPU test (or those TESTS names, a -k expression), in 8 processes at once"
-python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py ${TESTS:+-k "$TESTS"} | grep "::" \
-  > runs/test_ids.txt
-for i in 0 1 2 3 4 5 6 7; do
-  awk -v i=$i 'NR % 8 == i' runs/test_ids.txt > runs/test_ids.$i
-  TORCH_LOGS=recompiles timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat runs/test_ids.$i) \
-    > runs/tests_$i.log 2>&1 &
-done
-wait
-for i in 0 1 2 3 4 5 6 7; do tail -1 runs/tests_$i.log; done
-grep -h -B2 -A30 "^____\|Error\b" runs/tests_*.log | cut -c1-300 | head -60
-grep -h -A4 "Recompiling" runs/tests_*.log | cut -c1-300 | head -20
+source scripts/detached.sh; gpu_tests_alongside runs; wait; gpu_tests_verdict runs
 t "2 each shape the first runner of its process"
 for shapes in "qwen2.5_0.5b qwen2.5_7b --pairs --profile --profile-checks --variants default check4 check1" \
     "qwen2.5_1.5b --profile" "demo_large" "demo_small"; do

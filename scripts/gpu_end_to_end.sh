@@ -5,6 +5,10 @@
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
 # B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
+# RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
+# evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
+# compiling was the default. BENCH=1: last, the step at the 0.5B and 7B shapes and the demo pair's sizes
+# (scripts/bench_step.py; each set of shapes in its own process).
 # BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -18,21 +22,36 @@ if [[ ${1:-wait} == start ]]; then
   mkdir -p runs
   cat > $SCRIPT <<JOB
 set -x
-source scripts/detached.sh; demo_pair_up_to_tuning || exit 1
+source scripts/detached.sh
+[[ ${TUNE_COMPILED:-1} == 0 ]] && export BILD_COMPILE=0
+if [[ ${RUN_TESTS:-0} == 1 ]]; then
+  gpu_tests_alongside runs; demo_pair_up_to_tuning .gpu/data align || exit 1; wait; gpu_tests_verdict runs
+fi
+demo_pair_up_to_tuning || exit 1
+unset BILD_COMPILE
 EV=("\${DEMO_EVAL[@]}" repeats=3 "systems=[large,bild,bild_exact]")
-"\${EV[@]}" compile=false out=$R/uncompiled
+[[ ${UNCOMPILED:-1} == 1 ]] && "\${EV[@]}" compile=false out=$R/uncompiled
 "\${EV[@]}" compile=true out=$R/compiled
 if [[ ${B16:-0} == 1 ]]; then
   "\${EV[@]}" compile=true "systems=[large,bild]" "throughput_batch_sizes=[16]" "throughput_systems=[bild]" out=$R/b16
+fi
+if [[ ${BENCH:-0} == 1 ]]; then
+  timeout 500 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --profile-checks \
+    --variants default check4 --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
+  timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants check4 --repeats 3 \
+    --json runs/step_demo.json > runs/step_demo.log 2>&1
 fi
 echo JOB DONE
 JOB
   detached_start $W $SCRIPT $LOG
 fi
 detached_wait $W $SCRIPT $LOG; rc=$?
-[[ -n ${OUT:-} ]] && tar czf $OUT/end_to_end.tgz runs/*.log $R/uncompiled $R/compiled $R/b16* $R/*/final/bild_thresholds.json \
-  $R/*.log 2>/dev/null
+[[ -n ${OUT:-} ]] && tar czf $OUT/end_to_end.tgz runs/*.log runs/*.json $R/uncompiled $R/compiled $R/b16* \
+  $R/*/final/bild_thresholds.json $R/*.log 2>/dev/null
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
+for f in runs/step_real.log runs/step_demo.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels|^  " $f | cut -c1-250 | head -80; }
+done
 exit 0
