@@ -42,9 +42,6 @@ MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompt
 # 20-token prompt, a check of 10 3-5% slower (0.5B 1.158 -> 1.220, 7B 5.859 -> 6.049).
 SPLITS = 16
 MIN_CHUNK = 256
-# Programs per query token in a check of several tokens (attention_over_cache), each over the runs CHECK_PROGRAMS
-# apart, so that a check's token still computes the runs a step computes for it, in the same order, bit for bit.
-CHECK_PROGRAMS = 16
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
 
 
@@ -81,11 +78,11 @@ if triton is not None:
                           stride_vb, stride_vh, stride_vn, stride_cb, stride_ch, stride_cs, stride_ob, stride_oh,
                           stride_on, stride_pb, stride_pn, stride_r, scale, window, min_chunk, GROUP: tl.constexpr,
                           D: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr,
-                          ROT: tl.constexpr, ATTEND: tl.constexpr, SPLITS: tl.constexpr, PROGRAMS: tl.constexpr):
+                          ROT: tl.constexpr, ATTEND: tl.constexpr, SPLITS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
-        query = tl.program_id(2) // PROGRAMS  # 0 for one token
-        program = tl.program_id(2) % PROGRAMS  # it takes the runs program, program + PROGRAMS, ...
+        query = tl.program_id(2) // SPLITS  # 0 for one token
+        split = tl.program_id(2) % SPLITS
         kv_head = head // GROUP
         pos = tl.load(pos_ptr + row * stride_pb + query * stride_pn)
         d = tl.arange(0, D)
@@ -96,7 +93,8 @@ if triton is not None:
         # this program's run of the slots lo..pos: SPLITS runs of at least min_chunk slots, the last one shorter
         chunk = tl.maximum(min_chunk, tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK) * BLOCK)
         runs = tl.cdiv(pos + 1 - lo, chunk)
-        if WRITE and program == (runs - 1) % PROGRAMS:  # the program of the run that reads the token's slot writes it
+        first = lo + split * chunk
+        if WRITE and split == runs - 1:  # the run that reads the token's own slot writes it
             # the token's key and value into the cache (the group's programs write the same numbers), made visible
             # to every thread of this program before the loop reads them back
             k_new = _rotated(k_ptr + row * stride_kb + kv_head * stride_kh + query * stride_kn, d, cos_ptr, sin_ptr,
@@ -106,49 +104,47 @@ if triton is not None:
             tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
             tl.debug_barrier()
 
-        if ATTEND and program < runs:  # (ATTEND False: only the writes, of several tokens: write_keys)
+        if ATTEND and split < runs:  # (ATTEND False: only the writes, of several tokens: write_keys)
             q = _rotated(q_ptr + row * stride_qb + head * stride_qh + query * stride_qn, d, cos_ptr, sin_ptr, pos,
                          stride_r, ROT).to(tl.float32)
+            m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+            total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+            acc = tl.zeros([D], tl.float32)
+            for start in range(first, tl.minimum(first + chunk, pos + 1), BLOCK):
+                slots = start + tl.arange(0, BLOCK)
+                live = slots <= pos
+                offsets = cache + slots[:, None] * stride_cs + d[None, :]
+                k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
+                scores = tl.where(live, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 0))
+                p = tl.exp(scores - m_new)
+                alpha = tl.exp(m - m_new)
+                v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                total = total * alpha + tl.sum(p, 0)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                m = m_new
             out_at = out_ptr + row * stride_ob + head * stride_oh + query * stride_on + d
-            token = (row * tl.num_programs(1) + head) * (tl.num_programs(2) // PROGRAMS) + query
-            for split in range(program, runs, PROGRAMS):
-                first = lo + split * chunk
-                m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
-                total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-                acc = tl.zeros([D], tl.float32)
-                for start in range(first, tl.minimum(first + chunk, pos + 1), BLOCK):
-                    slots = start + tl.arange(0, BLOCK)
-                    live = slots <= pos
-                    offsets = cache + slots[:, None] * stride_cs + d[None, :]
-                    k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-                    scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
-                    scores = tl.where(live, scores, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(scores, 0))
-                    p = tl.exp(scores - m_new)
-                    alpha = tl.exp(m - m_new)
-                    v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
-                    total = total * alpha + tl.sum(p, 0)
-                    acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-                    m = m_new
-                if runs == 1:
-                    tl.store(out_at, (acc / total).to(out_ptr.dtype.element_ty))
-                else:
-                    tl.store(part_ptr + (token * SPLITS + split) * D + d, acc)
-                    tl.store(stats_ptr + (token * SPLITS + split) * 2, m)
-                    tl.store(stats_ptr + (token * SPLITS + split) * 2 + 1, total)
-                    tl.debug_barrier()  # every thread's stores before the counter (which releases them)
-                    if tl.atomic_add(count_ptr + token, 1) == runs - 1:  # the last run to finish combines
-                        s = tl.arange(0, SPLITS)
-                        done = s < runs
-                        at = token * SPLITS + s
-                        ms = tl.load(stats_ptr + at * 2, mask=done, other=float("-inf"), cache_modifier=".cg")
-                        totals = tl.load(stats_ptr + at * 2 + 1, mask=done, other=0.0, cache_modifier=".cg")
-                        parts = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=done[:, None], other=0.0,
-                                        cache_modifier=".cg")
-                        weight = tl.exp(ms - tl.max(ms, 0))
-                        out = tl.sum(parts * weight[:, None], 0) / tl.sum(totals * weight, 0)
-                        tl.store(out_at, out.to(out_ptr.dtype.element_ty))
-                        tl.store(count_ptr + token, 0)
+            if runs == 1:
+                tl.store(out_at, (acc / total).to(out_ptr.dtype.element_ty))
+            else:
+                token = (row * tl.num_programs(1) + head) * (tl.num_programs(2) // SPLITS) + query
+                tl.store(part_ptr + (token * SPLITS + split) * D + d, acc)
+                tl.store(stats_ptr + (token * SPLITS + split) * 2, m)
+                tl.store(stats_ptr + (token * SPLITS + split) * 2 + 1, total)
+                tl.debug_barrier()  # every thread's stores before the counter (which releases them)
+                if tl.atomic_add(count_ptr + token, 1) == runs - 1:  # the last run to finish combines
+                    s = tl.arange(0, SPLITS)
+                    done = s < runs
+                    at = token * SPLITS + s
+                    ms = tl.load(stats_ptr + at * 2, mask=done, other=float("-inf"), cache_modifier=".cg")
+                    totals = tl.load(stats_ptr + at * 2 + 1, mask=done, other=0.0, cache_modifier=".cg")
+                    parts = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=done[:, None], other=0.0,
+                                    cache_modifier=".cg")
+                    weight = tl.exp(ms - tl.max(ms, 0))
+                    out = tl.sum(parts * weight[:, None], 0) / tl.sum(totals * weight, 0)
+                    tl.store(out_at, out.to(out_ptr.dtype.element_ty))
+                    tl.store(count_ptr + token, 0)
 
 
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
@@ -169,8 +165,7 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
         q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
         stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
-        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS, PROGRAMS=SPLITS,
-        num_warps=WARPS)
+        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS, num_warps=WARPS)
     return out
 
 
@@ -185,7 +180,7 @@ def write_keys(k, v, k_cache, v_cache, pos, cos, sin, kernel=None) -> None:
         0, 0, 0, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0, 0, 0, pos.stride(0), pos.stride(1),
         cos.stride(0), 1.0, 0, MIN_CHUNK, GROUP=1, D=d, BLOCK=BLOCK, HAS_WINDOW=False, WRITE=True,
-        ROT=cos.shape[-1], ATTEND=False, SPLITS=1, PROGRAMS=1, num_warps=WARPS)
+        ROT=cos.shape[-1], ATTEND=False, SPLITS=1, num_warps=WARPS)
 
 
 def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | None = None, cos=None, sin=None,
@@ -200,14 +195,13 @@ def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | 
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
     cos, sin, rot, stride_r = _tables(cos, sin, q)
-    programs = min(CHECK_PROGRAMS, SPLITS)
-    (kernel or _decode_attention)[(b, h, n * programs)](
+    (kernel or _decode_attention)[(b, h, n * SPLITS)](
         q, q, q, k_cache, v_cache, o4, last, cos, sin, *_scratch(q, b * h * n),  # (keys and values: not read)
         q.stride(0), q.stride(1), q.stride(2), 0, 0, 0, 0, 0, 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0), o4.stride(2), o4.stride(1),
         last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, stride_r, scale, window or 0, MIN_CHUNK,
         GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=False, ROT=rot,
-        ATTEND=True, SPLITS=SPLITS, PROGRAMS=programs, num_warps=WARPS)
+        ATTEND=True, SPLITS=SPLITS, num_warps=WARPS)
     return out
 
 

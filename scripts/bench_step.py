@@ -138,8 +138,6 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "unsplit": {"kernels.SPLITS": 1},
     "splits8": {"kernels.SPLITS": 8},  # at most 8 runs per token (16 by default)
     "chunk128": {"kernels.MIN_CHUNK": 128},  # runs of at least 128 slots (256 by default)
-    "check4": {"kernels.CHECK_PROGRAMS": 4},  # a check's token over 4 programs, each taking every 4th run (16 by default)
-    "check1": {"kernels.CHECK_PROGRAMS": 1},  # one program per check token, taking all its runs
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 

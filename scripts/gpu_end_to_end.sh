@@ -37,9 +37,9 @@ if [[ ${B16:-0} == 1 ]]; then
 fi
 if [[ ${BENCH:-0} == 1 ]]; then
   timeout 500 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --profile-checks \
-    --variants default check4 --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
-  timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --variants check4 --repeats 3 \
-    --json runs/step_demo.json > runs/step_demo.log 2>&1
+    --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
+  timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 3 --json runs/step_demo.json \
+    > runs/step_demo.log 2>&1
 fi
 echo JOB DONE
 JOB

@@ -318,59 +318,53 @@ def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
 
 
 # The kernel's cases at its own run length (the cases' caches of up to 200 slots in one run) and at runs of one block
-# (split over up to 4 of its programs per token, combined), a check's runs taken by a program each, by one program
-# for all of them, or by 3 programs.
-SPLIT_RUNS = pytest.mark.parametrize("min_chunk, check_programs", ((None, None), (64, None), (64, 1), (64, 3)))
+# (split over up to 4 of its programs per token, combined).
+SPLIT_RUNS = pytest.mark.parametrize("min_chunk", (None, 64))
 
 
-def _runs(monkeypatch, min_chunk, check_programs=None):
+def _runs(monkeypatch, min_chunk):
     from decode import kernels
 
     if min_chunk:
         monkeypatch.setattr(kernels, "MIN_CHUNK", min_chunk)
-    if check_programs:
-        monkeypatch.setattr(kernels, "CHECK_PROGRAMS", check_programs)
 
 
 @SPLIT_RUNS
-def test_the_decode_kernel_equals_the_passes_attention_on_cuda(monkeypatch, min_chunk, check_programs):
+def test_the_decode_kernel_equals_the_passes_attention_on_cuda(monkeypatch, min_chunk):
     """decode/kernels.py compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_kernel_cases, kernel_cases
 
-    _runs(monkeypatch, min_chunk, check_programs)
+    _runs(monkeypatch, min_chunk)
     check_kernel_cases(kernel_cases("cuda"))
 
 
 @SPLIT_RUNS
-def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeypatch, min_chunk, check_programs):
+def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeypatch, min_chunk):
     """kernels.attention_over_cache compiled for CUDA: the passes' attention, and the one-token kernel's bits per query
     (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_many_query_cases, many_query_cases
 
-    _runs(monkeypatch, min_chunk, check_programs)
+    _runs(monkeypatch, min_chunk)
     check_many_query_cases(many_query_cases("cuda"))
 
 
 @SPLIT_RUNS
-def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk, check_programs):
+def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk):
     """write_keys and attention_over_cache with the rotary tables compiled for CUDA: the one-token kernel's bits, token
     by token (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_rotated_check_cases, rotated_check_cases
 
-    _runs(monkeypatch, min_chunk, check_programs)
+    _runs(monkeypatch, min_chunk)
     check_rotated_check_cases(rotated_check_cases("cuda"))
 
 
-@pytest.mark.parametrize("check_programs", (None, 4, 1))
-def test_a_long_context_splits_and_leaves_the_counters_at_zero(monkeypatch, check_programs):
+def test_a_long_context_splits_and_leaves_the_counters_at_zero():
     """After 3,000 cached slots the kernel splits each token's slots over its programs and combines them: the passes'
-    own attention within bf16 rounding, the check's tokens the steps' bits (with a check's runs taken by fewer
-    programs too), the shared counters back at 0."""
+    own attention within bf16 rounding, the check's tokens the steps' bits, the shared counters back at 0."""
     import torch
 
     from decode import compact, kernels
 
-    _runs(monkeypatch, None, check_programs)
     torch.manual_seed(3)
     b, h, h_kv, d, cap, n = 2, 14, 2, 64, 3100, 10
     k_cache, v_cache = (torch.randn(b, h_kv, cap, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))

@@ -179,9 +179,8 @@ interp._patch_lang_tensor = _patched
 sys.path.insert(0, "tests")
 from decode import kernels
 # fewer programs per token than on a GPU (the interpreter runs each in turn), over runs of one block: the cases' caches
-# of over 64 slots split, the shorter ones not; a check's one program per token takes both runs, which a step's two
-# programs take one each (as_steps: the same bits)
-kernels.SPLITS, kernels.MIN_CHUNK, kernels.CHECK_PROGRAMS = 2, kernels.BLOCK, 1
+# of over 64 slots split, the shorter ones not
+kernels.SPLITS, kernels.MIN_CHUNK = 2, kernels.BLOCK
 from test_kernels import kernel_cases, many_query_cases, rotated_check_cases
 print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu")}))
 '''
