@@ -39,6 +39,7 @@ from decode.cache import first_cut, step_verdict
 from decode.families import decoder_layers, final_norm_module, output_logits, unsupported_reason
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice
 from decode.generation import RowDecoder
+from decode.graphs import PassGraphs
 
 EXIT_HEAD_WEIGHTS = "exit_head.safetensors"
 EXIT_HEAD_CONFIG = "exit_head.json"
@@ -130,7 +131,7 @@ class EarlyExitRunner(FastRunner):
         self._width = model.config.get_text_config(decoder=True).hidden_size
         self.use_graphs = self.use_graphs and graphs
         if not self.use_graphs:
-            self._pool = None
+            self.graphs = PassGraphs(self.device, enabled=False)
         depth = self.decoder.n_layers
         self.path = (f"early exit after layer {exit_layer} of {depth}, fast (static cache, "
                      + ("CUDA graphs" if self.use_graphs else "no graphs") + (", compiled)" if self.compiled else ")"))
@@ -151,7 +152,7 @@ class EarlyExitRunner(FastRunner):
         """Layers 1..k and the exit head over `tokens` at positions length..; (confidence, argmax) of the next."""
         n = len(tokens)
         key = ("exit_step", n)
-        if key in self._graphs:
+        if key in self.graphs:
             self._load(tokens)
             self._run(key)
             confidence, token = self._step_out.tolist()  # note: the one host-device sync per step
@@ -162,7 +163,7 @@ class EarlyExitRunner(FastRunner):
             self._forget_device_state()
         token = int(token)
         self.length += n
-        if key in self._graphs:
+        if key in self.graphs:
             self._pos_on_device, self._ids_on_device = self.length, (token,)
         return confidence, token
 
@@ -178,7 +179,7 @@ class EarlyExitRunner(FastRunner):
         if n != n_pending + 1:
             raise ValueError(f"early exit checks the last checked token and {n_pending} pending ones; got {n} tokens")
         key = ("exit_check", n, m, rollback)
-        if key in self._graphs:
+        if key in self.graphs:
             self._load(tokens)
             if self._hpos_on_device != self.high_length:
                 self._hpos0.fill_(self.high_length)

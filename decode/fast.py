@@ -35,7 +35,6 @@ or T5 in float16, runs on the eager path (`unsupported_reason` says why).
 
 from __future__ import annotations
 
-import gc
 import os
 import weakref
 
@@ -46,6 +45,7 @@ from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdic
 import decode.compact as compact
 from decode.compact import notice  # noqa: F401 - notice: re-exported
 from decode.families import unsupported_reason
+from decode.graphs import PassGraphs
 from decode.draft_loop import DeviceDraftLoop
 from decode.passes import model_passes
 from decode.sampling import noise_size, sample_step, verify
@@ -155,11 +155,13 @@ class FastRunner(DeviceDraftLoop):
         # what the device buffers hold, as far as the host knows (None: unknown)
         self._pos_on_device: int | None = None
         self._ids_on_device: tuple | None = None
-        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graphs = PassGraphs(self.device, self.use_graphs)
         self._wanted: set[tuple] = set()
         self._src_ids = self._src_len = self._src_host = None  # encoder inputs, sized with the buffers
-        self.captures = 0  # graphs captured so far (a test checks that new inputs capture nothing)
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, compile: bool | None = None) -> "FastRunner":
@@ -210,7 +212,7 @@ class FastRunner(DeviceDraftLoop):
     def _prefill(self, tokens: list[int], bucket: int | None) -> None:
         """Feeds a prompt's tokens from position 0: padded to `bucket` and replayed as that bucket's graph (the padding
         lands past the prompt, where the next pass writes before any query reads), else without a graph."""
-        if ("prefill", bucket) not in self._graphs:
+        if ("prefill", bucket) not in self.graphs:
             self._eager_catch_up(tokens)
             return
         n = len(tokens)
@@ -419,44 +421,17 @@ class FastRunner(DeviceDraftLoop):
                 "sample_check": sample_check}[key[0]]
 
     def _run(self, key: tuple) -> None:
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-        else:
-            # Off CUDA; or a shape no decoder planned, which runs the same pass without a graph: capturing
-            # mid-sequence would let the warm-up runs write over real cache slots and the source mask.
-            self._pass(key)()
+        self.graphs.run(key, self._pass)
 
     def _capture(self, key: tuple) -> None:
         """Captures one pass. Its warm-up runs write junk into the caches and the source mask, so this runs
         only at `start`, before the sequence's real data."""
-        fn = self._pass(key)
         if self.is_encoder_decoder:
             # Junk, but finite junk: a fully masked attention row would give NaN, and NaN keys or values
             # poison even masked slots (0 * NaN). So every source position counts as real while capturing.
             self._src_len.fill_(self.src_capacity)
             self.decoder.see_whole_source()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # kernels chosen and workspaces allocated outside the capture
-                self._zero_positions()
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self._zero_positions()
-        # No garbage collection inside the capture: freeing another runner's graph there (a reference cycle
-        # collected at a random moment) is a CUDA call the capture forbids, and it aborts the process.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                fn()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-        self._graphs[key] = graph
-        self.captures += 1
+        self.graphs.capture(key, self._pass(key), self._zero_positions)
         self._forget_device_state()
 
     def _zero_positions(self) -> None:
@@ -471,7 +446,7 @@ class FastRunner(DeviceDraftLoop):
             wanted = set(self._wanted)
             if self.is_encoder_decoder:  # every source bucket the buffers hold
                 wanted |= {("encode", b) for b in range(_SRC_BUCKET, self.src_capacity + 1, _SRC_BUCKET)}
-            for key in sorted(wanted - self._graphs.keys(), key=str):
+            for key in sorted(wanted - self.graphs.keys(), key=str):
                 self._capture(key)
 
     def _ensure_capacity(self, length: int, src_length: int) -> None:
@@ -483,10 +458,7 @@ class FastRunner(DeviceDraftLoop):
             self.capacity = aligned(max(length, 2 * self.capacity))
         if src_length > self.src_capacity:
             self.src_capacity = aligned(max(src_length, 2 * self.src_capacity))
-        # The graphs read the old buffers. Their memory pool goes with them: capturing into the handle of a
-        # pool whose graphs are all freed trips an allocator assert (torch 2.11), so take a new one.
-        self._graphs.clear()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graphs.clear()  # they read the old buffers
         self.decoder.allocate(self.capacity, self.src_capacity, self.batch)
         if self.is_encoder_decoder:
             self._src_ids = torch.zeros(self.batch, self.src_capacity, dtype=torch.long, device=self.device)

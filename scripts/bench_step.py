@@ -251,7 +251,7 @@ def graph_only(runner, prompt, capacity, steps, repeats, device):
     """ms per step of the step's CUDA graph replayed alone, the host reading once at the end."""
     runner.start(prompt, capacity)
     runner.step([5])
-    graph, base = runner._graphs[("step", 1)], runner.length
+    graph, base = runner.graphs[("step", 1)], runner.length
 
     def replays():
         runner._pos0.fill_(base)  # each replay advances the position on the device

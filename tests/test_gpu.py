@@ -206,7 +206,7 @@ def test_the_device_draft_loop_decides_as_the_host_loop_on_cuda(arch):
     large, small = cuda_pair(arch, 5)
     check_device_loop(large, small)
     for runner in (BatchRunner.for_model(small, 5), FastRunner.for_model(small)):
-        assert {("draft", 1), ("draft_next", 1)} <= runner._graphs.keys()
+        assert {("draft", 1), ("draft_next", 1)} <= runner.graphs.keys()
 
 
 @pytest.mark.parametrize("rows", (1, 4, 16))
