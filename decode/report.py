@@ -29,11 +29,18 @@ def pareto_frontier(rows: list[dict], metric: str, higher_is_better: bool = True
     return frontier
 
 
+def within(rows: list[dict], metric: str, reference: float, tolerance: float, higher_is_better=True) -> list[dict]:
+    """The rows whose score is within `tolerance` of the reference (at least reference - tolerance, or at most
+    reference + tolerance where lower is better)."""
+    return [r for r in rows if (r[metric] >= reference - tolerance if higher_is_better else
+                                r[metric] <= reference + tolerance)]
+
+
 def operating_points(rows: list[dict], metric: str, reference: float, tolerances=(0.1, 1.0), higher_is_better=True) -> dict:
     """For each tolerance, the fastest row whose score is within it of the reference (None if no row is)."""
     points = {}
     for tol in tolerances:
-        ok = [r for r in rows if (r[metric] >= reference - tol if higher_is_better else r[metric] <= reference + tol)]
+        ok = within(rows, metric, reference, tol, higher_is_better)
         points[f"within_{tol:g}"] = max(ok, key=lambda r: r["speedup_vs_large"]) if ok else None
     return points
 

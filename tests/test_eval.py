@@ -195,7 +195,8 @@ def test_ablation_rows_switch_one_policy_off(eval_config, tmp_path):
     assert full["stats"]["fallbacks"] > 0  # the toy pair is unsure often enough for the ablations to differ
 
 
-def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eval_config, toy_models, tmp_path, capsys):
+def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eval_config, toy_models, tmp_path, capsys,
+                                                                             monkeypatch):
     import shutil
 
     from decode import BiLD
@@ -215,6 +216,20 @@ def test_tuning_picks_the_fastest_point_within_budget_and_everything_uses_it(eva
         assert len(point["speedup_passes"]) == 2
         assert point["speedup_vs_large"] == pytest.approx(sum(point["speedup_passes"]) / 2)
     assert record["batch_size"] == 2 and {r["max_small_steps"] for r in record["grid"]} == {2, None}
+    # only the points within the budget (here: said to be the grid's first two) are timed again, and one is chosen
+    import decode.report
+    import decode.tune
+
+    plain = tmp_path / "plain"
+    shutil.copytree(toy_models["small"], plain)
+    with monkeypatch.context() as patched:
+        for module in (decode.tune, decode.report):
+            patched.setattr(module, "within", lambda rows, *args: rows[:2])
+        assert tune_main(["--config", str(eval_config), f"small={plain}", "--limit", "4", "repeats=3"]) == 0
+    tight = json.loads((plain / THRESHOLDS_FILE).read_text())
+    assert [len(r["speedup_passes"]) for r in tight["grid"]] == [3, 3] + [1] * (len(tight["grid"]) - 2)
+    first_two = [(r["fallback_threshold"], r["rollback_threshold"]) for r in tight["grid"][:2]]
+    assert (tight["fallback_threshold"], tight["rollback_threshold"]) in first_two
     # within a budget of 100 BLEU every point qualifies: the choice is the fastest of the grid
     fastest = max(record["grid"], key=lambda r: r["speedup_vs_large"])
     point = ("fallback_threshold", "rollback_threshold", "max_small_steps")
