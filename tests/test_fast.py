@@ -10,6 +10,7 @@ from tiny_models import DECODER_ONLY, ENCODER_DECODER, MORE_DECODER_ONLY, hf_gre
 from decode import BiLD, BiLDConfig, Greedy
 from decode.families import unsupported_reason
 from decode.fast import FastRunner, compile_wanted, make_runner
+from decode.graphs import PassGraphs
 
 FAST_ARCHS = tuple(a for a in ENCODER_DECODER + DECODER_ONLY if a != "gpt2") + MORE_DECODER_ONLY
 
@@ -251,3 +252,15 @@ def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(ar
     constant = [s for s in symbols if "['w']" in s or (".size()" not in s and ".stride()" not in s)  # weights, ints
                 or re.search(r"\['(h|hidden)'\]\.size\(\)\[2\]|_cache'\]\.size\(\)\[[13]\]|\['(cos|sin)'\]\.size\(\)\[1\]", s)]
     assert not constant, constant
+
+
+def test_pass_graphs_off_cuda_run_each_pass_itself():
+    """decode.graphs.PassGraphs without CUDA: nothing captured, each run makes its pass and runs it (the GPU tests
+    capture and replay)."""
+    graphs, ran = PassGraphs(torch.device("cpu"), enabled=False), []
+    graphs.run(("step", 1), lambda key: lambda: ran.append(key))
+    graphs.run(("check", 3, "ce"), lambda key: lambda: ran.append(key))
+    assert ran == [("step", 1), ("check", 3, "ce")]
+    assert ("step", 1) not in graphs and not list(graphs.keys()) and graphs.captures == 0
+    graphs.clear()
+    assert graphs.captures == 0 and graphs._pool is None
