@@ -45,8 +45,8 @@ from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdic
 import decode.compact as compact
 from decode.compact import notice  # noqa: F401 - notice: re-exported
 from decode.families import unsupported_reason
-from decode.graphs import PassGraphs
 from decode.draft_loop import DeviceDraftLoop
+from decode.graphs import PassGraphs
 from decode.passes import model_passes
 from decode.sampling import noise_size, sample_step, verify
 

@@ -53,27 +53,28 @@ def tune(cfg, small_key: str, budget: float) -> dict:
     grid = [(fb, rb, cap) for fb in cfg.sweep_fallback for rb in cfg.sweep_rollback for cap in caps]
     progress = tqdm(total=len(indices) * (len(grid) + 1), desc="decode.tune", unit="ex")
 
-    def timed(row: dict) -> float:  # one pass of a grid point over the split, seconds
-        fb, rb, cap = row["fallback_threshold"], row["rollback_threshold"], row["max_small_steps"]
-        return ev.run(f"fb={fb:g} rb={rb:g} cap={cap}", ev.decoder("bild", small_key, fb, rb, cap), indices,
-                      progress)["total_seconds"]
+    def large_pass() -> float:  # seconds
+        return ev.run("large", ev.decoder("large"), indices, progress)["total_seconds"]
 
-    large_seconds = [ev.run("large", ev.decoder("large"), indices, progress)["total_seconds"]]
-    rows = []
-    for fb, rb, cap in grid:  # the first pass decodes and scores every point
+    def point_pass(fb, rb, cap) -> dict:  # one pass of a grid point over the split: its row, the point in it
         decoder = ev.decoder("bild", small_key, fb, rb, cap)
         row = ev.run(f"fb={fb:g} rb={rb:g} cap={cap}", decoder, indices, progress)
-        row.update(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=cap, path=decoder.path)
-        rows.append(ev.finish_row(row, indices))
-        rows[-1]["pass_seconds"] = [row["total_seconds"]]
+        return {**row, "fallback_threshold": fb, "rollback_threshold": rb, "max_small_steps": cap, "path": decoder.path}
+
+    large_seconds = [large_pass()]
+    rows = []
+    for point in grid:  # the first pass decodes and scores every point
+        row = point_pass(*point)
+        rows.append({**ev.finish_row(row, indices), "pass_seconds": [row["total_seconds"]]})
     large_score = ev.quality(ev.outputs["large"], indices)[ev.metric]
     candidates = within(rows, ev.metric, large_score, budget, ev.higher_is_better)
     if len(candidates) > 1 and cfg.repeats > 1:
         progress.total += len(indices) * (len(candidates) + 1) * (cfg.repeats - 1)
         for _ in range(cfg.repeats - 1):  # interleaved passes: the large model, then every candidate
-            large_seconds.append(ev.run("large", ev.decoder("large"), indices, progress)["total_seconds"])
+            large_seconds.append(large_pass())
             for row in candidates:
-                row["pass_seconds"].append(timed(row))
+                point = (row["fallback_threshold"], row["rollback_threshold"], row["max_small_steps"])
+                row["pass_seconds"].append(point_pass(*point)["total_seconds"])
     progress.close()
     for row in rows:  # each pass's speedup against the large model's pass just before it; the median
         row["speedup_passes"] = [a / b for a, b in zip(large_seconds, row["pass_seconds"])]

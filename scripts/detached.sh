@@ -44,7 +44,7 @@ gpu_tests_alongside() {
 # After the tests: each process's verdict, the failures' first lines, any recompile logged.
 gpu_tests_verdict() {
   local dir=$1 i
-  for i in 0 1 2 3 4 5 6 7; do grep -E "passed|failed|error" "$dir/tests_$i.log" | tail -1; done
+  for i in 0 1 2 3 4 5 6 7; do grep -E "passed|failed|error" "$dir/tests_$i.log" 2>/dev/null | tail -1; done
   grep -h -B2 -A30 "^____\|Error\b" "$dir"/tests_*.log | cut -c1-300 | head -60
   grep -h -A4 "Recompiling" "$dir"/tests_*.log | cut -c1-300 | head -20
 }
