@@ -107,13 +107,6 @@ CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
 # Qwen2.5-7B 6.430 -> 6.664 (the padding costs more than the static shape saves there). None (off);
 # BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it (decode/fast.py).
 STATIC_CHECK_WIDTH: int | None = int(os.environ.get("BILD_STATIC_CHECK_WIDTH") or 0) or None
-# Whether a pass of one row of up to kernels.PRODUCT_ROWS tokens on CUDA in half precision (a step, a check, a short
-# prompt) computes its products with decode/kernels.py's product kernel, with the RMSNorm before a product, the SiLU-
-# gated activation, the bias and the residual add in the same kernel (`project`). A row's bits then do not depend on
-# how many tokens the pass has, so a check computes what the one-token steps compute, and the lossless mode follows
-# the large model's own greedy output exactly in bf16. Off until measured on a GPU (scripts/gpu_product.sh);
-# BILD_PRODUCT_KERNEL=1 in the environment turns it on.
-PRODUCT_KERNEL = os.environ.get("BILD_PRODUCT_KERNEL", "0") == "1"
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -142,37 +135,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling():
         return F.linear(x, weight) + bias
     return F.linear(x, weight, bias)
-
-
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm=None, act=None,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """A product with what surrounds it in a layer: norm = (norm function, its weight, eps) applied to x first; act: x
-    is [..., 2F], gate then up, and the product's input is act(gate) * up; the bias; residual, added to the output.
-    One row of up to kernels.PRODUCT_ROWS tokens on CUDA in half precision (PRODUCT_KERNEL) runs as one kernel
-    (kernels.product) where that kernel computes the same (norms rms_norm and t5_norm, the activation SiLU); anything
-    else, as these ops."""
-    fused_norm = norm is None or (norm[0] in (rms_norm, t5_norm) and norm[1].dtype == x.dtype)
-    if fused_norm and (act is None or _is_silu(act)) and _product_kernel(x):
-        return kernels.product(x, weight, bias, None if norm is None else norm[1], 0.0 if norm is None else norm[2],
-                               act is not None, residual)
-    if norm is not None:
-        x = norm[0](x, norm[1], norm[2])
-    if act is not None:
-        gate, up = x.chunk(2, dim=-1)
-        x = act(gate) * up
-    out = linear(x, weight, bias)
-    return out if residual is None else residual + out
-
-
-def _product_kernel(x: torch.Tensor) -> bool:
-    """Whether `project` takes kernels.product: one row ([1, n, d]) of at most PRODUCT_ROWS tokens, on CUDA, in half
-    precision, with PRODUCT_KERNEL on. (Compiled, the row count joins the guard the attention's _few_queries sets.)"""
-    return (PRODUCT_KERNEL and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and kernels.available()
-            and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] <= kernels.PRODUCT_ROWS)
-
-
-def _is_silu(act) -> bool:
-    return type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -466,7 +428,6 @@ class Passes:
         self.compiled = bool(compile)
         if self.device.type == "cuda" and kernels.available():
             kernels.counters(self.device)  # before any pass compiles (they read these)
-            kernels.multiprocessors(self.device)
         self.name = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"
         self.model_ref = weakref.ref(model)
         self.compile_seconds = 0.0  # spent compiling so far (first calls of each compiled variant)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 import decode.compact as compact
-from decode.compact import Decoder, Passes, fuse_linears, gemma_norm, heads, notice, project, rms_norm, self_attention
+from decode.compact import Decoder, Passes, fuse_linears, gemma_norm, heads, linear, notice, rms_norm, self_attention
 from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
@@ -100,7 +100,7 @@ class LlamaPasses(Passes):
         logit_cap = getattr(cfg, "final_logit_softcapping", None)
 
         def head(h, norm_weight):
-            return soft_cap(project(h, head_weight, norm=(norm, norm_weight, final_eps)), logit_cap)
+            return soft_cap(linear(norm(h, norm_weight, final_eps), head_weight), logit_cap)
 
         self._head = self._pass(head, "head")
 
@@ -142,20 +142,18 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         """One decoder-only layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D_rot]; writes the caches.
         The weights a family lacks (q/k norms, the norms after attention and MLP, biases) are None."""
         ln1, qkv_w, qkv_b, q_ln, k_ln, o_w, o_b, attn_ln, ln2, gate_up_w, gate_up_b, down_w, down_b, mlp_ln = w
-        q, k, v = project(h, qkv_w, qkv_b, norm=(norm, ln1, eps)).split(split, dim=-1)
+        q, k, v = linear(norm(h, ln1, eps), qkv_w, qkv_b).split(split, dim=-1)
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
         if q_ln is not None:
             q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)
         out = self_attention(q, k, v, k_cache, v_cache, pos, scale, window, gqa, softcap, matmul, kernel, (cos, sin),
                              kernel_rope)
-        if attn_ln is None:
-            h = project(out, o_w, o_b, residual=h)
-        else:
-            h = h + norm(project(out, o_w, o_b), attn_ln, eps)
-        gate_up = project(h, gate_up_w, gate_up_b, norm=(norm, ln2, eps))
-        if mlp_ln is None:
-            return project(gate_up, down_w, down_b, act=act, residual=h)
-        return h + norm(project(gate_up, down_w, down_b, act=act), mlp_ln, eps)
+        out = linear(out, o_w, o_b)
+        h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
+        gate_up = linear(norm(h, ln2, eps), gate_up_w, gate_up_b)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = linear(act(gate) * up, down_w, down_b)
+        return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
 
     return layer
 

@@ -17,19 +17,10 @@ depend on which pass computes it. The query heads of a group read their key/valu
 cache (a check of several tokens; `write_keys` writes them, rotated by the same code): each query's output is what
 the one-token step computes for it, bit for bit, given the same inputs.
 
-`product` is the passes' matrix product for passes of up to MAX_QUERIES rows (a step, a check) in half precision:
-x @ weight.T, with the norm before it (Llama's and T5's RMSNorm), the SiLU-gated activation (the MLP's down product),
-the bias and the residual add after it done in the same kernel. Its arithmetic for a row does not depend on how many
-rows the pass has (tensor-core products of a fixed 16-row block; the inputs split over programs by the weight's shape
-alone and the partial sums added in a fixed order), so a check computes, for each of its tokens, the bits a one-token
-step computes: the lossless mode then follows the large model's own steps exactly in bf16.
-
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -51,17 +42,7 @@ MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompt
 # 20-token prompt, a check of 10 3-5% slower (0.5B 1.158 -> 1.220, 7B 5.859 -> 6.049).
 SPLITS = 16
 MIN_CHUNK = 256
-# The product: rows of a block (a pass of more rows takes cuBLAS), outputs and inputs of one loop iteration, and
-# programs per streaming multiprocessor the split of the inputs aims at.
-PRODUCT_ROWS = 16
-PRODUCT_BLOCK_N = 32
-PRODUCT_BLOCK_K = 128
-PRODUCT_PROGRAMS_PER_SM = 2
-PRODUCT_WARPS = 4
-PRODUCT_STAGES = 3
-_COUNTERS: dict[int, torch.Tensor] = {}
-_SMS: dict[int, int] = {}  # per CUDA device: its streaming multiprocessors
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter (the CPU tests)  # per CUDA device: one counter per split token, 0 between kernels
+_COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
 
 
 def available() -> bool:
@@ -166,120 +147,6 @@ if triton is not None:
                     tl.store(count_ptr + token, 0)
 
 
-    @triton.jit
-    def _product(x_ptr, w_ptr, b_ptr, nw_ptr, r_ptr, out_ptr, part_ptr, count_ptr, M, N, K, chunk, stride_xm,
-                 stride_wn, stride_rm, stride_om, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-                 BIAS: tl.constexpr, RESIDUAL: tl.constexpr, FLOAT_DOT: tl.constexpr):
-        """out[m, n] = sum over k of a[m, k] * w[n, k] (+ bias[n]) (+ residual[m, n]) for the M rows of x, where a is x,
-        or x normed (NORM: x * rsqrt(mean(x^2) + eps) rounded, times the norm's weight, rounded), or, GATED, silu of
-        x's first K columns rounded, times its next K, rounded. Program (block, split) covers outputs block * BLOCK_N..
-        and inputs split * chunk..; with SPLIT > 1 each writes its float32 partial sums and the last of a block's to
-        finish (a counter per block, set back to 0) adds them in order and finishes."""
-        block = tl.program_id(0)
-        split = tl.program_id(1)
-        m = tl.arange(0, BLOCK_M)
-        rows = m < M
-        n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = n < N
-        kk = tl.arange(0, BLOCK_K)
-        dtype = w_ptr.dtype.element_ty
-        if NORM:
-            squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-            for first in range(0, K, BLOCK_K):  # (names of their own: a name the loop below assigns is its own)
-                ks = first + kk
-                xs = tl.load(x_ptr + m[:, None] * stride_xm + ks[None, :], mask=rows[:, None] & (ks < K)[None, :],
-                             other=0.0).to(tl.float32)
-                squares += xs * xs
-            rstd = tl.rsqrt(tl.sum(squares, 1) / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for start in range(split * chunk, tl.minimum(split * chunk + chunk, K), BLOCK_K):
-            k = start + kk
-            live = k < K
-            at = x_ptr + m[:, None] * stride_xm + k[None, :]
-            x = tl.load(at, mask=rows[:, None] & live[None, :], other=0.0)
-            if GATED:
-                up = tl.load(at + K, mask=rows[:, None] & live[None, :], other=0.0).to(tl.float32)
-                g = x.to(tl.float32)
-                x = ((g * tl.sigmoid(g)).to(dtype).to(tl.float32) * up).to(dtype)
-            if NORM:
-                nw = tl.load(nw_ptr + k, mask=live, other=0.0).to(tl.float32)
-                x = (nw[None, :] * (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
-            w = tl.load(w_ptr + n[:, None] * stride_wn + k[None, :], mask=cols[:, None] & live[None, :], other=0.0)
-            if FLOAT_DOT:  # Triton's interpreter multiplies bfloat16 blocks wrongly: the same products in float32
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        mask = rows[:, None] & cols[None, :]
-        if SPLIT == 1:
-            _finish(acc, b_ptr, r_ptr, out_ptr, m, n, mask, cols, stride_rm, stride_om, BIAS, RESIDUAL)
-        else:
-            parts = part_ptr + m[:, None] * N + n[None, :]
-            tl.store(parts + split * BLOCK_M * N, acc, mask=mask)
-            tl.debug_barrier()  # every thread's stores before the counter (which releases them)
-            if tl.atomic_add(count_ptr + block, 1) == SPLIT - 1:  # the last to finish adds them up, in order
-                total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                for s in tl.static_range(SPLIT):
-                    total += tl.load(parts + s * BLOCK_M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                _finish(total, b_ptr, r_ptr, out_ptr, m, n, mask, cols, stride_rm, stride_om, BIAS, RESIDUAL)
-                tl.store(count_ptr + block, 0)
-
-    @triton.jit
-    def _finish(acc, b_ptr, r_ptr, out_ptr, m, n, mask, cols, stride_rm, stride_om, BIAS: tl.constexpr,
-                RESIDUAL: tl.constexpr):
-        """The product's sums, plus the bias (in float32), rounded; plus the residual, rounded: as the eager ops."""
-        dtype = out_ptr.dtype.element_ty
-        if BIAS:
-            acc += tl.load(b_ptr + n, mask=cols, other=0.0).to(tl.float32)[None, :]
-        out = acc.to(dtype)
-        if RESIDUAL:
-            out = (tl.load(r_ptr + m[:, None] * stride_rm + n[None, :], mask=mask, other=0.0).to(tl.float32)
-                   + out.to(tl.float32)).to(dtype)
-        tl.store(out_ptr + m[:, None] * stride_om + n[None, :], out, mask=mask)
-
-
-def product(x, weight, bias=None, norm=None, eps: float = 0.0, gated: bool = False, residual=None, kernel=None,
-            programs: int | None = None):
-    """x [..., K] (at most PRODUCT_ROWS rows, half precision) @ weight.T ([N, K]) -> [..., N] in x's dtype, with, where
-    given: `norm` ([K], the norm's weight, with eps), x normed first as the passes' rms_norm and t5_norm do; `gated`,
-    x is [..., 2K], gate then up, and the product's input is silu(gate) * up; `bias` [N]; `residual` [..., N], added
-    to the output. `programs`: how many programs the split of the inputs aims at (default: PRODUCT_PROGRAMS_PER_SM per
-    streaming multiprocessor; it depends on the weight alone, so every pass over it splits alike); `kernel` replaces
-    the compiled kernel (the tests pass Triton's interpreter of it)."""
-    n, k = weight.shape
-    lead = x.shape[:-1]
-    x2 = _rows(x.reshape(-1, x.shape[-1]))
-    rows = x2.shape[0]
-    if rows > PRODUCT_ROWS:
-        raise ValueError(f"product takes at most {PRODUCT_ROWS} rows, got {rows}")
-    if programs is None:
-        programs = PRODUCT_PROGRAMS_PER_SM * multiprocessors(x.device)
-    blocks, split, chunk = product_split(n, k, programs)
-    out = x2.new_empty(rows, n)
-    r2 = _rows(residual.reshape(-1, n)) if residual is not None else out
-    parts = torch.empty(split * PRODUCT_ROWS * n if split > 1 else 1, dtype=torch.float32, device=x.device)
-    count = counters(x.device) if x.is_cuda else torch.zeros(blocks, dtype=torch.int32, device=x.device)
-    (kernel or _product)[(blocks, split)](
-        x2, weight, bias if bias is not None else weight, norm if norm is not None else weight, r2, out, parts, count,
-        rows, n, k, chunk, x2.stride(0), weight.stride(0), r2.stride(0), out.stride(0), eps,
-        BLOCK_M=PRODUCT_ROWS, BLOCK_N=PRODUCT_BLOCK_N, BLOCK_K=PRODUCT_BLOCK_K, SPLIT=split, NORM=norm is not None,
-        GATED=gated, BIAS=bias is not None, RESIDUAL=residual is not None, FLOAT_DOT=_INTERPRETED, num_warps=PRODUCT_WARPS,
-        num_stages=PRODUCT_STAGES)
-    return out.view(*lead, n)
-
-
-def product_split(n: int, k: int, programs: int) -> tuple[int, int, int]:
-    """(output blocks, splits of the inputs, inputs per split) for an [n, k] weight: inputs split in two until the
-    programs reach `programs` or a split would hold fewer than two loop iterations; a function of the weight's shape
-    alone."""
-    blocks = -(-n // PRODUCT_BLOCK_N)
-    split = 1
-    while blocks * split < programs and k >= split * 4 * PRODUCT_BLOCK_K and split < 16:
-        split *= 2
-    chunk = -(-(-(-k // split)) // PRODUCT_BLOCK_K) * PRODUCT_BLOCK_K  # whole loop iterations per split
-    return blocks, -(-k // chunk), chunk
-
-
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
                      cos=None, sin=None, kernel=None):
     """q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, capacity, D]; last: [B, 1], the last slot each row sees (its
@@ -346,15 +213,6 @@ def counters(device: torch.device) -> torch.Tensor:
     if index not in _COUNTERS:
         _COUNTERS[index] = torch.zeros(1 << 18, dtype=torch.int32, device=device)
     return _COUNTERS[index]
-
-
-def multiprocessors(device: torch.device) -> int:
-    """A CUDA device's streaming multiprocessors, read once (a pass's runner reads them before compiling, as the
-    counters)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
 
 
 def _scratch(q: torch.Tensor, tokens: int) -> tuple:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from decode.compact import (Decoder, Passes, StaticKV, attend, causal_mask, cross_attention, fuse_linears, heads,
-                            linear, project, self_attention, t5_norm, write_cache)
+                            linear, self_attention, t5_norm, write_cache)
 
 
 
@@ -163,7 +163,7 @@ class BartPasses(_EncoderDecoderPasses):
     def head(self, h):
         if self.final is not None:
             h = F.layer_norm(h, h.shape[-1:], *self.final, self.final_eps)
-        return project(h, self.head_weight) + self.logits_bias
+        return linear(h, self.head_weight) + self.logits_bias
 
     def decoder(self):
         return BartDecoder(self)
@@ -185,13 +185,12 @@ def _bart_layer(n_heads, eps, scale, act, kernel=False):
         (qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, cq_w, cq_b, co_w, co_b, ln2_w, ln2_b,
          fc1_w, fc1_b, fc2_w, fc2_b, ln3_w, ln3_b) = w
         d = h.shape[-1:]
-        q, k, v = (heads(x, n_heads) for x in project(h, qkv_w, qkv_b).chunk(3, dim=-1))
+        q, k, v = (heads(x, n_heads) for x in linear(h, qkv_w, qkv_b).chunk(3, dim=-1))
         out = self_attention(q, k, v, k_cache, v_cache, pos, scale, kernel=kernel)
-        h = F.layer_norm(project(out, o_w, o_b, residual=h), d, ln1_w, ln1_b, eps)
-        out = cross_attention(heads(project(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, src_last, scale,
-                              kernel)
-        h = F.layer_norm(project(out, co_w, co_b, residual=h), d, ln2_w, ln2_b, eps)
-        return F.layer_norm(project(act(project(h, fc1_w, fc1_b)), fc2_w, fc2_b, residual=h), d, ln3_w, ln3_b, eps)
+        h = F.layer_norm(h + linear(out, o_w, o_b), d, ln1_w, ln1_b, eps)
+        out = cross_attention(heads(linear(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, src_last, scale, kernel)
+        h = F.layer_norm(h + linear(out, co_w, co_b), d, ln2_w, ln2_b, eps)
+        return F.layer_norm(h + linear(act(linear(h, fc1_w, fc1_b)), fc2_w, fc2_b), d, ln3_w, ln3_b, eps)
 
     return layer
 
@@ -201,9 +200,9 @@ def _bart_encoder_layer(n_heads, eps, scale, act):
         """One BART encoder layer over h [B, S, d]; mask: [B, 1, 1, S] (the source positions that are real)."""
         qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, fc1_w, fc1_b, fc2_w, fc2_b, ln2_w, ln2_b = w
         d = h.shape[-1:]
-        q, k, v = (heads(x, n_heads) for x in project(h, qkv_w, qkv_b).chunk(3, dim=-1))
-        h = F.layer_norm(project(attend(q, k, v, mask, scale), o_w, o_b, residual=h), d, ln1_w, ln1_b, eps)
-        return F.layer_norm(project(act(project(h, fc1_w, fc1_b)), fc2_w, fc2_b, residual=h), d, ln2_w, ln2_b, eps)
+        q, k, v = (heads(x, n_heads) for x in linear(h, qkv_w, qkv_b).chunk(3, dim=-1))
+        h = F.layer_norm(h + linear(attend(q, k, v, mask, scale), o_w, o_b), d, ln1_w, ln1_b, eps)
+        return F.layer_norm(h + linear(act(linear(h, fc1_w, fc1_b)), fc2_w, fc2_b), d, ln2_w, ln2_b, eps)
 
     return layer
 
@@ -269,9 +268,10 @@ class T5Passes(_EncoderDecoderPasses):
         final_eps, output_scale, head_weight = self.final_eps, self.output_scale, self.head_weight
 
         def head(h, norm_weight):
+            h = t5_norm(h, norm_weight, final_eps)
             if output_scale is not None:
-                return linear(t5_norm(h, norm_weight, final_eps) * output_scale, head_weight)
-            return project(h, head_weight, norm=(t5_norm, norm_weight, final_eps))
+                h = h * output_scale
+            return linear(h, head_weight)
 
         self._head = self._pass(head, "head")
         rel = self.rel
@@ -327,10 +327,11 @@ class T5Passes(_EncoderDecoderPasses):
 
 
 def _t5_mlp(h, norm_w, wi, wo, eps, act, gated):
-    x = project(h, wi, norm=(t5_norm, norm_w, eps))
+    x = t5_norm(h, norm_w, eps)
     if gated:
-        return project(x, wo, act=act, residual=h)
-    return project(act(x), wo, residual=h)
+        gate, up = linear(x, wi).chunk(2, dim=-1)
+        return h + linear(act(gate) * up, wo)
+    return h + linear(act(linear(x, wi)), wo)
 
 
 def _t5_layer(n_heads, eps, act, gated, kernel=False):
@@ -338,11 +339,11 @@ def _t5_layer(n_heads, eps, act, gated, kernel=False):
         """One T5 decoder block over h [B, n, d] at pos [B, n]; bias: [B, H, n, capacity] (position bias and causal
         mask), cross_bias: additive over the source slots; writes the self-attention caches."""
         ln0, qkv_w, o_w, ln1, cq_w, co_w, ln2, wi, wo = w
-        q, k, v = (heads(x, n_heads) for x in project(h, qkv_w, norm=(t5_norm, ln0, eps)).chunk(3, dim=-1))
+        q, k, v = (heads(x, n_heads) for x in linear(t5_norm(h, ln0, eps), qkv_w).chunk(3, dim=-1))
         write_cache(k_cache, v_cache, pos, k, v)
-        h = project(attend(q, k_cache, v_cache, bias, 1.0), o_w, residual=h)
-        q = heads(project(h, cq_w, norm=(t5_norm, ln1, eps)), n_heads)
-        h = project(cross_attention(q, cross_k, cross_v, cross_bias, src_last, 1.0, kernel), co_w, residual=h)
+        h = h + linear(attend(q, k_cache, v_cache, bias, 1.0), o_w)
+        q = heads(linear(t5_norm(h, ln1, eps), cq_w), n_heads)
+        h = h + linear(cross_attention(q, cross_k, cross_v, cross_bias, src_last, 1.0, kernel), co_w)
         return _t5_mlp(h, ln2, wi, wo, eps, act, gated)
 
     return layer
@@ -352,8 +353,8 @@ def _t5_encoder_layer(n_heads, eps, act, gated):
     def layer(h, bias, w):
         """One T5 encoder block over h [B, S, d]; bias: [B, H, S, S] (position bias and source mask)."""
         ln0, qkv_w, o_w, ln2, wi, wo = w
-        q, k, v = (heads(x, n_heads) for x in project(h, qkv_w, norm=(t5_norm, ln0, eps)).chunk(3, dim=-1))
-        h = project(attend(q, k, v, bias, 1.0), o_w, residual=h)
+        q, k, v = (heads(x, n_heads) for x in linear(t5_norm(h, ln0, eps), qkv_w).chunk(3, dim=-1))
+        h = h + linear(attend(q, k, v, bias, 1.0), o_w)
         return _t5_mlp(h, ln2, wi, wo, eps, act, gated)
 
     return layer

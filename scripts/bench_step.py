@@ -113,12 +113,6 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     # the defaults, compiled anew in a variant's place: a runner made after another in the same process measured
     # slower host-read steps and checks than the first one (H100, 2026-12-06), so compare variants with this
     "default": {},
-    # the products as inductor compiles them (one-row Triton reductions, cuBLAS) instead of decode/kernels.py's
-    # product kernel with its norm, activation, bias and residual
-    "no-product": dict(PRODUCT_KERNEL=False),
-    "product": dict(PRODUCT_KERNEL=True),
-    "product-n64": {"PRODUCT_KERNEL": True, "kernels.PRODUCT_BLOCK_N": 64},  # the product kernel over 64 outputs per program (32 by default)
-    "product-4sm": {"PRODUCT_KERNEL": True, "kernels.PRODUCT_PROGRAMS_PER_SM": 4},  # its inputs split for 4 programs per SM (2 by default)
     "plain": dict(TUNE_ONE_TOKEN=False, ONE_TOKEN_ATTENTION="reduce"),  # neither of the two below
     # coordinate-descent tuning of the one-token pass (one-row products as Triton reductions)
     "tuned": dict(TUNE_ONE_TOKEN=True, ONE_TOKEN_ATTENTION="reduce"),

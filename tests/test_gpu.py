@@ -358,40 +358,6 @@ def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chu
     check_rotated_check_cases(rotated_check_cases("cuda"))
 
 
-def test_the_product_kernel_is_the_passes_ops_and_each_row_its_own_on_cuda():
-    """kernels.product compiled for CUDA: the passes' ops within bf16 rounding, each row of a pass the bits of that row
-    alone, the shared counters back at 0 (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
-    from test_kernels import check_product_cases, product_cases
-
-    from decode import kernels
-
-    check_product_cases(product_cases("cuda"))
-    assert int(kernels.counters(torch.device("cuda")).abs().sum()) == 0
-
-
-@pytest.mark.parametrize("arch", ("qwen2", "llama", "bart"))
-@pytest.mark.parametrize("compile", (False, True))
-def test_exact_rollback_equals_the_large_models_own_greedy_in_bf16(arch, compile, monkeypatch):
-    """In bf16, where a product over several rows rounds differently from one over a single row unless every row is
-    computed alike (decode.compact.PRODUCT_KERNEL): BiLD in exact mode equals the large model's own Greedy on the same
-    passes, token for token, on random pairs (random weights put near-ties at most tokens), the small model's share
-    of the tokens above 0. (T5's self-attention, with its position bias, goes through SDPA, which rounds a check
-    apart from a step: not covered.)"""
-    from decode import compact
-
-    monkeypatch.setattr(compact, "PRODUCT_KERNEL", True)
-    shares = []
-    for seed in range(6):
-        large, small = (m.cuda().bfloat16() for m in tiny_pair(arch, 50 + seed))
-        ids = random_prompt(seed, length=3 + seed).cuda()
-        greedy = Greedy(large, compile=compile).generate(ids, max_new_tokens=24).sequences
-        bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.3, compile=compile))
-        out = bild.generate(ids, max_new_tokens=24)
-        assert torch.equal(out.sequences, greedy), seed
-        shares.append(out.stats.small_tokens)
-    assert sum(shares) > 0
-
-
 def test_a_long_context_splits_and_leaves_the_counters_at_zero():
     """After 3,000 cached slots the kernel splits each token's slots over its programs and combines them: the passes'
     own attention within bf16 rounding, the check's tokens the steps' bits, the shared counters back at 0."""
