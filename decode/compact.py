@@ -64,6 +64,12 @@ INDUCTOR_OPTIONS = {one: {"online_softmax": False, "combo_kernels": True} for on
 # H200 before combo kernels, a check of 11 2.88 -> 3.70). TUNE_ONE_TOKEN = True or False overrides it.
 TUNED_BELOW_WIDTH = 2048
 TUNE_ONE_TOKEN: bool | None = None
+# Whether a tuned one-token pass (above) computes an RMSNorm and the product after it as one reduction, the norm's sum of
+# squares taken beside the product's sums and applied to its outputs (norm_linear), where otherwise the sum of squares
+# is a kernel of its own before each normed product (two per layer, and the head's). None: on CUDA;
+# BILD_NORM_IN_PRODUCT=0 or 1 in the environment sets it.
+NORM_IN_PRODUCT: bool | None = (None if os.environ.get("BILD_NORM_IN_PRODUCT") is None
+                                else os.environ["BILD_NORM_IN_PRODUCT"] != "0")
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -142,6 +148,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+    """linear(rms_norm(x, norm_weight, eps), weight, bias). fused, in a compiled pass of one token of one row: as one
+    reduction over the input's width, the product of weight with x * norm_weight and the sum of squares of x, the
+    first scaled by the norm's factor from the second after the sums (the same value, rounded otherwise: the normed
+    input is not rounded to x's dtype before the product). Inductor makes it one kernel, where the norm's sum of
+    squares is otherwise a kernel of its own before the product (NORM_IN_PRODUCT)."""
+    if not (fused and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1):
+        return linear(rms_norm(x, norm_weight, eps), weight, bias)
+    h = x.float().unsqueeze(-2)  # [1, 1, 1, d]
+    terms = (h * norm_weight.float()) * weight.float()  # [1, 1, N, d], never stored: summed where it is computed
+    squares = (h * h).expand_as(terms)  # the same sum in every output's reduction, so that both are one kernel
+    out = terms.sum(-1) * torch.rsqrt(squares.sum(-1) / x.shape[-1] + eps)
+    out = out.to(x.dtype)
+    return out if bias is None else out + bias
 
 
 def t5_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -435,6 +458,8 @@ class Passes:
         cfg = model.config
         width = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
         self.tune_one_token = TUNE_ONE_TOKEN if TUNE_ONE_TOKEN is not None else width < TUNED_BELOW_WIDTH
+        self.norm_in_product = self.compiled and self.tune_one_token and (
+            NORM_IN_PRODUCT if NORM_IN_PRODUCT is not None else self.device.type == "cuda")
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload

@@ -7,8 +7,10 @@
 # B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
 # RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
-# compiling was the default. BENCH=1: last, the step at the 0.5B and 7B shapes and the demo pair's sizes
-# (scripts/bench_step.py; each set of shapes in its own process).
+# compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
+# 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B with the norms apart from their products
+# (BILD_NORM_IN_PRODUCT=0) and again at the defaults, each in its own process. TRACE=1: then
+# scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -24,8 +26,20 @@ if [[ ${1:-wait} == start ]]; then
 set -x
 source scripts/detached.sh
 [[ ${TUNE_COMPILED:-1} == 0 ]] && export BILD_COMPILE=0
-if [[ ${RUN_TESTS:-0} == 1 ]]; then
-  gpu_tests_alongside runs; demo_pair_up_to_tuning .gpu/data align || exit 1; wait; gpu_tests_verdict runs
+[[ ${RUN_TESTS:-0} == 1 ]] && gpu_tests_alongside runs
+demo_pair_up_to_tuning .gpu/data align || exit 1
+[[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
+if [[ ${BENCH:-0} == 1 ]]; then  # the GPU to itself
+  timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
+    --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
+  BILD_NORM_IN_PRODUCT=0 timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --profile \
+    --repeats 3 --json runs/step_norm_apart.json > runs/step_norm_apart.log 2>&1
+  timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --repeats 3 \
+    --json runs/step_again.json > runs/step_again.log 2>&1
+fi
+if [[ ${TRACE:-0} == 1 ]]; then
+  timeout 200 python3 scripts/step_vs_check.py --model runs/full/large/final --dtype bfloat16 --compile \
+    > runs/step_vs_check.log 2>&1
 fi
 demo_pair_up_to_tuning || exit 1
 unset BILD_COMPILE
@@ -34,12 +48,6 @@ EV=("\${DEMO_EVAL[@]}" repeats=3 "systems=[large,bild,bild_exact]")
 "\${EV[@]}" compile=true out=$R/compiled
 if [[ ${B16:-0} == 1 ]]; then
   "\${EV[@]}" compile=true "systems=[large,bild]" "throughput_batch_sizes=[16]" "throughput_systems=[bild]" out=$R/b16
-fi
-if [[ ${BENCH:-0} == 1 ]]; then
-  timeout 500 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_7b --pairs --profile --profile-checks \
-    --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
-  timeout 300 python3 scripts/bench_step.py --shapes demo_large demo_small --repeats 3 --json runs/step_demo.json \
-    > runs/step_demo.log 2>&1
 fi
 echo JOB DONE
 JOB
@@ -51,7 +59,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/step_real.log runs/step_demo.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels|^  " $f | cut -c1-250 | head -80; }
+for f in runs/step_real.log runs/step_norm_apart.log runs/step_again.log runs/step_vs_check.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -40; }
 done
 exit 0

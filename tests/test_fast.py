@@ -20,11 +20,11 @@ def to(device, *models):
 
 
 @torch.inference_mode()
-def compact_vs_transformers(model, device="cpu"):
-    """Largest |logit difference| between the compact pass (prefill, then 3 chunks) and the model's own forward,
-    relative to the largest |logit|."""
+def compact_vs_transformers(model, device="cpu", runner=None):
+    """Largest |logit difference| between the compact pass (prefill, then 3 chunks, the second of one token) and the
+    model's own forward, relative to the largest |logit|."""
     ids = random_prompt(1, length=12).to(device)
-    runner = FastRunner(model)
+    runner = runner or FastRunner(model)
     prompt = ids[0].tolist()
     runner.start(prompt, 40)
     if model.config.is_encoder_decoder:
@@ -212,6 +212,44 @@ def test_grouped_attention_equals_sdpa(n, groups):
         torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), ref, rtol=1e-5, atol=1e-6)
         with mock.patch.object(torch.compiler, "is_compiling", lambda: True):  # the compiled pass's alternative
             torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3, matmul=True), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", (False, True))
+def test_a_norm_computed_inside_its_product_equals_the_norm_then_the_product(bias):
+    """compact.norm_linear's one-kernel form (a one-token pass: the sum of squares beside the product's sums, the
+    norm's factor applied after them) against the norm, then the product; the any-shape form is the latter itself."""
+    from unittest import mock
+
+    from decode.compact import linear, norm_linear, rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x, norm_w = torch.randn(1, 1, 48, generator=gen) * 3, torch.rand(48, generator=gen) + 0.5
+    w, b = torch.randn(20, 48, generator=gen), torch.randn(20, generator=gen) if bias else None
+    ref = linear(rms_norm(x, norm_w, 1e-6), w, b)
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        fused = norm_linear(x, norm_w, 1e-6, w, b, fused=True)
+        three = torch.cat([x, x * 2, -x], dim=1)  # not one token: the norm, then the product
+        assert torch.equal(norm_linear(three, norm_w, 1e-6, w, b, fused=True), linear(rms_norm(three, norm_w, 1e-6), w, b))
+    assert fused.shape == ref.shape
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "llama", "phi3", "gemma3"))
+def test_passes_with_the_norm_inside_the_product_equal_transformers(arch, monkeypatch):
+    """NORM_IN_PRODUCT's wiring, traced by dynamo and run eagerly (the eager backend: the arithmetic the compiled
+    one-token pass runs, without generating code): the layers' q/k/v and gate/up and the head (Gemma's norm keeps
+    its own form)."""
+    import decode.compact as compact
+
+    compile_ = torch.compile
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
+                                                                           dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(compact, "NORM_IN_PRODUCT", True)
+    model = tiny_model(arch, 0)
+    runner = FastRunner(model, compile=True)
+    assert runner.passes.norm_in_product
+    assert compact_vs_transformers(model, runner=runner) < 1e-5
+    assert all(True not in layer._first for layer in runner.passes.layer.values())  # the one-token variant traced
 
 
 @pytest.mark.parametrize("arch", ("qwen2", "bart"))
