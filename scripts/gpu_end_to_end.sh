@@ -9,7 +9,7 @@
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B with the norms apart from their products
-# (BILD_NORM_IN_PRODUCT=0) and again at the defaults, each in its own process. TRACE=1: then
+# (BILD_NORM_IN_PRODUCT=0), each in its own process. TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
@@ -34,8 +34,6 @@ if [[ ${BENCH:-0} == 1 ]]; then  # the GPU to itself
     --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
   BILD_NORM_IN_PRODUCT=0 timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --profile \
     --repeats 3 --json runs/step_norm_apart.json > runs/step_norm_apart.log 2>&1
-  timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --repeats 3 \
-    --json runs/step_again.json > runs/step_again.log 2>&1
 fi
 if [[ ${TRACE:-0} == 1 ]]; then
   timeout 200 python3 scripts/step_vs_check.py --model runs/full/large/final --dtype bfloat16 --compile \
@@ -59,7 +57,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/step_real.log runs/step_norm_apart.log runs/step_again.log runs/step_vs_check.log; do
+for f in runs/step_real.log runs/step_norm_apart.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -40; }
 done
 exit 0
