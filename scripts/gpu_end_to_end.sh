@@ -10,7 +10,7 @@
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B with the norms apart from their products
 # (BILD_NORM_IN_PRODUCT=0), each in its own process. TRACE=1: then
-# scripts/step_vs_check.py on the trained large model (bf16, compiled).
+# scripts/step_vs_check.py on the trained large model (bf16, compiled). PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -27,7 +27,7 @@ set -x
 source scripts/detached.sh
 [[ ${TUNE_COMPILED:-1} == 0 ]] && export BILD_COMPILE=0
 [[ ${RUN_TESTS:-0} == 1 ]] && gpu_tests_alongside runs
-demo_pair_up_to_tuning .gpu/data align || exit 1
+[[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
 if [[ ${BENCH:-0} == 1 ]]; then  # the GPU to itself
   timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
@@ -35,6 +35,7 @@ if [[ ${BENCH:-0} == 1 ]]; then  # the GPU to itself
   BILD_NORM_IN_PRODUCT=0 timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --profile \
     --repeats 3 --json runs/step_norm_apart.json > runs/step_norm_apart.log 2>&1
 fi
+[[ ${PAIR:-1} == 1 ]] || { echo JOB DONE; exit 0; }
 if [[ ${TRACE:-0} == 1 ]]; then
   timeout 200 python3 scripts/step_vs_check.py --model runs/full/large/final --dtype bfloat16 --compile \
     > runs/step_vs_check.log 2>&1
