@@ -33,6 +33,9 @@ class TrainConfig(PromptConfig):
     """Calibration JSONL from align.calibrate (targets for seq_kd / token_kd)."""
     eval_calibration: str | None = None
     """Held-out calibration JSONL for evaluation; without it every 50th calibration pair is held out."""
+    drop_loops: int | None = None
+    """n: leave out of training the calibration outputs that repeat a sequence of n tokens or never finished (a weak
+    large model's loops, which a small model trained on them learns); the held-out ones are all kept."""
     dataset: str | None = None
     """Dataset for `references` (see data/sources.py)."""
     split: str = "train"
@@ -125,6 +128,8 @@ class TrainConfig(PromptConfig):
             raise ValueError(f"objective {self.objective} needs `calibration` (from align.calibrate)")
         if "token_kd" in self.objective and not self.teacher:
             raise ValueError(f"objective {self.objective} needs `teacher` (the large model)")
+        if self.drop_loops is not None and self.drop_loops < 1:
+            raise ValueError(f"drop_loops must be a number of tokens (at least 1), got {self.drop_loops}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.lr <= 0 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:

@@ -12,7 +12,6 @@ from align.losses import IGNORE_INDEX
 from data.sources import load_examples
 
 
-
 def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: list[int] | None = None,
                    finished: bool = True) -> list[int]:
     """Target ids end with EOS, so the model learns where to stop; an output the large model never finished
@@ -22,6 +21,12 @@ def _encode_target(tokenizer, cfg: TrainConfig, text: str | None = None, ids: li
     if not finished:
         return list(ids[: cfg.max_target_length])
     return list(ids[: cfg.max_target_length - 1]) + [tokenizer.eos_token_id]
+
+
+def repeats(ids: list[int], n: int) -> bool:
+    """Whether a sequence of n tokens occurs twice in ids (overlaps count: "a a a" repeats "a a")."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
 
 
 def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int], list[int]]]:
@@ -48,6 +53,11 @@ def build_pairs(cfg: TrainConfig, tokenizer, which: str) -> list[tuple[list[int]
         if not cfg.eval_calibration:
             held_out = [r for r in records if r["index"] % 50 == 0]
             records = held_out[: cfg.eval_limit] if which == "eval" else [r for r in records if r["index"] % 50 != 0]
+        if cfg.drop_loops and which == "train":
+            kept = [r for r in records if r.get("finished", True) and not repeats(r["output_ids"], cfg.drop_loops)]
+            print(f"train: {len(records) - len(kept)} of {len(records)} calibration outputs left out (a sequence of "
+                  f"{cfg.drop_loops} tokens repeated, or never finished: drop_loops)")
+            records = kept
     unfinished = sum(not r.get("finished", True) for r in records)
     if unfinished:
         print(f"{which}: {unfinished} of {len(records)} calibration outputs were cut at max_new_tokens; they get no EOS target")

@@ -220,6 +220,28 @@ def test_model_card_and_dry_run_publish(toy_models, calibration, tmp_path):
         push(tmp_path, "me/x", dry_run=True)
 
 
+def test_drop_loops_leaves_out_looping_and_unfinished_training_outputs(toy_models, tmp_path):
+    """drop_loops=n: calibration outputs that repeat an n-token sequence, or were cut at max_new_tokens, leave the
+    training pairs; the held-out pairs keep them all."""
+    from align.pairs import build_pairs, repeats
+
+    assert repeats([5, 6, 7, 5, 6], 2) and not repeats([5, 6, 7, 5, 6], 3) and repeats([4, 4, 4], 2)
+    outputs = {0: ([5, 6, 7, 8], True), 1: ([5, 6, 5, 6, 9], True), 2: ([9, 8, 7], False), 3: ([1, 2, 1, 3], True)}
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"index": i, "source": "ein Hund", "output_ids": ids, "finished": done}) + "\n"
+                            for i, (ids, done) in outputs.items()))
+    tokenizer = AutoTokenizer.from_pretrained(toy_models["small"])
+    eos = tokenizer.eos_token_id
+
+    def targets(which, **kw):
+        cfg = TrainConfig(model=toy_models["small"], calibration=str(path), eval_calibration=str(path), **kw)
+        return [t for _, t in build_pairs(cfg, tokenizer, which)]
+
+    assert targets("train", drop_loops=2) == [[5, 6, 7, 8, eos], [1, 2, 1, 3, eos]]
+    assert targets("train", drop_loops=1) == [[5, 6, 7, 8, eos]]
+    assert len(targets("train")) == len(targets("eval", drop_loops=2)) == 4
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -230,6 +252,7 @@ def test_model_card_and_dry_run_publish(toy_models, calibration, tmp_path):
         (dict(model=None), "model_config"),
         (dict(lr=0.0), "lr"),
         (dict(push_to_hub=True), "hub_repo_id"),
+        (dict(drop_loops=0), "drop_loops"),
     ],
 )
 def test_bad_train_config(kw, match):
