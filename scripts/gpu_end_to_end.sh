@@ -9,7 +9,7 @@
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B with the norms apart from their products
-# (BILD_NORM_IN_PRODUCT=0), each in its own process. TRACE=1: then
+# (BILD_NORM_IN_PRODUCT=0), each in its own process; BENCH=small: without 7B and the pair table. TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled). PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
 # (decode/compact.py).
@@ -29,8 +29,9 @@ source scripts/detached.sh
 [[ ${RUN_TESTS:-0} == 1 ]] && gpu_tests_alongside runs
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
-if [[ ${BENCH:-0} == 1 ]]; then  # the GPU to itself
-  timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
+if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
+  REAL=(qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs); [[ ${BENCH:-0} == small ]] && REAL=(qwen2.5_0.5b qwen2.5_1.5b)
+  timeout 400 python3 scripts/bench_step.py --shapes "\${REAL[@]}" --profile \
     --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
   BILD_NORM_IN_PRODUCT=0 timeout 300 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b --profile \
     --repeats 3 --json runs/step_norm_apart.json > runs/step_norm_apart.log 2>&1
