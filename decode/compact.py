@@ -66,10 +66,9 @@ TUNED_BELOW_WIDTH = 2048
 TUNE_ONE_TOKEN: bool | None = None
 # Whether a tuned one-token pass (above) computes an RMSNorm and the product after it as one reduction, the norm's sum of
 # squares taken beside the product's sums and applied to its outputs (norm_linear), where otherwise the sum of squares
-# is a kernel of its own before each normed product (two per layer, and the head's). None: on CUDA;
-# BILD_NORM_IN_PRODUCT=0 or 1 in the environment sets it.
-NORM_IN_PRODUCT: bool | None = (None if os.environ.get("BILD_NORM_IN_PRODUCT") is None
-                                else os.environ["BILD_NORM_IN_PRODUCT"] != "0")
+# is a kernel of its own before each normed product (two per layer, and the head's). Off until measured on a GPU
+# (docs/status.md); BILD_NORM_IN_PRODUCT=1 in the environment turns it on.
+NORM_IN_PRODUCT = os.environ.get("BILD_NORM_IN_PRODUCT", "0") != "0"
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -458,8 +457,7 @@ class Passes:
         cfg = model.config
         width = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
         self.tune_one_token = TUNE_ONE_TOKEN if TUNE_ONE_TOKEN is not None else width < TUNED_BELOW_WIDTH
-        self.norm_in_product = self.compiled and self.tune_one_token and (
-            NORM_IN_PRODUCT if NORM_IN_PRODUCT is not None else self.device.type == "cuda")
+        self.norm_in_product = self.compiled and self.tune_one_token and NORM_IN_PRODUCT
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload

@@ -123,8 +123,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     # slot), instead of decode/kernels.py's Triton kernel
     "no-kernel": dict(DECODE_KERNEL=False),
     "rotary-apart": dict(KERNEL_ROTARY=False),  # the passes rotate q and k, the kernel does not
-    # a tuned one-token pass's RMSNorms as kernels of their own before their products (NORM_IN_PRODUCT off)
-    "norm-apart": dict(NORM_IN_PRODUCT=False),
+    # a tuned one-token pass's RMSNorms computed inside their products (NORM_IN_PRODUCT on)
+    "norm-in-product": dict(NORM_IN_PRODUCT=True),
     # without inductor's combo kernels (independent kernels of a pass launched as one; on by default)
     "no-combo": dict(INDUCTOR_OPTIONS={one: dict(options, combo_kernels=False)
                                        for one, options in decode.compact.INDUCTOR_OPTIONS.items()}),
