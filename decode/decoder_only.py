@@ -54,31 +54,7 @@ class LlamaPasses(Passes):
         # Gemma: sqrt(d) rounded to the weights' dtype first, as transformers does (a Python number: graph capture
         # allows no host-to-device copy)
         self.embed_scale = None if scale is None else float(torch.as_tensor(float(scale)).to(self.dtype))
-        self.weights = []
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            if hasattr(a, "qkv_proj"):  # Phi-3
-                qkv, qkv_bias = self._keep(a.qkv_proj.weight), self._keep(a.qkv_proj.bias)
-            else:
-                qkv, qkv_bias = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
-                self._params.append((qkv, a.q_proj.weight))
-            if hasattr(m, "gate_up_proj"):
-                gate_up, gate_up_bias = self._keep(m.gate_up_proj.weight), self._keep(getattr(m.gate_up_proj, "bias", None))
-            else:
-                gate_up, gate_up_bias = fuse_linears([m.gate_proj, m.up_proj])
-                self._params.append((gate_up, m.gate_proj.weight))
-            sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma: pre_feedforward is the MLP's input norm
-            mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
-            q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-            self.weights.append((
-                self._keep(layer.input_layernorm.weight), qkv, qkv_bias,
-                self._keep(q_norm.weight if q_norm is not None else None),
-                self._keep(k_norm.weight if k_norm is not None else None),
-                self._keep(a.o_proj.weight), self._keep(a.o_proj.bias),
-                self._keep(layer.post_attention_layernorm.weight if sandwich else None),
-                self._keep(mlp_norm.weight), gate_up, gate_up_bias,
-                self._keep(m.down_proj.weight), self._keep(m.down_proj.bias),
-                self._keep(layer.post_feedforward_layernorm.weight if sandwich else None)))
+        self.weights = [self._layer_weights(layer) for layer in layers]
         eps = _eps(layers[0].input_layernorm)
         final_eps = _eps(inner.norm)
         self.final_weight = self._keep(inner.norm.weight)
@@ -108,6 +84,33 @@ class LlamaPasses(Passes):
             return soft_cap(linear(norm(h, norm_weight, final_eps), head_weight), logit_cap)
 
         self._head = self._pass(head, "head")
+
+    def _layer_weights(self, layer) -> tuple:
+        """One layer's weights as the layer function reads them (q/k/v and gate/up fused; None where the family lacks
+        one)."""
+        a, m = layer.self_attn, layer.mlp
+        if hasattr(a, "qkv_proj"):  # Phi-3
+            qkv, qkv_bias = self._keep(a.qkv_proj.weight), self._keep(a.qkv_proj.bias)
+        else:
+            qkv, qkv_bias = fuse_linears([a.q_proj, a.k_proj, a.v_proj])
+            self._params.append((qkv, a.q_proj.weight))
+        if hasattr(m, "gate_up_proj"):
+            gate_up, gate_up_bias = self._keep(m.gate_up_proj.weight), self._keep(getattr(m.gate_up_proj, "bias", None))
+        else:
+            gate_up, gate_up_bias = fuse_linears([m.gate_proj, m.up_proj])
+            self._params.append((gate_up, m.gate_proj.weight))
+        sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma: pre_feedforward is the MLP's input norm
+        mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        return (
+            self._keep(layer.input_layernorm.weight), qkv, qkv_bias,
+            self._keep(q_norm.weight if q_norm is not None else None),
+            self._keep(k_norm.weight if k_norm is not None else None),
+            self._keep(a.o_proj.weight), self._keep(a.o_proj.bias),
+            self._keep(layer.post_attention_layernorm.weight if sandwich else None),
+            self._keep(mlp_norm.weight), gate_up, gate_up_bias,
+            self._keep(m.down_proj.weight), self._keep(m.down_proj.bias),
+            self._keep(layer.post_feedforward_layernorm.weight if sandwich else None))
 
     def embed(self, ids, pos):
         weight = self.embed_tokens.weight
