@@ -149,15 +149,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+def norm_linear(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-    """linear(rms_norm(x, norm_weight, eps), weight, bias). fused, in a compiled pass of one token of one row: as one
-    reduction over the input's width, the product of weight with x * norm_weight and the sum of squares of x, the
-    first scaled by the norm's factor from the second after the sums (the same value, rounded otherwise: the normed
-    input is not rounded to x's dtype before the product). Inductor makes it one kernel, where the norm's sum of
-    squares is otherwise a kernel of its own before the product (NORM_IN_PRODUCT)."""
-    if not (fused and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1):
-        return linear(rms_norm(x, norm_weight, eps), weight, bias)
+    """linear(norm(x, norm_weight, eps), weight, bias). fused, for rms_norm in a compiled pass of one token of one row:
+    as one reduction over the input's width, the product of weight with x * norm_weight and the sum of squares of x,
+    the first scaled by the norm's factor from the second after the sums (the same value, rounded otherwise: the
+    normed input is not rounded to x's dtype before the product). Inductor makes it one kernel, where the norm's sum
+    of squares is otherwise a kernel of its own before the product (NORM_IN_PRODUCT). Other norms (Gemma's scales by
+    1 + weight) always run apart."""
+    if not (fused and norm is rms_norm and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1):
+        return linear(norm(x, norm_weight, eps), weight, bias)
     h = x.float().unsqueeze(-2)  # [1, 1, 1, d]
     terms = (h * norm_weight.float()) * weight.float()  # [1, 1, N, d], never stored: summed where it is computed
     squares = (h * h).expand_as(terms)  # the same sum in every output's reduction, so that both are one kernel

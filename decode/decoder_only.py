@@ -68,20 +68,18 @@ class LlamaPasses(Passes):
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
         kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
-        fused = self.norm_in_product and norm is rms_norm  # (Gemma's norm scales by 1 + weight)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 fused),
+                                                 self.norm_in_product),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
         head_weight = self.head_weight
         logit_cap = getattr(cfg, "final_logit_softcapping", None)
+        fused = self.norm_in_product
 
         def head(h, norm_weight):
-            if fused:
-                return soft_cap(norm_linear(h, norm_weight, final_eps, head_weight, fused=True), logit_cap)
-            return soft_cap(linear(norm(h, norm_weight, final_eps), head_weight), logit_cap)
+            return soft_cap(norm_linear(h, norm, norm_weight, final_eps, head_weight, fused=fused), logit_cap)
 
         self._head = self._pass(head, "head")
 
@@ -146,16 +144,11 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
-    def normed(h, norm_weight, weight, bias):  # the product of a norm's output (one kernel: compact.norm_linear)
-        if fused_norm:
-            return norm_linear(h, norm_weight, eps, weight, bias, fused=True)
-        return linear(norm(h, norm_weight, eps), weight, bias)
-
     def layer(h, pos, cos, sin, k_cache, v_cache, w):
         """One decoder-only layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D_rot]; writes the caches.
         The weights a family lacks (q/k norms, the norms after attention and MLP, biases) are None."""
         ln1, qkv_w, qkv_b, q_ln, k_ln, o_w, o_b, attn_ln, ln2, gate_up_w, gate_up_b, down_w, down_b, mlp_ln = w
-        q, k, v = normed(h, ln1, qkv_w, qkv_b).split(split, dim=-1)
+        q, k, v = norm_linear(h, norm, ln1, eps, qkv_w, qkv_b, fused_norm).split(split, dim=-1)
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
         if q_ln is not None:
             q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)
@@ -163,7 +156,7 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
                              kernel_rope)
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
-        gate_up = normed(h, ln2, gate_up_w, gate_up_b)
+        gate_up = norm_linear(h, norm, ln2, eps, gate_up_w, gate_up_b, fused_norm)
         gate, up = gate_up.chunk(2, dim=-1)
         out = linear(act(gate) * up, down_w, down_b)
         return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))

@@ -227,9 +227,10 @@ def test_a_norm_computed_inside_its_product_equals_the_norm_then_the_product(bia
     w, b = torch.randn(20, 48, generator=gen), torch.randn(20, generator=gen) if bias else None
     ref = linear(rms_norm(x, norm_w, 1e-6), w, b)
     with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
-        fused = norm_linear(x, norm_w, 1e-6, w, b, fused=True)
+        fused = norm_linear(x, rms_norm, norm_w, 1e-6, w, b, fused=True)
         three = torch.cat([x, x * 2, -x], dim=1)  # not one token: the norm, then the product
-        assert torch.equal(norm_linear(three, norm_w, 1e-6, w, b, fused=True), linear(rms_norm(three, norm_w, 1e-6), w, b))
+        assert torch.equal(norm_linear(three, rms_norm, norm_w, 1e-6, w, b, fused=True),
+                           linear(rms_norm(three, norm_w, 1e-6), w, b))
     assert fused.shape == ref.shape
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 

@@ -317,7 +317,6 @@ def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
     assert counts[True] < 0.6 * counts[False], counts
 
 
-
 def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     """compact.NORM_IN_PRODUCT: inductor writes each RMSNorm of a tuned one-token step and the product after it as one
     kernel, so a 4-layer Qwen2 step launches fewer kernels (one fewer per norm, two a layer and the head's, where
@@ -338,6 +337,7 @@ def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     prompt = random_prompt(3, length=9).cuda()
     tokens = {c: Greedy(model, compile=c).generate(prompt, max_new_tokens=24).sequences for c in (True, False)}
     assert torch.equal(tokens[True], tokens[False])
+
 
 # The kernel's cases at its own run length (the cases' caches of up to 200 slots in one run) and at runs of one block
 # (split over up to 4 of its programs per token, combined).
