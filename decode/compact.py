@@ -106,12 +106,6 @@ KERNEL_ROTARY = True
 # model's own Greedy (random tiny pairs, 20 per family, BART / T5 / Llama / Qwen2): 2 / 0 / 6 / 6 mismatches off,
 # 0 / 0 / 1 / 2 on. BILD_CHECK_KERNEL=0 in the environment turns it off.
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
-# A width at which one row's pass (a check padded to it: decode/fast.py's MIN_CHECK_TOKENS) compiles for that shape
-# alone, in a third variant, instead of through the any-shape one. Measured on an H100 (BENCHMARKS.md), compiled check
-# of 10 pending tokens, with CHECK_KERNEL, any-shape -> padded to 16 and static: Qwen2.5-0.5B 1.373 -> 1.299 ms,
-# Qwen2.5-7B 6.430 -> 6.664 (the padding costs more than the static shape saves there). None (off);
-# BILD_STATIC_CHECK_WIDTH=16 in the environment sets it, and pads every check to it (decode/fast.py).
-STATIC_CHECK_WIDTH: int | None = int(os.environ.get("BILD_STATIC_CHECK_WIDTH") or 0) or None
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -378,31 +372,21 @@ def _own_code(fn):
 class Pass:
     """One function of a model's passes: its eager self, or compiled in two variants, one for a single token of a
     single row (the decode step, its sizes all static but the cache's capacity) and one for any batch and length
-    (dynamic sizes); with STATIC_CHECK_WIDTH a third, for one row of that many tokens. A variant that fails to compile
-    runs eagerly, with a notice. `x`, the first argument, says which variant runs ([B, n, ...])."""
+    (dynamic sizes). A variant that fails to compile runs eagerly, with a notice. `x`, the first argument, says which
+    variant runs ([B, n, ...]). (A third variant for checks padded to one width measured 5% off a check at
+    Qwen2.5-0.5B and 4% onto one at 7B on an H100, BENCHMARKS.md: not kept.)"""
 
     def __init__(self, fn, compile: bool, label: str, owner: "Passes"):
         self.fn, self.label, self._owner = fn, label, weakref.ref(owner)
         self.variants = {}
-        self.static_width = STATIC_CHECK_WIDTH
         if compile:
             for one, dynamic in ((True, None), (False, True)):
                 options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=one and owner.tune_one_token)
                 self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic, options=options)
-            if self.static_width:
-                # static sizes but the cache's capacity, as the one-token variant
-                self.variants["static"] = torch.compile(_own_code(fn), fullgraph=True, dynamic=None,
-                                                        options=INDUCTOR_OPTIONS[False])
         self._first = set(self.variants)  # variants not yet run (their first call compiles)
 
-    def _variant(self, x) -> bool | str:
-        """Which variant runs x: True (one token of one row), "static" (one row of STATIC_CHECK_WIDTH tokens) or False."""
-        if x.shape[0] == 1 and x.shape[1] == 1:
-            return True
-        return "static" if self.static_width and x.shape[0] == 1 and x.shape[1] == self.static_width else False
-
     def __call__(self, x, *args):
-        one = self._variant(x)
+        one = x.shape[0] == 1 and x.shape[1] == 1  # the variant: one token of one row, or any shape
         compiled = self.variants.get(one)
         if compiled is None:
             if x.device.type != "cuda":
@@ -435,7 +419,7 @@ class Pass:
             self._first.discard(one)
             owner, spent = self._owner(), time.perf_counter() - start
             owner.compile_seconds += spent
-            owner.compile_log.append((self.label, {True: "one token", False: "any shape"}.get(one, "one width"), spent))
+            owner.compile_log.append((self.label, "one token" if one else "any shape", spent))
         return out
 
 

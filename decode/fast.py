@@ -42,7 +42,6 @@ import torch
 from transformers import PreTrainedModel
 
 from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdict
-import decode.compact as compact
 from decode.compact import notice  # noqa: F401 - notice: re-exported
 from decode.families import unsupported_reason
 from decode.draft_loop import DeviceDraftLoop
@@ -57,7 +56,7 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # decoder-only prompts padd
 # On CUDA a check of fewer tokens runs as a pass of this many, the rest junk written past the sequence (overwritten
 # before any position sees it): on an H200 checks of 2 and 4 tokens measured slower than checks of 6 and 11, at
 # Gemma-3-1B and Qwen3-8B shapes by 1.3-1.5 ms (BENCHMARKS.md). 1 turns the padding off.
-MIN_CHECK_TOKENS = compact.STATIC_CHECK_WIDTH or 6  # (every check padded to a width compiled alone, where set)
+MIN_CHECK_TOKENS = 6
 
 
 def _src_bucket(n: int) -> int:

@@ -134,8 +134,6 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "check16": {"fast.MIN_CHECK_TOKENS": 16},
     # a check's attention as SDPA's (math) instead of decode/kernels.py's kernel, query by query (CHECK_KERNEL off)
     "no-check-kernel": dict(CHECK_KERNEL=False),
-    # every check 16 wide, compiled for that width alone (decode.compact.STATIC_CHECK_WIDTH)
-    "check16-static": {"fast.MIN_CHECK_TOKENS": 16, "STATIC_CHECK_WIDTH": 16},
     # decode/kernels.py's kernel over each token's whole live cache in one program (no split runs)
     "unsplit": {"kernels.SPLITS": 1},
     "splits8": {"kernels.SPLITS": 8},  # at most 8 runs per token (16 by default)

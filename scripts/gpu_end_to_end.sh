@@ -12,8 +12,7 @@
 # (BILD_NORM_IN_PRODUCT=1), each in its own process, and the lossless mode in bf16 (compiled, a random 1.5B / 0.5B
 # pair) with the norms apart and inside; BENCH=small: without 7B and the pair table. TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled). PAIR=0: no demo pair (the tests and BENCH alone).
-# BILD_CHECK_KERNEL=0 / BILD_STATIC_CHECK_WIDTH=16 in the environment: the whole run with those check settings
-# (decode/compact.py).
+# BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
 #   bash scripts/gpu_end_to_end.sh wait     # a later call on the still-warm machine
 # Data: .gpu/data/multi30k (a copy of ../shared/data/multi30k), named in the device call's carry. Results are packed

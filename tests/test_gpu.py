@@ -409,22 +409,6 @@ def test_checks_that_attend_with_the_kernel_decode_as_without_fp32(arch, compile
     decodes_as_without("CHECK_KERNEL", arch, compile, monkeypatch)
 
 
-@pytest.mark.parametrize("arch", ("bart", "qwen2"))
-def test_checks_compiled_for_one_width_decode_as_greedy_fp32(arch, monkeypatch):
-    """STATIC_CHECK_WIDTH with every check padded to it: exact mode equals greedy `generate`, and the checks ran the
-    variant compiled for that width."""
-    import decode.compact
-    import decode.fast
-
-    monkeypatch.setattr(decode.compact, "STATIC_CHECK_WIDTH", 16)
-    monkeypatch.setattr(decode.fast, "MIN_CHECK_TOKENS", 16)
-    large, small = cuda_pair(arch, 8)
-    ids = random_prompt(8, length=7).cuda()
-    bild = BiLD(large, small, BiLDConfig(rollback="exact", fallback_threshold=0.4, compile=True))
-    assert torch.equal(bild.generate(ids, max_new_tokens=24).sequences.cpu(), hf_greedy(large, ids, max_new_tokens=24).cpu())
-    assert any(variant == "one width" for _, variant, _ in bild._large.passes.compile_log)
-
-
 def decodes_as_without(setting, arch, compile, monkeypatch):
     """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
     equal those with it off (float32)."""
