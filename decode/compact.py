@@ -394,7 +394,7 @@ class Pass:
             with sdpa_kernel(UNCOMPILED_ATTENTION):
                 return self.fn(x, *args)
         first = one in self._first
-        if one is False and x.dim() == 3:  # (each call: a recompile, for a new batch size, traces this x)
+        if not one and x.dim() == 3:  # (each call: a recompile, for a new batch size, traces this x)
             torch._dynamo.mark_static(x, 2)  # the model's width (see _static)
         start = time.perf_counter()
         try:
