@@ -66,9 +66,22 @@ TUNED_BELOW_WIDTH = 2048
 TUNE_ONE_TOKEN: bool | None = None
 # Whether a tuned one-token pass (above) computes an RMSNorm and the product after it as one reduction, the norm's sum of
 # squares taken beside the product's sums and applied to its outputs (norm_linear), where otherwise the sum of squares
-# is a kernel of its own before each normed product (two per layer, and the head's). Off until measured on a GPU
-# (docs/status.md); BILD_NORM_IN_PRODUCT=1 in the environment turns it on.
-NORM_IN_PRODUCT = os.environ.get("BILD_NORM_IN_PRODUCT", "0") != "0"
+# is a kernel of its own before each normed product (two per layer, and the head's). On for models up to
+# NORM_IN_PRODUCT_UP_TO_WIDTH wide. Measured on an H100 (BENCHMARKS.md), step with the host read: Qwen2.5-0.5B (width
+# 896) 0.995 -> 0.950 ms, Qwen2.5-1.5B (1536) 1.877 -> 2.323. Inductor sums up to 1,024 inputs in one pass of a
+# kernel and more in a loop, and looped the fused gate/up product took 1.9x the unfused. BILD_NORM_IN_PRODUCT=0 or 1
+# in the environment turns it off or on at every width.
+NORM_IN_PRODUCT_UP_TO_WIDTH = 1024
+
+
+def _env_switch(name: str) -> bool | None:
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: set it to 0 (off), 1 (on) or leave it unset (the measured default)")
+    return None if value == "" else value == "1"
+
+
+NORM_IN_PRODUCT: bool | None = _env_switch("BILD_NORM_IN_PRODUCT")  # None: by width (above)
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -442,7 +455,8 @@ class Passes:
         cfg = model.config
         width = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
         self.tune_one_token = TUNE_ONE_TOKEN if TUNE_ONE_TOKEN is not None else width < TUNED_BELOW_WIDTH
-        self.norm_in_product = self.compiled and self.tune_one_token and NORM_IN_PRODUCT
+        self.norm_in_product = self.compiled and self.tune_one_token and (
+            NORM_IN_PRODUCT if NORM_IN_PRODUCT is not None else width <= NORM_IN_PRODUCT_UP_TO_WIDTH)
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload

@@ -253,6 +253,30 @@ def test_passes_with_the_norm_inside_the_product_equal_transformers(arch, monkey
     assert all(True not in layer._first for layer in runner.passes.layer.values())  # the one-token variant traced
 
 
+@pytest.mark.parametrize("width, switch, on", ((64, None, True), (1024, None, True), (1088, None, False),
+                                               (1088, True, True), (64, False, False)))
+def test_the_norm_goes_inside_the_product_up_to_its_width_unless_switched(width, switch, on, monkeypatch):
+    """NORM_IN_PRODUCT unset: compiled models up to NORM_IN_PRODUCT_UP_TO_WIDTH wide compute their norms inside the
+    products (measured faster there, slower above); set, it holds at every width. Uncompiled passes never do."""
+    import decode.compact as compact
+
+    monkeypatch.setattr(compact, "NORM_IN_PRODUCT", switch)
+    model = tiny_model("qwen2", 0, width=width, layers=1)
+    assert compact.Passes(model, compile=True).norm_in_product is on
+    assert compact.Passes(model, compile=False).norm_in_product is False
+
+
+@pytest.mark.parametrize("value, switch", (("", None), ("0", False), ("1", True)))
+def test_a_switch_in_the_environment_is_0_1_or_unset(value, switch, monkeypatch):
+    import decode.compact as compact
+
+    monkeypatch.setenv("BILD_SWITCH", value)
+    assert compact._env_switch("BILD_SWITCH") is switch
+    monkeypatch.setenv("BILD_SWITCH", "yes")
+    with pytest.raises(ValueError, match="BILD_SWITCH='yes'"):
+        compact._env_switch("BILD_SWITCH")
+
+
 @pytest.mark.parametrize("arch", ("qwen2", "bart"))
 def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(arch, monkeypatch):
     """The compiled any-shape variants see the weights' sizes, head counts, the q/k/v split and the model's width as
