@@ -9,9 +9,11 @@
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py), then 0.5B with the norms apart from their products
-# (BILD_NORM_IN_PRODUCT=0) and 1.5B with them inside (=1), the other way from each one's default, each in its own process, and the lossless mode in bf16 (compiled, a random 1.5B / 0.5B
-# pair) with the norms apart and inside; BENCH=small: without 7B and the pair table. TRACE=1: then
-# scripts/step_vs_check.py on the trained large model (bf16, compiled). PAIR=0: no demo pair (the tests and BENCH alone).
+# (BILD_NORM_IN_PRODUCT=0) and 1.5B with them inside (=1), the other way from each one's default, each in its own
+# process, a step's verdict four ways (scripts/bench_verdict.py), and the lossless mode in bf16 (compiled, a random
+# 1.5B / 0.5B pair) with the norms apart and inside; BENCH=small: without 7B and the pair table. TRACE=1: then
+# scripts/step_vs_check.py on the trained large model (bf16, compiled).
+# PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
 #   bash scripts/gpu_end_to_end.sh wait     # a later call on the still-warm machine
@@ -37,6 +39,7 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     BILD_NORM_IN_PRODUCT=\$1 timeout 150 python3 scripts/bench_step.py --shapes \$2 --profile --repeats 3 \
       --json runs/step_norm_\$1.json > runs/step_norm_\$1.log 2>&1
   done
+  timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1  # a small step's softmax and max, 4 ways
   for on in 0 1; do  # the lossless mode in bf16 against the large model's own Greedy, compiled, norms apart / inside
     BILD_NORM_IN_PRODUCT=\$on timeout 240 python3 scripts/check_lossless.py --pair qwen2.5_1.5b qwen2.5_0.5b --pairs 20 \
       --fast-path --compile --device cuda --dtype bfloat16 --reference greedy > runs/lossless_norm_\$on.log 2>&1
@@ -66,7 +69,7 @@ grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
 for f in runs/lossless_norm_*.log; do [[ -f $f ]] && { echo "== $f"; grep -v "it/s\]" $f | tail -4; }; done
-for f in runs/step_real.log runs/step_norm_*.log runs/step_vs_check.log; do
+for f in runs/step_real.log runs/step_norm_*.log runs/verdict.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -40; }
 done
 exit 0
