@@ -4,7 +4,7 @@
 # the validation split -> evaluation on test at the tuned points, threshold sweep.
 #
 #   ./launch.sh            full profile with a GPU, the reduced CPU profile without one
-#   ./launch.sh cpu        the reduced profile (11-15 minutes on 2 cores, BENCHMARKS.md)
+#   ./launch.sh cpu        the reduced profile (11-17 minutes on 2 cores, BENCHMARKS.md)
 #   ./launch.sh smoke      miniature settings, every stage, about a minute on a CPU (the test suite runs it)
 #   ./launch.sh full       the full profile (one GPU)
 #
