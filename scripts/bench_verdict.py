@@ -6,7 +6,7 @@ The step's verdict (decode.cache.step_verdict) runs after the compiled head, out
 whole vocabulary and a max. Each way below takes the head's bf16 logits [V] and is timed in a CUDA graph of 20
 launches (median of --repeats replays, us per launch), with its tokens and top probabilities compared to the current
 way's over 200 random rows (logits scaled as a trained model's are, and as a random one's):
-- softmax-max: torch.max(torch.softmax(logits.float())) (today's);
+- softmax-max: decode.cache.step_verdict over the logits in float32 (today's: a softmax, then its max);
 - argmax-sumexp: the argmax, then 1 / sum(exp(logits - logits[argmax])), eagerly;
 - compiled softmax-max, compiled argmax-sumexp: the same under torch.compile (inductor, split reductions).
 Prints a table last (markdown).
@@ -21,9 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from decode.cache import step_verdict  # noqa: E402
+
 
 def softmax_max(logits):
-    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    """Today's verdict, as every runner computes it."""
+    return step_verdict(logits.float())
 
 
 def argmax_sumexp(logits):
