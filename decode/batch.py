@@ -40,7 +40,7 @@ import weakref
 import torch
 from transformers import PreTrainedModel
 
-from decode.cache import first_cuts, step_verdict
+from decode.cache import first_cuts
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, _src_bucket, compile_wanted
 from decode.sampling import noise_size, sample_steps, verify_rows
 
@@ -272,16 +272,16 @@ class BatchRunner(FastRunner):
         return inp[:, 2 : n + 2], pos
 
     def _step_core(self, inp: torch.Tensor, n: int):
-        return step_verdict(self._next_logits(inp, n))  # [B], [B]
+        return self.decoder.verdict(self._next_logits(inp, n))  # [B], [B]
 
     def _next_logits(self, inp: torch.Tensor, n: int) -> torch.Tensor:
-        """[B, V] float: each row's logits after its last fed token."""
+        """[B, 1, V], the model's dtype: each row's logits after its last fed token."""
         ids, pos = self._ids_pos(inp, n)
         dec = self.decoder
         h = dec.run_layers(dec.embed(ids, pos), pos, 0, dec.n_layers)  # [B, n, d]
         last = (inp[:, 1] - 1).clamp(min=0)  # each row's last real token
         h = h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))
-        return dec.head(h)[:, 0].float()
+        return dec.head(h)
 
     def _check_core(self, inp: torch.Tensor, n: int, rollback: str, threshold):
         ids, pos = self._ids_pos(inp, n)
@@ -308,7 +308,7 @@ class BatchRunner(FastRunner):
             self._checks[:, 1 : n + 1] = argmax
 
         def sample():  # key: ("sample", n, sampling key)
-            q, confidence, token = sample_steps(self._next_logits(inp, n), key[2], self._noise)
+            q, confidence, token = sample_steps(self._next_logits(inp, n)[:, 0].float(), key[2], self._noise)
             slot = (inp[:, 0] + inp[:, 1]) % MAX_GRAPH_TOKENS  # the position the token is drawn for
             fed = (inp[:, 1] > 0)[:, None]  # a row that sits out keeps its slot: it may hold a pending draft
             self._drafts[self._rows, slot] = torch.where(fed, q, self._drafts[self._rows, slot])

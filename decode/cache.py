@@ -67,8 +67,12 @@ def decoder_start_token_id(model: PreTrainedModel) -> int:
 
 
 def step_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a small step decides from: logits [V] float32 -> (top probability, argmax), on the device."""
-    return torch.softmax(logits, dim=-1).max(dim=-1)
+    """What a small step decides from: logits [..., V] float32 -> (top probability, argmax) [...], on the device.
+
+    The top probability is the softmax's at the argmax, 1 / sum(exp(logits - top logit)): one max and one sum over the
+    vocabulary, where a softmax, then its max, writes and reads every probability (ties: the first index, as argmax)."""
+    top, token = logits.max(dim=-1)
+    return 1.0 / torch.exp(logits - top[..., None]).sum(dim=-1), token
 
 
 def first_cut(logits: torch.Tensor, argmax: torch.Tensor, pending: torch.Tensor, rollback: str, threshold) -> torch.Tensor:

@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel
 
 import decode.kernels as kernels
+from decode.cache import step_verdict
 from decode.families import output_logits, soft_cap
 
 
@@ -82,6 +83,10 @@ def _env_switch(name: str) -> bool | None:
 
 
 NORM_IN_PRODUCT: bool | None = _env_switch("BILD_NORM_IN_PRODUCT")  # None: by width (above)
+# Whether a step's verdict (decode.cache.step_verdict: the top probability and argmax over the vocabulary) is a compiled
+# pass, as the head is, where uncompiled it is a float32 copy of the logits, then a softmax over one row in a single
+# block of threads (38 us of a Qwen2.5-0.5B step on an H100), then its max.
+COMPILED_VERDICT = True
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -372,6 +377,10 @@ def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=Fa
     return attend(q, cross_k, cross_v, src_visible, scale)
 
 
+def _logits_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return step_verdict(logits.float())
+
+
 # --------------------------------------------------------------------------------------------------
 # Compiling
 
@@ -460,6 +469,7 @@ class Passes:
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload
+        self.verdict = Pass(_logits_verdict, self.compiled and COMPILED_VERDICT, "verdict", self)
 
     def _pass(self, fn, label: str) -> Pass:
         return Pass(fn, self.compiled, label, self)
@@ -534,6 +544,12 @@ class Decoder:
     def run_layers(self, h: torch.Tensor, pos: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Layers start .. stop - 1 over h [B, n, d] at positions pos [B, n], writing their caches there."""
         raise NotImplementedError
+
+    def verdict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's verdict from the head's logits [B, 1, V] (the model's dtype): each row's top probability (float32)
+        and argmax, [B] each (decode.cache.step_verdict, in float32)."""
+        confidence, token = self.passes.verdict(logits)
+        return confidence[:, 0], token[:, 0]
 
     def head(self, h: torch.Tensor, norm=None) -> torch.Tensor:
         """The output head over the last layer's states [B, n, d] -> logits [B, n, V], in the model's dtype. `norm`

@@ -113,7 +113,7 @@ class DeviceDraftLoop:
             self._draft_settings = settings
 
     def _draft_first(self, logits: torch.Tensor, nxt: torch.Tensor) -> None:
-        """A draft's first step, from its logits [B, V] and each row's next position after the fed tokens."""
+        """A draft's first step, from its logits [B, 1, V] and each row's next position after the fed tokens."""
         self._draft_out[:, 0].zero_()
         self._nxt.copy_(nxt)
         self._draft_record(logits, self._no)
@@ -122,14 +122,15 @@ class DeviceDraftLoop:
         """A draft's next step (graph ("draft_next", 1)): every row feeds its last kept token at its next position. A
         row that stopped feeds junk there, which its next real pass writes over before any query reads it."""
         pos = self._nxt.clamp(max=self.capacity - 1)[:, None]
-        logits = self._forward(self._tok[:, None], pos, last_only=True)[:, -1].float()  # [B, V]
-        self._draft_record(logits, self._yes)
+        self._draft_record(self._forward(self._tok[:, None], pos, last_only=True), self._yes)
 
     def _draft_record(self, logits: torch.Tensor, advance: torch.Tensor) -> None:
-        """A step's verdict (decode.cache.step_verdict, eager: the host loop's own numbers), then its bookkeeping
-        (draft_bookkeeping; one fused kernel where a batch runner compiles: one row's host loop is the default at
-        batch size 1, and compiling it there would cost seconds for a rare setting)."""
-        torch.max(torch.softmax(logits, dim=-1), dim=-1, out=(self._conf, self._tok))
+        """A step's verdict from the head's logits [B, 1, V] (the decoder's, as the host loop's steps take it), then
+        its bookkeeping (draft_bookkeeping; one fused kernel where a batch runner compiles: one row's host loop is the
+        default at batch size 1, and compiling it there would cost seconds for a rare setting)."""
+        confidence, token = self.decoder.verdict(logits)
+        self._conf.copy_(confidence)
+        self._tok.copy_(token)
         _bookkeeping(draft_bookkeeping, self.compiled and self.batch > 1)(
             self._conf, self._tok, self._fallback, self._eos, self._left, self._nxt, self._draft_out, advance)
 

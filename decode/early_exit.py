@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 
 from decode.bild import BiLD, BiLDConfig
 from decode.loading import load_model, warn_on_processors
-from decode.cache import first_cut, step_verdict
+from decode.cache import first_cut
 from decode.families import decoder_layers, final_norm_module, output_logits, unsupported_reason
 from decode.fast import MAX_GRAPH_TOKENS, FastRunner, notice
 from decode.generation import RowDecoder
@@ -216,7 +216,8 @@ class EarlyExitRunner(FastRunner):
 
     def _step_core(self, ids, pos):
         h = self._lower(ids, pos)
-        return step_verdict(self._exit_logits(h[:, -1:])[-1].float())
+        confidence, token = self.decoder.verdict(self._exit_logits(h[:, -1:])[None])  # [1] each
+        return confidence[0], token[0]
 
     def _check_core(self, ids, m: int, low0, high0, rollback, threshold):
         """ids: [n], the tokens at positions high0..; the last m of them start at low0 and need layers 1..k."""

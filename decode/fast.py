@@ -21,7 +21,8 @@ arithmetic. Here, as in gpt-fast:
   prompt is padded to a length bucket (PREFILL_BUCKETS) and prefilled by that bucket's graph; passes of more
   tokens than a graph takes run the same code without one.
 - The policy's arithmetic (confidence, argmax, the rollback cut) runs inside the graph with the same
-  functions the eager runner uses (decode.cache.step_verdict / first_cut), and one small tensor comes back.
+  functions the eager runner uses (decode.cache.step_verdict, a compiled pass where the others are, and first_cut),
+  and one small tensor comes back.
   So does sampling's (decode.sampling: the warpers, the draw, the rejection rule), from uniforms the host
   writes into a static buffer from the caller's generator before each replay.
 - The draft loop's state can live on the device (`draft`, decode/draft_loop.py): every small step after the
@@ -41,7 +42,7 @@ import weakref
 import torch
 from transformers import PreTrainedModel
 
-from decode.cache import ModelRunner, first_cut, is_encoder_decoder, step_verdict
+from decode.cache import ModelRunner, first_cut, is_encoder_decoder
 from decode.compact import notice  # noqa: F401 - notice: re-exported
 from decode.families import unsupported_reason
 from decode.draft_loop import DeviceDraftLoop
@@ -365,11 +366,10 @@ class FastRunner(DeviceDraftLoop):
 
         def step():
             pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[None, :n], pos[None], last_only=True)[0, -1].float()  # [V]
-            confidence, token = step_verdict(logits)
-            self._step_out[0] = confidence
-            self._step_out[1] = token
-            self._ids[0] = token  # the next step's input stays on the device
+            confidence, token = self.decoder.verdict(self._forward(self._ids[None, :n], pos[None], last_only=True))
+            self._step_out[0] = confidence[0]
+            self._step_out[1] = token[0]
+            self._ids[0] = token[0]  # the next step's input stays on the device
             self._pos0 += n
 
         def encode():  # the encoder over the input padded to the bucket, then the cross-attention K/V
@@ -409,8 +409,7 @@ class FastRunner(DeviceDraftLoop):
 
         def draft():  # key: ("draft", n): the first step over the fed tokens; the budget is in _left
             pos = self._pos0 + self._arange[:n]
-            logits = self._forward(self._ids[None, :n], pos[None], last_only=True)[:, -1].float()  # [1, V]
-            self._draft_first(logits, self._pos0 + n)
+            self._draft_first(self._forward(self._ids[None, :n], pos[None], last_only=True), self._pos0 + n)
 
         if key[0] == "draft":
             return draft

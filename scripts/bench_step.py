@@ -138,6 +138,8 @@ VARIANTS = {  # name: settings of decode.compact that a variant of the compiled 
     "unsplit": {"kernels.SPLITS": 1},
     "splits8": {"kernels.SPLITS": 8},  # at most 8 runs per token (16 by default)
     "chunk128": {"kernels.MIN_CHUNK": 128},  # runs of at least 128 slots (256 by default)
+    # a step's verdict (top probability and argmax over the vocabulary) eager, after the compiled head
+    "eager-verdict": dict(COMPILED_VERDICT=False),
 }
 BACKENDS = {"sdpa-math": "MATH", "math": "MATH", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
 

@@ -8,10 +8,9 @@
 # RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
-# 7B shapes with the pair table (scripts/bench_step.py), then 0.5B with the norms apart from their products
-# (BILD_NORM_IN_PRODUCT=0) and 1.5B with them inside (=1), the other way from each one's default, each in its own
-# process, a step's verdict four ways (scripts/bench_verdict.py), and the lossless mode in bf16 (compiled, a random
-# 1.5B / 0.5B pair) with the norms apart and inside; BENCH=small: without 7B and the pair table. TRACE=1: then
+# 7B shapes with the pair table (scripts/bench_step.py), each against its step's verdict eager (the eager-verdict
+# variant, beside the default compiled anew), then a step's verdict four ways (scripts/bench_verdict.py);
+# BENCH=small: without 7B and the pair table. TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
@@ -33,17 +32,9 @@ source scripts/detached.sh
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   REAL=(qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs); [[ ${BENCH:-0} == small ]] && REAL=(qwen2.5_0.5b qwen2.5_1.5b)
-  timeout 400 python3 scripts/bench_step.py --shapes "\${REAL[@]}" --profile \
+  timeout 400 python3 scripts/bench_step.py --shapes "\${REAL[@]}" --profile --variants default eager-verdict \
     --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
-  for flip in "0 qwen2.5_0.5b" "1 qwen2.5_1.5b"; do set -- \$flip  # each norm placement against the width's default
-    BILD_NORM_IN_PRODUCT=\$1 timeout 150 python3 scripts/bench_step.py --shapes \$2 --profile --repeats 3 \
-      --json runs/step_norm_\$1.json > runs/step_norm_\$1.log 2>&1
-  done
-  timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1  # a small step's softmax and max, 4 ways
-  for on in 0 1; do  # the lossless mode in bf16 against the large model's own Greedy, compiled, norms apart / inside
-    BILD_NORM_IN_PRODUCT=\$on timeout 240 python3 scripts/check_lossless.py --pair qwen2.5_1.5b qwen2.5_0.5b --pairs 20 \
-      --fast-path --compile --device cuda --dtype bfloat16 --reference greedy > runs/lossless_norm_\$on.log 2>&1
-  done
+  timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1  # a small step's verdict, 4 ways
 fi
 [[ ${PAIR:-1} == 1 ]] || { echo JOB DONE; exit 0; }
 if [[ ${TRACE:-0} == 1 ]]; then
@@ -68,8 +59,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/lossless_norm_*.log; do [[ -f $f ]] && { echo "== $f"; grep -v "it/s\]" $f | tail -4; }; done
-for f in runs/step_real.log runs/step_norm_*.log runs/verdict.log runs/step_vs_check.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -40; }
+for f in runs/step_real.log runs/verdict.log runs/step_vs_check.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -70; }
 done
 exit 0

@@ -47,6 +47,21 @@ def test_compact_forward_equals_transformers(arch):
     assert compact_vs_transformers(tiny_model(arch, 0)) < 1e-5
 
 
+def test_step_verdict_is_the_top_softmax_probability_and_the_first_argmax():
+    """decode.cache.step_verdict, 1 / sum(exp(logits - top)) and max's index: the softmax's top probability (to float32
+    rounding) and argmax's token, the first of tied ones, for one row or several."""
+    from decode.cache import step_verdict
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 0.05, 1, 8, 3, 3])[:, None]
+    logits[4, [7, 4000]] = logits[4].max() + 1  # a tie: the first index
+    confidence, token = step_verdict(logits)
+    torch.testing.assert_close(confidence, torch.softmax(logits, dim=-1).max(dim=-1).values, rtol=1e-5, atol=0)
+    assert torch.equal(token, logits.argmax(dim=-1)) and token[4] == 7
+    one = step_verdict(logits[3])
+    assert one[0].shape == () and one[1] == token[3]
+    torch.testing.assert_close(one[0], confidence[3])
+
+
 def test_compact_forward_asymmetric_t5():
     assert compact_vs_transformers(tiny_model("t5", 7, layers=3, enc_layers=1)) < 1e-5
 

@@ -317,6 +317,13 @@ def test_a_compiled_step_is_a_few_fused_kernels_per_layer():
     assert counts[True] < 0.6 * counts[False], counts
 
 
+def test_a_compiled_step_takes_its_verdict_in_compiled_kernels():
+    """The step's verdict over the vocabulary (decode.cache.step_verdict) is a compiled pass: the compiled step launches
+    no eager reduction (an eager softmax of one row runs in one block of threads, 38 us of a Qwen2.5-0.5B step)."""
+    names = step_kernels(tiny_model("qwen2", 0).cuda(), True)
+    assert not any("reduce_kernel" in n or "SoftMax" in n for n in names), names
+
+
 def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     """compact.NORM_IN_PRODUCT: inductor writes each RMSNorm of a tuned one-token step and the product after it as one
     kernel, so a 4-layer Qwen2 step launches fewer kernels (one fewer per norm, two a layer and the head's, where
