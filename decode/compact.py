@@ -84,9 +84,11 @@ def _env_switch(name: str) -> bool | None:
 
 NORM_IN_PRODUCT: bool | None = _env_switch("BILD_NORM_IN_PRODUCT")  # None: by width (above)
 # Whether a step's verdict (decode.cache.step_verdict: the top probability and argmax over the vocabulary) is a compiled
-# pass, as the head is, where uncompiled it is a float32 copy of the logits, then a softmax over one row in a single
-# block of threads (38 us of a Qwen2.5-0.5B step on an H100), then its max.
-COMPILED_VERDICT = True
+# pass, as the head is. Measured on an H100 (BENCHMARKS.md), kernel time of a step's verdict, Qwen2.5-0.5B / 1.5B: a
+# softmax over the one row, then its max, eager (the verdict before): 38.3 + 8.4 / 38.6 + 7.7 us; compiled, the max
+# with its index (one program: 21.0 / 23.3 us) and the sum: 24.4 / 26.7 us. It adds 4-8 s of compiling in a fresh
+# process. The formula eager was not profiled inside a step. BILD_COMPILED_VERDICT=0 in the environment runs it eager.
+COMPILED_VERDICT: bool = _env_switch("BILD_COMPILED_VERDICT") is not False
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]

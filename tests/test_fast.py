@@ -281,6 +281,18 @@ def test_the_norm_goes_inside_the_product_up_to_its_width_unless_switched(width,
     assert compact.Passes(model, compile=False).norm_in_product is False
 
 
+@pytest.mark.parametrize("switch", (True, False))
+def test_a_steps_verdict_compiles_with_the_passes_unless_switched_off(switch, monkeypatch):
+    """COMPILED_VERDICT (BILD_COMPILED_VERDICT): a step's verdict is a compiled pass where the passes compile, unless
+    switched off; uncompiled passes never compile it."""
+    import decode.compact as compact
+
+    monkeypatch.setattr(compact, "COMPILED_VERDICT", switch)
+    model = tiny_model("qwen2", 0)
+    assert bool(compact.Passes(model, compile=True).verdict.variants) is switch
+    assert not compact.Passes(model, compile=False).verdict.variants
+
+
 @pytest.mark.parametrize("value, switch", (("", None), ("0", False), ("1", True)))
 def test_a_switch_in_the_environment_is_0_1_or_unset(value, switch, monkeypatch):
     import decode.compact as compact
