@@ -8,9 +8,9 @@
 # RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
-# 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B with a step's verdict eager
-# (BILD_COMPILED_VERDICT=0), each in its own process, then a step's verdict six ways (scripts/bench_verdict.py);
-# BENCH=small: without 7B and the pair table. TRACE=1: then
+# 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B each with a step's verdict compiled
+# and eager (BILD_COMPILED_VERDICT=1 / 0), each in its own process, then a step's verdict six ways
+# (scripts/bench_verdict.py); BENCH=small: without 7B and the pair table. TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
@@ -34,9 +34,11 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   REAL=(qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs); [[ ${BENCH:-0} == small ]] && REAL=(qwen2.5_0.5b qwen2.5_1.5b)
   timeout 400 python3 scripts/bench_step.py --shapes "\${REAL[@]}" --profile \
     --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
-  for shape in qwen2.5_0.5b qwen2.5_1.5b; do  # each its own process's first runner, its step's verdict eager
-    BILD_COMPILED_VERDICT=0 timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --repeats 3 \
-      --json runs/step_eager_verdict_\$shape.json > runs/step_eager_verdict_\$shape.log 2>&1
+  for shape in qwen2.5_0.5b qwen2.5_1.5b; do  # the verdict compiled (1) and eager (0), each a process's first runner
+    for on in 1 0; do
+      BILD_COMPILED_VERDICT=\$on timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --repeats 3 \
+        --json runs/step_verdict_\${on}_\$shape.json > runs/step_verdict_\${on}_\$shape.log 2>&1
+    done
   done
   timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1  # a small step's verdict, 6 ways
 fi
@@ -63,7 +65,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/step_real.log runs/step_eager_verdict_*.log runs/verdict.log runs/step_vs_check.log; do
+for f in runs/step_real.log runs/step_verdict_*.log runs/verdict.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -70; }
 done
 exit 0
