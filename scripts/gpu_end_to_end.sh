@@ -10,7 +10,7 @@
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B each with a step's verdict compiled
 # and eager (BILD_COMPILED_VERDICT=1 / 0), each in its own process, then a step's verdict six ways
-# (scripts/bench_verdict.py); BENCH=small: without 7B and the pair table. TRACE=1: then
+# (scripts/bench_verdict.py); BENCH=small: the last two alone (no 7B, no pair table). TRACE=1: then
 # scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
@@ -31,9 +31,10 @@ source scripts/detached.sh
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
-  REAL=(qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs); [[ ${BENCH:-0} == small ]] && REAL=(qwen2.5_0.5b qwen2.5_1.5b)
-  timeout 400 python3 scripts/bench_step.py --shapes "\${REAL[@]}" --profile \
-    --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
+  if [[ ${BENCH:-0} != small ]]; then  # (0.5B and 1.5B as first runners with the verdict compiled come next)
+    timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
+      --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
+  fi
   for shape in qwen2.5_0.5b qwen2.5_1.5b; do  # the verdict compiled (1) and eager (0), each a process's first runner
     for on in 1 0; do
       BILD_COMPILED_VERDICT=\$on timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --repeats 3 \
