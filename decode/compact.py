@@ -82,7 +82,23 @@ def _env_switch(name: str) -> bool | None:
     return None if value == "" else value == "1"
 
 
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "")
+    if value not in ("", *choices):
+        raise ValueError(f"{name}={value!r}: set it to one of {', '.join(choices)} or leave it unset ({default})")
+    return value or default
+
+
 NORM_IN_PRODUCT: bool | None = _env_switch("BILD_NORM_IN_PRODUCT")  # None: by width (above)
+# How a tuned one-token pass computes an MLP's activation (act(gate) * up, or act(fc1(x))), the input of the product
+# after it. "inline": as inductor chooses, which is inside that product's reduction, computed again in each of its
+# programs: on an H100 (BENCHMARKS.md) the down product with it took 10.2 us a layer at Qwen2.5-0.5B for 8.7 MB of
+# weights (3.5x their time at the copy bandwidth; 1.4x at 1.5B). "stored": as a buffer of its own (compact.stored),
+# which the down product reads; for a gated MLP, a kernel of its own. "epilogue": stored, and a gated MLP's gate and
+# up computed as two products of one input (two halves of its fused weight), which inductor sums in one kernel that
+# ends with the activation. BILD_MLP_ACTIVATION=inline, stored or epilogue in the environment sets it.
+MLP_ACTIVATIONS = ("inline", "stored", "epilogue")
+MLP_ACTIVATION: str = _env_choice("BILD_MLP_ACTIVATION", MLP_ACTIVATIONS, "epilogue")
 # Whether a step's verdict (decode.cache.step_verdict: the top probability and argmax over the vocabulary) is a compiled
 # pass, as the head is. Measured on an H100 (BENCHMARKS.md), kernel time of a step's verdict, Qwen2.5-0.5B / 1.5B: a
 # softmax over the one row, then its max, eager (the verdict before): 38.3 + 8.4 / 38.6 + 7.7 us; compiled, the max
@@ -179,6 +195,42 @@ def norm_linear(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: float, we
     out = terms.sum(-1) * torch.rsqrt(squares.sum(-1) / x.shape[-1] + eps)
     out = out.to(x.dtype)
     return out if bias is None else out + bias
+
+
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """x, stored as a buffer of its own where a pass is being compiled (inductor stores the input of an as_strided),
+    and x itself eagerly. Inductor otherwise computes a pointwise x inside each kernel that reads it; read by a one-row
+    product, that is once in each program of the product's reduction (MLP_ACTIVATION)."""
+    return torch.as_strided(x, x.shape, x.stride()) if torch.compiler.is_compiling() else x
+
+
+def _tuned_one_token(x: torch.Tensor, how: str) -> bool:
+    """Whether a pass of x [B, n, d] is a one-token pass of one row being compiled, with MLP_ACTIVATION how other than
+    "inline" (the passes set "inline" where the one-token pass is not tuned: products that are cuBLAS calls)."""
+    return how != "inline" and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1
+
+
+def activation(x: torch.Tensor, act, how: str = "inline") -> torch.Tensor:
+    """An ungated MLP's activation act(x), x the first product's output (how: MLP_ACTIVATION; stored, it is that
+    product's epilogue)."""
+    out = act(x)
+    return stored(out) if _tuned_one_token(x, how) else out
+
+
+def gated_activation(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                     bias: torch.Tensor | None, act, fused: bool = False, how: str = "inline") -> torch.Tensor:
+    """A gated MLP's act(gate) * up, where [gate, up] = norm_linear(x, norm, norm_weight, eps, weight, bias, fused):
+    weight's rows are gate's, then up's. how: MLP_ACTIVATION."""
+    if _tuned_one_token(x, how) and how == "epilogue":
+        if not (fused and norm is rms_norm):
+            x, fused = norm(x, norm_weight, eps), False
+        biases = (None, None) if bias is None else bias.chunk(2)
+        gate, up = (norm_linear(x, norm, norm_weight, eps, w, b, True) if fused else linear(x, w, b)
+                    for w, b in zip(weight.chunk(2), biases))
+    else:
+        gate, up = norm_linear(x, norm, norm_weight, eps, weight, bias, fused).chunk(2, dim=-1)
+    out = act(gate) * up
+    return stored(out) if _tuned_one_token(x, how) else out
 
 
 def t5_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -468,6 +520,9 @@ class Passes:
         self.tune_one_token = TUNE_ONE_TOKEN if TUNE_ONE_TOKEN is not None else width < TUNED_BELOW_WIDTH
         self.norm_in_product = self.compiled and self.tune_one_token and (
             NORM_IN_PRODUCT if NORM_IN_PRODUCT is not None else width <= NORM_IN_PRODUCT_UP_TO_WIDTH)
+        # products that inductor writes as reductions (tuned) read a stored activation; cuBLAS calls read their inputs
+        # from memory anyway
+        self.mlp_activation = MLP_ACTIVATION if self.compiled and self.tune_one_token else "inline"
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload

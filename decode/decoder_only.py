@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 import decode.compact as compact
-from decode.compact import (Decoder, Passes, fuse_linears, gemma_norm, heads, linear, norm_linear, notice, rms_norm,
-                            self_attention)
+from decode.compact import (Decoder, Passes, fuse_linears, gated_activation, gemma_norm, heads, linear, norm_linear,
+                            notice, rms_norm, self_attention)
 from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
@@ -70,7 +70,7 @@ class LlamaPasses(Passes):
         kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 self.norm_in_product),
+                                                 self.norm_in_product, self.mlp_activation),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -140,7 +140,7 @@ def _eps(norm) -> float:
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False, kernel_rope=False, fused_norm=False):
+                 kernel=False, kernel_rope=False, fused_norm=False, mlp_activation="inline"):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -156,9 +156,8 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
                              kernel_rope)
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
-        gate_up = norm_linear(h, norm, ln2, eps, gate_up_w, gate_up_b, fused_norm)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = linear(act(gate) * up, down_w, down_b)
+        out = linear(gated_activation(h, norm, ln2, eps, gate_up_w, gate_up_b, act, fused_norm, mlp_activation),
+                     down_w, down_b)
         return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
 
     return layer

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from decode.compact import (Decoder, Passes, StaticKV, attend, causal_mask, cross_attention, fuse_linears, heads,
-                            linear, self_attention, t5_norm, write_cache)
+from decode.compact import (Decoder, Passes, StaticKV, activation, attend, causal_mask, cross_attention, fuse_linears,
+                            gated_activation, heads, linear, self_attention, t5_norm, write_cache)
 
 
 
@@ -111,7 +111,7 @@ class BartPasses(_EncoderDecoderPasses):
             self._params.append((kv, c.k_proj.weight))
             self.cross_weights.append((kv, kv_b))
         kernel = self._decode_kernel()
-        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel), "layer")
+        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel, self.mlp_activation), "layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.enc_weights = []
         for layer in self.encoder.layers:
@@ -179,7 +179,7 @@ def _bart_embed(eps):
     return embed
 
 
-def _bart_layer(n_heads, eps, scale, act, kernel=False):
+def _bart_layer(n_heads, eps, scale, act, kernel=False, mlp_activation="inline"):
     def layer(h, pos, k_cache, v_cache, cross_k, cross_v, src_visible, src_last, w):
         """One BART decoder layer (post-norm) over h [B, n, d] at pos [B, n]; writes the self-attention caches."""
         (qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, cq_w, cq_b, co_w, co_b, ln2_w, ln2_b,
@@ -190,7 +190,8 @@ def _bart_layer(n_heads, eps, scale, act, kernel=False):
         h = F.layer_norm(h + linear(out, o_w, o_b), d, ln1_w, ln1_b, eps)
         out = cross_attention(heads(linear(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, src_last, scale, kernel)
         h = F.layer_norm(h + linear(out, co_w, co_b), d, ln2_w, ln2_b, eps)
-        return F.layer_norm(h + linear(act(linear(h, fc1_w, fc1_b)), fc2_w, fc2_b), d, ln3_w, ln3_b, eps)
+        out = linear(activation(linear(h, fc1_w, fc1_b), act, mlp_activation), fc2_w, fc2_b)
+        return F.layer_norm(h + out, d, ln3_w, ln3_b, eps)
 
     return layer
 
@@ -252,7 +253,7 @@ class T5Passes(_EncoderDecoderPasses):
             self.enc_weights.append((self._keep(sa.layer_norm.weight), qkv, self._keep(a.o.weight), *self._mlp(ff)))
         gated = bool(getattr(cfg, "is_gated_act", False))
         kernel = self._decode_kernel()
-        self.layer = self._pass(_t5_layer(self.n_heads, eps, act, gated, kernel), "layer")
+        self.layer = self._pass(_t5_layer(self.n_heads, eps, act, gated, kernel, self.mlp_activation), "layer")
         self.enc_layer = self._pass(_t5_encoder_layer(self.n_heads, eps, act, gated), "encoder layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.final_weight = self._keep(dec.final_layer_norm.weight)
@@ -326,15 +327,13 @@ class T5Passes(_EncoderDecoderPasses):
         return T5Decoder(self)
 
 
-def _t5_mlp(h, norm_w, wi, wo, eps, act, gated):
-    x = t5_norm(h, norm_w, eps)
+def _t5_mlp(h, norm_w, wi, wo, eps, act, gated, how="inline"):
     if gated:
-        gate, up = linear(x, wi).chunk(2, dim=-1)
-        return h + linear(act(gate) * up, wo)
-    return h + linear(act(linear(x, wi)), wo)
+        return h + linear(gated_activation(h, t5_norm, norm_w, eps, wi, None, act, how=how), wo)
+    return h + linear(activation(linear(t5_norm(h, norm_w, eps), wi), act, how), wo)
 
 
-def _t5_layer(n_heads, eps, act, gated, kernel=False):
+def _t5_layer(n_heads, eps, act, gated, kernel=False, mlp_activation="inline"):
     def layer(h, pos, bias, cross_bias, src_last, k_cache, v_cache, cross_k, cross_v, w):
         """One T5 decoder block over h [B, n, d] at pos [B, n]; bias: [B, H, n, capacity] (position bias and causal
         mask), cross_bias: additive over the source slots; writes the self-attention caches."""
@@ -344,7 +343,7 @@ def _t5_layer(n_heads, eps, act, gated, kernel=False):
         h = h + linear(attend(q, k_cache, v_cache, bias, 1.0), o_w)
         q = heads(linear(t5_norm(h, ln1, eps), cq_w), n_heads)
         h = h + linear(cross_attention(q, cross_k, cross_v, cross_bias, src_last, 1.0, kernel), co_w)
-        return _t5_mlp(h, ln2, wi, wo, eps, act, gated)
+        return _t5_mlp(h, ln2, wi, wo, eps, act, gated, mlp_activation)
 
     return layer
 

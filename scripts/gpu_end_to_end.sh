@@ -8,10 +8,11 @@
 # RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
-# 7B shapes with the pair table (scripts/bench_step.py), then 0.5B and 1.5B each with a step's verdict compiled
-# and eager (BILD_COMPILED_VERDICT=1 / 0), each in its own process, then a step's verdict six ways
-# (scripts/bench_verdict.py); BENCH=small: the last two alone (no 7B, no pair table). TRACE=1: then
-# scripts/step_vs_check.py on the trained large model (bf16, compiled).
+# 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those. Then (BENCH=1 or small) each shape of
+# BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of BENCH_SETTINGS, each in a process of its own (as
+# its first runner), with its kernels (--profile; the default's checks too): a setting is `default` or one environment
+# assignment, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline". VERDICT=1: then a step's verdict six ways
+# (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the trained large model (bf16, compiled).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -31,17 +32,19 @@ source scripts/detached.sh
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
-  if [[ ${BENCH:-0} != small ]]; then  # (0.5B and 1.5B as first runners with the verdict compiled come next)
+  if [[ ${BENCH:-0} != small ]]; then
     timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
       --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
   fi
-  for shape in qwen2.5_0.5b qwen2.5_1.5b; do  # the verdict compiled (1) and eager (0), each a process's first runner
-    for on in 1 0; do
-      BILD_COMPILED_VERDICT=\$on timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --repeats 3 \
-        --json runs/step_verdict_\${on}_\$shape.json > runs/step_verdict_\${on}_\$shape.log 2>&1
+  for shape in ${BENCH_SHAPES:-qwen2.5_0.5b qwen2.5_1.5b}; do  # each setting a process's first runner
+    for setting in ${BENCH_SETTINGS:-default}; do
+      name=\$(echo \$setting | tr '=' '-'); env=(); [[ \$setting == default ]] || env=(\$setting)
+      checks=(); [[ \$setting == default ]] && checks=(--profile-checks)
+      env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile "\${checks[@]}" --repeats 3 \
+        --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
     done
   done
-  timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1  # a small step's verdict, 6 ways
+  [[ ${VERDICT:-0} == 1 ]] && timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1
 fi
 [[ ${PAIR:-1} == 1 ]] || { echo JOB DONE; exit 0; }
 if [[ ${TRACE:-0} == 1 ]]; then
@@ -66,7 +69,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/step_real.log runs/step_verdict_*.log runs/verdict.log runs/step_vs_check.log; do
+for f in runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -70; }
 done
 exit 0

@@ -250,6 +250,90 @@ def test_a_norm_computed_inside_its_product_equals_the_norm_then_the_product(bia
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ("stored", "epilogue"))
+@pytest.mark.parametrize("norm, fused, bias", (("rms", True, False), ("rms", True, True), ("rms", False, True),
+                                               ("gemma", True, False), ("t5", False, False)))
+def test_a_gated_activation_computed_any_way_equals_act_gate_times_up(how, norm, fused, bias):
+    """compact.gated_activation as a one-token pass computes it (MLP_ACTIVATION: stored; or gate and up as two products
+    of the halves of the fused weight) against act(gate) * up from the fused product; an ungated activation
+    (compact.activation) stored; several tokens, the fused product's halves as before."""
+    from unittest import mock
+
+    from decode.compact import activation, gated_activation, gemma_norm, linear, rms_norm, t5_norm
+
+    norm = {"rms": rms_norm, "gemma": gemma_norm, "t5": t5_norm}[norm]
+    gen = torch.Generator().manual_seed(0)
+    x, norm_w = torch.randn(1, 1, 48, generator=gen) * 3, torch.rand(48, generator=gen) + 0.5
+    w, b = torch.randn(40, 48, generator=gen), torch.randn(40, generator=gen) if bias else None
+    act = torch.nn.functional.silu
+
+    def reference(x):
+        gate, up = linear(norm(x, norm_w, 1e-6), w, b).chunk(2, dim=-1)
+        return act(gate) * up
+
+    three = torch.cat([x, x * 2, -x], dim=1)
+    with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        out = gated_activation(x, norm, norm_w, 1e-6, w, b, act, fused, how)
+        assert torch.equal(gated_activation(three, norm, norm_w, 1e-6, w, b, act, fused, how),
+                           gated_activation(three, norm, norm_w, 1e-6, w, b, act, fused, "inline"))
+        assert torch.equal(activation(x, act, how), act(x))
+    assert out.shape == (1, 1, 20)
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(gated_activation(x, norm, norm_w, 1e-6, w, b, act, fused, how), reference(x))  # eagerly
+
+
+def _gated_t5():
+    """A tiny T5 with a gated MLP (mT5's and T5 v1.1's wi_0 / wi_1)."""
+    from transformers import T5ForConditionalGeneration
+
+    config = tiny_model("t5", 0).config
+    config.feed_forward_proj, config.is_gated_act, config.dense_act_fn = "gated-gelu", True, "gelu_new"
+    config.initializer_factor = 1.0  # (4.0, the tiny T5's, leaves it 1.1e-5 off transformers uncompiled in float32)
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("how", ("stored", "epilogue"))
+@pytest.mark.parametrize("arch", ("qwen2", "phi3", "gemma3", "bart", "t5", "t5-gated"))
+def test_passes_with_the_mlp_activation_stored_equal_transformers(arch, how, monkeypatch):
+    """MLP_ACTIVATION's wiring in every family's layer (gated and ungated MLPs, fused norms or not), traced by dynamo
+    and run eagerly (the eager backend: the one-token pass's arithmetic without generating code)."""
+    import decode.compact as compact
+
+    compile_ = torch.compile
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
+                                                                           dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(compact, "MLP_ACTIVATION", how)
+    model = _gated_t5() if arch == "t5-gated" else tiny_model(arch, 0)
+    runner = FastRunner(model, compile=True)
+    assert runner.passes.mlp_activation == how
+    assert compact_vs_transformers(model, runner=runner) < 1e-5
+    layers = runner.passes.layer
+    assert all(True not in layer._first for layer in (layers.values() if isinstance(layers, dict) else [layers]))
+
+
+@pytest.mark.parametrize("compile_, tuned, on", ((True, None, True), (False, None, False), (True, False, False)))
+def test_the_mlp_activation_is_stored_where_one_token_products_are_reductions(compile_, tuned, on, monkeypatch):
+    """MLP_ACTIVATION holds in compiled passes whose one-token products inductor writes as reductions (tuned: models
+    narrower than TUNED_BELOW_WIDTH, or TUNE_ONE_TOKEN); elsewhere the activation is left as it is ("inline")."""
+    import decode.compact as compact
+
+    monkeypatch.setattr(compact, "TUNE_ONE_TOKEN", tuned)
+    passes = compact.Passes(tiny_model("qwen2", 0), compile=compile_)
+    assert passes.mlp_activation == (compact.MLP_ACTIVATION if on else "inline")
+
+
+def test_a_choice_in_the_environment_is_one_of_its_values_or_unset(monkeypatch):
+    import decode.compact as compact
+
+    for value, chosen in (("", "b"), ("a", "a"), ("c", "c")):
+        monkeypatch.setenv("BILD_CHOICE", value)
+        assert compact._env_choice("BILD_CHOICE", ("a", "b", "c"), "b") == chosen
+    monkeypatch.setenv("BILD_CHOICE", "d")
+    with pytest.raises(ValueError, match="BILD_CHOICE='d': set it to one of a, b, c or leave it unset"):
+        compact._env_choice("BILD_CHOICE", ("a", "b", "c"), "b")
+
+
 @pytest.mark.parametrize("arch", ("qwen2", "llama", "phi3", "gemma3"))
 def test_passes_with_the_norm_inside_the_product_equal_transformers(arch, monkeypatch):
     """NORM_IN_PRODUCT's wiring, traced by dynamo and run eagerly (the eager backend: the arithmetic the compiled

@@ -346,6 +346,28 @@ def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     assert torch.equal(tokens[True], tokens[False])
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "bart"))
+def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch, monkeypatch):
+    """compact.MLP_ACTIVATION: stored as the epilogue of the product before it ("epilogue": for Qwen2's gated MLP, gate
+    and up summed in one kernel that ends with the activation; BART's act(fc1) at the end of fc1's), a 4-layer step
+    launches no more kernels than with the activation computed inside the product after it ("inline"); "stored" at
+    most one more a layer. In each way the tokens are those of the uncompiled passes in float32."""
+    import decode.compact as compact
+    import decode.passes
+
+    model = tiny_model(arch, 0, width=64, layers=4).cuda()
+    prompt = random_prompt(3, length=9).cuda()
+    reference = Greedy(model, compile=False).generate(prompt, max_new_tokens=24).sequences
+    counts = {}
+    for how in compact.MLP_ACTIVATIONS:
+        monkeypatch.setattr(compact, "MLP_ACTIVATION", how)
+        decode.passes._PASSES.pop(model, None)
+        counts[how] = len(step_kernels(model, True))
+        assert torch.equal(Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences, reference), how
+    assert counts["epilogue"] <= counts["inline"], counts
+    assert counts["stored"] <= counts["inline"] + 4, counts
+
+
 # The kernel's cases at its own run length (the cases' caches of up to 200 slots in one run) and at runs of one block
 # (split over up to 4 of its programs per token, combined).
 SPLIT_RUNS = pytest.mark.parametrize("min_chunk", (None, 64))
