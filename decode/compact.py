@@ -105,6 +105,10 @@ MLP_ACTIVATION: str = _env_choice("BILD_MLP_ACTIVATION", MLP_ACTIVATIONS, "epilo
 # with its index (one program: 21.0 / 23.3 us) and the sum: 24.4 / 26.7 us. It adds 4-8 s of compiling in a fresh
 # process. The formula eager was not profiled inside a step. BILD_COMPILED_VERDICT=0 in the environment runs it eager.
 COMPILED_VERDICT: bool = _env_switch("BILD_COMPILED_VERDICT") is not False
+# Whether a compiled step's verdict finds its argmax as the max, then the first index that holds it (split_verdict): two
+# reductions without an index, which inductor splits over many programs, where the max with its index runs in one
+# program (21-30 us of a Qwen2.5 step on an H100, BENCHMARKS.md). BILD_SPLIT_VERDICT=1 or 0 in the environment.
+SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is True
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -431,8 +435,17 @@ def cross_attention(q, cross_k, cross_v, src_visible, src_last, scale, kernel=Fa
     return attend(q, cross_k, cross_v, src_visible, scale)
 
 
+def split_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode.cache.step_verdict(logits) (float32, [..., V]) with its argmax as two reductions without an index: the
+    max, then the first index that holds it (or holds a NaN, which argmax takes for the max)."""
+    top = logits.amax(dim=-1, keepdim=True)
+    index = torch.arange(logits.shape[-1], device=logits.device)
+    token = torch.where((logits == top) | logits.isnan(), index, logits.shape[-1]).amin(dim=-1)
+    return 1.0 / torch.exp(logits - top).sum(dim=-1), token
+
+
 def _logits_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return step_verdict(logits.float())
+    return (split_verdict if SPLIT_VERDICT else step_verdict)(logits.float())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -250,6 +250,29 @@ def test_a_norm_computed_inside_its_product_equals_the_norm_then_the_product(bia
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", (False, True))
+def test_a_split_verdict_is_the_steps_verdict(split, monkeypatch):
+    """compact.split_verdict (SPLIT_VERDICT: the argmax as the max, then the first index holding it) against
+    decode.cache.step_verdict: the same tokens (ties: the first; NaN: the first NaN; all -inf: the first) and top
+    probabilities, through the verdict pass either way."""
+    import decode.compact as compact
+    from decode.cache import step_verdict
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    logits[1, [7, 4000]] = logits[1].max() + 1
+    logits[2, [10, 20]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4] = 0.0
+    confidence, token = compact.split_verdict(logits)
+    ref_confidence, ref_token = step_verdict(logits)
+    assert torch.equal(token, ref_token) and token.tolist()[1:5] == [7, 10, 0, 0]
+    torch.testing.assert_close(confidence, ref_confidence, rtol=1e-6, atol=0, equal_nan=True)
+    monkeypatch.setattr(compact, "SPLIT_VERDICT", split)
+    passes = compact.Passes(tiny_model("qwen2", 0), compile=False)
+    pass_confidence, pass_token = passes.verdict(logits[:, None].bfloat16())
+    assert torch.equal(pass_token[:, 0], step_verdict(logits.bfloat16().float())[1])
+
+
 @pytest.mark.parametrize("how", ("stored", "epilogue"))
 @pytest.mark.parametrize("norm, fused, bias", (("rms", True, False), ("rms", True, True), ("rms", False, True),
                                                ("gemma", True, False), ("t5", False, False)))
