@@ -91,12 +91,14 @@ def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 
 NORM_IN_PRODUCT: bool | None = _env_switch("BILD_NORM_IN_PRODUCT")  # None: by width (above)
 # How a tuned one-token pass computes an MLP's activation (act(gate) * up, or act(fc1(x))), the input of the product
-# after it. "inline": as inductor chooses, which is inside that product's reduction, computed again in each of its
-# programs: on an H100 (BENCHMARKS.md) the down product with it took 10.2 us a layer at Qwen2.5-0.5B for 8.7 MB of
-# weights (3.5x their time at the copy bandwidth; 1.4x at 1.5B). "stored": as a buffer of its own (compact.stored),
-# which the down product reads; for a gated MLP, a kernel of its own. "epilogue": stored, and a gated MLP's gate and
-# up computed as two products of one input (two halves of its fused weight), which inductor sums in one kernel that
-# ends with the activation. BILD_MLP_ACTIVATION=inline, stored or epilogue in the environment sets it.
+# after it. "inline": as inductor chooses, inside that product's reduction, computed again in each of its programs.
+# "stored": as a buffer of its own (compact.stored), which the product reads; for a gated MLP, a kernel of its own.
+# "epilogue": stored, and a gated MLP's gate and up computed as two products of one input (the two halves of its fused
+# weight), which inductor sums in one kernel that ends with the activation. Measured on H100s (BENCHMARKS.md), each
+# way in processes of its own, step with the host read, inline / stored / epilogue: Qwen2.5-0.5B 0.946-0.949 /
+# 0.886-0.913 / 0.748-0.789 ms (the MLP's kernels a layer 20.2 / 17.0 / 13.5 us); Qwen2.5-1.5B 1.75-1.81 / 1.74-1.76 /
+# 1.72-1.81 ms, no way apart beyond the spread between processes; the demo BART (ungated: stored is epilogue) 0.226
+# against 0.229. BILD_MLP_ACTIVATION=inline, stored or epilogue in the environment sets it.
 MLP_ACTIVATIONS = ("inline", "stored", "epilogue")
 MLP_ACTIVATION: str = _env_choice("BILD_MLP_ACTIVATION", MLP_ACTIVATIONS, "epilogue")
 # Whether a step's verdict (decode.cache.step_verdict: the top probability and argmax over the vocabulary) is a compiled
@@ -106,9 +108,11 @@ MLP_ACTIVATION: str = _env_choice("BILD_MLP_ACTIVATION", MLP_ACTIVATIONS, "epilo
 # process. The formula eager was not profiled inside a step. BILD_COMPILED_VERDICT=0 in the environment runs it eager.
 COMPILED_VERDICT: bool = _env_switch("BILD_COMPILED_VERDICT") is not False
 # Whether a compiled step's verdict finds its argmax as the max, then the first index that holds it (split_verdict): two
-# reductions without an index, which inductor splits over many programs, where the max with its index runs in one
-# program (21-30 us of a Qwen2.5 step on an H100, BENCHMARKS.md). BILD_SPLIT_VERDICT=1 or 0 in the environment.
-SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is True
+# reductions without an index, which inductor splits over many programs, where the max with its index runs in one.
+# Measured on H100s (BENCHMARKS.md), the verdict's kernels in a Qwen2.5 step: 7-10 us split, 24-33 us with the index
+# (0.5B and 1.5B); the whole step's difference was below the spread between processes. BILD_SPLIT_VERDICT=0 in the
+# environment turns it off.
+SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]

@@ -6,9 +6,11 @@ Each way below takes the head's bf16 logits [V] and is timed in a CUDA graph of 
 replays, us per launch; the input stays in L2 between launches), with its tokens and top probabilities compared to
 decode.cache.step_verdict's over 200 random rows (logits scaled as a trained model's are, and as a random one's):
 - softmax-max: a softmax in float32, then its max (the verdict before it was a compiled pass);
-- max-sumexp: decode.cache.step_verdict (max with its index, then 1 / sum(exp(logits - top))), as the runners compute it;
-- amax-first-sumexp: the max value, then the first index holding it, then the same sum: both reductions without an
-  index, which inductor may split over several programs (an argmax it runs in one, 21 us of a 0.5B step);
+- max-sumexp: decode.cache.step_verdict (max with its index, then 1 / sum(exp(logits - top))), as the uncompiled runners
+  compute it;
+- amax-first-sumexp: decode.compact.split_verdict, as the compiled runners compute it (SPLIT_VERDICT): the max value,
+  then the first index holding it, then the same sum: reductions without an index, which inductor splits over several
+  programs (an argmax it runs in one, 21 us of a 0.5B step);
 - compiled, each of these: under torch.compile with the one-token passes' inductor options (decode.compact), as the
   runners' verdict pass compiles. A way that fails to compile gives its error's first line in the table.
 Prints a table last (markdown).
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from decode.cache import step_verdict  # noqa: E402
-from decode.compact import INDUCTOR_OPTIONS  # noqa: E402
+from decode.compact import INDUCTOR_OPTIONS, split_verdict  # noqa: E402
 
 
 def softmax_max(logits):
@@ -36,11 +38,7 @@ def max_sumexp(logits):
 
 
 def amax_first_sumexp(logits):
-    x = logits.float()
-    top = x.amax(dim=-1, keepdim=True)
-    index = torch.arange(x.shape[-1], device=x.device)
-    token = torch.where(x == top, index, x.shape[-1]).amin(dim=-1)
-    return 1.0 / torch.exp(x - top).sum(dim=-1), token
+    return split_verdict(logits.float())
 
 
 WAYS = {"softmax-max": softmax_max, "max-sumexp": max_sumexp, "amax-first-sumexp": amax_first_sumexp}
