@@ -229,7 +229,8 @@ def gated_activation(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: floa
                      bias: torch.Tensor | None, act, fused: bool = False, how: str = "inline") -> torch.Tensor:
     """A gated MLP's act(gate) * up, where [gate, up] = norm_linear(x, norm, norm_weight, eps, weight, bias, fused):
     weight's rows are gate's, then up's. how: MLP_ACTIVATION."""
-    if _tuned_one_token(x, how) and how == "epilogue":
+    one = _tuned_one_token(x, how)
+    if one and how == "epilogue":
         if not (fused and norm is rms_norm):
             x, fused = norm(x, norm_weight, eps), False
         biases = (None, None) if bias is None else bias.chunk(2)
@@ -238,7 +239,7 @@ def gated_activation(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: floa
     else:
         gate, up = norm_linear(x, norm, norm_weight, eps, weight, bias, fused).chunk(2, dim=-1)
     out = act(gate) * up
-    return stored(out) if _tuned_one_token(x, how) else out
+    return stored(out) if one else out
 
 
 def t5_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -449,7 +450,10 @@ def split_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _logits_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return (split_verdict if SPLIT_VERDICT else step_verdict)(logits.float())
+    """The verdict pass: split_verdict where it is being compiled (SPLIT_VERDICT), step_verdict eagerly (where the
+    split form is only more kernels)."""
+    split = SPLIT_VERDICT and torch.compiler.is_compiling()
+    return (split_verdict if split else step_verdict)(logits.float())
 
 
 # --------------------------------------------------------------------------------------------------

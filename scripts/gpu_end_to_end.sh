@@ -11,8 +11,9 @@
 # 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those. Then (BENCH=1 or small) each shape of
 # BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of BENCH_SETTINGS, each in a process of its own (as
 # its first runner), with its kernels (--profile; the default's checks too): a setting is `default` or environment
-# assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1". VERDICT=1: then a step's verdict six ways
-# (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the trained large model (bf16, compiled).
+# assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
+# VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
+# trained large model (bf16, compiled).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s

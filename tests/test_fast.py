@@ -254,7 +254,9 @@ def test_a_norm_computed_inside_its_product_equals_the_norm_then_the_product(bia
 def test_a_split_verdict_is_the_steps_verdict(split, monkeypatch):
     """compact.split_verdict (SPLIT_VERDICT: the argmax as the max, then the first index holding it) against
     decode.cache.step_verdict: the same tokens (ties: the first; NaN: the first NaN; all -inf: the first) and top
-    probabilities, through the verdict pass either way."""
+    probabilities, through the verdict pass as it is compiled either way (the eager pass is step_verdict)."""
+    from unittest import mock
+
     import decode.compact as compact
     from decode.cache import step_verdict
 
@@ -269,8 +271,13 @@ def test_a_split_verdict_is_the_steps_verdict(split, monkeypatch):
     torch.testing.assert_close(confidence, ref_confidence, rtol=1e-6, atol=0, equal_nan=True)
     monkeypatch.setattr(compact, "SPLIT_VERDICT", split)
     passes = compact.Passes(tiny_model("qwen2", 0), compile=False)
-    pass_confidence, pass_token = passes.verdict(logits[:, None].bfloat16())
-    assert torch.equal(pass_token[:, 0], step_verdict(logits.bfloat16().float())[1])
+    with mock.patch.object(compact, "split_verdict", wraps=compact.split_verdict) as split_calls:
+        with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+            pass_confidence, pass_token = passes.verdict(logits[:, None].bfloat16())
+        assert split_calls.call_count == int(split)
+        assert torch.equal(pass_token[:, 0], step_verdict(logits.bfloat16().float())[1])
+        passes.verdict(logits[:, None].bfloat16())  # eagerly: never the split form
+        assert split_calls.call_count == int(split)
 
 
 @pytest.mark.parametrize("how", ("stored", "epilogue"))
