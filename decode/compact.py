@@ -150,6 +150,11 @@ KERNEL_ROTARY = True
 # model's own Greedy (random tiny pairs, 20 per family, BART / T5 / Llama / Qwen2): 2 / 0 / 6 / 6 mismatches off,
 # 0 / 0 / 1 / 2 on. BILD_CHECK_KERNEL=0 in the environment turns it off.
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
+# Whether a compiled pass of 2 to kernels.MAX_ROWS tokens of one row on CUDA (a check, a catch-up, a short prompt or
+# source) multiplies by its weights with decode/kernels.py's skinny_product, which reads each weight once for all the
+# tokens and spreads it over the whole GPU, its partial sums added inside the kernel that reads the product; otherwise
+# those are cuBLAS calls. BILD_SKINNY_PRODUCT=0 in the environment turns it off.
+SKINNY_PRODUCT: bool = _env_switch("BILD_SKINNY_PRODUCT") is not False
 # The backends the uncompiled passes may take on CUDA: all of them, whatever a process-wide switch says (the eager
 # path turns cuDNN off for its changing shapes; a graphed pass has fixed shapes). Measured with these: BENCHMARKS.md.
 UNCOMPILED_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -172,12 +177,26 @@ def notice(message: str) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. Compiled, the bias is added apart: inductor turns a one-row product without bias into a
-    tuned reduction (and fuses the add into it), while a product with bias stays a cuBLAS call."""
+    tuned reduction (and fuses the add into it), while a product with bias stays a cuBLAS call. A few tokens of one
+    row, compiled on CUDA: kernels.skinny_product (SKINNY_PRODUCT), its partial sums added and rounded to x's dtype as
+    cuBLAS rounds its float32 sums."""
+    if _skinny(x, weight):
+        parts = kernels.skinny_product(x.reshape(-1, x.shape[-1]), weight)
+        out = parts.sum(0).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias
     if bias is None:
         return F.linear(x, weight)
     if torch.compiler.is_compiling():
         return F.linear(x, weight) + bias
     return F.linear(x, weight, bias)
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) is a skinny_product: SKINNY_PRODUCT, a compiled pass on CUDA of x [1, n, d] with
+    1 < n <= kernels.MAX_ROWS, the weight's rows contiguous and in x's dtype."""
+    return (SKINNY_PRODUCT and x.is_cuda and torch.compiler.is_compiling() and kernels.available() and x.dim() == 3
+            and x.shape[0] == 1 and 1 < x.shape[1] <= kernels.MAX_ROWS and x.stride(-1) == 1
+            and weight.stride(-1) == 1 and weight.dtype == x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

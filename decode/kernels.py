@@ -43,6 +43,13 @@ MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompt
 SPLITS = 16
 MIN_CHUNK = 256
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
+# skinny_product: rows of x one program multiplies (a check's tokens), and programs per multiprocessor it aims for.
+# skinny_config's choice is the sweep's (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md): the
+# fastest blocks of every weight of the Qwen2.5 0.5B, 1.5B and 7B shapes were 64 x 64 or within 3% of them, with the
+# weight's columns split into runs where it has few rows, 2-4 programs per multiprocessor.
+MAX_ROWS = 16
+SKINNY_PROGRAMS = 3
+_MULTIPROCESSORS: dict[int, int] = {}  # per CUDA device (read where a pass is traced: set with its counters)
 
 
 def available() -> bool:
@@ -147,6 +154,61 @@ if triton is not None:
                     tl.store(count_ptr + token, 0)
 
 
+    @triton.jit
+    def _skinny_product(x_ptr, w_ptr, out_ptr, M, N, K, chunk, stride_xm, stride_wn, ROWS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+        """Program (i, s): rows i * BLOCK_N onward of the weight over run s of `chunk` of its columns, times every row
+        of x at once (up to ROWS: one block of a tensor-core product), the float32 sums stored at out[s]."""
+        col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(1)
+        m = tl.arange(0, ROWS)
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        first = split * chunk
+        for start in range(first, tl.minimum(first + chunk, K), BLOCK_K):
+            at = start + kk
+            xs = tl.load(x_ptr + m[:, None] * stride_xm + at[None, :], mask=(m[:, None] < M) & (at[None, :] < K),
+                         other=0.0)
+            ws = tl.load(w_ptr + col[:, None] * stride_wn + at[None, :], mask=(col[:, None] < N) & (at[None, :] < K),
+                         other=0.0)
+            if IEEE:  # float32 inputs: float32 products (tensor cores would round them to tf32)
+                acc = tl.dot(xs, tl.trans(ws), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xs, tl.trans(ws), acc)
+        tl.store(out_ptr + (split * M + m[:, None]) * N + col[None, :], acc, mask=(m[:, None] < M) & (col[None, :] < N))
+
+
+def skinny_config(n: int, k: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, splits, warps, stages) of skinny_product for a weight [n, k]: blocks of 64 x 64, four in
+    flight, and enough programs to fill the GPU (SKINNY_PROGRAMS per multiprocessor), each over a run of k (splits)
+    where the weight has too few rows for that."""
+    index = 0 if device is None or device.index is None else device.index
+    sms = _MULTIPROCESSORS.get(index, 132)  # (an H100's, off CUDA: the interpreter's tests)
+    block_n = block_k = 64
+    splits = max(1, min(triton.cdiv(k, block_k), SKINNY_PROGRAMS * sms // triton.cdiv(n, block_n)))
+    chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return block_n, block_k, triton.cdiv(k, chunk), 4, 4
+
+
+def skinny_product(x: torch.Tensor, weight: torch.Tensor, config: tuple | None = None,
+                   kernel=None) -> torch.Tensor:
+    """x [M, K] (M at most MAX_ROWS, rows contiguous) times weight [N, K] (rows contiguous), transposed: float32
+    partial sums [S, M, N] over S runs of K, whose sum is the product (the caller sums them; in a compiled pass, inside
+    the kernel that reads the product). The weight is read once for all of x's rows, and each row's sums do not depend
+    on the others. `config` (skinny_config's tuple) replaces the measured one; `kernel` as in decode_attention."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_product takes up to {MAX_ROWS} rows, not {m}")
+    block_n, block_k, splits, warps, stages = config or skinny_config(n, k, x.device)
+    chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    out = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    (kernel or _skinny_product)[(triton.cdiv(n, block_n), splits)](
+        x, weight, out, m, n, k, chunk, x.stride(0), weight.stride(0), ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    return out
+
+
 def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None = None, k=None, v=None,
                      cos=None, sin=None, kernel=None):
     """q: [B, H, 1, D]; k_cache, v_cache: [B, H_kv, capacity, D]; last: [B, 1], the last slot each row sees (its
@@ -212,6 +274,7 @@ def counters(device: torch.device) -> torch.Tensor:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _COUNTERS:
         _COUNTERS[index] = torch.zeros(1 << 18, dtype=torch.int32, device=device)
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _COUNTERS[index]
 
 

@@ -137,6 +137,14 @@ class BartPasses(_EncoderDecoderPasses):
         self.head_weight = self._keep(model.lm_head.weight)
         self.eps = eps
         self._embed = self._pass(_bart_embed(eps), "embedding")
+        final, final_eps, head_weight = self.final, self.final_eps, self.head_weight
+
+        def head(h, logits_bias):
+            if final is not None:
+                h = F.layer_norm(h, h.shape[-1:], *final, final_eps)
+            return linear(h, head_weight) + logits_bias
+
+        self._head = self._pass(head, "head")
 
     @property
     def logits_bias(self):  # a buffer, replaced (not moved in place) when the model moves: read from the model
@@ -161,9 +169,7 @@ class BartPasses(_EncoderDecoderPasses):
         return h
 
     def head(self, h):
-        if self.final is not None:
-            h = F.layer_norm(h, h.shape[-1:], *self.final, self.final_eps)
-        return linear(h, self.head_weight) + self.logits_bias
+        return self._head(h, self.logits_bias)
 
     def decoder(self):
         return BartDecoder(self)

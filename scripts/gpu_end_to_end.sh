@@ -14,6 +14,8 @@
 # assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
+# SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
+# its sweep of blocks.
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -32,6 +34,10 @@ source scripts/detached.sh
 [[ ${RUN_TESTS:-0} == 1 ]] && gpu_tests_alongside runs
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
+if [[ ${SKINNY:-0} != 0 ]]; then  # the GPU to itself
+  sweep=(); [[ ${SKINNY} == sweep ]] && sweep=(--sweep)
+  timeout 240 python3 scripts/bench_skinny.py "\${sweep[@]}" --json runs/skinny.json > runs/skinny.log 2>&1
+fi
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   if [[ ${BENCH:-0} != small ]]; then
     timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
@@ -70,7 +76,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for" $f | cut -c1-250 | head -70; }
+for f in runs/skinny.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for|fastest" $f | cut -c1-250 | head -70; }
 done
 exit 0

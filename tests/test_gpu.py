@@ -289,15 +289,16 @@ def test_nothing_compiles_again_while_decoding(arch):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def step_kernels(model, compile) -> list[str]:
-    """The CUDA kernels one step of a fresh runner launches (its pass run without the graph), in order."""
+def step_kernels(model, compile, key=("step", 1)) -> list[str]:
+    """The CUDA kernels one step of a fresh runner launches (its pass run without the graph), in order; `key`: another
+    of the runner's passes, ("check", n, rollback) for a check of n tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     runner = FastRunner(model, compile=compile)
-    runner.plan([("step", 1)])
+    runner.plan([key])
     with torch.inference_mode():
         runner.start(random_prompt(0, length=6)[0].tolist(), 20)
-        step = runner._pass(("step", 1))
+        step = runner._pass(key)
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -368,6 +369,25 @@ def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch,
     assert counts["stored"] <= counts["inline"] + 4, counts
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "phi3", "bart", "t5"))
+def test_a_compiled_check_multiplies_with_the_skinny_product(arch):
+    """compact.SKINNY_PRODUCT: each product of a compiled check of 8 tokens (the decoder's and the head's, BART's
+    compiled too) is one kernels.skinny_product, and no cuBLAS product runs (but T5's self-attention, whose position
+    bias keeps the passes' own attention, batched products)."""
+    model = tiny_model(arch, 0, width=64, layers=3).cuda()
+    names = step_kernels(model, True, ("check", 8, "exact"))
+    per_layer = {"qwen2": 4, "phi3": 4, "bart": 6, "t5": 6}[arch]  # (qkv, o, gate/up or fc1, down or fc2; cross q, o)
+    assert sum("_skinny_product" in n for n in names) == per_layer * decoder_layers(model) + 1, names
+    if arch != "t5":
+        assert not any("gemm" in n.lower() or "cutlass" in n.lower() for n in names), names
+
+
+@pytest.mark.parametrize("arch", ("bart", "t5", "qwen2", "gemma3", "phi3"))
+def test_checks_with_the_skinny_product_decode_as_without_fp32(arch, monkeypatch):
+    """SKINNY_PRODUCT (compiled checks' products; fused and separate q/k/v, biases, gated and ungated MLPs)."""
+    decodes_as_without("SKINNY_PRODUCT", arch, True, monkeypatch)
+
+
 # The kernel's cases at its own run length (the cases' caches of up to 200 slots in one run) and at runs of one block
 # (split over up to 4 of its programs per token, combined).
 SPLIT_RUNS = pytest.mark.parametrize("min_chunk", (None, 64))
@@ -407,6 +427,15 @@ def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chu
 
     _runs(monkeypatch, min_chunk)
     check_rotated_check_cases(rotated_check_cases("cuda"))
+
+
+def test_the_skinny_product_is_the_product_row_by_row_on_cuda():
+    """kernels.skinny_product compiled for CUDA, float32 and bfloat16, with the measured blocks for each shape and with
+    the interpreter's (tests/test_kernels.py runs float32 in Triton's interpreter)."""
+    from test_kernels import SKINNY_CONFIGS, check_skinny_cases, skinny_cases
+
+    configs = [None, *SKINNY_CONFIGS]
+    check_skinny_cases(skinny_cases("cuda", configs), 2 * 4 * len(configs))
 
 
 def test_a_long_context_splits_and_leaves_the_counters_at_zero():

@@ -141,6 +141,43 @@ def rotated_check_cases(device: str) -> list[dict]:
     return results
 
 
+def skinny_cases(device: str, configs=None, bf16: bool = True) -> list[dict]:
+    """skinny_product against a float64 product: one row and a check's rows, weights whose rows and columns are not
+    multiples of the blocks, one run of the columns and several (where a run's end passes the columns, the runs after
+    it sum nothing); each row of x alone gives the bits it gives among the others. configs: skinny_config's tuples
+    (None: the measured one for each shape)."""
+    import torch
+
+    from decode import kernels
+
+    torch.manual_seed(4)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+        for m, n, k in [(1, 40, 72), (11, 96, 300), (16, 33, 130), (5, 64, 1000)]:
+            for config in configs or [None]:
+                x = torch.randn(m, k, dtype=dtype, device=device)
+                w = torch.randn(n, k, dtype=dtype, device=device)
+                parts = kernels.skinny_product(x, w, config)
+                out = parts.sum(0)
+                ref = x.double() @ w.double().T
+                alone = torch.cat([kernels.skinny_product(x[i : i + 1], w, config).sum(0) for i in range(m)])
+                results.append(dict(case=[str(dtype), m, n, k, config], splits=parts.shape[0],
+                                    err=((out.double() - ref).abs() / (x.double().abs() @ w.double().abs().T))
+                                    .max().item(),
+                                    rows_alone=torch.equal(out, alone),
+                                    kept=parts.dtype == torch.float32 and tuple(parts.shape[1:]) == (m, n)))
+    return results
+
+
+def check_skinny_cases(results: list[dict], cases: int) -> None:
+    assert len(results) == cases
+    assert any(r["splits"] > 1 for r in results) and any(r["splits"] == 1 for r in results)
+    for r in results:
+        # float32 sums of exact products (bfloat16 inputs; float32 ones multiplied in float32): float32 roundings, a
+        # few units of the sum of the products' sizes (err's unit)
+        assert r["err"] <= 1e-6 and r["rows_alone"] and r["kept"], r
+
+
 def check_rotated_check_cases(results: list[dict]) -> None:
     assert len(results) == 4
     for r in results:
@@ -181,8 +218,10 @@ from decode import kernels
 # fewer programs per token than on a GPU (the interpreter runs each in turn), over runs of one block: the cases' caches
 # of over 64 slots split, the shorter ones not
 kernels.SPLITS, kernels.MIN_CHUNK = 2, kernels.BLOCK
-from test_kernels import kernel_cases, many_query_cases, rotated_check_cases
-print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu")}))
+from test_kernels import SKINNY_CONFIGS
+from test_kernels import kernel_cases, many_query_cases, rotated_check_cases, skinny_cases
+print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu"),
+                  "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False)}))
 '''
 
 
@@ -205,3 +244,12 @@ def test_attention_over_cache_is_the_one_token_kernel_per_query(interpreted):
 
 def test_a_checks_rotary_in_the_kernel_is_the_steps(interpreted):
     check_rotated_check_cases(interpreted["rotated"])
+
+
+# small blocks, for the interpreter: one run of the columns, and runs of 64 (2 to 16 of them)
+SKINNY_CONFIGS = [(16, 32, 1, 4, 2), (32, 64, 16, 4, 2)]
+
+
+def test_the_skinny_product_is_the_product_row_by_row(interpreted):
+    """(float32; tests/test_gpu.py runs bfloat16 too)"""
+    check_skinny_cases(interpreted["skinny"], 4 * len(SKINNY_CONFIGS))
