@@ -44,9 +44,10 @@ SPLITS = 16
 MIN_CHUNK = 256
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
 # skinny_product: rows of x one program multiplies (a check's tokens), and programs per multiprocessor it aims for.
-# skinny_config's choice is the sweep's (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md): the
-# fastest blocks of every weight of the Qwen2.5 0.5B, 1.5B and 7B shapes were 64 x 64 or within 3% of them, with the
-# weight's columns split into runs where it has few rows, 2-4 programs per multiprocessor.
+# skinny_config's choice is from the sweep (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md): at
+# every weight of the Qwen2.5 0.5B, 1.5B and 7B shapes its blocks (where its split was not swept, the nearest split
+# that was) took at most 6% more than the fastest swept; against cuBLAS, q/k/v, o and down 2-36% less, gate/up and
+# the head 0-5% less (the 0.5B head 0.2% more).
 MAX_ROWS = 16
 SKINNY_PROGRAMS = 3
 _MULTIPROCESSORS: dict[int, int] = {}  # per CUDA device (read where a pass is traced: set with its counters)
@@ -179,15 +180,17 @@ if triton is not None:
 
 
 def skinny_config(n: int, k: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, splits, warps, stages) of skinny_product for a weight [n, k]: blocks of 64 x 64, four in
-    flight, and enough programs to fill the GPU (SKINNY_PROGRAMS per multiprocessor), each over a run of k (splits)
-    where the weight has too few rows for that."""
+    """(BLOCK_N, BLOCK_K, splits, warps, stages) of skinny_product for a weight [n, k]: where its rows, 64 a program,
+    make fewer than 2 * SKINNY_PROGRAMS programs per multiprocessor, blocks of 64 x 64, four in flight, with its
+    columns split into runs (splits) for SKINNY_PROGRAMS per multiprocessor; else blocks of 64 x 128, three in flight,
+    one run."""
     index = 0 if device is None or device.index is None else device.index
     sms = _MULTIPROCESSORS.get(index, 132)  # (an H100's, off CUDA: the interpreter's tests)
-    block_n = block_k = 64
-    splits = max(1, min(triton.cdiv(k, block_k), SKINNY_PROGRAMS * sms // triton.cdiv(n, block_n)))
-    chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    return block_n, block_k, triton.cdiv(k, chunk), 4, 4
+    splits = min(triton.cdiv(k, 64), SKINNY_PROGRAMS * sms // triton.cdiv(n, 64))
+    if splits < 2:
+        return 64, 128, 1, 4, 3
+    chunk = triton.cdiv(triton.cdiv(k, splits), 64) * 64
+    return 64, 64, triton.cdiv(k, chunk), 4, 4
 
 
 def skinny_product(x: torch.Tensor, weight: torch.Tensor, config: tuple | None = None,

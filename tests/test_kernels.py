@@ -246,8 +246,9 @@ def test_a_checks_rotary_in_the_kernel_is_the_steps(interpreted):
     check_rotated_check_cases(interpreted["rotated"])
 
 
-# small blocks, for the interpreter: one run of the columns, and runs of 64 (2 to 16 of them)
-SKINNY_CONFIGS = [(16, 32, 1, 4, 2), (32, 64, 16, 4, 2)]
+# small blocks, for the interpreter: one run of the columns, and runs of 64 (2 to 16 of them); and skinny_config's
+# blocks for one run (its blocks for several are the measured config's at these shapes)
+SKINNY_CONFIGS = [(16, 32, 1, 4, 2), (32, 64, 16, 4, 2), (64, 128, 1, 4, 3)]
 
 
 def test_the_skinny_product_is_the_product_row_by_row(interpreted):
