@@ -17,7 +17,8 @@ where a step is bound by the number of kernels and by reading the weights once:
   `torch.compile` turns into a few fused kernels. One compiled function serves every layer of a model (the weights
   are its arguments), so compiling costs seconds whatever the depth, in two variants: one token of one row (the
   decode step; for narrow models its matrix-vector products become Triton reductions tuned by coordinate descent,
-  as gpt-fast does) and any batch and length (checks, prefill, batches; cuBLAS products). The cache's capacity is a
+  as gpt-fast does) and any batch and length (checks, prefill, batches; cuBLAS products, but for 2 to 16 tokens of
+  one row on CUDA, decode/kernels.py's skinny_product: SKINNY_PRODUCT). The cache's capacity is a
   dynamic dimension, so growing the buffers compiles nothing. Which settings the one-token variant compiles with
   depends on the model's width, by measurement (TUNED_BELOW_WIDTH, MATMUL_ATTENTION_FROM_WIDTH).
 - The KV cache is one buffer per layer, written by position; a mask built from the positions hides every slot past

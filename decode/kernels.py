@@ -1,7 +1,9 @@
-"""A hand-written Triton kernel for the one-token decode step on CUDA: attention over the live part of a KV cache.
+"""Hand-written Triton kernels for the passes on CUDA: attention over the live part of a KV cache (the one-token decode
+step's, and a check's), and a check's products.
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)   # q [B, H, 1, D] -> [B, 1, H * D]
     out = attention_over_cache(q, k_cache, v_cache, last, scale, window)     # q [B, H, n, D] -> [B, n, H * D]
+    parts = skinny_product(x, weight)                                        # x [M <= 16, K] -> [S, M, N] float32
 
 One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
 the token's key and value into the cache at its position (self-attention; cross-attention writes nothing) and
@@ -16,6 +18,11 @@ depend on which pass computes it. The query heads of a group read their key/valu
 `attention_over_cache` runs the same program for each of n query tokens whose keys and values are already in the
 cache (a check of several tokens; `write_keys` writes them, rotated by the same code): each query's output is what
 the one-token step computes for it, bit for bit, given the same inputs.
+
+`skinny_product` multiplies a few rows (a check's tokens) by a weight, read once for all of them: each program takes
+64 of the weight's rows over one run of its columns, times a 16-row block of x on the tensor cores, and stores its
+float32 sums; the caller adds the runs (decode.compact.linear, inside the kernel that reads the product). A row's
+sums do not depend on the other rows.
 
 Without Triton (a CPU build of torch) `available()` is False and the passes keep their own arithmetic.
 """
