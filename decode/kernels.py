@@ -188,7 +188,7 @@ if triton is not None:
 
 def skinny_config(n: int, k: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, splits, warps, stages) of skinny_product for a weight [n, k]: where its rows, 64 a program,
-    make fewer than 2 * SKINNY_PROGRAMS programs per multiprocessor, blocks of 64 x 64, four in flight, with its
+    make at most half of SKINNY_PROGRAMS programs per multiprocessor, blocks of 64 x 64, four in flight, with its
     columns split into runs (splits) for SKINNY_PROGRAMS per multiprocessor; else blocks of 64 x 128, three in flight,
     one run."""
     index = 0 if device is None or device.index is None else device.index
