@@ -1,6 +1,6 @@
-"""decode/kernels.py's Triton kernels against the passes' own arithmetic (the attention; the gated MLP's down
-product), on the CPU through Triton's interpreter (tests/test_gpu.py runs them compiled on CUDA). Skipped where Triton
-is not installed."""
+"""decode/kernels.py's Triton kernels against the passes' own arithmetic (the attention; a check's products), on the
+CPU through Triton's interpreter (tests/test_gpu.py runs them compiled on CUDA). Skipped where Triton is not
+installed."""
 
 import json
 import os
@@ -145,7 +145,8 @@ def skinny_cases(device: str, configs=None, bf16: bool = True) -> list[dict]:
     """skinny_product against a float64 product: one row and a check's rows, weights whose rows and columns are not
     multiples of the blocks, one run of the columns and several (where a run's end passes the columns, the runs after
     it sum nothing); each row of x alone gives the bits it gives among the others. configs: skinny_config's tuples
-    (None: the measured one for each shape)."""
+    (None: the measured one for each shape). bf16: bfloat16 cases too (Triton 3.6's interpreter multiplies bfloat16
+    blocks wrongly: the GPU runs them)."""
     import torch
 
     from decode import kernels
@@ -218,8 +219,7 @@ from decode import kernels
 # fewer programs per token than on a GPU (the interpreter runs each in turn), over runs of one block: the cases' caches
 # of over 64 slots split, the shorter ones not
 kernels.SPLITS, kernels.MIN_CHUNK = 2, kernels.BLOCK
-from test_kernels import SKINNY_CONFIGS
-from test_kernels import kernel_cases, many_query_cases, rotated_check_cases, skinny_cases
+from test_kernels import SKINNY_CONFIGS, kernel_cases, many_query_cases, rotated_check_cases, skinny_cases
 print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu"),
                   "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False)}))
 '''
