@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_step import SHAPES  # noqa: E402
+from bench_step import SHAPES, copy_bandwidth  # noqa: E402
 from decode import kernels  # noqa: E402
 
 SWEEP = dict(block_n=(16, 32, 64, 128), block_k=(64, 128, 256), splits=(1, 2, 3, 4, 6, 8, 12, 16, 24),
@@ -39,21 +39,6 @@ def weights(name: str) -> dict[str, tuple[int, int]]:
     kv = spec.get("num_key_value_heads", h)
     hd = spec.get("head_dim") or d // h
     return {"qkv": ((h + 2 * kv) * hd, d), "o": (d, h * hd), "gate_up": (2 * f, d), "down": (d, f), "head": (vocab, d)}
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 1 GiB (read and write counted)."""
-    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * a.numel() * a.element_size() / min(times)
 
 
 def per_launch_us(launch, copies: int, repeats: int) -> float:
@@ -98,7 +83,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     kernels.counters(torch.device("cuda"))  # (reads the device's multiprocessors for skinny_config)
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"))  # (bench_step's: the floor as it measures it)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, L2 {l2 >> 20} MiB", flush=True)
     rows, table = [], []
