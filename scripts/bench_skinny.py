@@ -75,7 +75,8 @@ def configs(n: int, k: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="*", default=["qwen2.5_0.5b", "qwen2.5_1.5b", "qwen2.5_7b"], choices=list(SHAPES))
+    decoder_only = [name for name, (spec, _) in SHAPES.items() if isinstance(spec, dict) and "intermediate_size" in spec]
+    p.add_argument("--shapes", nargs="*", default=["qwen2.5_0.5b", "qwen2.5_1.5b", "qwen2.5_7b"], choices=decoder_only)
     p.add_argument("--rows", nargs="*", type=int, default=[1, 4, 11, 16])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="time every configuration of SWEEP at 11 rows")
