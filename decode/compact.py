@@ -151,6 +151,10 @@ KERNEL_ROTARY = True
 # model's own Greedy (random tiny pairs, 20 per family, BART / T5 / Llama / Qwen2): 2 / 0 / 6 / 6 mismatches off,
 # 0 / 0 / 1 / 2 on. BILD_CHECK_KERNEL=0 in the environment turns it off.
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
+# Whether that kernel also writes the check's keys and values into the cache, each query reading its pass's own tokens
+# where they come from (kernels.attention_over_cache given k and v), not a kernel (or a scatter) apart that writes them
+# first. BILD_CHECK_WRITES=0 in the environment writes them apart.
+CHECK_WRITES: bool = _env_switch("BILD_CHECK_WRITES") is not False
 # Whether a compiled pass of 2 to kernels.MAX_ROWS tokens of one row on CUDA (a check, a catch-up, a short prompt or
 # source) multiplies by its weights with decode/kernels.py's skinny_product, which reads each weight once for all the
 # tokens and spreads it over the whole GPU, its partial sums added inside the kernel that reads the product; otherwise
@@ -429,11 +433,15 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     D_rot]) are given, writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos and attends from q over
     the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
     writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`; a few tokens (a check) with
-    `kernel` and CHECK_KERNEL: the writes, then the same kernel for each token, rotating as the step does."""
+    `kernel` and CHECK_KERNEL: the same kernel for each token, rotating as the step does, which also writes the
+    tokens' keys and values (CHECK_WRITES; else they are written first, apart)."""
     one = kernel and q.shape[2] == 1 and q.is_cuda
     if one and kernel_rope and rope is not None:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
-    if _few_queries(q, kernel) and kernel_rope and rope is not None:
+    few = _few_queries(q, kernel)
+    if few and kernel_rope and rope is not None:
+        if CHECK_WRITES:
+            return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, *rope, k=k, v=v)
         kernels.write_keys(k, v, k_cache, v_cache, pos, *rope)
         return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, *rope)
     if rope is not None:
@@ -441,8 +449,10 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
         q, k = rotary(q, c, s), rotary(k, c, s)
     if one:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v)
+    if few and CHECK_WRITES:
+        return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, k=k, v=v)
     write_cache(k_cache, v_cache, pos, k, v)
-    if _few_queries(q, kernel):
+    if few:
         return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window)
     return attend(q, k_cache, v_cache, causal_mask(pos, k_cache.shape[2], window), scale, gqa, softcap, matmul)
 

@@ -113,9 +113,10 @@ def many_query_cases(device: str) -> list[dict]:
 
 
 def rotated_check_cases(device: str) -> list[dict]:
-    """A check's tokens with the rotary in the kernel (write_keys, then attention_over_cache given the tables) against
-    the one-token kernel run token by token, which rotates, writes and attends: the same outputs and caches, bit for
-    bit; whole and partial rotary, grouped heads, a sliding window."""
+    """A check's tokens through the kernel against the one-token kernel run token by token, which writes and attends:
+    the same outputs and caches, bit for bit; with the rotary in the kernel (whole and partial) and without it (keys
+    rotated before, or no rotary: BART's, T5's); grouped heads, a sliding window; the check's keys and values written
+    by the same kernel (attention_over_cache given them) and apart first (write_keys, rotating)."""
     import torch
 
     from decode import compact, kernels
@@ -123,21 +124,30 @@ def rotated_check_cases(device: str) -> list[dict]:
     torch.manual_seed(2)
     results = []
     for dtype in (torch.float32, torch.bfloat16):
-        for b, h, h_kv, d, cap, window, n, rot in [(1, 14, 2, 64, 100, None, 11, 64), (2, 8, 2, 128, 90, 16, 5, 64)]:
-            caches = [torch.randn(b, h_kv, cap, d, dtype=dtype, device=device) for _ in range(2)]
+        for b, h, h_kv, d, cap, window, n, rot in [(1, 14, 2, 64, 100, None, 11, 64), (2, 8, 2, 128, 90, 16, 5, 64),
+                                                   (2, 4, 4, 32, 150, None, 16, 0)]:
             q = compact.heads(torch.randn(b, n, h * d, dtype=dtype, device=device), h)  # a pass's layout
             k, v = (compact.heads(torch.randn(b, n, h_kv * d, dtype=dtype, device=device), h_kv) for _ in range(2))
-            rope = tuple(torch.randn(cap, rot, dtype=dtype, device=device) for _ in range(2))
+            rope = tuple(torch.randn(cap, rot, dtype=dtype, device=device) for _ in range(2)) if rot else ()
             pos = torch.randint(0, cap - n + 1, (b, 1), device=device) + torch.arange(n, device=device)
+            pos[-1] = torch.arange(cap - n, cap)  # (up to the last slot)
+            caches = [torch.randn(b, h_kv, cap, d, dtype=dtype, device=device) for _ in range(2)]
             k_steps, v_steps = (c.clone() for c in caches)
             steps = torch.cat([kernels.decode_attention(q[:, :, i : i + 1], k_steps, v_steps, pos[:, i : i + 1], 0.3,
                                                         window, k[:, :, i : i + 1], v[:, :, i : i + 1], *rope)
                                for i in range(n)], dim=1)
-            kernels.write_keys(k, v, *caches, pos, *rope)
-            out = kernels.attention_over_cache(q, *caches, pos, 0.3, window, *rope)
-            results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window, n, rot],
-                                as_steps=torch.equal(out, steps), caches_as_steps=torch.equal(caches[0], k_steps)
-                                and torch.equal(caches[1], v_steps)))
+            ways = [("in the kernel", caches, lambda c: kernels.attention_over_cache(q, *c, pos, 0.3, window, *rope,
+                                                                                   k=k, v=v))]
+            if rot:
+                def apart(c):
+                    kernels.write_keys(k, v, *c, pos, *rope)
+                    return kernels.attention_over_cache(q, *c, pos, 0.3, window, *rope)
+                ways.append(("apart", [c.clone() for c in caches], apart))
+            for way, c, attend in ways:
+                out = attend(c)
+                results.append(dict(case=[str(dtype), b, h, h_kv, d, cap, window, n, rot, way],
+                                    as_steps=torch.equal(out, steps),
+                                    caches_as_steps=torch.equal(c[0], k_steps) and torch.equal(c[1], v_steps)))
     return results
 
 
@@ -180,7 +190,7 @@ def check_skinny_cases(results: list[dict], cases: int) -> None:
 
 
 def check_rotated_check_cases(results: list[dict]) -> None:
-    assert len(results) == 4
+    assert len(results) == 10
     for r in results:
         assert r["as_steps"] and r["caches_as_steps"], r
 
