@@ -31,6 +31,8 @@ Without Triton (a CPU build of torch) `available()` is False and the passes keep
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -53,10 +55,10 @@ SPLITS = 16
 MIN_CHUNK = 256
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
 # skinny_product: rows of x one program multiplies (a check's tokens), and programs per multiprocessor it aims for.
-# skinny_config's choice is from the sweep (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md): at
-# every weight of the Qwen2.5 0.5B, 1.5B and 7B shapes its blocks (where its split was not swept, the nearest split
-# that was) took at most 6% more than the fastest swept; against cuBLAS, q/k/v, o and down 2-36% less, gate/up and
-# the head 0-5% less (the 0.5B head 0.2% more).
+# skinny_config's choice is from the sweep (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md), its
+# runs at most max_splits(): at every weight of the Qwen2.5 0.5B, 1.5B and 7B shapes its blocks (where its split was not
+# swept, the nearest split that was) took at most 0.4 us (7%) more than the fastest swept, which split the 0.5B q/k/v,
+# o and down into 14-16 runs.
 MAX_ROWS = 16
 SKINNY_PROGRAMS = 3
 _MULTIPROCESSORS: dict[int, int] = {}  # per CUDA device (read where a pass is traced: set with its counters)
@@ -209,16 +211,29 @@ if triton is not None:
 
 def skinny_config(n: int, k: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, splits, warps, stages) of skinny_product for a weight [n, k]: where its rows, 64 a program,
-    make at most half of SKINNY_PROGRAMS programs per multiprocessor, blocks of 64 x 64, four in flight, with its
-    columns split into runs (splits) for SKINNY_PROGRAMS per multiprocessor; else blocks of 64 x 128, three in flight,
-    one run."""
+    make at most half of SKINNY_PROGRAMS programs per multiprocessor, its columns split into runs (splits) for
+    SKINNY_PROGRAMS per multiprocessor, but into no more runs than inductor adds up inside the kernel that reads them
+    (max_splits()), blocks of 64 rows by 64 columns (128 where a run is over 512), four in flight; else blocks of
+    64 x 128, three in flight, one run."""
     index = 0 if device is None or device.index is None else device.index
     sms = _MULTIPROCESSORS.get(index, 132)  # (an H100's, off CUDA: the interpreter's tests)
-    splits = min(triton.cdiv(k, 64), SKINNY_PROGRAMS * sms // triton.cdiv(n, 64))
+    splits = min(triton.cdiv(k, 64), SKINNY_PROGRAMS * sms // triton.cdiv(n, 64), max_splits())
     if splits < 2:
         return 64, 128, 1, 4, 3
-    chunk = triton.cdiv(triton.cdiv(k, splits), 64) * 64
-    return 64, 64, triton.cdiv(k, chunk), 4, 4
+    block_k = 128 if k > 512 * splits else 64
+    chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return 64, block_k, triton.cdiv(k, chunk), 4, 4
+
+
+def max_splits() -> int:
+    """The most runs skinny_product splits a weight's columns into: the longest sum inductor writes out inside the
+    kernel that reads it (a check's partial sums: with the residual add and the next norm, the bias, the activation),
+    one less than its unroll_reductions_threshold. A longer sum is a reduction kernel of its own: at Qwen2.5-0.5B's
+    width, runs of 14 for q/k/v and o made two such kernels a layer (BENCHMARKS.md). BILD_SKINNY_MAX_SPLITS in the
+    environment replaces it (to measure)."""
+    from torch._inductor import config
+
+    return max(1, int(os.environ.get("BILD_SKINNY_MAX_SPLITS", 0)) or config.unroll_reductions_threshold - 1)
 
 
 def skinny_product(x: torch.Tensor, weight: torch.Tensor, config: tuple | None = None,

@@ -382,6 +382,22 @@ def test_a_compiled_check_multiplies_with_the_skinny_product(arch):
         assert not any("gemm" in n.lower() or "cutlass" in n.lower() for n in names), names
 
 
+def test_a_compiled_checks_partial_sums_add_up_where_they_are_read():
+    """skinny_product splits a weight's columns into no more runs than inductor adds up inside the kernel that reads
+    the partial sums (kernels.max_splits): a check of a 2-layer Qwen2 of width 1024, whose q/k/v and o the GPU's
+    multiprocessors would split into 12-16 runs, launches no kernel that only adds them up (at Qwen2.5-0.5B's width,
+    two such kernels a layer)."""
+    import re
+
+    from decode import kernels
+
+    model = tiny_model("qwen2", 0, width=1024, layers=2).cuda()
+    assert 1 < kernels.skinny_config(1024, 1024, torch.device("cuda"))[2] <= kernels.max_splits() < 12
+    names = step_kernels(model, True, ("check", 8, "exact"))
+    assert sum("_skinny_product" in n for n in names) == 4 * 2 + 1, names
+    assert not [n for n in names if re.fullmatch(r"triton_(per|red)_fused_sum_\d+", n)], names
+
+
 @pytest.mark.parametrize("arch", ("bart", "t5", "qwen2", "gemma3", "phi3"))
 def test_checks_with_the_skinny_product_decode_as_without_fp32(arch, monkeypatch):
     """SKINNY_PRODUCT (compiled checks' products; fused and separate q/k/v, biases, gated and ungated MLPs)."""
