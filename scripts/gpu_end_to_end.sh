@@ -10,8 +10,8 @@
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those. Then (BENCH=1 or small) each shape of
 # BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of BENCH_SETTINGS, each in a process of its own (as
-# its first runner), with its kernels (--profile; the default's checks too): a setting is `default` or environment
-# assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
+# its first runner), with its kernels (--profile) and its checks' (--profile-checks): a setting is `default` or
+# environment assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
@@ -46,8 +46,7 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   for shape in ${BENCH_SHAPES:-qwen2.5_0.5b qwen2.5_1.5b}; do  # each setting a process's first runner
     for setting in ${BENCH_SETTINGS:-default}; do
       name=\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
-      checks=(); [[ \$setting == default ]] && checks=(--profile-checks)
-      env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile "\${checks[@]}" --repeats 3 \
+      env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
         --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
     done
   done
