@@ -153,8 +153,11 @@ KERNEL_ROTARY = True
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
 # Whether that kernel also writes the check's keys and values into the cache, each query reading its pass's own tokens
 # where they come from (kernels.attention_over_cache given k and v), not a kernel (or a scatter) apart that writes them
-# first. BILD_CHECK_WRITES=0 in the environment writes them apart.
-CHECK_WRITES: bool = _env_switch("BILD_CHECK_WRITES") is not False
+# first. It passed every GPU test, but its speed was not compared with the writes apart on one machine: in one H200
+# profile of a Qwen2.5-0.5B check (BENCHMARKS.md) it took 4.4 us a layer at 2 tokens and 7.4 at 11, against 5.1 and
+# 6.8 for the two kernels on an H100 earlier. So it is off until measured; BILD_CHECK_WRITES=1 in the environment
+# turns it on.
+CHECK_WRITES: bool = _env_switch("BILD_CHECK_WRITES") is True
 # Whether a compiled pass of 2 to kernels.MAX_ROWS tokens of one row on CUDA (a check, a catch-up, a short prompt or
 # source) multiplies by its weights with decode/kernels.py's skinny_product, which reads each weight once for all the
 # tokens and spreads it over the whole GPU, its partial sums added inside the kernel that reads the product; otherwise
@@ -433,8 +436,8 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     D_rot]) are given, writes the keys and values k, v ([B, H_kv, n, D]) into the caches at pos and attends from q over
     the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
     writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`; a few tokens (a check) with
-    `kernel` and CHECK_KERNEL: the same kernel for each token, rotating as the step does, which also writes the
-    tokens' keys and values (CHECK_WRITES; else they are written first, apart)."""
+    `kernel` and CHECK_KERNEL: the same kernel for each token, rotating as the step does, the tokens' keys and values
+    written first, apart (or by that kernel: CHECK_WRITES)."""
     one = kernel and q.shape[2] == 1 and q.is_cuda
     if one and kernel_rope and rope is not None:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
