@@ -438,9 +438,9 @@ def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeyp
 @SPLIT_RUNS
 def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk):
     """A check through the kernel compiled for CUDA, its keys written in the same kernel (each query reading the
-    check's own keys where they are given, while other programs write them) and apart (write_keys): the one-token
-    kernel's bits, token by token, and its caches (tests/test_kernels.py runs the same cases in Triton's
-    interpreter, whose programs run one after another)."""
+    check's own keys where they are given, while other programs write them), apart (write_keys), and not at all (the
+    reads alone): the one-token kernel's bits, token by token, and its caches (tests/test_kernels.py runs the same
+    cases in Triton's interpreter, whose programs run one after another)."""
     from test_kernels import check_rotated_check_cases, rotated_check_cases
 
     _runs(monkeypatch, min_chunk)
