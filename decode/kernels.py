@@ -233,7 +233,11 @@ def max_splits() -> int:
     environment replaces it (to measure)."""
     from torch._inductor import config
 
-    return max(1, int(os.environ.get("BILD_SKINNY_MAX_SPLITS", 0)) or config.unroll_reductions_threshold - 1)
+    value = os.environ.get("BILD_SKINNY_MAX_SPLITS", "")
+    if value and not (value.isdigit() and int(value) > 0):
+        raise ValueError(f"BILD_SKINNY_MAX_SPLITS={value!r}: set it to a whole number of runs, 1 or more, or leave "
+                         "it unset (inductor's unroll_reductions_threshold less one)")
+    return int(value) if value else max(1, config.unroll_reductions_threshold - 1)
 
 
 def skinny_product(x: torch.Tensor, weight: torch.Tensor, config: tuple | None = None,
