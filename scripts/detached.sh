@@ -25,16 +25,16 @@ detached_wait() {
   echo "JOB DIED"; tail -30 "$log"; return 2
 }
 
-# Inside a job: every GPU test (TESTS, a -k expression, narrows them) in the background, in 8 pytest processes at
-# once, recompiles logged (TORCH_LOGS); each process's output and exit status in DIR/tests_N.log. The job's `wait`
-# waits for them.
+# Inside a job: every GPU test (TESTS, a -k expression, narrows them) in the background, in GPU_TEST_PROCS (default 8)
+# pytest processes at once, recompiles logged (TORCH_LOGS); each process's output and exit status in DIR/tests_N.log.
+# The job's `wait` waits for them.
 gpu_tests_alongside() {
-  local dir=$1 i
+  local dir=$1 i procs=${GPU_TEST_PROCS:-8}
   mkdir -p "$dir"
   python3 -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_gpu.py ${TESTS:+-k "$TESTS"} | grep "::" \
     > "$dir/test_ids.txt"
-  for i in 0 1 2 3 4 5 6 7; do
-    awk -v i=$i 'NR % 8 == i' "$dir/test_ids.txt" > "$dir/test_ids.$i"
+  for ((i = 0; i < procs; i++)); do
+    awk -v i=$i -v n=$procs 'NR % n == i' "$dir/test_ids.txt" > "$dir/test_ids.$i"
     [[ -s $dir/test_ids.$i ]] || continue  # (fewer tests than processes)
     (TORCH_LOGS=recompiles timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu $(cat "$dir/test_ids.$i") \
        > "$dir/tests_$i.log" 2>&1; echo "gpu tests rc $?" >> "$dir/tests_$i.log") &
@@ -44,7 +44,7 @@ gpu_tests_alongside() {
 # After the tests: each process's verdict, the failures' first lines, any recompile logged.
 gpu_tests_verdict() {
   local dir=$1 i
-  for i in 0 1 2 3 4 5 6 7; do grep -E "passed|failed|error" "$dir/tests_$i.log" 2>/dev/null | tail -1; done
+  for ((i = 0; i < ${GPU_TEST_PROCS:-8}; i++)); do grep -E "passed|failed|error" "$dir/tests_$i.log" 2>/dev/null | tail -1; done
   grep -h -B2 -A30 "^____\|Error\b" "$dir"/tests_*.log | cut -c1-300 | head -60
   grep -h -A4 "Recompiling" "$dir"/tests_*.log | cut -c1-300 | head -20
 }

@@ -5,7 +5,7 @@
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
 # B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
-# RUN_TESTS=1: every GPU test alongside the training (8 processes; tuning waits for them). UNCOMPILED=0: the compiled
+# RUN_TESTS=1: every GPU test alongside the training (GPU_TEST_PROCS, 8, processes; tuning waits for them). UNCOMPILED=0: the compiled
 # evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
 # compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
 # 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those. Then (BENCH=1 or small) each shape of
@@ -35,7 +35,7 @@ source scripts/detached.sh
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
 if [[ ${SKINNY:-0} != 0 ]]; then  # the GPU to itself
-  sweep=(); [[ ${SKINNY} == sweep ]] && sweep=(--sweep)
+  sweep=(); [[ ${SKINNY:-0} == sweep ]] && sweep=(--sweep)
   timeout 240 python3 scripts/bench_skinny.py "\${sweep[@]}" --json runs/skinny.json > runs/skinny.log 2>&1
 fi
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
