@@ -151,13 +151,6 @@ KERNEL_ROTARY = True
 # model's own Greedy (random tiny pairs, 20 per family, BART / T5 / Llama / Qwen2): 2 / 0 / 6 / 6 mismatches off,
 # 0 / 0 / 1 / 2 on. BILD_CHECK_KERNEL=0 in the environment turns it off.
 CHECK_KERNEL = os.environ.get("BILD_CHECK_KERNEL", "1") != "0"
-# Whether that kernel also writes the check's keys and values into the cache, each query reading its pass's own tokens
-# where they come from (kernels.attention_over_cache given k and v), not a kernel (or a scatter) apart that writes them
-# first. It passed every GPU test, but its speed was not compared with the writes apart on one machine: in one H200
-# profile of a Qwen2.5-0.5B check (BENCHMARKS.md) it took 4.4 us a layer at 2 tokens and 7.4 at 11, against 5.1 and
-# 6.8 for the two kernels on an H100 earlier. So it is off until measured; BILD_CHECK_WRITES=1 in the environment
-# turns it on.
-CHECK_WRITES: bool = _env_switch("BILD_CHECK_WRITES") is True
 # Whether a compiled pass of 2 to kernels.MAX_ROWS tokens of one row on CUDA (a check, a catch-up, a short prompt or
 # source) multiplies by its weights with decode/kernels.py's skinny_product, which reads each weight once for all the
 # tokens and spreads it over the whole GPU, its partial sums added inside the kernel that reads the product; otherwise
@@ -437,14 +430,14 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
     the slots each position sees; returns [B, n, H * D]. One token on CUDA with `kernel`: the Triton kernel does the
     writes and the attention (decode/kernels.py), and the rotary too with `kernel_rope`; a few tokens (a check) with
     `kernel` and CHECK_KERNEL: the same kernel for each token, rotating as the step does, the tokens' keys and values
-    written first, apart (or by that kernel: CHECK_WRITES)."""
+    written first, apart (kernels.write_keys where the kernel rotates). Measured: the writes inside the attention
+    kernel, its queries reading the check's own keys where they came from, cost more than that kernel apart at Qwen2.5
+    0.5B and 1.5B (H100, BENCHMARKS.md), and were removed."""
     one = kernel and q.shape[2] == 1 and q.is_cuda
     if one and kernel_rope and rope is not None:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v, *rope)
     few = _few_queries(q, kernel)
     if few and kernel_rope and rope is not None:
-        if CHECK_WRITES:
-            return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, *rope, k=k, v=v)
         kernels.write_keys(k, v, k_cache, v_cache, pos, *rope)
         return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, *rope)
     if rope is not None:
@@ -452,8 +445,6 @@ def self_attention(q, k, v, k_cache, v_cache, pos, scale, window=None, gqa=False
         q, k = rotary(q, c, s), rotary(k, c, s)
     if one:
         return kernels.decode_attention(q, k_cache, v_cache, pos, scale, window, k, v)
-    if few and CHECK_WRITES:
-        return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window, k=k, v=v)
     write_cache(k_cache, v_cache, pos, k, v)
     if few:
         return kernels.attention_over_cache(q, k_cache, v_cache, pos, scale, window)

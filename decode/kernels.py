@@ -2,7 +2,7 @@
 step's, and a check's), and a check's products.
 
     out = decode_attention(q, k_cache, v_cache, last, scale, window, k, v)          # q [B, H, 1, D] -> [B, 1, H * D]
-    out = attention_over_cache(q, k_cache, v_cache, last, scale, window, k=k, v=v)  # q [B, H, n, D] -> [B, n, H * D]
+    out = attention_over_cache(q, k_cache, v_cache, last, scale, window)            # q [B, H, n, D] -> [B, n, H * D]
     parts = skinny_product(x, weight)                                               # x [M <= 16, K] -> fp32 [S, M, N]
 
 One kernel rotates q and k by their position where given the rotary tables (decode.compact.KERNEL_ROTARY), writes
@@ -15,11 +15,10 @@ sees, at least MIN_CHUNK of them (flash-decoding): up to MIN_CHUNK slots one pro
 output; past it, each writes its partial softmax sums and the last to finish (a counter per token, which it sets back
 to 0) combines them in a fixed order. The runs are a function of the position alone, so a token's output does not
 depend on which pass computes it. The query heads of a group read their key/value head where it lies.
-`attention_over_cache` runs the same program for each of n query tokens (a check of several tokens): it writes their
-keys and values into the cache as the one-token step writes its token's, and each query reads the slots of the
-check's own tokens where their keys and values are given, rotated by the same code, not from the cache (other programs
-write it meanwhile); or they are in the cache already (`write_keys` wrote them, rotated by the same code, in a kernel
-of its own). Each query's output is what the one-token step computes for it, bit for bit, given the same inputs.
+`attention_over_cache` runs the same program for each of n query tokens (a check of several tokens), over a cache
+that already holds their keys and values (`write_keys` wrote them, rotated by the same code as the one-token step
+rotates its token's, in a kernel of its own). Each query's output is what the one-token step computes for it, bit for
+bit, given the same inputs.
 
 `skinny_product` multiplies a few rows (a check's tokens) by a weight, read once for all of them: each program takes
 64 of the weight's rows over one run of its columns, times a 16-row block of x on the tensor cores, and stores its
@@ -80,8 +79,7 @@ if triton is not None:
     def _rotated(ptr, d, cos_ptr, sin_ptr, pos, stride_r, mask, ROT: tl.constexpr):
         """The vector at ptr + d rotated over its first ROT dimensions by row `pos` of the rotary tables (x * cos +
         rotate_half(x) * sin, in float32, rounded to x's dtype as the passes' own rotary leaves it); as it is
-        without them (ROT 0). With ptr and pos a column of a block's slots and d a row, the block's vectors (where
-        `mask`; 0 elsewhere): the same arithmetic, element by element."""
+        without them (ROT 0). Where `mask` is off, 0."""
         x = tl.load(ptr + d, mask=mask, other=0.0)
         if ROT > 0:
             half: tl.constexpr = ROT // 2
@@ -98,8 +96,7 @@ if triton is not None:
                           stride_vb, stride_vh, stride_vn, stride_cb, stride_ch, stride_cs, stride_ob, stride_oh,
                           stride_on, stride_pb, stride_pn, stride_r, scale, window, min_chunk, GROUP: tl.constexpr,
                           D: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr, WRITE: tl.constexpr,
-                          ROT: tl.constexpr, ATTEND: tl.constexpr, SPLITS: tl.constexpr,
-                          FRESH: tl.constexpr):
+                          ROT: tl.constexpr, ATTEND: tl.constexpr, SPLITS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         query = tl.program_id(2) // SPLITS  # 0 for one token
@@ -126,11 +123,6 @@ if triton is not None:
             tl.store(kc_ptr + cache + pos * stride_cs + d, k_new)
             tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
             tl.debug_barrier()
-        # FRESH: the slots of the pass's own tokens (consecutive from its first token's position) are read where their
-        # keys and values come from, rotated by the same code, not from the cache, which other programs write meanwhile
-        fresh_from = pos + 1
-        if FRESH:
-            fresh_from = tl.load(pos_ptr + row * stride_pb)
 
         if ATTEND and split < runs:  # (ATTEND False: only the writes, of several tokens: write_keys)
             q = _rotated(q_ptr + row * stride_qb + head * stride_qh + query * stride_qn, d, cos_ptr, sin_ptr, pos,
@@ -141,19 +133,9 @@ if triton is not None:
             for start in range(first, tl.minimum(first + chunk, pos + 1), BLOCK):
                 slots = start + tl.arange(0, BLOCK)
                 live = slots <= pos
-                cached = (live & (slots < fresh_from))[:, None]
                 offsets = cache + slots[:, None] * stride_cs + d[None, :]
-                k = tl.load(kc_ptr + offsets, mask=cached, other=0.0)
-                v = tl.load(vc_ptr + offsets, mask=cached, other=0.0)
-                if FRESH:
-                    if start + BLOCK > fresh_from:  # (a block with the pass's tokens)
-                        fresh = (live & (slots >= fresh_from))[:, None]
-                        j = tl.maximum(slots - fresh_from, 0)[:, None]  # which of the pass's tokens
-                        k = tl.where(fresh, _rotated(new_k + j * stride_kn, d[None, :], cos_ptr, sin_ptr,
-                                                     slots[:, None], stride_r, fresh, ROT), k)
-                        v = tl.where(fresh, tl.load(new_v + j * stride_vn + d[None, :], mask=fresh, other=0.0), v)
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+                k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
                 scores = (tl.sum(q[None, :] * k, 1) * scale).to(tl.float32)  # inductor passes the scale as fp64
                 scores = tl.where(live, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, 0))
@@ -277,7 +259,7 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
         q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
         stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
-        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS, FRESH=False,
+        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS,
         num_warps=WARPS)
     return out
 
@@ -293,33 +275,27 @@ def write_keys(k, v, k_cache, v_cache, pos, cos, sin, kernel=None) -> None:
         0, 0, 0, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), 0, 0, 0, pos.stride(0), pos.stride(1),
         cos.stride(0), 1.0, 0, MIN_CHUNK, GROUP=1, D=d, BLOCK=BLOCK, HAS_WINDOW=False, WRITE=True,
-        ROT=cos.shape[-1], ATTEND=False, SPLITS=1, FRESH=False, num_warps=WARPS)
+        ROT=cos.shape[-1], ATTEND=False, SPLITS=1, num_warps=WARPS)
 
 
 def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | None = None, cos=None, sin=None,
-                         k=None, v=None, kernel=None):
+                         kernel=None):
     """q: [B, H, n, D], n at most MAX_QUERIES; last: [B, n], the last slot each query sees (its position), or [B, 1]
     for every query alike (cross-attention: the source length - 1). Attends over slots last - window < j <= last of
     k_cache, v_cache ([B, H_kv, capacity, D]), each query as decode_attention attends for one token, q rotated first
-    where given cos, sin (by last, its position); returns [B, n, H * D] in q's dtype. k, v ([B, H_kv, n, D]), where
-    given, are the queries' own keys and values, at consecutive positions: they are written into the caches at `last`
-    (rotated as decode_attention rotates the one token's, where given the tables) in the same kernel, whose queries
-    read them where they are given, not from the caches; without them, the caches already hold them (write_keys).
-    `kernel` as in decode_attention."""
+    where given cos, sin (by last, its position); returns [B, n, H * D] in q's dtype. The caches already hold the
+    queries' own keys and values (write_keys). `kernel` as in decode_attention."""
     b, h, n, d = q.shape
     q = _rows(q)
-    write = k is not None
-    k3, v3 = (_rows(k), _rows(v)) if write else (q, q)  # (unread without the writes)
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
     cos, sin, rot, stride_r = _tables(cos, sin, q)
     (kernel or _decode_attention)[(b, h, n * SPLITS)](
-        q, k3, v3, k_cache, v_cache, o4, last, cos, sin, *_scratch(q, b * h * n),
-        q.stride(0), q.stride(1), q.stride(2), k3.stride(0), k3.stride(1), k3.stride(2), v3.stride(0), v3.stride(1),
-        v3.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0), o4.stride(2),
-        o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, stride_r, scale, window or 0,
-        MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK, HAS_WINDOW=window is not None, WRITE=write,
-        ROT=rot, ATTEND=True, SPLITS=SPLITS, FRESH=write, num_warps=WARPS)
+        q, q, q, k_cache, v_cache, o4, last, cos, sin, *_scratch(q, b * h * n),  # (q in place of the new keys: unread)
+        *(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        o4.stride(0), o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0,
+        stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
+        HAS_WINDOW=window is not None, WRITE=False, ROT=rot, ATTEND=True, SPLITS=SPLITS, num_warps=WARPS)
     return out
 
 
