@@ -387,8 +387,11 @@ def with_settings(model, settings: dict, make, measure):
 
 def profile_step(runner, key=("step", 1)) -> dict:
     """Kernels of one compiled pass (the step, or a check: key ("check", n, "exact")) run without its graph: how
-    many, and the costliest by total device time. The pass reads the runner's static inputs as its last call left
-    them."""
+    many, and the costliest by total device time with their launch shapes (grid and block, from the profiler's trace:
+    where two processes' kernels of one name take different times, whether the tuning gave them other blocks). The
+    pass reads the runner's static inputs as its last call left them."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     step = runner._pass(key)
@@ -408,9 +411,26 @@ def profile_step(runner, key=("step", 1)) -> dict:
         by_name.setdefault(e.name, []).append(us(e))
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
     first = sorted(kernels, key=lambda e: e.time_range.start)[: len(kernels) // 5]  # one step, in order
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        shapes = launch_shapes(json.loads(Path(trace.name).read_text()))
     return {"kernels_per_step": len(kernels) / 5, "device_us_per_step": sum(sum(v) for v in by_name.values()) / 5,
-            "top": [(name[:90], len(v) / 5, sum(v) / 5) for name, v in top],
+            "top": [(name[:90], len(v) / 5, sum(v) / 5, shapes.get(name, "")) for name, v in top],
             "order": [(e.name[:90], us(e)) for e in first[:40]]}
+
+
+def launch_shapes(trace: dict) -> dict[str, str]:
+    """Each kernel's launch shapes in a profiler's Chrome trace: name -> "grid AxBxC block N" (several, by how often,
+    where launches of one name differ)."""
+    seen: dict[str, dict[str, int]] = {}
+    for event in trace.get("traceEvents", []):
+        args = event.get("args") or {}
+        if event.get("cat") != "kernel" or "grid" not in args or "block" not in args:
+            continue
+        shape = f"grid {'x'.join(map(str, args['grid']))} block {args['block'][0]}"
+        counts = seen.setdefault(event["name"], {})
+        counts[shape] = counts.get(shape, 0) + 1
+    return {name: ", ".join(sorted(counts, key=lambda k: -counts[k])) for name, counts in seen.items()}
 
 
 @torch.inference_mode()
@@ -561,8 +581,8 @@ def main():
             pr = r["profile"]
             print(f"\n{r['shape']}: {pr['kernels_per_step']:.0f} kernels per compiled step, {pr['device_us_per_step']:.0f} us "
                   "of kernel time (no graph)")
-            for name, count, us in pr["top"]:
-                print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
+            for name, count, us, launch in pr["top"]:
+                print(f"  {us:8.1f} us  x{count:4.0f}  {name}  [{launch}]")
             print("  the step's first kernels, in order (the embedding, then layer 0 and on):")
             for name, us in pr["order"]:
                 print(f"  {us:8.1f} us  {name}")
@@ -579,8 +599,8 @@ def main():
             for n, pr in r["profile_checks"].items():
                 print(f"\n{r['shape']}: a check of {n} tokens, {pr['kernels_per_step']:.0f} kernels, "
                       f"{pr['device_us_per_step']:.0f} us of kernel time (no graph)")
-                for name, count, us in pr["top"]:
-                    print(f"  {us:8.1f} us  x{count:4.0f}  {name}")
+                for name, count, us, launch in pr["top"]:
+                    print(f"  {us:8.1f} us  x{count:4.0f}  {name}  [{launch}]")
     if args.pairs:
         print("\nper pair, ms from the rows above; arithmetic over the measured passes, not a decoding run")
         print("\n".join(pair_table(rows)))
