@@ -114,6 +114,12 @@ COMPILED_VERDICT: bool = _env_switch("BILD_COMPILED_VERDICT") is not False
 # (0.5B and 1.5B); the whole step's difference was below the spread between processes. BILD_SPLIT_VERDICT=0 in the
 # environment turns it off.
 SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
+# Whether a compiled one-token pass of the decoder-only families stores its q/k/v product (its bias added) as one
+# buffer (compact.stored) before splitting it into q, k and v for the attention kernel. Between that product and the
+# attention kernel, a step runs one more kernel a layer at every Qwen2.5 shape (1.3-1.4 us on an H100, BENCHMARKS.md),
+# whose generic name, a combo kernel's, does not say what it computes: perhaps q, k and v written as three buffers.
+# Not yet measured; BILD_STORED_QKV=1 in the environment turns it on.
+STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is True
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]

@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 
 import decode.compact as compact
 from decode.compact import (Decoder, Passes, fuse_linears, gated_activation, gemma_norm, heads, linear, norm_linear,
-                            notice, rms_norm, self_attention)
+                            notice, rms_norm, self_attention, stored)
 from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
@@ -70,7 +70,7 @@ class LlamaPasses(Passes):
         kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 self.norm_in_product, self.mlp_activation),
+                                                 self.norm_in_product, self.mlp_activation, compact.STORED_QKV),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)
@@ -140,7 +140,7 @@ def _eps(norm) -> float:
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False, kernel_rope=False, fused_norm=False, mlp_activation="inline"):
+                 kernel=False, kernel_rope=False, fused_norm=False, mlp_activation="inline", stored_qkv=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
@@ -148,7 +148,10 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         """One decoder-only layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D_rot]; writes the caches.
         The weights a family lacks (q/k norms, the norms after attention and MLP, biases) are None."""
         ln1, qkv_w, qkv_b, q_ln, k_ln, o_w, o_b, attn_ln, ln2, gate_up_w, gate_up_b, down_w, down_b, mlp_ln = w
-        q, k, v = norm_linear(h, norm, ln1, eps, qkv_w, qkv_b, fused_norm).split(split, dim=-1)
+        qkv = norm_linear(h, norm, ln1, eps, qkv_w, qkv_b, fused_norm)
+        if stored_qkv and h.shape[0] == 1 and h.shape[1] == 1:  # (compact.STORED_QKV)
+            qkv = stored(qkv)
+        q, k, v = qkv.split(split, dim=-1)
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
         if q_ln is not None:
             q, k = norm(q, q_ln, eps), norm(k, k_ln, eps)

@@ -342,6 +342,32 @@ def test_passes_with_the_mlp_activation_stored_equal_transformers(arch, how, mon
     assert all(True not in layer._first for layer in (layers.values() if isinstance(layers, dict) else [layers]))
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "phi3", "gemma3"))
+def test_passes_with_the_qkv_product_stored_equal_transformers(arch, monkeypatch):
+    """STORED_QKV's wiring in the decoder-only layer (q/k/v fused by the passes, or in the checkpoint: Phi-3), traced by
+    dynamo and run eagerly, as above."""
+    import decode.compact as compact
+
+    compile_ = torch.compile
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
+                                                                           dynamic=kw.get("dynamic")))
+    import decode.decoder_only as decoder_only
+
+    stores = []
+
+    def counted(x):  # (a plain function, which dynamo traces; its count replayed with the pass)
+        stores.append(x.shape)
+        return compact.stored(x)
+
+    monkeypatch.setattr(compact, "STORED_QKV", True)
+    monkeypatch.setattr(decoder_only, "stored", counted)
+    model = tiny_model(arch, 0)
+    runner = FastRunner(model, compile=True)
+    assert compact_vs_transformers(model, runner=runner) < 1e-5
+    assert all(True not in layer._first for layer in runner.passes.layer.values())
+    assert stores and all(shape[:2] == (1, 1) for shape in stores)  # one-token passes only
+
+
 @pytest.mark.parametrize("compile_, tuned, on", ((True, None, True), (False, None, False), (True, False, False)))
 def test_the_mlp_activation_is_stored_where_one_token_products_are_reductions(compile_, tuned, on, monkeypatch):
     """MLP_ACTIVATION holds in compiled passes whose one-token products inductor writes as reductions (tuned: models

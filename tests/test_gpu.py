@@ -484,6 +484,13 @@ def test_checks_that_attend_with_the_kernel_decode_as_without_fp32(arch, compile
     decodes_as_without("CHECK_KERNEL", arch, compile, monkeypatch)
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "mistral"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_steps_whose_qkv_product_is_stored_decode_as_without_fp32(arch, compile, monkeypatch):
+    """STORED_QKV (a one-token pass's q/k/v product stored as one buffer before its split)."""
+    decodes_as_without("STORED_QKV", arch, compile, monkeypatch)
+
+
 def decodes_as_without(setting, arch, compile, monkeypatch):
     """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
     equal those with it off (float32)."""
