@@ -323,6 +323,16 @@ def _gated_t5():
     return T5ForConditionalGeneration(config).eval()
 
 
+def _compile_eagerly(monkeypatch):
+    """The passes' torch.compile with dynamo's eager backend: each pass traced as a whole graph (fullgraph) and run
+    eagerly, with the variant's dynamic setting, without generating code."""
+    import decode.compact as compact
+
+    compile_ = torch.compile
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
+                                                                           dynamic=kw.get("dynamic")))
+
+
 @pytest.mark.parametrize("how", ("stored", "epilogue"))
 @pytest.mark.parametrize("arch", ("qwen2", "phi3", "gemma3", "bart", "t5", "t5-gated"))
 def test_passes_with_the_mlp_activation_stored_equal_transformers(arch, how, monkeypatch):
@@ -330,9 +340,7 @@ def test_passes_with_the_mlp_activation_stored_equal_transformers(arch, how, mon
     and run eagerly (the eager backend: the one-token pass's arithmetic without generating code)."""
     import decode.compact as compact
 
-    compile_ = torch.compile
-    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
-                                                                           dynamic=kw.get("dynamic")))
+    _compile_eagerly(monkeypatch)
     monkeypatch.setattr(compact, "MLP_ACTIVATION", how)
     model = _gated_t5() if arch == "t5-gated" else tiny_model(arch, 0)
     runner = FastRunner(model, compile=True)
@@ -347,12 +355,9 @@ def test_passes_with_the_qkv_product_stored_equal_transformers(arch, monkeypatch
     """STORED_QKV's wiring in the decoder-only layer (q/k/v fused by the passes, or in the checkpoint: Phi-3), traced by
     dynamo and run eagerly, as above."""
     import decode.compact as compact
-
-    compile_ = torch.compile
-    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
-                                                                           dynamic=kw.get("dynamic")))
     import decode.decoder_only as decoder_only
 
+    _compile_eagerly(monkeypatch)
     stores = []
 
     def counted(x):  # (a plain function, which dynamo traces; its count replayed with the pass)
@@ -397,9 +402,7 @@ def test_passes_with_the_norm_inside_the_product_equal_transformers(arch, monkey
     its own form)."""
     import decode.compact as compact
 
-    compile_ = torch.compile
-    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
-                                                                           dynamic=kw.get("dynamic")))
+    _compile_eagerly(monkeypatch)
     monkeypatch.setattr(compact, "NORM_IN_PRODUCT", True)
     model = tiny_model(arch, 0)
     runner = FastRunner(model, compile=True)
@@ -452,11 +455,7 @@ def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(ar
     import logging
     import re
 
-    import decode.compact as compact
-
-    compile_ = torch.compile
-    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", fullgraph=True,
-                                                                           dynamic=kw.get("dynamic")))
+    _compile_eagerly(monkeypatch)
     symbols = []
 
     class Record(logging.Handler):
