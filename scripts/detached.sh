@@ -43,8 +43,8 @@ gpu_tests_alongside() {
 
 # After the tests: each process's verdict, the failures' first lines, any recompile logged.
 gpu_tests_verdict() {
-  local dir=$1 i
-  for ((i = 0; i < ${GPU_TEST_PROCS:-8}; i++)); do grep -E "passed|failed|error" "$dir/tests_$i.log" 2>/dev/null | tail -1; done
+  local dir=$1 f
+  for f in "$dir"/tests_*.log; do grep -E "passed|failed|error" "$f" 2>/dev/null | tail -1; done
   grep -h -B2 -A30 "^____\|Error\b" "$dir"/tests_*.log | cut -c1-300 | head -60
   grep -h -A4 "Recompiling" "$dir"/tests_*.log | cut -c1-300 | head -20
 }

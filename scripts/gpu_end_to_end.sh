@@ -5,13 +5,14 @@
 # default) and once with `compile=true`. The two evaluations run in separate processes (a runner compiled after
 # another in one process measured slower: BENCHMARKS.md), uncompiled first.
 # B16=1: then, compiled, BiLD's throughput at batch 16 (throughput_systems=[bild]).
-# RUN_TESTS=1: every GPU test alongside the training (GPU_TEST_PROCS, 8, processes; tuning waits for them). UNCOMPILED=0: the compiled
-# evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes (BILD_COMPILE=0), as tuned before
-# compiling was the default. BENCH=1: once the pair is trained, before tuning, the step at the Qwen2.5 0.5B, 1.5B and
-# 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those. Then (BENCH=1 or small) each shape of
-# BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of BENCH_SETTINGS, each in a process of its own (as
-# its first runner), with its kernels (--profile) and its checks' (--profile-checks): a setting is `default` or
-# environment assignments joined by commas, e.g. BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
+# RUN_TESTS=1: every GPU test alongside the training (in GPU_TEST_PROCS processes, default 8; tuning waits for them).
+# UNCOMPILED=0: the compiled evaluation alone. TUNE_COMPILED=0: the pipeline up to tuning on uncompiled passes
+# (BILD_COMPILE=0), as tuned before compiling was the default. BENCH=1: once the pair is trained, before tuning, the
+# step at the Qwen2.5 0.5B, 1.5B and 7B shapes with the pair table (scripts/bench_step.py); BENCH=small: not those.
+# Then (BENCH=1 or small) each shape of BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of
+# BENCH_SETTINGS, each in a process of its own (as its first runner), with its kernels (--profile) and its checks'
+# (--profile-checks): a setting is `default` or environment assignments joined by commas, e.g.
+# BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
