@@ -12,11 +12,13 @@
 # Then (BENCH=1 or small) each shape of BENCH_SHAPES (default: Qwen2.5 0.5B and 1.5B) under each setting of
 # BENCH_SETTINGS, each in a process of its own (as its first runner), with its kernels (--profile) and its checks'
 # (--profile-checks): a setting is `default` or environment assignments joined by commas, e.g.
-# BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1".
+# BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1". BENCH_RUNS: instead, the runs one by one
+# as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default".
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
 # its sweep of blocks.
+# COMPILE_BENCH=1: then (before SKINNY and BENCH) the 7B shape's compile time, cold and warm (scripts/bench_compile.py).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
 #   bash scripts/gpu_end_to_end.sh start    # copies the repo to /tmp/bild-e, starts the job detached, waits WAIT s
@@ -35,6 +37,10 @@ source scripts/detached.sh
 [[ ${RUN_TESTS:-0} == 1 ]] && gpu_tests_alongside runs
 [[ ${PAIR:-1} == 1 ]] && { demo_pair_up_to_tuning .gpu/data align || exit 1; }
 [[ ${RUN_TESTS:-0} == 1 ]] && { wait; gpu_tests_verdict runs; }
+if [[ ${COMPILE_BENCH:-0} == 1 ]]; then  # the GPU to itself
+  timeout 300 python3 scripts/bench_compile.py --shape qwen2.5_7b --device cuda --dtype bfloat16 \
+    > runs/compile_7b.log 2>&1
+fi
 if [[ ${SKINNY:-0} != 0 ]]; then  # the GPU to itself
   sweep=(); [[ ${SKINNY:-0} == sweep ]] && sweep=(--sweep)
   timeout 240 python3 scripts/bench_skinny.py "\${sweep[@]}" --json runs/skinny.json > runs/skinny.log 2>&1
@@ -44,12 +50,17 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     timeout 400 python3 scripts/bench_step.py --shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b --pairs --profile \
       --repeats 3 --json runs/step_real.json > runs/step_real.log 2>&1
   fi
-  for shape in ${BENCH_SHAPES:-qwen2.5_0.5b qwen2.5_1.5b}; do  # each setting a process's first runner
-    for setting in ${BENCH_SETTINGS:-default}; do
-      name=\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
-      env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
-        --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
+  runs=(${BENCH_RUNS:-})  # shape@setting, in this order; else every shape under every setting
+  if (( \${#runs[@]} == 0 )); then
+    for shape in ${BENCH_SHAPES:-qwen2.5_0.5b qwen2.5_1.5b}; do
+      for setting in ${BENCH_SETTINGS:-default}; do runs+=(\$shape@\$setting); done
     done
+  fi
+  for run in "\${runs[@]}"; do  # each setting a process's first runner
+    shape=\${run%%@*}; setting=\${run#*@}
+    name=\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
+    env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
+      --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
   done
   [[ ${VERDICT:-0} == 1 ]] && timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1
 fi
@@ -76,7 +87,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/skinny.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
+for f in runs/compile_7b.log runs/skinny.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for|fastest" $f | cut -c1-250 | head -70; }
 done
 exit 0
