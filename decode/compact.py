@@ -114,12 +114,20 @@ COMPILED_VERDICT: bool = _env_switch("BILD_COMPILED_VERDICT") is not False
 # (0.5B and 1.5B); the whole step's difference was below the spread between processes. BILD_SPLIT_VERDICT=0 in the
 # environment turns it off.
 SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
-# Whether a compiled one-token pass of the decoder-only families stores its q/k/v product (its bias added) as one
-# buffer (compact.stored) before splitting it into q, k and v for the attention kernel. Between that product and the
-# attention kernel, a step runs one more kernel a layer at every Qwen2.5 shape (1.3-1.4 us on an H100, BENCHMARKS.md),
-# whose generic name, a combo kernel's, does not say what it computes: perhaps q, k and v written as three buffers.
-# Not yet measured; BILD_STORED_QKV=1 in the environment turns it on.
-STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is True
+# Whether a tuned one-token pass (decoder-only and BART layers) stores its q/k/v product, the bias added, as one buffer
+# (compact.stored) before splitting it into q, k and v for the attention kernel. Otherwise inductor writes the product's
+# float32 sums, then adds the bias in a kernel of its own that writes q, k and v as three buffers (a combo kernel, one a
+# layer, 1.2-1.4 us). Measured on an H200 (BENCHMARKS.md), each a process's first runner, step with the host read:
+# Qwen2.5-1.5B 1.547 ms stored against 1.592-1.679 in three processes without (210 kernels against 238); Qwen2.5-0.5B
+# 0.714 against 0.718 (133 kernels against 157; the q/k/v products and that kernel 89.6 -> about 56 us a step, the
+# other products' tuned times moving more between processes). BILD_STORED_QKV=0 in the environment turns it off.
+STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
+# Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
+# settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
+# change helps. Measured on an H200 (BENCHMARKS.md), Qwen2.5-1.5B, a process's first runner on an empty on-disk cache:
+# step with the host read 1.540 ms against 1.592-1.679 without, the gate/up product 459 us a step against 551-553 in
+# three processes; 73 s compiling against 33-41. BILD_TUNE_ALL_DIRECTIONS=0 in the environment turns it off.
+TUNE_ALL_DIRECTIONS: bool = _env_switch("BILD_TUNE_ALL_DIRECTIONS") is not False
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
@@ -510,7 +518,9 @@ class Pass:
         self.variants = {}
         if compile:
             for one, dynamic in ((True, None), (False, True)):
-                options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=one and owner.tune_one_token)
+                tuned = one and owner.tune_one_token
+                options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=tuned,
+                               coordinate_descent_check_all_directions=tuned and TUNE_ALL_DIRECTIONS)
                 self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic, options=options)
         self._first = set(self.variants)  # variants not yet run (their first call compiles)
 
@@ -576,6 +586,7 @@ class Passes:
         # products that inductor writes as reductions (tuned) read a stored activation; cuBLAS calls read their inputs
         # from memory anyway
         self.mlp_activation = MLP_ACTIVATION if self.compiled and self.tune_one_token else "inline"
+        self.stored_qkv = self.compiled and self.tune_one_token and STORED_QKV
         self.matmul_attention = (ONE_TOKEN_ATTENTION == "matmul" if ONE_TOKEN_ATTENTION is not None
                                  else width >= MATMUL_ATTENTION_FROM_WIDTH)
         self._params: list[tuple[torch.Tensor, torch.nn.Parameter]] = []  # (alias, parameter), to notice a reload

@@ -70,7 +70,7 @@ class LlamaPasses(Passes):
         kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
         self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
                                                  norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 self.norm_in_product, self.mlp_activation, compact.STORED_QKV),
+                                                 self.norm_in_product, self.mlp_activation, self.stored_qkv),
                                     f"layer{' (sliding window)' if w is not None else ''}")
                       for w in set(self.windows)}
         self.head_weight = self._keep(model.lm_head.weight)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from decode.compact import (Decoder, Passes, StaticKV, activation, attend, causal_mask, cross_attention, fuse_linears,
-                            gated_activation, heads, linear, self_attention, t5_norm, write_cache)
+                            gated_activation, heads, linear, self_attention, stored, t5_norm, write_cache)
 
 
 
@@ -111,7 +111,8 @@ class BartPasses(_EncoderDecoderPasses):
             self._params.append((kv, c.k_proj.weight))
             self.cross_weights.append((kv, kv_b))
         kernel = self._decode_kernel()
-        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel, self.mlp_activation), "layer")
+        self.layer = self._pass(_bart_layer(self.n_heads, eps, attn.scaling, act, kernel, self.mlp_activation,
+                                            self.stored_qkv), "layer")
         self.cross_kv = self._pass(_cross_kv(self.n_heads), "cross-attention keys and values")
         self.enc_weights = []
         for layer in self.encoder.layers:
@@ -185,13 +186,16 @@ def _bart_embed(eps):
     return embed
 
 
-def _bart_layer(n_heads, eps, scale, act, kernel=False, mlp_activation="inline"):
+def _bart_layer(n_heads, eps, scale, act, kernel=False, mlp_activation="inline", stored_qkv=False):
     def layer(h, pos, k_cache, v_cache, cross_k, cross_v, src_visible, src_last, w):
         """One BART decoder layer (post-norm) over h [B, n, d] at pos [B, n]; writes the self-attention caches."""
         (qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, cq_w, cq_b, co_w, co_b, ln2_w, ln2_b,
          fc1_w, fc1_b, fc2_w, fc2_b, ln3_w, ln3_b) = w
         d = h.shape[-1:]
-        q, k, v = (heads(x, n_heads) for x in linear(h, qkv_w, qkv_b).chunk(3, dim=-1))
+        qkv = linear(h, qkv_w, qkv_b)
+        if stored_qkv and h.shape[0] == 1 and h.shape[1] == 1:  # (compact.STORED_QKV)
+            qkv = stored(qkv)
+        q, k, v = (heads(x, n_heads) for x in qkv.chunk(3, dim=-1))
         out = self_attention(q, k, v, k_cache, v_cache, pos, scale, kernel=kernel)
         h = F.layer_norm(h + linear(out, o_w, o_b), d, ln1_w, ln1_b, eps)
         out = cross_attention(heads(linear(h, cq_w, cq_b), n_heads), cross_k, cross_v, src_visible, src_last, scale, kernel)

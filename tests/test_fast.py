@@ -350,12 +350,13 @@ def test_passes_with_the_mlp_activation_stored_equal_transformers(arch, how, mon
     assert all(True not in layer._first for layer in (layers.values() if isinstance(layers, dict) else [layers]))
 
 
-@pytest.mark.parametrize("arch", ("qwen2", "phi3", "gemma3"))
+@pytest.mark.parametrize("arch", ("qwen2", "phi3", "gemma3", "bart"))
 def test_passes_with_the_qkv_product_stored_equal_transformers(arch, monkeypatch):
-    """STORED_QKV's wiring in the decoder-only layer (q/k/v fused by the passes, or in the checkpoint: Phi-3), traced by
-    dynamo and run eagerly, as above."""
+    """STORED_QKV's wiring in the decoder-only layer (q/k/v fused by the passes, or in the checkpoint: Phi-3) and
+    BART's, traced by dynamo and run eagerly, as above."""
     import decode.compact as compact
     import decode.decoder_only as decoder_only
+    import decode.seq2seq as seq2seq
 
     _compile_eagerly(monkeypatch)
     stores = []
@@ -365,23 +366,48 @@ def test_passes_with_the_qkv_product_stored_equal_transformers(arch, monkeypatch
         return compact.stored(x)
 
     monkeypatch.setattr(compact, "STORED_QKV", True)
-    monkeypatch.setattr(decoder_only, "stored", counted)
+    for module in (decoder_only, seq2seq):
+        monkeypatch.setattr(module, "stored", counted)
     model = tiny_model(arch, 0)
     runner = FastRunner(model, compile=True)
+    assert runner.passes.stored_qkv
     assert compact_vs_transformers(model, runner=runner) < 1e-5
-    assert all(True not in layer._first for layer in runner.passes.layer.values())
+    layers = runner.passes.layer
+    assert all(True not in layer._first for layer in (layers.values() if isinstance(layers, dict) else [layers]))
     assert stores and all(shape[:2] == (1, 1) for shape in stores)  # one-token passes only
 
 
 @pytest.mark.parametrize("compile_, tuned, on", ((True, None, True), (False, None, False), (True, False, False)))
-def test_the_mlp_activation_is_stored_where_one_token_products_are_reductions(compile_, tuned, on, monkeypatch):
-    """MLP_ACTIVATION holds in compiled passes whose one-token products inductor writes as reductions (tuned: models
-    narrower than TUNED_BELOW_WIDTH, or TUNE_ONE_TOKEN); elsewhere the activation is left as it is ("inline")."""
+def test_activation_and_qkv_are_stored_where_one_token_products_are_reductions(compile_, tuned, on, monkeypatch):
+    """MLP_ACTIVATION and STORED_QKV hold in compiled passes whose one-token products inductor writes as reductions
+    (tuned: models narrower than TUNED_BELOW_WIDTH, or TUNE_ONE_TOKEN); elsewhere the activation is left as it is
+    ("inline") and the q/k/v product unstored."""
     import decode.compact as compact
 
     monkeypatch.setattr(compact, "TUNE_ONE_TOKEN", tuned)
     passes = compact.Passes(tiny_model("qwen2", 0), compile=compile_)
     assert passes.mlp_activation == (compact.MLP_ACTIVATION if on else "inline")
+    assert passes.stored_qkv == (compact.STORED_QKV and on)  # the q/k/v product too
+
+
+@pytest.mark.parametrize("all_directions", (True, False))
+@pytest.mark.parametrize("tuned", (None, False))
+def test_only_a_tuned_one_token_pass_searches_all_directions(tuned, all_directions, monkeypatch):
+    """TUNE_ALL_DIRECTIONS: inductor's coordinate_descent_check_all_directions goes with coordinate-descent tuning, which
+    only the one-token variant of a model narrower than TUNED_BELOW_WIDTH (or TUNE_ONE_TOKEN) takes."""
+    import decode.compact as compact
+    from decode.decoder_only import LlamaPasses
+
+    options = []
+    monkeypatch.setattr(compact.torch, "compile", lambda fn, **kw: options.append((kw["dynamic"], kw["options"])) or fn)
+    monkeypatch.setattr(compact, "TUNE_ONE_TOKEN", tuned)
+    monkeypatch.setattr(compact, "TUNE_ALL_DIRECTIONS", all_directions)
+    LlamaPasses(tiny_model("qwen2", 0), compile=True)
+    assert options
+    for dynamic, o in options:
+        one_token = dynamic is None
+        assert o["coordinate_descent_tuning"] == (one_token and tuned is None)
+        assert o["coordinate_descent_check_all_directions"] == (one_token and tuned is None and all_directions)
 
 
 def test_a_choice_in_the_environment_is_one_of_its_values_or_unset(monkeypatch):

@@ -369,6 +369,26 @@ def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch,
     assert counts["stored"] <= counts["inline"] + 4, counts
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "bart"))
+def test_the_stored_qkv_product_saves_a_kernel_per_layer(arch, monkeypatch):
+    """compact.STORED_QKV: a tuned one-token step that stores its q/k/v product (the bias added) as one buffer launches
+    at least one kernel a layer fewer than one that lets inductor write q, k and v apart (a kernel of its own after
+    the product); the tokens are those of the uncompiled passes in float32 either way."""
+    import decode.compact as compact
+    import decode.passes
+
+    model = tiny_model(arch, 0, width=64, layers=4).cuda()
+    prompt = random_prompt(3, length=9).cuda()
+    reference = Greedy(model, compile=False).generate(prompt, max_new_tokens=24).sequences
+    counts = {}
+    for on in (True, False):
+        monkeypatch.setattr(compact, "STORED_QKV", on)
+        decode.passes._PASSES.pop(model, None)
+        counts[on] = len(step_kernels(model, True))
+        assert torch.equal(Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences, reference), on
+    assert counts[True] <= counts[False] - 4, counts
+
+
 @pytest.mark.parametrize("arch", ("qwen2", "phi3", "bart", "t5"))
 def test_a_compiled_check_multiplies_with_the_skinny_product(arch):
     """compact.SKINNY_PRODUCT: each product of a compiled check of 8 tokens (the decoder's and the head's, BART's
@@ -484,7 +504,7 @@ def test_checks_that_attend_with_the_kernel_decode_as_without_fp32(arch, compile
     decodes_as_without("CHECK_KERNEL", arch, compile, monkeypatch)
 
 
-@pytest.mark.parametrize("arch", ("qwen2", "mistral"))
+@pytest.mark.parametrize("arch", ("qwen2", "mistral", "bart"))
 @pytest.mark.parametrize("compile", (False, True))
 def test_steps_whose_qkv_product_is_stored_decode_as_without_fp32(arch, compile, monkeypatch):
     """STORED_QKV (a one-token pass's q/k/v product stored as one buffer before its split)."""
