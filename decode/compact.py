@@ -120,14 +120,18 @@ SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
 # layer, 1.2-1.4 us). Measured on an H200 (BENCHMARKS.md), each a process's first runner, step with the host read:
 # Qwen2.5-1.5B 1.547 ms stored against 1.592-1.679 in three processes without (210 kernels against 238); Qwen2.5-0.5B
 # 0.714 against 0.718 (133 kernels against 157; the q/k/v products and that kernel 89.6 -> about 56 us a step, the
-# other products' tuned times moving more between processes). BILD_STORED_QKV=0 in the environment turns it off.
+# other products' tuned times moving more between processes); on an H100, with TUNE_ALL_DIRECTIONS, 0.5B 0.733 ms
+# and 1.5B 1.821. BART's (the demo pair) was not timed. BILD_STORED_QKV=0 in the environment turns it off.
 STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
 # Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
 # settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
-# change helps. Measured on an H200 (BENCHMARKS.md), Qwen2.5-1.5B, a process's first runner on an empty on-disk cache:
-# step with the host read 1.540 ms against 1.592-1.679 without, the gate/up product 459 us a step against 551-553 in
-# three processes; 73 s compiling against 33-41. BILD_TUNE_ALL_DIRECTIONS=0 in the environment turns it off.
-TUNE_ALL_DIRECTIONS: bool = _env_switch("BILD_TUNE_ALL_DIRECTIONS") is not False
+# change helps. Measured (BENCHMARKS.md), Qwen2.5-1.5B, each a process's first runner on an empty on-disk cache: on an
+# H200, step with the host read 1.540 ms against 1.592-1.679 in three processes without, the gate/up product 459 us a
+# step against 551-553; on an H100 (with STORED_QKV), 1.821 ms, its gate/up product 754 us, within the 658-792 of
+# earlier processes without. On an empty cache it compiled for 73 s against 33-41 (H200) and 63 s (H100), in the
+# one-token layer (15-32 s against 7-12) and the step's verdict (17-32 s against 3-9). Off;
+# BILD_TUNE_ALL_DIRECTIONS=1 in the environment turns it on.
+TUNE_ALL_DIRECTIONS: bool = _env_switch("BILD_TUNE_ALL_DIRECTIONS") is True
 # The attention backends a compiled pass may trace on CUDA; the math one is decomposed into kernels that inductor
 # fuses (masks, grouped heads and T5's position bias included). Measured choice: BENCHMARKS.md.
 COMPILED_ATTENTION = [SDPBackend.MATH]
