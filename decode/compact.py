@@ -504,6 +504,13 @@ def _logits_verdict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Compiling
 
 
+def inductor_options(one: bool, tuned: bool) -> dict:
+    """The inductor options a pass's variant compiles with (one: the one-token variant; tuned: with coordinate-descent
+    tuning, TUNED_BELOW_WIDTH, and TUNE_ALL_DIRECTIONS's wider search where that is on)."""
+    return dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=tuned,
+                coordinate_descent_check_all_directions=tuned and TUNE_ALL_DIRECTIONS)
+
+
 def _own_code(fn):
     """fn with a code object of its own: torch.compile keeps its compiled graphs, its recompile budget and its record
     of which sizes changed per code object, so each model's passes compile for that model's shapes alone."""
@@ -522,9 +529,7 @@ class Pass:
         self.variants = {}
         if compile:
             for one, dynamic in ((True, None), (False, True)):
-                tuned = one and owner.tune_one_token
-                options = dict(INDUCTOR_OPTIONS[one], coordinate_descent_tuning=tuned,
-                               coordinate_descent_check_all_directions=tuned and TUNE_ALL_DIRECTIONS)
+                options = inductor_options(one, one and owner.tune_one_token)
                 self.variants[one] = torch.compile(_own_code(fn), fullgraph=True, dynamic=dynamic, options=options)
         self._first = set(self.variants)  # variants not yet run (their first call compiles)
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from decode.cache import step_verdict  # noqa: E402
-from decode.compact import INDUCTOR_OPTIONS, split_verdict  # noqa: E402
+from decode.compact import inductor_options, split_verdict  # noqa: E402
 
 
 def softmax_max(logits):
@@ -74,7 +74,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_verdict.py times CUDA graphs: it needs a CUDA device")
     ways = dict(WAYS)
-    options = dict(INDUCTOR_OPTIONS[True], coordinate_descent_tuning=True)
+    options = inductor_options(True, True)  # a tuned one-token pass's, as the step's verdict compiles
     ways.update({f"compiled {name}": torch.compile(fn, fullgraph=True, options=options) for name, fn in WAYS.items()})
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
