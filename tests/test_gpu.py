@@ -347,12 +347,9 @@ def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     assert torch.equal(tokens[True], tokens[False])
 
 
-@pytest.mark.parametrize("arch", ("qwen2", "bart"))
-def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch, monkeypatch):
-    """compact.MLP_ACTIVATION: stored as the epilogue of the product before it ("epilogue": for Qwen2's gated MLP, gate
-    and up summed in one kernel that ends with the activation; BART's act(fc1) at the end of fc1's), a 4-layer step
-    launches no more kernels than with the activation computed inside the product after it ("inline"); "stored" at
-    most one more a layer. In each way the tokens are those of the uncompiled passes in float32."""
+def step_kernel_counts(arch, setting, values, monkeypatch) -> dict:
+    """The kernels one compiled step of a 4-layer `arch` model (width 64) launches with decode.compact's `setting` at
+    each of `values`, by value; under each, the compiled passes' greedy tokens equal the uncompiled ones' (float32)."""
     import decode.compact as compact
     import decode.passes
 
@@ -360,11 +357,24 @@ def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch,
     prompt = random_prompt(3, length=9).cuda()
     reference = Greedy(model, compile=False).generate(prompt, max_new_tokens=24).sequences
     counts = {}
-    for how in compact.MLP_ACTIVATIONS:
-        monkeypatch.setattr(compact, "MLP_ACTIVATION", how)
+    for value in values:
+        monkeypatch.setattr(compact, setting, value)
         decode.passes._PASSES.pop(model, None)
-        counts[how] = len(step_kernels(model, True))
-        assert torch.equal(Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences, reference), how
+        counts[value] = len(step_kernels(model, True))
+        tokens = Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences
+        assert torch.equal(tokens, reference), (setting, value)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "bart"))
+def test_the_mlp_activation_stored_as_the_products_epilogue_adds_no_kernel(arch, monkeypatch):
+    """compact.MLP_ACTIVATION: stored as the epilogue of the product before it ("epilogue": for Qwen2's gated MLP, gate
+    and up summed in one kernel that ends with the activation; BART's act(fc1) at the end of fc1's), a 4-layer step
+    launches no more kernels than with the activation computed inside the product after it ("inline"); "stored" at
+    most one more a layer. In each way the tokens are those of the uncompiled passes in float32."""
+    import decode.compact as compact
+
+    counts = step_kernel_counts(arch, "MLP_ACTIVATION", compact.MLP_ACTIVATIONS, monkeypatch)
     assert counts["epilogue"] <= counts["inline"], counts
     assert counts["stored"] <= counts["inline"] + 4, counts
 
@@ -374,18 +384,7 @@ def test_the_stored_qkv_product_saves_a_kernel_per_layer(arch, monkeypatch):
     """compact.STORED_QKV: a tuned one-token step that stores its q/k/v product (the bias added) as one buffer launches
     at least one kernel a layer fewer than one that lets inductor write q, k and v apart (a kernel of its own after
     the product); the tokens are those of the uncompiled passes in float32 either way."""
-    import decode.compact as compact
-    import decode.passes
-
-    model = tiny_model(arch, 0, width=64, layers=4).cuda()
-    prompt = random_prompt(3, length=9).cuda()
-    reference = Greedy(model, compile=False).generate(prompt, max_new_tokens=24).sequences
-    counts = {}
-    for on in (True, False):
-        monkeypatch.setattr(compact, "STORED_QKV", on)
-        decode.passes._PASSES.pop(model, None)
-        counts[on] = len(step_kernels(model, True))
-        assert torch.equal(Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences, reference), on
+    counts = step_kernel_counts(arch, "STORED_QKV", (True, False), monkeypatch)
     assert counts[True] <= counts[False] - 4, counts
 
 
