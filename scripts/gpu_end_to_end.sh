@@ -13,7 +13,8 @@
 # BENCH_SETTINGS, each in a process of its own (as its first runner), with its kernels (--profile) and its checks'
 # (--profile-checks): a setting is `default` or environment assignments joined by commas, e.g.
 # BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1". BENCH_RUNS: instead, the runs one by one
-# as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default".
+# as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default". After each run,
+# runs/best_configs.log counts the tuning results (inductor's .best_config files) it wrote into its on-disk cache.
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
@@ -59,8 +60,12 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   for run in "\${runs[@]}"; do  # each setting a process's first runner
     shape=\${run%%@*}; setting=\${run#*@}
     name=\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
+    touch runs/.before_run
     env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
       --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
+    cache=\$(env "\${env[@]}" python3 -c "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())")
+    echo "\$run: \$(find \$cache -name '*.best_config' -newer runs/.before_run | wc -l) tuning results written by this" \
+      "process, \$(find \$cache -name '*.best_config' | wc -l) in its cache \$cache" >> runs/best_configs.log
   done
   [[ ${VERDICT:-0} == 1 ]] && timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1
 fi
@@ -87,7 +92,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/compile_7b.log runs/skinny.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
-  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for|fastest" $f | cut -c1-250 | head -70; }
+for f in runs/best_configs.log runs/compile_7b.log runs/skinny.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
+  [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for|fastest|tuning results" $f | cut -c1-250 | head -70; }
 done
 exit 0
