@@ -123,6 +123,12 @@ SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
 # other products' tuned times moving more between processes); on an H100, with TUNE_ALL_DIRECTIONS, 0.5B 0.733 ms
 # and 1.5B 1.821. BART's (the demo pair) was not timed. BILD_STORED_QKV=0 in the environment turns it off.
 STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
+# Whether a compiled decoder-only pass of several tokens (a check, a prompt, a batch's step) leaves each layer's MLP
+# output (the down product: with a check's few tokens, its partial sums) to the next layer, which adds it to the
+# residual in the kernel of its first norm, where otherwise that add is a kernel of its own, one a layer. Families
+# whose down product has a bias or a norm after it (Gemma) add it in the layer. The numbers are the same, added in
+# the same order. Not yet timed on a GPU. BILD_DEFERRED_RESIDUAL=0 in the environment turns it off.
+DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is not False
 # Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
 # settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
 # change helps. Measured (BENCHMARKS.md), Qwen2.5-1.5B, each a process's first runner on an empty on-disk cache: on an
@@ -202,14 +208,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     row, compiled on CUDA: kernels.skinny_product (SKINNY_PRODUCT), its partial sums added and rounded to x's dtype as
     cuBLAS rounds its float32 sums."""
     if _skinny(x, weight):
-        parts = kernels.skinny_product(x.reshape(-1, x.shape[-1]), weight)
-        out = parts.sum(0).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        out = settled(linear_parts(x, weight), x.dtype)
         return out if bias is None else out + bias
     if bias is None:
         return F.linear(x, weight)
     if torch.compiler.is_compiling():
         return F.linear(x, weight) + bias
     return F.linear(x, weight, bias)
+
+
+def linear_parts(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T as terms whose sum over the first dimension is the product, rounded by `settled` as linear rounds
+    it: a skinny product's float32 partial sums [S, *x.shape[:-1], N] where linear takes one, else linear's product
+    [1, *x.shape[:-1], N]. A pass that adds the product to the residual (DEFERRED_RESIDUAL) leaves the sum to the
+    kernel that reads it next."""
+    if _skinny(x, weight):
+        parts = kernels.skinny_product(x.reshape(-1, x.shape[-1]), weight)
+        return parts.view(parts.shape[0], *x.shape[:-1], weight.shape[0])
+    return linear(x, weight).unsqueeze(0)
+
+
+def settled(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The product that linear_parts's terms make: their float32 sum rounded to dtype (one term: itself)."""
+    return parts.sum(0).to(dtype)
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 import decode.compact as compact
-from decode.compact import (Decoder, Passes, fuse_linears, gated_activation, gemma_norm, heads, linear, norm_linear,
-                            notice, rms_norm, self_attention, stored)
+from decode.compact import (Decoder, Passes, fuse_linears, gated_activation, gemma_norm, heads, linear, linear_parts,
+                            norm_linear, notice, rms_norm, self_attention, settled, stored)
 from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
@@ -68,11 +68,16 @@ class LlamaPasses(Passes):
                    "load it with attn_implementation='eager' for Gemma 2's soft-capped attention")
             softcap = None
         kernel = self._decode_kernel(softcap)  # at every width (measured: compact.DECODE_KERNEL)
-        self.layer = {w: self._pass(_llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w,
-                                                 norm, softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY,
-                                                 self.norm_in_product, self.mlp_activation, self.stored_qkv),
-                                    f"layer{' (sliding window)' if w is not None else ''}")
-                      for w in set(self.windows)}
+        layers = {w: _llama_layer(self.n_heads, self.n_kv_heads, self.head_dim, eps, attn.scaling, act, w, norm,
+                                  softcap, self.matmul_attention, kernel, compact.KERNEL_ROTARY, self.norm_in_product,
+                                  self.mlp_activation, self.stored_qkv, compact.DEFERRED_RESIDUAL)
+                  for w in set(self.windows)}
+        label = {w: f"layer{' (sliding window)' if w is not None else ''}" for w in layers}
+        self.layer = {w: self._pass(fn, label[w]) for w, fn in layers.items()}
+        # the same layers after one that left its MLP's output pending (a pass of its own: the first layer's graphs
+        # take no pending output, the others' take one)
+        self.layer_after = {w: self._pass(fn, f"{label[w]} after a pending one") for w, fn in layers.items()}
+        self.settle = self._pass(lambda h, pending: h + settled(pending, h.dtype), "last layer's pending output")
         self.head_weight = self._keep(model.lm_head.weight)
         head_weight = self.head_weight
         logit_cap = getattr(cfg, "final_logit_softcapping", None)
@@ -140,14 +145,21 @@ def _eps(norm) -> float:
 
 
 def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rms_norm, softcap=None, matmul=False,
-                 kernel=False, kernel_rope=False, fused_norm=False, mlp_activation="inline", stored_qkv=False):
+                 kernel=False, kernel_rope=False, fused_norm=False, mlp_activation="inline", stored_qkv=False,
+                 deferred=False):
     split = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
     gqa = n_heads != n_kv_heads
 
-    def layer(h, pos, cos, sin, k_cache, v_cache, w):
+    def layer(h, pending, pos, cos, sin, k_cache, v_cache, w):
         """One decoder-only layer over h [B, n, d] at pos [B, n]; cos, sin: [capacity, D_rot]; writes the caches.
-        The weights a family lacks (q/k norms, the norms after attention and MLP, biases) are None."""
+        pending: None, or the previous layer's MLP output (linear_parts's terms), to be added to h first. Returns the
+        layer's output and None, or (deferred: compact.DEFERRED_RESIDUAL) its output without the MLP's and that
+        MLP's output pending, in a compiled pass of several tokens where the down product has neither a bias nor a
+        norm after it: the next layer adds it in the kernel of its first norm. The weights a family lacks (q/k norms,
+        the norms after attention and MLP, biases) are None."""
         ln1, qkv_w, qkv_b, q_ln, k_ln, o_w, o_b, attn_ln, ln2, gate_up_w, gate_up_b, down_w, down_b, mlp_ln = w
+        if pending is not None:
+            h = h + settled(pending, h.dtype)
         qkv = norm_linear(h, norm, ln1, eps, qkv_w, qkv_b, fused_norm)
         if stored_qkv and h.shape[0] == 1 and h.shape[1] == 1:  # (compact.STORED_QKV)
             qkv = stored(qkv)
@@ -159,9 +171,12 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
                              kernel_rope)
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
-        out = linear(gated_activation(h, norm, ln2, eps, gate_up_w, gate_up_b, act, fused_norm, mlp_activation),
-                     down_w, down_b)
-        return h + (out if mlp_ln is None else norm(out, mlp_ln, eps))
+        x = gated_activation(h, norm, ln2, eps, gate_up_w, gate_up_b, act, fused_norm, mlp_activation)
+        if (deferred and down_b is None and mlp_ln is None and torch.compiler.is_compiling()
+                and not (h.shape[0] == 1 and h.shape[1] == 1)):
+            return h, linear_parts(x, down_w)
+        out = linear(x, down_w, down_b)
+        return h + (out if mlp_ln is None else norm(out, mlp_ln, eps)), None
 
     return layer
 
@@ -176,10 +191,12 @@ class LlamaDecoder(Decoder):
 
     def run_layers(self, h, pos, start, stop):
         p = self.passes
+        pending = None  # the previous layer's MLP output, where it left it to this one
         for i in range(start, stop):
             k_cache, v_cache = self.kv.layers[i]
             cos, sin = self.tables[p.rope_keys[i]]
-            h = p.layer[p.windows[i]](h, pos, cos, sin, k_cache, v_cache, p.weights[i])
-        return h
+            layer = (p.layer if pending is None else p.layer_after)[p.windows[i]]
+            h, pending = layer(h, compact._static(pending, 0, 3), pos, cos, sin, k_cache, v_cache, p.weights[i])
+        return h if pending is None else p.settle(h, compact._static(pending, 0, 3))
 
 

@@ -347,9 +347,10 @@ def test_the_norm_inside_the_product_saves_a_kernel_per_norm(monkeypatch):
     assert torch.equal(tokens[True], tokens[False])
 
 
-def step_kernel_counts(arch, setting, values, monkeypatch) -> dict:
-    """The kernels one compiled step of a 4-layer `arch` model (width 64) launches with decode.compact's `setting` at
-    each of `values`, by value; under each, the compiled passes' greedy tokens equal the uncompiled ones' (float32)."""
+def step_kernel_counts(arch, setting, values, monkeypatch, key=("step", 1)) -> dict:
+    """The kernels one compiled step (or the runner's pass `key`, as in step_kernels) of a 4-layer `arch` model (width
+    64) launches with decode.compact's `setting` at each of `values`, by value; under each, the compiled passes' greedy
+    tokens equal the uncompiled ones' (float32)."""
     import decode.compact as compact
     import decode.passes
 
@@ -360,7 +361,7 @@ def step_kernel_counts(arch, setting, values, monkeypatch) -> dict:
     for value in values:
         monkeypatch.setattr(compact, setting, value)
         decode.passes._PASSES.pop(model, None)
-        counts[value] = len(step_kernels(model, True))
+        counts[value] = len(step_kernels(model, True, key))
         tokens = Greedy(model, compile=True).generate(prompt, max_new_tokens=24).sequences
         assert torch.equal(tokens, reference), (setting, value)
     return counts
@@ -386,6 +387,15 @@ def test_the_stored_qkv_product_saves_a_kernel_per_layer(arch, monkeypatch):
     the product); the tokens are those of the uncompiled passes in float32 either way."""
     counts = step_kernel_counts(arch, "STORED_QKV", (True, False), monkeypatch)
     assert counts[True] <= counts[False] - 4, counts
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "phi3"))
+def test_a_check_whose_layers_leave_their_mlp_output_to_the_next_saves_a_kernel_per_layer(arch, monkeypatch):
+    """compact.DEFERRED_RESIDUAL: a compiled check of 8 tokens whose layers leave their MLP output (the down product's
+    partial sums) to the next layer, which adds it in the kernel of its first norm, launches a kernel a layer fewer,
+    less the one that adds the last layer's; the tokens are those of the uncompiled passes in float32 either way."""
+    counts = step_kernel_counts(arch, "DEFERRED_RESIDUAL", (True, False), monkeypatch, ("check", 8, "exact"))
+    assert counts[True] <= counts[False] - 3, counts
 
 
 @pytest.mark.parametrize("arch", ("qwen2", "phi3", "bart", "t5"))
