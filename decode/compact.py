@@ -127,8 +127,9 @@ STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
 # output (the down product: with a check's few tokens, its partial sums) to the next layer, which adds it to the
 # residual in the kernel of its first norm, where otherwise that add is a kernel of its own, one a layer. Families
 # whose down product has a bias or a norm after it (Gemma) add it in the layer. The numbers are the same, added in
-# the same order. Not yet timed on a GPU. BILD_DEFERRED_RESIDUAL=0 in the environment turns it off.
-DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is not False
+# the same order; the first layer's graphs are compiled apart from the others'. Off until it has run on a GPU (tested
+# on the CPU only, traced by dynamo); BILD_DEFERRED_RESIDUAL=1 in the environment turns it on.
+DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is True
 # Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
 # settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
 # change helps. Measured (BENCHMARKS.md), Qwen2.5-1.5B, each a process's first runner on an empty on-disk cache: on an
