@@ -608,6 +608,7 @@ class Passes:
         self.name = f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M)"
         self.model_ref = weakref.ref(model)
         self.compile_seconds = 0.0  # spent compiling so far (first calls of each compiled variant)
+        self.compile_said = 0.0  # of which the runners have told the user (decode.fast)
         self.compile_log: list[tuple[str, str, float]] = []  # (pass, variant, seconds) of each first call
         cfg = model.config
         width = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)

@@ -124,7 +124,6 @@ class FastRunner(DeviceDraftLoop):
         self.passes = model_passes(model, self.compiled)  # shared by every runner over the model
         self.decoder = self.passes.decoder()  # this runner's buffers over them
         self._forward = self.decoder.forward
-        self._compile_said = 0.0  # compile time already reported
         self.device, self.dtype = self.decoder.device, self.decoder.dtype
         self.is_encoder_decoder = is_encoder_decoder(model)
         self.use_graphs = self.device.type == "cuda"
@@ -225,10 +224,15 @@ class FastRunner(DeviceDraftLoop):
         self._forget_device_state()
 
     def _say_compile_time(self) -> None:
-        spent = self.passes.compile_seconds
-        if spent - self._compile_said > 0.5:
-            notice(f"compiled the passes of {self.passes.name} in {spent:.1f} s")
-            self._compile_said = spent
+        """Says how long the passes compiled, once, and again for each new shape or variant that compiled later (for
+        whichever runner over the model ran it first)."""
+        p = self.passes
+        spent = p.compile_seconds - p.compile_said
+        if spent > 0.5:
+            more = p.compile_said > 0
+            notice(f"compiled {'more of ' if more else ''}the passes of {p.name}{' (a new shape)' if more else ''} in "
+                   f"{spent:.1f} s")
+            p.compile_said = p.compile_seconds
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> tuple[float, int]:

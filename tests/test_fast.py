@@ -536,6 +536,26 @@ def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(ar
     assert not constant, constant
 
 
+def test_the_compile_notice_says_each_compile_once_per_model(monkeypatch, capsys):
+    """The runners over one model say how long its passes compiled once, then what a new shape compiled since, not
+    each runner again (decode.tune and decode.eval make several runners per model)."""
+    import decode.compact as compact
+
+    monkeypatch.setattr(compact, "_SAID", set())
+    model = tiny_model("qwen2", 0)
+    first, second = FastRunner(model), FastRunner(model)
+    assert first.passes is second.passes
+    first.passes.compile_seconds = 12.0
+    first._say_compile_time()
+    second._say_compile_time()
+    first.passes.compile_seconds = 15.5
+    second._say_compile_time()
+    first._say_compile_time()
+    name = first.passes.name
+    assert capsys.readouterr().err.splitlines() == [f"[bild] compiled the passes of {name} in 12.0 s",
+                                                    f"[bild] compiled more of the passes of {name} (a new shape) in 3.5 s"]
+
+
 def test_pass_graphs_off_cuda_run_each_pass_itself():
     """decode.graphs.PassGraphs without CUDA: nothing captured, each run makes its pass and runs it (the GPU tests
     capture and replay)."""
