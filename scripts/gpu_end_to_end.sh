@@ -64,8 +64,9 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
       --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
     cache=\$(env "\${env[@]}" python3 -c "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())")
-    echo "\$run: \$(find \$cache -name '*.best_config' -newer runs/.before_run | wc -l) tuning results written by this" \
-      "process, \$(find \$cache -name '*.best_config' | wc -l) in its cache \$cache" >> runs/best_configs.log
+    written=\$(find \$cache -name '*.best_config' -newer runs/.before_run 2>/dev/null | wc -l)
+    echo "\$run: \$written tuning results written by this process," \
+      "\$(find \$cache -name '*.best_config' 2>/dev/null | wc -l) in its cache \$cache" >> runs/best_configs.log
   done
   [[ ${VERDICT:-0} == 1 ]] && timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1
 fi
