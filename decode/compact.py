@@ -203,6 +203,12 @@ def notice(message: str) -> None:
 # The pieces every family is made of
 
 
+def one_token(x: torch.Tensor) -> bool:
+    """Whether x [B, n, ...] is one token of one row: the input of a pass's one-token variant (Pass), whose arithmetic
+    the pieces below may write otherwise than the any-shape variant's."""
+    return x.shape[0] == 1 and x.shape[1] == 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias. Compiled, the bias is added apart: inductor turns a one-row product without bias into a
     tuned reduction (and fuses the add into it), while a product with bias stays a cuBLAS call. A few tokens of one
@@ -257,7 +263,7 @@ def norm_linear(x: torch.Tensor, norm, norm_weight: torch.Tensor, eps: float, we
     normed input is not rounded to x's dtype before the product). Inductor makes it one kernel, where the norm's sum
     of squares is otherwise a kernel of its own before the product (NORM_IN_PRODUCT). Other norms (Gemma's scales by
     1 + weight) always run apart."""
-    if not (fused and norm is rms_norm and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1):
+    if not (fused and norm is rms_norm and torch.compiler.is_compiling() and one_token(x)):
         return linear(norm(x, norm_weight, eps), weight, bias)
     h = x.float().unsqueeze(-2)  # [1, 1, 1, d]
     terms = (h * norm_weight.float()) * weight.float()  # [1, 1, N, d], never stored: summed where it is computed
@@ -277,7 +283,7 @@ def stored(x: torch.Tensor) -> torch.Tensor:
 def _tuned_one_token(x: torch.Tensor, how: str) -> bool:
     """Whether a pass of x [B, n, d] is a one-token pass of one row being compiled, with MLP_ACTIVATION how other than
     "inline" (the passes set "inline" where the one-token pass is not tuned: products that are cuBLAS calls)."""
-    return how != "inline" and torch.compiler.is_compiling() and x.shape[0] == 1 and x.shape[1] == 1
+    return how != "inline" and torch.compiler.is_compiling() and one_token(x)
 
 
 def activation(x: torch.Tensor, act, how: str = "inline") -> torch.Tensor:
@@ -556,7 +562,7 @@ class Pass:
         self._first = set(self.variants)  # variants not yet run (their first call compiles)
 
     def __call__(self, x, *args):
-        one = x.shape[0] == 1 and x.shape[1] == 1  # the variant: one token of one row, or any shape
+        one = one_token(x)  # the variant: one token of one row, or any shape
         compiled = self.variants.get(one)
         if compiled is None:
             if x.device.type != "cuda":

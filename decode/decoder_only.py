@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 
 import decode.compact as compact
 from decode.compact import (Decoder, Passes, fuse_linears, gated_activation, gemma_norm, heads, linear, linear_parts,
-                            norm_linear, notice, rms_norm, self_attention, settled, stored)
+                            norm_linear, notice, one_token, rms_norm, self_attention, settled, stored)
 from decode.families import GEMMA, rope_settings, rope_type, soft_cap
 
 
@@ -161,7 +161,7 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         if pending is not None:
             h = h + settled(pending, h.dtype)
         qkv = norm_linear(h, norm, ln1, eps, qkv_w, qkv_b, fused_norm)
-        if stored_qkv and h.shape[0] == 1 and h.shape[1] == 1:  # (compact.STORED_QKV)
+        if stored_qkv and one_token(h):  # (compact.STORED_QKV)
             qkv = stored(qkv)
         q, k, v = qkv.split(split, dim=-1)
         q, k, v = heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads)
@@ -172,8 +172,7 @@ def _llama_layer(n_heads, n_kv_heads, head_dim, eps, scale, act, window, norm=rm
         out = linear(out, o_w, o_b)
         h = h + (out if attn_ln is None else norm(out, attn_ln, eps))
         x = gated_activation(h, norm, ln2, eps, gate_up_w, gate_up_b, act, fused_norm, mlp_activation)
-        if (deferred and down_b is None and mlp_ln is None and torch.compiler.is_compiling()
-                and not (h.shape[0] == 1 and h.shape[1] == 1)):
+        if deferred and down_b is None and mlp_ln is None and torch.compiler.is_compiling() and not one_token(h):
             return h, linear_parts(x, down_w)
         out = linear(x, down_w, down_b)
         return h + (out if mlp_ln is None else norm(out, mlp_ln, eps)), None

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from decode.compact import (Decoder, Passes, StaticKV, activation, attend, causal_mask, cross_attention, fuse_linears,
-                            gated_activation, heads, linear, self_attention, stored, t5_norm, write_cache)
+                            gated_activation, heads, linear, one_token, self_attention, stored, t5_norm,
+                            write_cache)
 
 
 
@@ -193,7 +194,7 @@ def _bart_layer(n_heads, eps, scale, act, kernel=False, mlp_activation="inline",
          fc1_w, fc1_b, fc2_w, fc2_b, ln3_w, ln3_b) = w
         d = h.shape[-1:]
         qkv = linear(h, qkv_w, qkv_b)
-        if stored_qkv and h.shape[0] == 1 and h.shape[1] == 1:  # (compact.STORED_QKV)
+        if stored_qkv and one_token(h):  # (compact.STORED_QKV)
             qkv = stored(qkv)
         q, k, v = (heads(x, n_heads) for x in qkv.chunk(3, dim=-1))
         out = self_attention(q, k, v, k_cache, v_cache, pos, scale, kernel=kernel)
