@@ -395,18 +395,23 @@ def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
 
 
 class StaticKV:
-    """Keys and values of every layer: [layers, B, H_kv, capacity, D] each, written by position; `layers[i]` is layer
-    i's (keys, values) pair of views."""
+    """Keys and values of every layer, written by position: `layers[i]` is layer i's (keys, values) pair, each
+    [B, H_kv, capacity, D] and a tensor of its own. Not views into one buffer of all layers: a view past the first
+    starts at an offset, and a pass first compiled there takes the offset as a symbol, so the kernels it compiles
+    cannot count on the caches' alignment (with such a pass a check's attention took 1.6x as long on an H100)."""
 
     def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device, batch: int = 1):
         # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN would be NaN
-        self.k = torch.zeros(layers, batch, heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.layers = [(self.k[i], self.v[i]) for i in range(layers)]
+        self.layers = [tuple(torch.zeros(batch, heads, capacity, head_dim, dtype=dtype, device=device) for _ in "kv")
+                       for _ in range(layers)]
         for pair in self.layers:  # the compiled passes take any capacity without compiling again
             for t in pair:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
                 _static(t, 1, 3)
+
+    def buffers(self) -> list[tuple[torch.Tensor, int]]:
+        """Every cache with its batch dimension."""
+        return [(t, 0) for pair in self.layers for t in pair]
 
 
 def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -675,7 +680,7 @@ class Decoder:
 
     def row_buffers(self) -> list[tuple[torch.Tensor, int]]:
         """The per-row state the passes read, each with its batch dimension: what moving a row moves."""
-        return [(self.kv.k, 1), (self.kv.v, 1)]
+        return self.kv.buffers()
 
     def take_rows(self, other: "Decoder", rows: list[int]) -> None:
         """Copies rows `rows` of `other`'s state (same model, buffers no larger than these) into this decoder's

@@ -31,7 +31,7 @@ class EncoderDecoderDecoder(Decoder):
         self.src_capacity = src_capacity
 
     def row_buffers(self):
-        return super().row_buffers() + [(self.cross.k, 1), (self.cross.v, 1), (self.src_visible, 0), (self.src_last, 0)]
+        return super().row_buffers() + self.cross.buffers() + [(self.src_visible, 0), (self.src_last, 0)]
 
     def take_rows(self, other, rows):
         # source slots past the other's buffers are hidden; every row keeps one visible slot, as a batch's rows

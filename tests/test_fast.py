@@ -498,15 +498,20 @@ def test_a_switch_in_the_environment_is_0_1_or_unset(value, switch, monkeypatch)
         compact._env_switch("BILD_SWITCH")
 
 
-@pytest.mark.parametrize("arch", ("qwen2", "bart"))
-def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(arch, monkeypatch):
+@pytest.mark.parametrize("arch, deferred", [("qwen2", False), ("qwen2", True), ("bart", False)])
+def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(arch, deferred, monkeypatch):
     """The compiled any-shape variants see the weights' sizes, head counts, the q/k/v split and the model's width as
     constants: traced as symbols they made guards that took seconds to check on every warm start (BENCHMARKS.md).
+    Nor do they see where a cache starts as a symbol, even in a pass first traced past layer 0 (deferred: a layer
+    after one that left it its MLP output): kernels compiled so cannot count on the caches' alignment.
     Dynamo traces them here with the eager backend (what creates the symbols; no code generated)."""
     import logging
     import re
 
+    import decode.compact as compact
+
     _compile_eagerly(monkeypatch)
+    monkeypatch.setattr(compact, "DEFERRED_RESIDUAL", deferred)
     symbols = []
 
     class Record(logging.Handler):
@@ -528,10 +533,8 @@ def test_the_any_shape_passes_trace_only_batch_length_and_capacity_as_symbols(ar
         torch._logging.set_logs()
         log.removeHandler(handler)
     assert symbols, "no symbol traced: the any-shape variants did not compile"
-    # allowed: a pass input's batch and length, the caches' and rotary tables' capacity, the source's length, and
-    # where each layer's caches start in the buffer of all layers' (first traced past layer 0: a pending MLP output)
-    constant = [s for s in symbols if "['w']" in s or (".size()" not in s and ".stride()" not in s
-                                                      and not s.endswith("_cache'].storage_offset()"))  # weights, ints
+    # allowed: a pass input's batch and length, the caches' and rotary tables' capacity, the source's length
+    constant = [s for s in symbols if "['w']" in s or (".size()" not in s and ".stride()" not in s)  # weights, ints
                 or re.search(r"\['(h|hidden)'\]\.size\(\)\[2\]|_cache'\]\.size\(\)\[[13]\]|\['(cos|sin)'\]\.size\(\)\[1\]", s)]
     assert not constant, constant
 
