@@ -121,14 +121,18 @@ SPLIT_VERDICT: bool = _env_switch("BILD_SPLIT_VERDICT") is not False
 # Qwen2.5-1.5B 1.547 ms stored against 1.592-1.679 in three processes without (210 kernels against 238); Qwen2.5-0.5B
 # 0.714 against 0.718 (133 kernels against 157; the q/k/v products and that kernel 89.6 -> about 56 us a step, the
 # other products' tuned times moving more between processes); on an H100, with TUNE_ALL_DIRECTIONS, 0.5B 0.733 ms
-# and 1.5B 1.821. BART's (the demo pair) was not timed. BILD_STORED_QKV=0 in the environment turns it off.
+# and 1.5B 1.821. BART's (the demo large model, on an H100): 75 kernels and 170 us a step against 81 and 175, the graph
+# 0.194 ms against 0.199. BILD_STORED_QKV=0 in the environment turns it off.
 STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
 # Whether a compiled decoder-only pass of several tokens (a check, a prompt, a batch's step) leaves each layer's MLP
 # output (the down product: with a check's few tokens, its partial sums) to the next layer, which adds it to the
 # residual in the kernel of its first norm, where otherwise that add is a kernel of its own, one a layer. Families
 # whose down product has a bias or a norm after it (Gemma) add it in the layer. The numbers are the same, added in
-# the same order; the first layer's graphs are compiled apart from the others'. Off until it has run on a GPU (tested
-# on the CPU only, traced by dynamo); BILD_DEFERRED_RESIDUAL=1 in the environment turns it on.
+# the same order; the first layer's graphs are compiled apart from the others'. Off: on an H100 (BENCHMARKS.md) it
+# removed the 24 adds of a Qwen2.5-0.5B check of 11 (32 us) but its attention took 283 us against 173, and a check of
+# 10 took 1.142-1.175 ms against 1.063. The layers after the first then ran a pass first traced at a cache that
+# starts past offset 0, with the offset as a symbol; the caches are tensors of their own since, which removes the
+# symbol (a CPU test), but that has not run on a GPU. BILD_DEFERRED_RESIDUAL=1 in the environment turns it on.
 DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is True
 # Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
 # settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
