@@ -68,7 +68,7 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     find \$cache -name '*.best_config' -newer runs/.before_run 2>/dev/null | sort > runs/.configs_written
     # a result written again is a kernel whose source an earlier process generated too, tuned again; a new one, a new source
     echo "\$run: \$(wc -l < runs/.configs_written) tuning results written by this process" \
-      "(\$(comm -12 runs/.configs_before runs/.configs_written | wc -l) of them over an earlier one's), " \
+      "(\$(comm -12 runs/.configs_before runs/.configs_written | wc -l) of them over an earlier one's)," \
       "\$(find \$cache -name '*.py' -newer runs/.before_run 2>/dev/null | wc -l) kernel sources written," \
       "\$(find \$cache -name '*.best_config' 2>/dev/null | wc -l) results in its cache \$cache" >> runs/best_configs.log
   done
