@@ -175,6 +175,47 @@ def skinny_cases(device: str, configs=None, bf16: bool = True) -> list[dict]:
     return results
 
 
+def settled_cases(device: str, configs) -> list[dict]:
+    """scripts/bench_epilogue.py's skinny_settled (a product and its epilogue in one kernel, measured there before any
+    pass uses it) against the same arithmetic on skinny_product's partial sums: summed in order, the epilogue
+    applied (the bias, the residual, silu(gate) * up), float32; with one run and with several, whose last to finish
+    settles each block of columns and leaves its counter at 0."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_epilogue import extra_for, skinny_settled
+
+    from decode import kernels
+
+    torch.manual_seed(5)
+    results = []
+    for epilogue in ("bias", "residual", "gated"):
+        for m, n, k in [(3, 48, 200), (11, 80, 300)]:
+            rows = 2 * n if epilogue == "gated" else n
+            for config in configs:
+                x = torch.randn(m, k, device=device)
+                w = torch.randn(rows, k, device=device)
+                extra = extra_for(epilogue, m, rows, torch.float32, device)
+                count = torch.zeros(64, dtype=torch.int32)
+                out = skinny_settled(x, w, epilogue, extra, config, count=count)
+                parts = kernels.skinny_product(x, w, config)
+                total = parts[0].clone()
+                for part in parts[1:]:  # in order, as the kernel adds them
+                    total += part
+                if epilogue == "bias":
+                    ref = total + extra
+                elif epilogue == "residual":
+                    ref = extra + total
+                else:
+                    gate, up = total.chunk(2, dim=-1)
+                    ref = gate * torch.sigmoid(gate) * up
+                results.append(dict(case=[epilogue, m, n, k, config], runs=parts.shape[0], shape=list(out.shape),
+                                    equal=torch.equal(out, ref) if epilogue != "gated" else None,
+                                    err=((out - ref).abs() / (1 + ref.abs())).max().item(),
+                                    counters_left=int(count.abs().sum())))
+    return results
+
+
 def check_skinny_cases(results: list[dict], cases: int) -> None:
     assert len(results) == cases
     assert any(r["splits"] > 1 for r in results) and any(r["splits"] == 1 for r in results)
@@ -224,9 +265,11 @@ from decode import kernels
 # fewer programs per token than on a GPU (the interpreter runs each in turn), over runs of one block: the cases' caches
 # of over 64 slots split, the shorter ones not
 kernels.SPLITS, kernels.MIN_CHUNK = 2, kernels.BLOCK
-from test_kernels import SKINNY_CONFIGS, kernel_cases, many_query_cases, rotated_check_cases, skinny_cases
+from test_kernels import (SETTLED_CONFIGS, SKINNY_CONFIGS, kernel_cases, many_query_cases, rotated_check_cases,
+                          settled_cases, skinny_cases)
 print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu"),
-                  "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False)}))
+                  "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False),
+                  "settled": settled_cases("cpu", SETTLED_CONFIGS)}))
 '''
 
 
@@ -259,3 +302,21 @@ SKINNY_CONFIGS = [(16, 32, 1, 4, 2), (32, 64, 16, 4, 2), (64, 128, 1, 4, 3)]
 def test_the_skinny_product_is_the_product_row_by_row(interpreted):
     """(float32; tests/test_gpu.py runs bfloat16 too)"""
     check_skinny_cases(interpreted["skinny"], 4 * len(SKINNY_CONFIGS))
+
+
+# one run of the columns, and runs of 64 (4 and 5 of them at these widths, where skinny_product keeps 16, the
+# last empty); blocks of 32 rows (gated: 16 of gate's and
+# 16 of up's), so that the last block of columns is partly past the weight
+SETTLED_CONFIGS = [(32, 32, 1, 4, 2), (32, 64, 16, 4, 2)]
+
+
+def test_a_product_with_its_epilogue_in_one_kernel_is_the_two_kernels_arithmetic(interpreted):
+    """scripts/bench_epilogue.py's fused kernel (float32 in the interpreter; the script compares bfloat16 on a GPU)."""
+    results = interpreted["settled"]
+    assert len(results) == 3 * 2 * len(SETTLED_CONFIGS)
+    assert {r["runs"] > 1 for r in results} == {False, True}, results  # one run and several
+    for r in results:
+        rows = r["case"][1]
+        assert r["shape"] == [rows, r["case"][2]], r
+        assert r["equal"] is not False and r["err"] <= 1e-6, r  # gated: sigmoid's exp is numpy's there, torch's here
+        assert r["counters_left"] == 0, r
