@@ -406,7 +406,8 @@ class StaticKV:
 
     def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, dtype, device, batch: int = 1):
         # zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN would be NaN
-        self.layers = [tuple(torch.zeros(batch, heads, capacity, head_dim, dtype=dtype, device=device) for _ in "kv")
+        shape = (batch, heads, capacity, head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(layers)]
         for pair in self.layers:  # the compiled passes take any capacity without compiling again
             for t in pair:

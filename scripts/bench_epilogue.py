@@ -38,11 +38,10 @@ if kernels.triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _settle(acc, up, extra_ptr, out_ptr, m, col, M, N, EPILOGUE: tl.constexpr):
-        """The float32 product (and, gated, the up half's) rounded to out's dtype, then its epilogue, stored."""
+    def _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE: tl.constexpr):
+        """The float32 product (and, gated, the up half's) rounded to out's dtype, then its epilogue, stored at here
+        (offsets into out [M, N]) where keep."""
         dtype = out_ptr.dtype.element_ty
-        keep = (m[:, None] < M) & (col[None, :] < N)
-        here = m[:, None] * N + col[None, :]
         y = acc.to(dtype).to(tl.float32)
         if EPILOGUE == 0:  # + bias [N]
             y = y + tl.load(extra_ptr + col, mask=col < N, other=0.0).to(tl.float32)[None, :]
@@ -83,11 +82,11 @@ if kernels.triton is not None:
                     up = tl.dot(xs, tl.trans(ws), up, input_precision="ieee")
                 else:
                     up = tl.dot(xs, tl.trans(ws), up)
+        keep = (m[:, None] < M) & (col[None, :] < N)
+        here = m[:, None] * N + col[None, :]
         if runs == 1:
-            _settle(acc, up, extra_ptr, out_ptr, m, col, M, N, EPILOGUE)
+            _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE)
         else:
-            keep = (m[:, None] < M) & (col[None, :] < N)
-            here = m[:, None] * N + col[None, :]
             tl.store(part_ptr + split * M * N + here, acc, mask=keep)
             if EPILOGUE == 2:
                 tl.store(part_ptr + (runs + split) * M * N + here, up, mask=keep)
@@ -100,16 +99,16 @@ if kernels.triton is not None:
                     if EPILOGUE == 2:
                         up += tl.load(part_ptr + (runs + s) * M * N + here, mask=keep, other=0.0,
                                       cache_modifier=".cg")
-                _settle(acc, up, extra_ptr, out_ptr, m, col, M, N, EPILOGUE)
+                _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE)
                 tl.store(count_ptr + block, 0)
 
 
 def skinny_settled(x: torch.Tensor, weight: torch.Tensor, epilogue: str, extra: torch.Tensor, config=None,
-                   kernel=None, count: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] times weight [N', K] transposed, its float32 sum rounded to x's dtype, then: "bias", + extra [N]; "residual",
-    extra [M, N] +; "gated", weight's rows gate's then up's (N' = 2N), silu(gate) * up. The blocks and runs are
-    skinny_product's for this weight (`config` replaces them; gated: half its block of rows from each half). `count`:
-    the blocks' counters, zeros, left at 0 (default: the device's shared ones, decode.kernels.counters)."""
+                   count: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times weight [N', K] transposed, its float32 sum rounded to x's dtype, then: "bias", + extra [N];
+    "residual", extra [M, N] +; "gated", weight's rows gate's then up's (N' = 2N), silu(gate) * up. The blocks and
+    runs are skinny_product's for this weight (`config` replaces them; gated: half its block of rows from each half).
+    `count`: the blocks' counters, zeros, left at 0 (default: the device's shared ones, decode.kernels.counters)."""
     m, k = x.shape
     rows = weight.shape[0]
     gated = epilogue == "gated"
@@ -124,7 +123,7 @@ def skinny_settled(x: torch.Tensor, weight: torch.Tensor, epilogue: str, extra: 
     if count is None:  # (shared: no kernel to clear them in a timed launch)
         count = kernels.counters(x.device)
     out = x.new_empty(m, n)
-    (kernel or _skinny_settled)[grid](
+    _skinny_settled[grid](
         x, weight, parts, count, extra, out, m, n, k, chunk, runs, x.stride(0), weight.stride(0), ROWS=kernels.MAX_ROWS,
         BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE=EPILOGUES[epilogue], IEEE=x.dtype == torch.float32, num_warps=warps,
         num_stages=stages)
