@@ -1,24 +1,30 @@
-"""Would a check's products be cheaper with their epilogues inside the product kernel? A measurement before any pass
-changes. Two kernels: decode/kernels.py's skinny_product, then the compiled epilogue a pass runs on its partial sums
-(their sum rounded to bf16, then the bias, the residual add or the gated activation; inductor's kernel after the
-product, compiled here for the one shape, where a check's pass takes any length). One kernel: `skinny_settled` below,
-where each program stores its run's partial sums and the last run of a block of columns to finish adds them in order
-and applies the epilogue, as decode_attention combines its runs.
+"""Would a check's layer be cheaper as one kernel per product, each with its norm and its epilogue inside? A measurement
+before any pass changes.
 
-    python scripts/bench_epilogue.py [--shapes qwen2.5_0.5b qwen2.5_1.5b] [--rows 2 11]
+Today, a compiled check of a Qwen2-style layer runs its products as decode/kernels.py's skinny_product (the weight's
+columns split into runs, float32 partial sums) and around them inductor's kernels: the sum of the partial sums with the
+epilogue (the bias, the residual add, silu(gate) * up) and the norms (RMSNorm's sum of squares, written out as the next
+product's input): nine kernels a layer besides the attention. `skinny_fused` below is one kernel per product, four a
+layer: each program multiplies a block of the weight's rows by every row of x over all its columns (no runs to add
+up), where a norm comes first it takes the rows' sum of squares from x itself (each program reads all of x, which is
+a few kB), and it ends with the epilogue. (An earlier form kept the runs and had the last one of each block to finish
+add them up, as decode_attention combines its runs; on an H100 it was no faster than the two kernels: BENCHMARKS.md.)
 
-For each weight of a Qwen2.5 layer a check multiplies by: q/k/v (+ bias), o (residual +), gate/up (act(gate) * up) and
-down (residual +). Random bf16 weights; each way timed as a CUDA graph of launches over enough copies of the weight
-that none is in the L2 cache when read again (bench_skinny.py's timing), the median of --repeats replays. The column
-"equal" is the share of the fused kernel's outputs equal, bit for bit, to the two kernels'. Prints the table last.
-The passes do not use skinny_settled: this script says whether they should.
+    python scripts/bench_epilogue.py [--shapes qwen2.5_0.5b qwen2.5_1.5b qwen2.5_7b] [--rows 11] [--repeats 5]
 
-In a compiled check the kernel after the o product also does the next norm (the sum, the residual add and the norm in
-one), so fusing o's epilogue would save no kernel unless the norm moved too; after q/k/v, gate/up and down the kernel
-does nothing else, so their fused forms would each save one. The last line adds up those three.
+First, per product of a layer (q/k/v with its norm and bias; o, then the residual add; gate/up with its norm, then
+silu(gate) * up; down, then the residual add), skinny_fused over every block size and pipeline depth of SWEEP at
+--rows' last count of rows, against skinny_product alone (the product without anything around it). Then the whole
+layer's products (o reading q's part of q/k/v in place of the attention's output): compiled as a check's pass compiles
+them today, against the four skinny_fused kernels at each product's fastest blocks, at each count of --rows, and the
+share of the layer's outputs (q/k/v and the new residual) equal bit for bit. Random bf16 weights; each way timed as a
+CUDA graph of launches over enough copies of the weights that none is in the L2 cache when read again (bench_skinny.py's
+timing), the median of --repeats replays. Prints the tables last. The passes do not use skinny_fused: this script says
+whether they should.
 """
 
 import argparse
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -31,181 +37,233 @@ import torch.nn.functional as F  # noqa: E402
 
 from decode import compact, kernels  # noqa: E402
 
-EPILOGUES = {"bias": 0, "residual": 1, "gated": 2}
+EPS = 1e-6
+SWEEP = dict(block_n=(16, 32, 64), block_k=(128, 256), warps_stages=((4, 3), (4, 5), (8, 4)))
 
 if kernels.triton is not None:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE: tl.constexpr):
-        """The float32 product (and, gated, the up half's) rounded to out's dtype, then its epilogue, stored at here
-        (offsets into out [M, N]) where keep."""
+    def _skinny_fused(x_ptr, w_ptr, out_ptr, bias_ptr, res_ptr, nw_ptr, M, N, K, eps, stride_xm, stride_wn,
+                      stride_rm, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                      IEEE: tl.constexpr):
+        """Program i: output columns i * BLOCK_N onward, for every row of x (up to ROWS), summed over all K columns of
+        the weight. NORM: x's rows RMSNormed first, as compact.rms_norm computes it (the factor from each row's sum of
+        squares, the normed row rounded to x's dtype, then times the norm's weight nw, rounded again). The float32 sum
+        rounded to out's dtype, then: BIAS, + bias[N]; RESIDUAL, res[M, N] +; GATED (the weight's rows gate's, then
+        up's, N further on), silu(gate) * up, as inductor writes F.silu(gate) * up."""
         dtype = out_ptr.dtype.element_ty
-        y = acc.to(dtype).to(tl.float32)
-        if EPILOGUE == 0:  # + bias [N]
-            y = y + tl.load(extra_ptr + col, mask=col < N, other=0.0).to(tl.float32)[None, :]
-        elif EPILOGUE == 1:  # residual [M, N] +
-            y = tl.load(extra_ptr + here, mask=keep, other=0.0).to(tl.float32) + y
-        else:  # silu(gate) * up, as inductor writes F.silu(gate) * up
-            y = y * tl.sigmoid(y) * up.to(dtype).to(tl.float32)
-        tl.store(out_ptr + here, y.to(dtype), mask=keep)
-
-    @triton.jit
-    def _skinny_settled(x_ptr, w_ptr, part_ptr, count_ptr, extra_ptr, out_ptr, M, N, K, chunk, runs, stride_xm,
-                        stride_wn, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EPILOGUE: tl.constexpr, IEEE: tl.constexpr):
-        """Program (i, s): skinny_product's, over columns i * BLOCK_N onward of the output (gated: of gate's rows and of
-        up's, N further on), then the last run of block i to finish sums the runs' partial sums in order (run 0 first)
-        and settles them (_settle); with one run, the program itself."""
-        block = tl.program_id(0)
-        col = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        split = tl.program_id(1)
+        col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, ROWS)
         kk = tl.arange(0, BLOCK_K)
+        rows = m[:, None] < M
+        factor = tl.zeros([ROWS], tl.float32)
+        if NORM:
+            squares = tl.zeros([ROWS, BLOCK_K], tl.float32)
+            for start in range(0, K, BLOCK_K):
+                at = start + kk
+                xs = tl.load(x_ptr + m[:, None] * stride_xm + at[None, :], mask=rows & (at[None, :] < K), other=0.0)
+                xs = xs.to(tl.float32)
+                squares += xs * xs
+            factor = tl.rsqrt(tl.sum(squares, 1) / K + eps)
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         up = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        first = split * chunk
-        for start in range(first, tl.minimum(first + chunk, K), BLOCK_K):
+        for start in range(0, K, BLOCK_K):
             at = start + kk
-            xs = tl.load(x_ptr + m[:, None] * stride_xm + at[None, :], mask=(m[:, None] < M) & (at[None, :] < K),
-                         other=0.0)
+            xs = tl.load(x_ptr + m[:, None] * stride_xm + at[None, :], mask=rows & (at[None, :] < K), other=0.0)
+            if NORM:
+                normed = (xs.to(tl.float32) * factor[:, None]).to(dtype).to(tl.float32)
+                nw = tl.load(nw_ptr + at, mask=at < K, other=0.0).to(tl.float32)
+                xs = (nw[None, :] * normed).to(dtype)
             w_mask = (col[:, None] < N) & (at[None, :] < K)
             ws = tl.load(w_ptr + col[:, None] * stride_wn + at[None, :], mask=w_mask, other=0.0)
-            if IEEE:
+            if IEEE:  # float32 inputs: float32 products (tensor cores would round them to tf32)
                 acc = tl.dot(xs, tl.trans(ws), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xs, tl.trans(ws), acc)
-            if EPILOGUE == 2:
+            if GATED:
                 ws = tl.load(w_ptr + (N + col[:, None]) * stride_wn + at[None, :], mask=w_mask, other=0.0)
                 if IEEE:
                     up = tl.dot(xs, tl.trans(ws), up, input_precision="ieee")
                 else:
                     up = tl.dot(xs, tl.trans(ws), up)
-        keep = (m[:, None] < M) & (col[None, :] < N)
-        here = m[:, None] * N + col[None, :]
-        if runs == 1:
-            _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE)
-        else:
-            tl.store(part_ptr + split * M * N + here, acc, mask=keep)
-            if EPILOGUE == 2:
-                tl.store(part_ptr + (runs + split) * M * N + here, up, mask=keep)
-            tl.debug_barrier()  # every thread's stores before the counter (which releases them)
-            if tl.atomic_add(count_ptr + block, 1) == runs - 1:  # the last run to finish settles the block
-                acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-                up = tl.zeros([ROWS, BLOCK_N], tl.float32)
-                for s in range(0, runs):
-                    acc += tl.load(part_ptr + s * M * N + here, mask=keep, other=0.0, cache_modifier=".cg")
-                    if EPILOGUE == 2:
-                        up += tl.load(part_ptr + (runs + s) * M * N + here, mask=keep, other=0.0,
-                                      cache_modifier=".cg")
-                _settle(acc, up, extra_ptr, out_ptr, here, keep, col, N, EPILOGUE)
-                tl.store(count_ptr + block, 0)
+        keep = rows & (col[None, :] < N)
+        y = acc.to(dtype).to(tl.float32)
+        if BIAS:
+            y = y + tl.load(bias_ptr + col, mask=col < N, other=0.0).to(tl.float32)[None, :]
+        if RESIDUAL:
+            y = tl.load(res_ptr + m[:, None] * stride_rm + col[None, :], mask=keep, other=0.0).to(tl.float32) + y
+        if GATED:
+            y = y * tl.sigmoid(y) * up.to(dtype).to(tl.float32)
+        tl.store(out_ptr + m[:, None] * N + col[None, :], y.to(dtype), mask=keep)
 
 
-def skinny_settled(x: torch.Tensor, weight: torch.Tensor, epilogue: str, extra: torch.Tensor, config=None,
-                   count: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] times weight [N', K] transposed, its float32 sum rounded to x's dtype, then: "bias", + extra [N];
-    "residual", extra [M, N] +; "gated", weight's rows gate's then up's (N' = 2N), silu(gate) * up. The blocks and
-    runs are skinny_product's for this weight (`config` replaces them; gated: half its block of rows from each half).
-    `count`: the blocks' counters, zeros, left at 0 (default: the device's shared ones, decode.kernels.counters)."""
+def skinny_fused(x: torch.Tensor, weight: torch.Tensor, config: tuple, norm: torch.Tensor | None = None,
+                 eps: float = EPS, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 gated: bool = False) -> torch.Tensor:
+    """x [M, K] (rows with their last dimension contiguous) times weight [N', K] transposed, in one kernel: norm, the
+    RMSNorm's weight [K], normalizes x's rows first; then + bias [N'], or residual [M, N'] +, or (gated: weight's rows
+    gate's then up's, N' = 2N) silu(gate) * up. config: (BLOCK_N, BLOCK_K, warps, stages). Returns [M, N] in x's
+    dtype."""
     m, k = x.shape
-    rows = weight.shape[0]
-    gated = epilogue == "gated"
-    n = rows // 2 if gated else rows
-    block_n, block_k, splits, warps, stages = config or kernels.skinny_config(rows, k, x.device)
-    if gated:
-        block_n //= 2
-    chunk = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    runs = triton.cdiv(k, chunk)
-    grid = (triton.cdiv(n, block_n), runs)
-    parts = torch.empty((2 if gated else 1) * runs, m, n, dtype=torch.float32, device=x.device)
-    if count is None:  # (shared: no kernel to clear them in a timed launch)
-        count = kernels.counters(x.device)
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    if m > kernels.MAX_ROWS:
+        raise ValueError(f"skinny_fused takes up to {kernels.MAX_ROWS} rows, not {m}")
+    block_n, block_k, warps, stages = config
     out = x.new_empty(m, n)
-    _skinny_settled[grid](
-        x, weight, parts, count, extra, out, m, n, k, chunk, runs, x.stride(0), weight.stride(0), ROWS=kernels.MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, EPILOGUE=EPILOGUES[epilogue], IEEE=x.dtype == torch.float32, num_warps=warps,
-        num_stages=stages)
+    _skinny_fused[(triton.cdiv(n, block_n),)](
+        x, weight, out, x if bias is None else bias, x if residual is None else residual, x if norm is None else norm,
+        m, n, k, eps, x.stride(0), weight.stride(0), 0 if residual is None else residual.stride(0),
+        ROWS=kernels.MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm is not None, BIAS=bias is not None,
+        RESIDUAL=residual is not None, GATED=gated, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return out
 
 
-def settled_apart(parts: torch.Tensor, epilogue: str, extra: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What a pass computes from skinny_product's partial sums (decode.compact.linear, the layer's residual add and
-    gated_activation), in a kernel of inductor's after the product when compiled."""
-    y = parts.sum(0).to(dtype)
-    if epilogue == "bias":
-        return y + extra
-    if epilogue == "residual":
-        return extra + y
-    gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
+# a layer's products: name -> (how skinny_fused runs it, its weights' key in bench_skinny.weights)
+PRODUCTS = {"qkv": dict(norm=True, bias=True), "o": dict(residual=True), "gate_up": dict(norm=True, gated=True),
+            "down": dict(residual=True)}
 
 
-def products(shape: str) -> dict[str, tuple[int, int, str]]:
-    """A layer's products a check runs: name -> (weight rows, columns, epilogue)."""
+def product_apart(x, weight, norm=None, bias=None, residual=None, gated=False, eps=EPS):
+    """What a pass computes for one product and what is around it (compact.rms_norm, compact.linear, the residual
+    add, compact.gated_activation's silu(gate) * up), x [M, K]."""
+    if norm is not None:
+        x = compact.rms_norm(x, norm, eps)
+    y = compact.linear(x[None], weight)[0]
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = residual + y
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y
+
+
+def layer_weights(shape: str, dtype, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of one Qwen2-style layer of a bench_step shape: the norms', q/k/v's (with its bias), o's,
+    gate/up's and down's."""
     from bench_skinny import weights
 
     w = weights(shape)
-    return {"qkv": (*w["qkv"], "bias"), "o": (*w["o"], "residual"), "gate_up": (*w["gate_up"], "gated"),
-            "down": (*w["down"], "residual")}
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(dtype=dtype, device=device)
+
+    d = w["o"][0]
+    return dict(ln1=1 + rand(d, scale=0.1), qkv=rand(*w["qkv"], scale=w["qkv"][1] ** -0.5),
+                qkv_b=rand(w["qkv"][0], scale=0.1), o=rand(*w["o"], scale=w["o"][1] ** -0.5),
+                ln2=1 + rand(d, scale=0.1), gate_up=rand(*w["gate_up"], scale=w["gate_up"][1] ** -0.5),
+                down=rand(*w["down"], scale=w["down"][1] ** -0.5))
 
 
-def extra_for(epilogue: str, m: int, n: int, dtype, device) -> torch.Tensor:
-    n_out = n // 2 if epilogue == "gated" else n
-    return torch.randn(n_out if epilogue == "bias" else (m, n_out), dtype=dtype, device=device)
+def layer_apart(h, w):
+    """A check layer's products as a pass writes them (o reads q's part of q/k/v in place of the attention's output;
+    h [1, n, d]): compiled, what this script measures as today's."""
+    d = h.shape[-1]
+    qkv = compact.norm_linear(h, compact.rms_norm, w["ln1"], EPS, w["qkv"], w["qkv_b"])
+    h = h + compact.linear(qkv[..., :d], w["o"])
+    x = compact.gated_activation(h, compact.rms_norm, w["ln2"], EPS, w["gate_up"], None, F.silu)
+    h = h + compact.linear(x, w["down"])
+    return qkv, h
+
+
+def layer_fused(h, w, configs):
+    """The same as four skinny_fused kernels (h [n, d]); configs: each product's blocks."""
+    d = h.shape[-1]
+    qkv = skinny_fused(h, w["qkv"], configs["qkv"], norm=w["ln1"], bias=w["qkv_b"])
+    h = skinny_fused(qkv[:, :d], w["o"], configs["o"], residual=h)
+    x = skinny_fused(h, w["gate_up"], configs["gate_up"], norm=w["ln2"], gated=True)
+    h = skinny_fused(x, w["down"], configs["down"], residual=h)
+    return qkv, h
+
+
+def sweep_configs(n: int, k: int, gated: bool):
+    """SWEEP's blocks that fit in shared memory (the pipelined tiles of x and of the weight, twice for gated)."""
+    for block_n, block_k, (warps, stages) in itertools.product(*SWEEP.values()):
+        if ((2 if gated else 1) * block_n + kernels.MAX_ROWS) * block_k * 2 * stages <= 200_000:
+            yield block_n, block_k, warps, stages
 
 
 def main():
-    from bench_skinny import per_launch_us
+    from bench_skinny import per_launch_us, weights
     from bench_step import copy_bandwidth
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="*", default=["qwen2.5_0.5b", "qwen2.5_1.5b"])
-    p.add_argument("--rows", nargs="*", type=int, default=[2, 11])
+    p.add_argument("--shapes", nargs="*", default=["qwen2.5_0.5b", "qwen2.5_1.5b", "qwen2.5_7b"])
+    p.add_argument("--rows", nargs="*", type=int, default=[11])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.manual_seed(0)
-    kernels.counters(torch.device("cuda"))  # (reads the device's multiprocessors for skinny_config)
-    bandwidth = copy_bandwidth(torch.device("cuda"))
+    device = torch.device("cuda")
+    kernels.counters(device)  # (reads the device's multiprocessors for skinny_config)
+    bandwidth = copy_bandwidth(device)
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-
-    def compiled_apart():  # as a check's pass compiles (a code object of its own per product: no recompile limit)
-        return torch.compile(compact._own_code(lambda x, w, extra, epilogue: settled_apart(
-            kernels.skinny_product(x, w), epilogue, extra, x.dtype)), dynamic=False,
-            options=compact.inductor_options(False, False))
-
-    table, totals = [], {}
+    name = torch.cuda.get_device_name()
+    print(f"{name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    bf16 = torch.bfloat16
+    m = args.rows[-1]
+    per_product, per_layer = [], []
     for shape in args.shapes:
-        for name, (n, k, epilogue) in products(shape).items():
-            size = n * k * 2
-            copies = max(4, math.ceil(3 * l2 / size))
-            ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5 for _ in range(copies)]
-            cells = []
-            for m in args.rows:
-                apart = compiled_apart()
-                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                extra = extra_for(epilogue, m, n, torch.bfloat16, "cuda")
-                two = per_launch_us(lambda i: apart(x, ws[i], extra, epilogue), copies, args.repeats)
-                one = per_launch_us(lambda i: skinny_settled(x, ws[i], epilogue, extra), copies, args.repeats)
-                equal = (apart(x, ws[0], extra, epilogue) == skinny_settled(x, ws[0], epilogue, extra)).float().mean()
-                cells.append(f"{two:.1f} / {one:.1f} ({equal.item():.3f})")
-                if name != "o":
-                    before = totals.get((shape, m), (0.0, 0.0))
-                    totals[shape, m] = (before[0] + two, before[1] + one)
-            table.append(f"| {shape} | {name} ({epilogue}) | {n}x{k} | {size / bandwidth * 1e6:.1f} | "
-                         + " | ".join(cells) + " |")
-            print(table[-1], flush=True)
+        best = {}
+        for product, how in PRODUCTS.items():
+            n, k = weights(shape)[product]
+            copies = max(4, math.ceil(3 * l2 / (n * k * 2)))
+            ws = [torch.randn(n, k, dtype=bf16, device=device) / k ** 0.5 for _ in range(copies)]
+            x = torch.randn(m, k, dtype=bf16, device=device)
+            extra = dict(norm=1 + 0.1 * torch.randn(k, dtype=bf16, device=device) if how.get("norm") else None,
+                         bias=torch.randn(n, dtype=bf16, device=device) if how.get("bias") else None,
+                         residual=torch.randn(m, n, dtype=bf16, device=device) if how.get("residual") else None,
+                         gated=how.get("gated", False))
+            alone = per_launch_us(lambda i: kernels.skinny_product(x, ws[i]), copies, args.repeats)
+            timed = {}
+            for config in sweep_configs(n // 2 if extra["gated"] else n, k, extra["gated"]):
+                try:
+                    timed[config] = per_launch_us(lambda i: skinny_fused(x, ws[i], config, **extra), copies,
+                                                  args.repeats)
+                except Exception as e:  # (a block too large for this device: its compiler says so)
+                    print(f"{shape} {product} {config}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            best[product] = min(timed, key=timed.get)
+            row = (f"| {shape} | {product} | {n}x{k} | {n * k * 2 / bandwidth * 1e6:.1f} | {alone:.1f} | "
+                   f"{timed[best[product]]:.1f} {best[product]} | {max(timed.values()):.1f} |")
+            per_product.append(row)
+            print(row, flush=True)
             ws = None
             torch.cuda.empty_cache()
-    print(f"\nus per product and its epilogue, two kernels / one (the share of outputs equal), by rows of x "
-          f"({torch.cuda.get_device_name()}, bf16):\n")
-    print("| shape | weight | n x k | floor us | " + " | ".join(f"{m} rows" for m in args.rows) + " |")
-    print("|---|---|---|---|" + "---|" * len(args.rows))
-    print("\n".join(table))
-    print("\na layer's q/k/v, gate/up and down products, two kernels / one, us: "
-          + "; ".join(f"{s} at {m} rows {a:.1f} / {b:.1f}" for (s, m), (a, b) in totals.items()))
+        w0 = layer_weights(shape, bf16, device)
+        size = sum(t.numel() * t.element_size() for t in w0.values())
+        copies = max(4, math.ceil(3 * l2 / size))
+        layers = [w0] + [layer_weights(shape, bf16, device, seed) for seed in range(1, copies)]
+        for rows in args.rows:
+            h = torch.randn(1, rows, w0["o"].shape[0], dtype=bf16, device=device)
+            apart = torch.compile(compact._own_code(layer_apart), dynamic=False,
+                                  options=compact.inductor_options(False, False))
+            today = per_launch_us(lambda i: apart(h, layers[i]), copies, args.repeats)
+            fused = per_launch_us(lambda i: layer_fused(h[0], layers[i], best), copies, args.repeats)
+            (q1, h1), (q2, h2) = apart(h, w0), layer_fused(h[0], w0, best)
+            equal = torch.cat([(q1[0] == q2).flatten(), (h1[0] == h2).flatten()]).float().mean().item()
+            err = max(((a[0].float() - b.float()).abs() / (1 + a[0].float().abs())).max().item()
+                      for a, b in ((q1, q2), (h1, h2)))
+            row = (f"| {shape} | {rows} | {size / bandwidth * 1e6:.1f} | {today:.1f} | {fused:.1f} | {equal:.3f} | "
+                   f"{err:.1e} |")
+            per_layer.append(row)
+            print(row, flush=True)
+        layers = None
+        torch.cuda.empty_cache()
+    print(f"\neach product at {m} rows, us ({name}, bf16): skinny_product alone; skinny_fused with its norm and "
+          "epilogue, at its fastest blocks (BLOCK_N, BLOCK_K, warps, stages), and at its slowest:\n")
+    print("| shape | product | n x k | floor us | skinny_product | skinny_fused (fastest) | skinny_fused (slowest) |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(per_product))
+    print(f"\na layer's products with their norms and epilogues, us ({name}, bf16): compiled as a check's pass "
+          "compiles them today, against four skinny_fused kernels; the share of outputs equal bit for bit, and the "
+          "largest difference relative to 1 + |output|:\n")
+    print("| shape | rows | floor us | today | skinny_fused | equal | largest difference |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(per_layer))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
-# its sweep of blocks. EPILOGUE=1: then (before BENCH) each product with its epilogue in one kernel against two
-# (scripts/bench_epilogue.py).
+# its sweep of blocks. EPILOGUE=1: then (before BENCH) a check layer's products as one kernel each, with their norms and
+# epilogues, against today's (scripts/bench_epilogue.py).
 # COMPILE_BENCH=1: then (before SKINNY and BENCH) the 7B shape's compile time, cold and warm (scripts/bench_compile.py).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
@@ -49,7 +49,7 @@ if [[ ${SKINNY:-0} != 0 ]]; then  # the GPU to itself
   timeout 240 python3 scripts/bench_skinny.py "\${sweep[@]}" --json runs/skinny.json > runs/skinny.log 2>&1
 fi
 if [[ ${EPILOGUE:-0} == 1 ]]; then  # the GPU to itself
-  timeout 240 python3 scripts/bench_epilogue.py > runs/epilogue.log 2>&1
+  timeout 300 python3 scripts/bench_epilogue.py > runs/epilogue.log 2>&1
 fi
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   if [[ ${BENCH:-0} != small ]]; then
@@ -62,9 +62,10 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
       for setting in ${BENCH_SETTINGS:-default}; do runs+=(\$shape@\$setting); done
     done
   fi
-  for run in "\${runs[@]}"; do  # each setting a process's first runner
-    shape=\${run%%@*}; setting=\${run#*@}
-    name=\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
+  i=0
+  for run in "\${runs[@]}"; do  # each setting a process's first runner; its logs named by its place (runs repeat)
+    shape=\${run%%@*}; setting=\${run#*@}; i=\$((i + 1))
+    name=\${i}_\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
     cache=\$(env "\${env[@]}" python3 -c "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())")
     find \$cache -name '*.best_config' 2>/dev/null | sort > runs/.configs_before; touch runs/.before_run
     env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
