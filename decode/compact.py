@@ -128,12 +128,13 @@ STORED_QKV: bool = _env_switch("BILD_STORED_QKV") is not False
 # output (the down product: with a check's few tokens, its partial sums) to the next layer, which adds it to the
 # residual in the kernel of its first norm, where otherwise that add is a kernel of its own, one a layer. Families
 # whose down product has a bias or a norm after it (Gemma) add it in the layer. The numbers are the same, added in
-# the same order; the first layer's graphs are compiled apart from the others'. Off: on an H100 (BENCHMARKS.md) it
-# removed the 24 adds of a Qwen2.5-0.5B check of 11 (32 us) but its attention took 283 us against 173, and a check of
-# 10 took 1.142-1.175 ms against 1.063. The layers after the first then ran a pass first traced at a cache that
-# starts past offset 0, with the offset as a symbol; the caches are tensors of their own since, which removes the
-# symbol (a CPU test), but that has not run on a GPU. BILD_DEFERRED_RESIDUAL=1 in the environment turns it on.
-DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is True
+# the same order; the first layer's graphs are compiled apart from the others'. Measured on an H100 (BENCHMARKS.md),
+# Qwen2.5-0.5B, each a process's first runner: a check of 10 took 1.039 and 1.060 ms with it against 1.071 without (and
+# 1.063 in an earlier process), 258 kernels against 281 in a check of 11, 948 us of kernel time against 963. (Before
+# each layer's caches were tensors of their own, the layers after the first ran a pass first traced at a cache that
+# started past offset 0, with the offset as a symbol, and it made a check slower: 1.142-1.175 ms.)
+# BILD_DEFERRED_RESIDUAL=0 in the environment turns it off.
+DEFERRED_RESIDUAL: bool = _env_switch("BILD_DEFERRED_RESIDUAL") is not False
 # Whether the coordinate-descent tuning of a one-token pass (TUNED_BELOW_WIDTH) also tries changing two of a kernel's
 # settings at once (inductor's coordinate_descent_check_all_directions), where by default it stops once no single
 # change helps. Measured (BENCHMARKS.md), Qwen2.5-1.5B, each a process's first runner on an empty on-disk cache: on an
