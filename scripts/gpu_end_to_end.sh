@@ -15,7 +15,8 @@
 # BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1". BENCH_RUNS: instead, the runs one by one
 # as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default". After each run,
 # runs/best_configs.log counts the tuning results (inductor's .best_config files) it wrote into its on-disk cache, how
-# many of them over an earlier process's (the same kernel source, tuned again), and the kernel sources it wrote.
+# many of them over an earlier process's (the same kernel source, tuned again), and the kernel sources it wrote; for up
+# to 12 of those tuned again, the kernel's name and its result before and after.
 # VERDICT=1: then a step's verdict six ways (scripts/bench_verdict.py). TRACE=1: then scripts/step_vs_check.py on the
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
@@ -68,6 +69,7 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     name=\${i}_\$(echo \$setting | tr '=,' '-_'); env=(); [[ \$setting == default ]] || env=(\${setting//,/ })
     cache=\$(env "\${env[@]}" python3 -c "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())")
     find \$cache -name '*.best_config' 2>/dev/null | sort > runs/.configs_before; touch runs/.before_run
+    tar -cPf runs/.configs_before.tar -T runs/.configs_before 2>/dev/null
     env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
       --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
     find \$cache -name '*.best_config' -newer runs/.before_run 2>/dev/null | sort > runs/.configs_written
@@ -76,6 +78,10 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
       "(\$(comm -12 runs/.configs_before runs/.configs_written | wc -l) of them over an earlier one's)," \
       "\$(find \$cache -name '*.py' -newer runs/.before_run 2>/dev/null | wc -l) kernel sources written," \
       "\$(find \$cache -name '*.best_config' 2>/dev/null | wc -l) results in its cache \$cache" >> runs/best_configs.log
+    for f in \$(comm -12 runs/.configs_before runs/.configs_written | head -12); do  # which kernels, and what changed
+      echo "  tuned again: \$(grep -om1 'def triton_[a-z_0-9]*' \${f%.best_config}.py 2>/dev/null)" \
+        "before \$(tar -xOPf runs/.configs_before.tar \$f 2>/dev/null | head -c 400) now \$(head -c 400 \$f)"
+    done >> runs/best_configs.log
   done
   [[ ${VERDICT:-0} == 1 ]] && timeout 150 python3 scripts/bench_verdict.py > runs/verdict.log 2>&1
 fi
