@@ -14,7 +14,9 @@ measures both). SPLITS programs per (row, query head, query token), each over it
 sees, at least MIN_CHUNK of them (flash-decoding): up to MIN_CHUNK slots one program reads them all and writes the
 output; past it, each writes its partial softmax sums and the last to finish (a counter per token, which it sets back
 to 0) combines them in a fixed order. The runs are a function of the position alone, so a token's output does not
-depend on which pass computes it. The query heads of a group read their key/value head where it lies.
+depend on which pass computes it. The query heads of a group read their key/value head where it lies: each of them in
+a program of its own, or with GROUPED all of them in one program (_grouped_attention), which reads each block of the
+cache once for the group.
 `attention_over_cache` runs the same program for each of n query tokens (a check of several tokens), over a cache
 that already holds their keys and values (`write_keys` wrote them, rotated by the same code as the one-token step
 rotates its token's, in a kernel of its own). Each query's output is what the one-token step computes for it, bit for
@@ -52,6 +54,11 @@ MAX_QUERIES = 16  # query tokens attention_over_cache takes (longer ones, prompt
 # 20-token prompt, a check of 10 3-5% slower (0.5B 1.158 -> 1.220, 7B 5.859 -> 6.049).
 SPLITS = 16
 MIN_CHUNK = 256
+# Whether decode_attention and attention_over_cache run _grouped_attention: one program per key/value head (and query
+# token and run) for all the query heads of its group, which read each block of the cache once, where _decode_attention
+# runs one program per query head, each reading the cache of its group's head again (a check of 11 tokens at a group of
+# 7 heads reads each slot 77 times). Not measured on a GPU yet; BILD_GROUPED_KERNEL=1 in the environment turns it on.
+GROUPED = os.environ.get("BILD_GROUPED_KERNEL", "0") == "1"
 _COUNTERS: dict[int, torch.Tensor] = {}  # per CUDA device: one counter per split token, 0 between kernels
 # skinny_product: rows of x one program multiplies (a check's tokens), and programs per multiprocessor it aims for.
 # skinny_config's choice is from the sweep (scripts/bench_skinny.py --sweep, 11 rows, on an H100, BENCHMARKS.md), its
@@ -168,6 +175,87 @@ if triton is not None:
 
 
     @triton.jit
+    def _grouped_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, cos_ptr, sin_ptr, part_ptr,
+                           stats_ptr, count_ptr, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_cb, stride_ch, stride_cs, stride_ob, stride_oh,
+                           stride_on, stride_pb, stride_pn, stride_r, scale, window, min_chunk, GROUP: tl.constexpr,
+                           GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                           WRITE: tl.constexpr, ROT: tl.constexpr, SPLITS: tl.constexpr):
+        """_decode_attention's arithmetic for the GROUP query heads of key/value head program_id(1) at once (GP, a
+        power of two, rows of them): each block of the cache is read once for the group. Runs, writes and the
+        combining of runs as there, the runs' partial sums and statistics kept per query head."""
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        query = tl.program_id(2) // SPLITS  # 0 for one token
+        split = tl.program_id(2) % SPLITS
+        pos = tl.load(pos_ptr + row * stride_pb + query * stride_pn)
+        d = tl.arange(0, D)
+        g = tl.arange(0, GP)
+        heads = kv_head * GROUP + g
+        cache = row * stride_cb + kv_head * stride_ch
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(pos - window + 1, 0)
+        chunk = tl.maximum(min_chunk, tl.cdiv(tl.cdiv(pos + 1 - lo, SPLITS), BLOCK) * BLOCK)
+        runs = tl.cdiv(pos + 1 - lo, chunk)
+        first = lo + split * chunk
+        if WRITE and split == runs - 1:  # the run that reads the token's own slot writes it (the group's one program)
+            whole = d < D
+            k_new = _rotated(k_ptr + row * stride_kb + kv_head * stride_kh + query * stride_kn, d, cos_ptr, sin_ptr,
+                             pos, stride_r, whole, ROT)
+            v_new = tl.load(v_ptr + row * stride_vb + kv_head * stride_vh + query * stride_vn + d)
+            tl.store(kc_ptr + cache + pos * stride_cs + d, k_new)
+            tl.store(vc_ptr + cache + pos * stride_cs + d, v_new)
+            tl.debug_barrier()
+
+        if split < runs:
+            d2 = d[None, :] + 0 * g[:, None]  # [GP, D]: each row's dimensions
+            rows = (g[:, None] < GROUP) & (d2 < D)
+            q = _rotated(q_ptr + row * stride_qb + heads[:, None] * stride_qh + query * stride_qn, d2, cos_ptr,
+                         sin_ptr, pos, stride_r, rows, ROT).to(tl.float32)
+            m = tl.full([GP], float("-inf"), tl.float32)
+            total = tl.zeros([GP], tl.float32)
+            acc = tl.zeros([GP, D], tl.float32)
+            for start in range(first, tl.minimum(first + chunk, pos + 1), BLOCK):
+                slots = start + tl.arange(0, BLOCK)
+                live = slots <= pos
+                offsets = cache + slots[:, None] * stride_cs + d[None, :]
+                k = tl.load(kc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                v = tl.load(vc_ptr + offsets, mask=live[:, None], other=0.0).to(tl.float32)
+                scores = (tl.sum(q[:, None, :] * k[None, :, :], 2) * scale).to(tl.float32)  # [GP, BLOCK]
+                scores = tl.where(live[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 1))
+                p = tl.exp(scores - m_new[:, None])
+                alpha = tl.exp(m - m_new)
+                total = total * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+                m = m_new
+            out_at = out_ptr + row * stride_ob + heads[:, None] * stride_oh + query * stride_on + d2
+            if runs == 1:
+                tl.store(out_at, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
+            else:
+                token = (row * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // SPLITS) + query
+                at = (token * SPLITS + split) * GP + g
+                tl.store(part_ptr + at[:, None] * D + d2, acc)
+                tl.store(stats_ptr + at * 2, m)
+                tl.store(stats_ptr + at * 2 + 1, total)
+                tl.debug_barrier()  # every thread's stores before the counter (which releases them)
+                if tl.atomic_add(count_ptr + token, 1) == runs - 1:  # the last run to finish combines, in order
+                    top = tl.full([GP], float("-inf"), tl.float32)
+                    for s in range(0, runs):
+                        top = tl.maximum(top, tl.load(stats_ptr + ((token * SPLITS + s) * GP + g) * 2,
+                                                      cache_modifier=".cg"))
+                    num = tl.zeros([GP, D], tl.float32)
+                    den = tl.zeros([GP], tl.float32)
+                    for s in range(0, runs):
+                        at = (token * SPLITS + s) * GP + g
+                        weight = tl.exp(tl.load(stats_ptr + at * 2, cache_modifier=".cg") - top)
+                        num += tl.load(part_ptr + at[:, None] * D + d2, cache_modifier=".cg") * weight[:, None]
+                        den += tl.load(stats_ptr + at * 2 + 1, cache_modifier=".cg") * weight
+                    tl.store(out_at, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
+                    tl.store(count_ptr + token, 0)
+
+    @triton.jit
     def _skinny_product(x_ptr, w_ptr, out_ptr, M, N, K, chunk, stride_xm, stride_wn, ROWS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         """Program (i, s): rows i * BLOCK_N onward of the weight over run s of `chunk` of its columns, times every row
@@ -254,14 +342,36 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
     cos, sin, rot, stride_r = _tables(cos, sin, q3)
     out = q.new_empty(b, 1, h * d)
     o3 = out.view(b, h, d)
-    (kernel or _decode_attention)[(b, h, SPLITS)](
-        q3, k3, v3, k_cache, v_cache, o3, last, cos, sin, *_scratch(q, b * h),
-        q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
-        stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
-        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS,
-        num_warps=WARPS)
+    _attend(kernel, q, k_cache, 1, (q3, k3, v3, k_cache, v_cache, o3, last, cos, sin),
+            (q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
+             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
+             stride_r, scale, window or 0, MIN_CHUNK), HAS_WINDOW=window is not None, WRITE=write, ROT=rot)
     return out
+
+
+def _attend(kernel, q, k_cache, n: int, before: tuple, after: tuple, **meta) -> None:
+    """Launches the attention kernel for n query tokens of q [B, H, n, D] over k_cache [B, H_kv, capacity, D]: its
+    arguments before the scratch buffers, the scratch (_scratch), those after, and its settings (meta). One program per
+    row, query head, token and run (_decode_attention), or with GROUPED per key/value head in place of the query head
+    (_grouped_attention)."""
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    h_kv = k_cache.shape[1]
+    if GROUPED and kernel is None:
+        rows = triton.next_power_of_2(h // h_kv)
+        _grouped_attention[(b, h_kv, n * SPLITS)](
+            *before, *_scratch(q, b * h_kv * n, rows), *after, GROUP=h // h_kv, GP=rows, D=d,
+            BLOCK=grouped_block(rows, d), SPLITS=SPLITS, num_warps=WARPS, **meta)
+    else:
+        (kernel or _decode_attention)[(b, h, n * SPLITS)](
+            *before, *_scratch(q, b * h * n), *after, GROUP=h // h_kv, D=d, BLOCK=BLOCK, ATTEND=True, SPLITS=SPLITS,
+            num_warps=WARPS, **meta)
+
+
+def grouped_block(rows: int, d: int) -> int:
+    """The slots _grouped_attention reads per loop iteration for `rows` query heads of size d: its scores and weighted
+    values are [rows, slots, d] products summed over one axis, held in registers (at most 8,192 terms, as BLOCK's 64
+    slots of a 128-wide head), and its runs are multiples of it (MIN_CHUNK is)."""
+    return max(8, min(BLOCK, 8192 // (rows * d)))
 
 
 def write_keys(k, v, k_cache, v_cache, pos, cos, sin, kernel=None) -> None:
@@ -290,12 +400,10 @@ def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | 
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
     cos, sin, rot, stride_r = _tables(cos, sin, q)
-    (kernel or _decode_attention)[(b, h, n * SPLITS)](
-        q, q, q, k_cache, v_cache, o4, last, cos, sin, *_scratch(q, b * h * n),  # (q in place of the new keys: unread)
-        *(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        o4.stride(0), o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0,
-        stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
-        HAS_WINDOW=window is not None, WRITE=False, ROT=rot, ATTEND=True, SPLITS=SPLITS, num_warps=WARPS)
+    _attend(kernel, q, k_cache, n, (q, q, q, k_cache, v_cache, o4, last, cos, sin),  # (q for the new keys: unread)
+            (*(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+             o4.stride(0), o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0,
+             stride_r, scale, window or 0, MIN_CHUNK), HAS_WINDOW=window is not None, WRITE=False, ROT=rot)
     return out
 
 
@@ -310,14 +418,14 @@ def counters(device: torch.device) -> torch.Tensor:
     return _COUNTERS[index]
 
 
-def _scratch(q: torch.Tensor, tokens: int) -> tuple:
-    """Where the runs of `tokens` query tokens leave their partial sums (float32 [tokens * SPLITS, D]) and softmax
-    statistics (the running maximum and total), and the tokens' counters."""
+def _scratch(q: torch.Tensor, tokens: int, heads: int = 1) -> tuple:
+    """Where the runs of `tokens` query tokens (each of `heads` query heads) leave their partial sums (float32
+    [tokens * SPLITS * heads, D]) and softmax statistics (the running maximum and total), and the tokens' counters."""
     count = counters(q.device) if q.is_cuda else torch.zeros(tokens, dtype=torch.int32, device=q.device)
     if tokens > count.numel():
         raise ValueError(f"{tokens} query tokens in one attention, past the kernel's {count.numel()} counters")
-    parts = torch.empty(tokens * SPLITS, q.shape[-1], dtype=torch.float32, device=q.device)
-    stats = torch.empty(tokens * SPLITS, 2, dtype=torch.float32, device=q.device)
+    parts = torch.empty(tokens * SPLITS * heads, q.shape[-1], dtype=torch.float32, device=q.device)
+    stats = torch.empty(tokens * SPLITS * heads, 2, dtype=torch.float32, device=q.device)
     return parts, stats, count
 
 

@@ -13,7 +13,8 @@
 # BENCH_SETTINGS, each in a process of its own (as its first runner), with its kernels (--profile) and its checks'
 # (--profile-checks): a setting is `default` or environment assignments joined by commas, e.g.
 # BENCH_SETTINGS="default BILD_MLP_ACTIVATION=inline,BILD_SPLIT_VERDICT=1". BENCH_RUNS: instead, the runs one by one
-# as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default". After each run,
+# as shape@setting, e.g. BENCH_RUNS="qwen2.5_1.5b@TORCHINDUCTOR_CACHE_DIR=c1 qwen2.5_0.5b@default"; BENCH_ARGS: more
+# arguments for each (e.g. "--prompt-length 4000"), BENCH_TIMEOUT its seconds (150). After each run,
 # runs/best_configs.log counts the tuning results (inductor's .best_config files) it wrote into its on-disk cache, how
 # many of them over an earlier process's (the same kernel source, tuned again), and the kernel sources it wrote; for up
 # to 12 of those tuned again, the kernel's name and its result before and after.
@@ -70,8 +71,8 @@ if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
     cache=\$(env "\${env[@]}" python3 -c "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())")
     find \$cache -name '*.best_config' 2>/dev/null | sort > runs/.configs_before; touch runs/.before_run
     tar -cPf runs/.configs_before.tar -T runs/.configs_before 2>/dev/null
-    env "\${env[@]}" timeout 150 python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
-      --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
+    env "\${env[@]}" timeout ${BENCH_TIMEOUT:-150} python3 scripts/bench_step.py --shapes \$shape --profile --profile-checks --repeats 3 \
+      ${BENCH_ARGS:-} --json runs/step_\${name}_\$shape.json > runs/step_\${name}_\$shape.log 2>&1
     find \$cache -name '*.best_config' -newer runs/.before_run 2>/dev/null | sort > runs/.configs_written
     # a result written again is a kernel whose source an earlier process generated too, tuned again; a new one, a new source
     echo "\$run: \$(wc -l < runs/.configs_written) tuning results written by this process" \

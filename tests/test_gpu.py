@@ -438,40 +438,48 @@ def test_checks_with_the_skinny_product_decode_as_without_fp32(arch, monkeypatch
 SPLIT_RUNS = pytest.mark.parametrize("min_chunk", (None, 64))
 
 
-def _runs(monkeypatch, min_chunk):
+# kernels.GROUPED off (a program per query head, the default) and on (a program per key/value head)
+GROUPED = pytest.mark.parametrize("grouped", (False, True), ids=("per_head", "grouped"))
+
+
+def _runs(monkeypatch, min_chunk, grouped=False):
     from decode import kernels
 
     if min_chunk:
         monkeypatch.setattr(kernels, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(kernels, "GROUPED", grouped)
 
 
+@GROUPED
 @SPLIT_RUNS
-def test_the_decode_kernel_equals_the_passes_attention_on_cuda(monkeypatch, min_chunk):
+def test_the_decode_kernel_equals_the_passes_attention_on_cuda(monkeypatch, min_chunk, grouped):
     """decode/kernels.py compiled for CUDA (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_kernel_cases, kernel_cases
 
-    _runs(monkeypatch, min_chunk)
+    _runs(monkeypatch, min_chunk, grouped)
     check_kernel_cases(kernel_cases("cuda"))
 
 
+@GROUPED
 @SPLIT_RUNS
-def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeypatch, min_chunk):
+def test_the_many_query_kernel_is_the_one_token_kernel_per_query_on_cuda(monkeypatch, min_chunk, grouped):
     """kernels.attention_over_cache compiled for CUDA: the passes' attention, and the one-token kernel's bits per query
     (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_many_query_cases, many_query_cases
 
-    _runs(monkeypatch, min_chunk)
+    _runs(monkeypatch, min_chunk, grouped)
     check_many_query_cases(many_query_cases("cuda"))
 
 
+@GROUPED
 @SPLIT_RUNS
-def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk):
+def test_a_checks_rotary_in_the_kernel_is_the_steps_on_cuda(monkeypatch, min_chunk, grouped):
     """A check through the kernel compiled for CUDA, its keys written first (rotated by write_keys, or by the passes
     where there is no rotary in the kernel): the one-token kernel's bits, token by token, and its caches
     (tests/test_kernels.py runs the same cases in Triton's interpreter)."""
     from test_kernels import check_rotated_check_cases, rotated_check_cases
 
-    _runs(monkeypatch, min_chunk)
+    _runs(monkeypatch, min_chunk, grouped)
     check_rotated_check_cases(rotated_check_cases("cuda"))
 
 
@@ -484,13 +492,15 @@ def test_the_skinny_product_is_the_product_row_by_row_on_cuda():
     check_skinny_cases(skinny_cases("cuda", configs), 2 * 4 * len(configs))
 
 
-def test_a_long_context_splits_and_leaves_the_counters_at_zero():
+@GROUPED
+def test_a_long_context_splits_and_leaves_the_counters_at_zero(monkeypatch, grouped):
     """After 3,000 cached slots the kernel splits each token's slots over its programs and combines them: the passes'
     own attention within bf16 rounding, the check's tokens the steps' bits, the shared counters back at 0."""
     import torch
 
     from decode import compact, kernels
 
+    monkeypatch.setattr(kernels, "GROUPED", grouped)
     torch.manual_seed(3)
     b, h, h_kv, d, cap, n = 2, 14, 2, 64, 3100, 10
     k_cache, v_cache = (torch.randn(b, h_kv, cap, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
@@ -513,6 +523,16 @@ def test_checks_that_attend_with_the_kernel_decode_as_without_fp32(arch, compile
     decodes_as_without("CHECK_KERNEL", arch, compile, monkeypatch)
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "gemma3", "mistral", "bart"))
+@pytest.mark.parametrize("compile", (False, True))
+def test_the_grouped_attention_kernel_decodes_as_the_per_head_one_fp32(arch, compile, monkeypatch):
+    """kernels.GROUPED (a program per key/value head for its group's query heads; steps and checks, a sliding
+    window, self- and cross-attention of BART's one query head a group)."""
+    from decode import kernels
+
+    decodes_as_without("GROUPED", arch, compile, monkeypatch, kernels)
+
+
 @pytest.mark.parametrize("arch", ("qwen2", "mistral", "bart"))
 @pytest.mark.parametrize("compile", (False, True))
 def test_steps_whose_qkv_product_is_stored_decode_as_without_fp32(arch, compile, monkeypatch):
@@ -520,16 +540,16 @@ def test_steps_whose_qkv_product_is_stored_decode_as_without_fp32(arch, compile,
     decodes_as_without("STORED_QKV", arch, compile, monkeypatch)
 
 
-def decodes_as_without(setting, arch, compile, monkeypatch):
-    """With decode.compact's `setting` on, exact mode equals greedy `generate`, and uncompiled BiLD's tokens and counts
-    equal those with it off (float32)."""
+def decodes_as_without(setting, arch, compile, monkeypatch, module=None):
+    """With `setting` of `module` (default decode.compact) on, exact mode equals greedy `generate`, and uncompiled
+    BiLD's tokens and counts equal those with it off (float32)."""
     import decode.batch
     import decode.compact
     import decode.fast
     import decode.passes
 
     def made_anew(on):
-        monkeypatch.setattr(decode.compact, setting, on)
+        monkeypatch.setattr(module or decode.compact, setting, on)
         for made in (decode.passes._PASSES, decode.fast._RUNNERS, decode.batch._BATCH_RUNNERS):
             for model in (large, small):
                 made.pop(model, None)

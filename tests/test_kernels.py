@@ -254,31 +254,44 @@ from decode import kernels
 kernels.SPLITS, kernels.MIN_CHUNK = 2, kernels.BLOCK
 from test_kernels import (FUSED_CONFIGS, SKINNY_CONFIGS, fused_cases, kernel_cases, many_query_cases,
                           rotated_check_cases, skinny_cases)
-print(json.dumps({"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu"),
-                  "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False),
-                  "fused": fused_cases("cpu", FUSED_CONFIGS)}))
+results = {"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"), "rotated": rotated_check_cases("cpu"),
+           "skinny": skinny_cases("cpu", SKINNY_CONFIGS, bf16=False), "fused": fused_cases("cpu", FUSED_CONFIGS)}
+kernels.GROUPED = True  # the same cases through _grouped_attention
+results["grouped"] = {"attention": kernel_cases("cpu"), "many": many_query_cases("cpu"),
+                      "rotated": rotated_check_cases("cpu")}
+print(json.dumps(results))
 '''
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_decode_attention_equals_the_passes_attention(interpreted):
-    check_kernel_cases(interpreted["attention"])
+# kernels.GROUPED off (the default: a program per query head) and on (a program per key/value head)
+KERNELS = [pytest.param(False, id="per_head"), pytest.param(True, id="grouped")]
 
 
-def test_attention_over_cache_is_the_one_token_kernel_per_query(interpreted):
-    check_many_query_cases(interpreted["many"])
+def _cases(interpreted, grouped: bool, name: str) -> list[dict]:
+    return (interpreted["grouped"] if grouped else interpreted)[name]
 
 
+@pytest.mark.parametrize("grouped", KERNELS)
+def test_decode_attention_equals_the_passes_attention(interpreted, grouped):
+    check_kernel_cases(_cases(interpreted, grouped, "attention"))
 
-def test_a_checks_rotary_in_the_kernel_is_the_steps(interpreted):
-    check_rotated_check_cases(interpreted["rotated"])
+
+@pytest.mark.parametrize("grouped", KERNELS)
+def test_attention_over_cache_is_the_one_token_kernel_per_query(interpreted, grouped):
+    check_many_query_cases(_cases(interpreted, grouped, "many"))
+
+
+@pytest.mark.parametrize("grouped", KERNELS)
+def test_a_checks_rotary_in_the_kernel_is_the_steps(interpreted, grouped):
+    check_rotated_check_cases(_cases(interpreted, grouped, "rotated"))
 
 
 # small blocks, for the interpreter: one run of the columns, and runs of 64 (2 to 16 of them); and skinny_config's
