@@ -22,7 +22,8 @@
 # trained large model (bf16, compiled).
 # SKINNY=1: then (before BENCH) a check's products one weight at a time (scripts/bench_skinny.py); SKINNY=sweep: with
 # its sweep of blocks. EPILOGUE=1: then (before BENCH) a check layer's products as one kernel each, with their norms and
-# epilogues, against today's (scripts/bench_epilogue.py).
+# epilogues, against today's (scripts/bench_epilogue.py). ATTENTION=1: then (before BENCH) one layer's attention per
+# query head against grouped (scripts/bench_attention.py).
 # COMPILE_BENCH=1: then (before SKINNY and BENCH) the 7B shape's compile time, cold and warm (scripts/bench_compile.py).
 # PAIR=0: no demo pair (the tests and BENCH alone).
 # BILD_CHECK_KERNEL=0 in the environment: the whole run with checks attending through SDPA (decode/compact.py).
@@ -52,6 +53,9 @@ if [[ ${SKINNY:-0} != 0 ]]; then  # the GPU to itself
 fi
 if [[ ${EPILOGUE:-0} == 1 ]]; then  # the GPU to itself
   timeout 300 python3 scripts/bench_epilogue.py > runs/epilogue.log 2>&1
+fi
+if [[ ${ATTENTION:-0} == 1 ]]; then  # the GPU to itself
+  timeout 200 python3 scripts/bench_attention.py > runs/attention.log 2>&1
 fi
 if [[ ${BENCH:-0} != 0 ]]; then  # the GPU to itself
   if [[ ${BENCH:-0} != small ]]; then
@@ -109,7 +113,7 @@ detached_wait $W $SCRIPT $LOG; rc=$?
 grep -v "it/s\]\|ex/s\]" $LOG | grep -E "===|after training|wrote|done:|rollback_threshold=|compiled|Error|error" | tail -20
 (( rc == 0 )) && { echo FINISHED; for d in $R/uncompiled $R/compiled $R/b16*; do [[ -f $d/report.md ]] && { echo "== $d"; \
   grep -E "^\| |^- device" $d/report.md | cut -c1-260; }; done; }
-for f in runs/best_configs.log runs/compile_7b.log runs/skinny.log runs/epilogue.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
+for f in runs/best_configs.log runs/compile_7b.log runs/skinny.log runs/epilogue.log runs/attention.log runs/step_real.log runs/step_*_*.log runs/verdict.log runs/step_vs_check.log; do
   [[ -f $f ]] && { echo "== $f"; grep -E "^\||^per pair|kernels per|differ for|fastest|tuning results|q/k/v, gate/up and down" $f | cut -c1-250 | head -70; }
 done
 exit 0
