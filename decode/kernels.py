@@ -342,29 +342,33 @@ def decode_attention(q, k_cache, v_cache, last, scale: float, window: int | None
     cos, sin, rot, stride_r = _tables(cos, sin, q3)
     out = q.new_empty(b, 1, h * d)
     o3 = out.view(b, h, d)
-    _attend(kernel, q, k_cache, 1, (q3, k3, v3, k_cache, v_cache, o3, last, cos, sin),
-            (q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
-             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
-             stride_r, scale, window or 0, MIN_CHUNK), HAS_WINDOW=window is not None, WRITE=write, ROT=rot)
+    if GROUPED and kernel is None:
+        _grouped(q, k_cache, 1, (q3, k3, v3, k_cache, v_cache, o3, last, cos, sin),
+                 (q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
+                  k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0,
+                  last.stride(0), 0, stride_r, scale, window or 0, MIN_CHUNK),
+                 HAS_WINDOW=window is not None, WRITE=write, ROT=rot)
+        return out
+    (kernel or _decode_attention)[(b, h, SPLITS)](
+        q3, k3, v3, k_cache, v_cache, o3, last, cos, sin, *_scratch(q, b * h),
+        q3.stride(0), q3.stride(1), 0, k3.stride(0), k3.stride(1), 0, v3.stride(0), v3.stride(1), 0,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o3.stride(0), o3.stride(1), 0, last.stride(0), 0,
+        stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
+        HAS_WINDOW=window is not None, WRITE=write, ROT=rot, ATTEND=True, SPLITS=SPLITS,
+        num_warps=WARPS)
     return out
 
 
-def _attend(kernel, q, k_cache, n: int, before: tuple, after: tuple, **meta) -> None:
-    """Launches the attention kernel for n query tokens of q [B, H, n, D] over k_cache [B, H_kv, capacity, D]: its
-    arguments before the scratch buffers, the scratch (_scratch), those after, and its settings (meta). One program per
-    row, query head, token and run (_decode_attention), or with GROUPED per key/value head in place of the query head
-    (_grouped_attention)."""
+def _grouped(q, k_cache, n: int, before: tuple, after: tuple, **meta) -> None:
+    """Launches _grouped_attention (GROUPED) for n query tokens of q [B, H, n, D] over k_cache [B, H_kv, capacity, D]:
+    decode_attention's or attention_over_cache's arguments before the scratch buffers and after them, one program per
+    row, key/value head, token and run."""
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     h_kv = k_cache.shape[1]
-    if GROUPED and kernel is None:
-        rows = triton.next_power_of_2(h // h_kv)
-        _grouped_attention[(b, h_kv, n * SPLITS)](
-            *before, *_scratch(q, b * h_kv * n, rows), *after, GROUP=h // h_kv, GP=rows, D=d,
-            BLOCK=grouped_block(rows, d), SPLITS=SPLITS, num_warps=WARPS, **meta)
-    else:
-        (kernel or _decode_attention)[(b, h, n * SPLITS)](
-            *before, *_scratch(q, b * h * n), *after, GROUP=h // h_kv, D=d, BLOCK=BLOCK, ATTEND=True, SPLITS=SPLITS,
-            num_warps=WARPS, **meta)
+    rows = triton.next_power_of_2(h // h_kv)
+    _grouped_attention[(b, h_kv, n * SPLITS)](
+        *before, *_scratch(q, b * h_kv * n, rows), *after, GROUP=h // h_kv, GP=rows, D=d, BLOCK=grouped_block(rows, d),
+        SPLITS=SPLITS, num_warps=WARPS, **meta)
 
 
 def grouped_block(rows: int, d: int) -> int:
@@ -400,10 +404,19 @@ def attention_over_cache(q, k_cache, v_cache, last, scale: float, window: int | 
     out = q.new_empty(b, n, h * d)
     o4 = out.view(b, n, h, d)
     cos, sin, rot, stride_r = _tables(cos, sin, q)
-    _attend(kernel, q, k_cache, n, (q, q, q, k_cache, v_cache, o4, last, cos, sin),  # (q for the new keys: unread)
-            (*(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-             o4.stride(0), o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0,
-             stride_r, scale, window or 0, MIN_CHUNK), HAS_WINDOW=window is not None, WRITE=False, ROT=rot)
+    if GROUPED and kernel is None:
+        _grouped(q, k_cache, n, (q, q, q, k_cache, v_cache, o4, last, cos, sin),  # (q for the new keys: unread)
+                 (*(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), o4.stride(0),
+                  o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0, stride_r,
+                  scale, window or 0, MIN_CHUNK),
+                 HAS_WINDOW=window is not None, WRITE=False, ROT=rot)
+        return out
+    (kernel or _decode_attention)[(b, h, n * SPLITS)](
+        q, q, q, k_cache, v_cache, o4, last, cos, sin, *_scratch(q, b * h * n),  # (q in place of the new keys: unread)
+        *(q.stride()[:3] * 3), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        o4.stride(0), o4.stride(2), o4.stride(1), last.stride(0), last.stride(1) if last.shape[1] > 1 else 0,
+        stride_r, scale, window or 0, MIN_CHUNK, GROUP=h // k_cache.shape[1], D=d, BLOCK=BLOCK,
+        HAS_WINDOW=window is not None, WRITE=False, ROT=rot, ATTEND=True, SPLITS=SPLITS, num_warps=WARPS)
     return out
 
 
