@@ -123,9 +123,20 @@ def skinny_fused(x: torch.Tensor, weight: torch.Tensor, config: tuple, norm: tor
     return out
 
 
-# a layer's products: name -> (how skinny_fused runs it, its weights' key in bench_skinny.weights)
+# a layer's products, by their weights' names in bench_skinny.weights: what skinny_fused does around each
 PRODUCTS = {"qkv": dict(norm=True, bias=True), "o": dict(residual=True), "gate_up": dict(norm=True, gated=True),
             "down": dict(residual=True)}
+
+
+def product_extras(how: dict, m: int, rows: int, k: int, dtype, device) -> dict:
+    """Random inputs of what is around a product (PRODUCTS' `how`) of x [m, k] by a weight of `rows` rows, as
+    skinny_fused and product_apart take them: the norm's weight, the bias, the residual, whether it is gated."""
+    gated = how.get("gated", False)
+    return dict(norm=1 + 0.1 * torch.randn(k, dtype=dtype, device=device) if how.get("norm") else None,
+                bias=torch.randn(rows, dtype=dtype, device=device) if how.get("bias") else None,
+                residual=(torch.randn(m, rows // 2 if gated else rows, dtype=dtype, device=device)
+                          if how.get("residual") else None),
+                gated=gated)
 
 
 def product_apart(x, weight, norm=None, bias=None, residual=None, gated=False, eps=EPS):
@@ -183,7 +194,7 @@ def layer_fused(h, w, configs):
     return qkv, h
 
 
-def sweep_configs(n: int, k: int, gated: bool):
+def sweep_configs(gated: bool):
     """SWEEP's blocks that fit in shared memory (the pipelined tiles of x and of the weight, twice for gated)."""
     for block_n, block_k, (warps, stages) in itertools.product(*SWEEP.values()):
         if ((2 if gated else 1) * block_n + kernels.MAX_ROWS) * block_k * 2 * stages <= 200_000:
@@ -216,13 +227,10 @@ def main():
             copies = max(4, math.ceil(3 * l2 / (n * k * 2)))
             ws = [torch.randn(n, k, dtype=bf16, device=device) / k ** 0.5 for _ in range(copies)]
             x = torch.randn(m, k, dtype=bf16, device=device)
-            extra = dict(norm=1 + 0.1 * torch.randn(k, dtype=bf16, device=device) if how.get("norm") else None,
-                         bias=torch.randn(n, dtype=bf16, device=device) if how.get("bias") else None,
-                         residual=torch.randn(m, n, dtype=bf16, device=device) if how.get("residual") else None,
-                         gated=how.get("gated", False))
+            extra = product_extras(how, m, n, k, bf16, device)
             alone = per_launch_us(lambda i: kernels.skinny_product(x, ws[i]), copies, args.repeats)
             timed = {}
-            for config in sweep_configs(n // 2 if extra["gated"] else n, k, extra["gated"]):
+            for config in sweep_configs(extra["gated"]):
                 try:
                     timed[config] = per_launch_us(lambda i: skinny_fused(x, ws[i], config, **extra), copies,
                                                   args.repeats)

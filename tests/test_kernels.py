@@ -182,7 +182,7 @@ def fused_cases(device: str, configs) -> list[dict]:
     import torch
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_epilogue import PRODUCTS, product_apart, skinny_fused
+    from bench_epilogue import PRODUCTS, product_apart, product_extras, skinny_fused
 
     torch.manual_seed(5)
     results = []
@@ -192,10 +192,7 @@ def fused_cases(device: str, configs) -> list[dict]:
             for config in configs:
                 x = torch.randn(m, k, device=device)
                 w = torch.randn(rows, k, device=device) / k ** 0.5
-                extra = dict(norm=1 + 0.1 * torch.randn(k, device=device) if how.get("norm") else None,
-                             bias=torch.randn(rows, device=device) if how.get("bias") else None,
-                             residual=torch.randn(m, n, device=device) if how.get("residual") else None,
-                             gated=how.get("gated", False))
+                extra = product_extras(how, m, rows, k, torch.float32, device)
                 out = skinny_fused(x, w, config, **extra)
                 ref = product_apart(x, w, **extra)
                 results.append(dict(case=[product, m, n, k, config], shape=list(out.shape),
